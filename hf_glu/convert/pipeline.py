@@ -1,0 +1,195 @@
+"""The conversion itself: load and check the source, map config and weights, measure fidelity."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..data import builtin_corpus, split_train_eval
+from ..modeling_glu import GluPreTrainedModel
+from .errors import ConversionError
+from .gpt2 import build_model, convert_config, convert_weights, target_class
+from .init_schemes import CALIBRATED_VARIANTS, UnitMap, fit_unit_map
+from .report import fidelity_report
+from .source import Source, load_source
+
+DEFAULT_EVAL_TOKENS = 512
+CALIBRATION_TOKENS = 512
+# The default texts: the head of the built-in corpus calibrates, the rest evaluates, so the
+# calibrated fits are never scored on the text they were fitted to.
+_DEFAULT_TEXT_CHARS = 40_000
+_MAX_FIT_SAMPLES = 200_000
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass
+class Conversion:
+    model: GluPreTrainedModel
+    report: dict
+    source: Source
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``None``, a torch dtype or its name (``"bfloat16"``…); anything else is a ConversionError."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ConversionError(f"dtype={dtype!r} is not supported; expected one of {list(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def _token_ids(text: str | None, tokenizer: PreTrainedTokenizerBase | None, vocab_size: int, n: int) -> torch.Tensor:
+    if tokenizer is None:
+        # No tokenizer came with the source: deterministic random tokens still compare the two models.
+        generator = torch.Generator().manual_seed(0)
+        return torch.randint(0, vocab_size, (1, n), generator=generator)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[:, :n]
+    if ids.shape[-1] < 2:
+        raise ConversionError("the evaluation text is too short: it needs at least 2 tokens")
+    if int(ids.max()) >= vocab_size:
+        raise ConversionError(
+            f"the tokenizer produces ids up to {int(ids.max())}, beyond the model's vocab_size={vocab_size}"
+        )
+    return ids
+
+
+@torch.inference_mode()
+def _record_preactivations(model: PreTrainedModel, ids: torch.Tensor, max_length: int) -> list[torch.Tensor]:
+    """Each layer's ``c_fc`` output on ``ids``, subsampled to at most ``_MAX_FIT_SAMPLES`` values."""
+    blocks = model.h if hasattr(model, "h") else model.transformer.h
+    recorded: list[list[torch.Tensor]] = [[] for _ in blocks]
+    hooks = [
+        block.mlp.c_fc.register_forward_hook(lambda m, a, out, r=r: r.append(out.detach().float().reshape(-1)))
+        for r, block in zip(recorded, blocks, strict=True)
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        for begin in range(0, ids.shape[-1], max_length):
+            model(ids[:, begin : begin + max_length])
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    generator = torch.Generator().manual_seed(0)
+    layers = []
+    for values in recorded:
+        z = torch.cat(values)
+        if z.numel() > _MAX_FIT_SAMPLES:
+            z = z[torch.randperm(z.numel(), generator=generator)[:_MAX_FIT_SAMPLES]]
+        layers.append(z)
+    return layers
+
+
+def convert(
+    source: str | Path | PreTrainedModel,
+    variant: str = "swiglu",
+    init: str = "preserve",
+    intermediate_size: int | None = None,
+    torch_dtype: str | torch.dtype | None = None,
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    eval_text: str | None = None,
+    eval_tokens: int = DEFAULT_EVAL_TOKENS,
+    seed: int = 0,
+) -> Conversion:
+    """Convert ``source`` and measure it; see :func:`hf_glu.convert.convert_gpt2` for the arguments."""
+    dtype = parse_dtype(torch_dtype)
+    if not isinstance(eval_tokens, int) or eval_tokens < 2:
+        raise ConversionError(f"eval_tokens={eval_tokens!r} is invalid; expected an integer >= 2")
+    loaded = load_source(source)
+    if tokenizer is not None:
+        loaded.tokenizer = tokenizer
+    src = loaded.model
+    config = convert_config(src, variant, init, intermediate_size)
+    max_length = min(config.n_positions, 1024)
+
+    calibration_text, default_eval = split_train_eval(builtin_corpus(_DEFAULT_TEXT_CHARS), 0.5)
+    vocab = config.vocab_size
+    eval_ids = _token_ids(eval_text if eval_text is not None else default_eval, loaded.tokenizer, vocab, eval_tokens)
+
+    unit_maps: list[UnitMap] | None = None
+    if init == "preserve":
+        activation = src.config.activation_function
+        if variant in CALIBRATED_VARIANTS:
+            calibration_ids = _token_ids(calibration_text, loaded.tokenizer, vocab, CALIBRATION_TOKENS)
+            recorded = _record_preactivations(src, calibration_ids, max_length)
+            unit_maps = [fit_unit_map(variant, activation, config.glu_params, z) for z in recorded]
+        else:  # a fixed map, the same for every layer
+            unit_maps = [fit_unit_map(variant, activation, config.glu_params)] * config.n_layer
+
+    state_dict = convert_weights(src, config, unit_maps)
+    model = build_model(target_class(src), config, state_dict, seed=None if unit_maps is not None else seed)
+    model = model.to(dtype or next(src.parameters()).dtype)
+    model.config.dtype = model.dtype
+
+    report = {
+        "source": loaded.name or type(src).__name__,
+        "source_class": type(src).__name__,
+        "converted_class": type(model).__name__,
+        "source_activation": src.config.activation_function,
+        "variant": variant,
+        "init": init,
+        "intermediate_size": config.intermediate_size,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "eval_data": _describe_eval(eval_text, loaded.tokenizer),
+        **fidelity_report(src, model, eval_ids, max_length, max_length // 2, unit_maps),
+    }
+    return Conversion(model=model, report=report, source=loaded)
+
+
+def _describe_eval(eval_text: str | None, tokenizer: PreTrainedTokenizerBase | None) -> str:
+    if tokenizer is None:
+        return "random token ids (the source has no tokenizer)"
+    return "built-in corpus (hf_glu.data.builtin_corpus)" if eval_text is None else "user text"
+
+
+def convert_gpt2(
+    source: str | Path | PreTrainedModel,
+    variant: str = "swiglu",
+    init: str = "preserve",
+    intermediate_size: int | None = None,
+    torch_dtype: str | torch.dtype | None = None,
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    eval_text: str | None = None,
+    eval_tokens: int = DEFAULT_EVAL_TOKENS,
+    seed: int = 0,
+) -> GluPreTrainedModel:
+    """Turn a GPT-2 model's MLPs into GLU MLPs; returns the matching ``GluFor*`` model.
+
+    Args:
+        source: a ``GPT2LMHeadModel``, ``GPT2Model``, ``GPT2ForSequenceClassification`` or
+            ``GPT2ForTokenClassification`` instance, a local checkpoint folder, or a Hub id.
+        variant: the GLU variant (``hf_glu.VARIANTS``).
+        init: ``"preserve"`` (the converted model computes what the source did, exactly or within the
+            variant's documented bound: see :mod:`hf_glu.convert.init_schemes`) or ``"random"``
+            (fresh MLP weights; attention, embeddings and norms kept).
+        intermediate_size: the GLU width; only ``"random"`` may change it (e.g. ``2/3 · 4 · n_embd``).
+        torch_dtype: dtype of the result (default: the source's).
+        tokenizer: tokenizer for the calibration and evaluation text when ``source`` is an instance
+            (a folder's own tokenizer is used otherwise); without one, random token ids are used.
+        eval_text: text for the fidelity report (default: part of the built-in corpus).
+        eval_tokens: how many tokens of it to evaluate.
+        seed: seed of the random scheme's fresh weights.
+
+    The fidelity report (per-layer MLP error, max |Δlogit|, perplexities) is attached to the result as
+    ``model.conversion_report``. Bad input raises :class:`hf_glu.convert.ConversionError`.
+    """
+    conversion = convert(
+        source,
+        variant,
+        init,
+        intermediate_size,
+        torch_dtype,
+        tokenizer=tokenizer,
+        eval_text=eval_text,
+        eval_tokens=eval_tokens,
+        seed=seed,
+    )
+    conversion.model.conversion_report = conversion.report
+    return conversion.model

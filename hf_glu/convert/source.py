@@ -1,0 +1,220 @@
+"""Loading a GPT-2 source: a model instance, a local folder or a Hub id, checked before anything is built.
+
+Weights are read by us rather than by ``from_pretrained``, which would fill missing weights with random
+values after only a warning: a conversion must fail loudly on a missing, corrupt, misshapen or
+non-finite tensor instead.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    GenerationConfig,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2ForTokenClassification,
+    GPT2LMHeadModel,
+    GPT2Model,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from .errors import ConversionError
+
+SOURCE_CLASSES: dict[str, type[PreTrainedModel]] = {
+    cls.__name__: cls for cls in (GPT2LMHeadModel, GPT2Model, GPT2ForSequenceClassification, GPT2ForTokenClassification)
+}
+SUPPORTED_MODEL_TYPES = ("gpt2",)
+# Buffers that old GPT-2 checkpoints saved (the causal mask and its fill value); today's models build
+# the mask on the fly, so these are dropped rather than treated as unexpected weights.
+_LEGACY_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".crossattention.bias", ".crossattention.masked_bias")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+
+
+@dataclass
+class Source:
+    """A loaded, validated GPT-2 model with what travels with it into the converted checkpoint."""
+
+    model: PreTrainedModel
+    name: str  # the Hub id or folder it came from; "" for an in-memory model
+    tokenizer: PreTrainedTokenizerBase | None = None
+    generation_config: GenerationConfig | None = None
+
+
+def supported_classes_text() -> str:
+    return ", ".join(SOURCE_CLASSES)
+
+
+def check_source_model(model: object) -> None:
+    """Raise ConversionError unless ``model`` is an instance of one of the supported GPT-2 classes."""
+    if type(model).__name__ not in SOURCE_CLASSES or not isinstance(model, SOURCE_CLASSES[type(model).__name__]):
+        raise ConversionError(
+            f"cannot convert a {type(model).__name__}; supported source classes: {supported_classes_text()}"
+        )
+    check_finite(dict(model.state_dict()))
+
+
+def check_finite(state_dict: dict[str, torch.Tensor]) -> None:
+    for key, tensor in state_dict.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ConversionError(f"weight {key!r} holds non-finite values (NaN or inf); expected finite weights")
+
+
+def load_source(source: str | Path | PreTrainedModel) -> Source:
+    """Load ``source`` (a GPT2* instance, a folder or a Hub id) and validate its config and weights."""
+    if isinstance(source, PreTrainedModel):
+        check_source_model(source)
+        return Source(model=source, name=str(getattr(source, "name_or_path", "") or ""))
+    if not isinstance(source, (str, Path)):
+        raise ConversionError(
+            f"source must be a GPT-2 model, a folder or a Hub id; got a {type(source).__name__} "
+            f"(supported classes: {supported_classes_text()})"
+        )
+    folder = Path(source)
+    name = str(source)
+    if not folder.exists():
+        folder = _download(name)
+    if not folder.is_dir():
+        raise ConversionError(f"source {name!r} is not a folder; expected a checkpoint folder or a Hub id")
+    config, model_cls = _read_config(folder)
+    model = _build(model_cls, config, _read_weights(folder))
+    return Source(model=model, name=name, tokenizer=_read_tokenizer(folder), generation_config=_read_generation(folder))
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id))
+    except Exception as e:  # offline, unknown repo, bad id: all mean "no such source"
+        raise ConversionError(
+            f"source {repo_id!r} is neither a local folder nor a downloadable Hub model id ({type(e).__name__}: {e})"
+        ) from None
+
+
+def _read_config(folder: Path) -> tuple[GPT2Config, type[PreTrainedModel]]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ConversionError(f"{str(folder)!r} has no config.json; expected a Transformers checkpoint folder")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{str(path)!r} is not valid JSON: {e}") from None
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConversionError(
+            f"model_type={model_type!r} in {str(path)!r} is not supported; supported: gpt2 ({supported_classes_text()})"
+        )
+    architecture = (raw.get("architectures") or ["GPT2LMHeadModel"])[0]
+    if architecture not in SOURCE_CLASSES:
+        raise ConversionError(
+            f"architecture {architecture!r} is not supported; supported source classes: {supported_classes_text()}"
+        )
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except Exception as e:
+        raise ConversionError(f"{str(path)!r} is not a valid GPT-2 config: {e}") from None
+    return config, SOURCE_CLASSES[architecture]
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    present = [name for name in _WEIGHT_FILES if (folder / name).is_file()]
+    if not present:
+        raise ConversionError(f"no weights in {str(folder)!r}; expected one of {list(_WEIGHT_FILES)}")
+    name = present[0]  # safetensors first: it cannot run code
+    if not name.endswith(".index.json"):
+        return _read_weight_file(folder / name)
+    index_path = folder / name
+    try:
+        shards = sorted(set(json.loads(index_path.read_text(encoding="utf-8"))["weight_map"].values()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ConversionError(f"weight index {str(index_path)!r} is corrupt: {e}") from None
+    state_dict: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        state_dict.update(_read_weight_file(folder / shard))
+    return state_dict
+
+
+def _read_weight_file(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise ConversionError(f"weight file {str(path)!r} is missing")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        # Legacy pickles: weights_only refuses anything but tensors, so a hostile file cannot run code.
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConversionError(
+            f"weight file {str(path)!r} is corrupt or unsafe to load ({type(e).__name__}: {e})"
+        ) from None
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ConversionError(f"weight file {str(path)!r} does not hold a state dict of tensors")
+    return state_dict
+
+
+def _build(model_cls: type[PreTrainedModel], config: GPT2Config, loaded: dict[str, torch.Tensor]) -> PreTrainedModel:
+    """Put ``loaded`` into a ``model_cls`` built on the meta device (no second copy of the weights)."""
+    with torch.device("meta"):
+        model = model_cls(config)
+    expected = model.state_dict()
+    state_dict: dict[str, torch.Tensor] = {}
+    unexpected = []
+    for key, tensor in loaded.items():
+        # Checkpoints saved from a head keep the `transformer.` prefix; GPT2Model and the original
+        # OpenAI conversions do not.
+        target = next((k for k in (key, f"transformer.{key}", key.removeprefix("transformer.")) if k in expected), None)
+        if target is None:
+            if not key.endswith(_LEGACY_BUFFER_SUFFIXES):
+                unexpected.append(key)
+            continue
+        if tuple(tensor.shape) != tuple(expected[target].shape):
+            raise ConversionError(
+                f"weight {key!r} has shape {tuple(tensor.shape)}; the config expects {tuple(expected[target].shape)}"
+            )
+        state_dict[target] = tensor
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", True) else set()
+    missing = sorted(set(expected) - set(state_dict) - tied)
+    if missing:
+        raise ConversionError(f"weights missing from the checkpoint: {missing[:5]}{' …' if len(missing) > 5 else ''}")
+    if unexpected:
+        raise ConversionError(
+            f"checkpoint holds weights a {model_cls.__name__} does not have: {unexpected[:5]}"
+            f"{' …' if len(unexpected) > 5 else ''}"
+        )
+    check_finite(state_dict)
+    model.load_state_dict(state_dict, strict=False, assign=True)
+    if tied:
+        model.tie_weights()
+    return model.eval()
+
+
+def _read_tokenizer(folder: Path) -> PreTrainedTokenizerBase | None:
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as e:
+        raise ConversionError(f"the tokenizer in {str(folder)!r} cannot be loaded: {e}") from None
+
+
+def _read_generation(folder: Path) -> GenerationConfig | None:
+    if not (folder / "generation_config.json").is_file():
+        return None
+    try:
+        return GenerationConfig.from_pretrained(folder)
+    except Exception as e:
+        raise ConversionError(f"generation_config.json in {str(folder)!r} cannot be loaded: {e}") from None
