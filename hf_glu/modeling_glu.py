@@ -62,6 +62,7 @@ class GluMLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, inner, bias=config.mlp_bias)
         self.up_proj = nn.Linear(hidden, inner, bias=config.mlp_bias)
         self.down_proj = nn.Linear(inner, hidden, bias=config.mlp_bias)
+        self.down_proj.writes_residual = True  # read by _init_weights
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -123,6 +124,7 @@ class GluAttention(nn.Module):
         self.k_proj = nn.Linear(hidden, hidden)
         self.v_proj = nn.Linear(hidden, hidden)
         self.o_proj = nn.Linear(hidden, hidden)
+        self.o_proj.writes_residual = True  # read by _init_weights
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(
@@ -194,12 +196,11 @@ class GluPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         # GPT-2's scheme: projections that write into the residual stream (two per block) start
-        # scaled by 1/sqrt(2 * n_layer) so the stream's variance does not grow with depth.
-        residual_std = self.config.initializer_range / math.sqrt(2 * self.config.n_layer)
-        if isinstance(module, GluAttention):
-            init.normal_(module.o_proj.weight, mean=0.0, std=residual_std)
-        elif isinstance(module, GluMLP):
-            init.normal_(module.down_proj.weight, mean=0.0, std=residual_std)
+        # scaled by 1/sqrt(2 * n_layer) so the stream's variance does not grow with depth. The flag sits
+        # on the Linear itself because Transformers skips parameter-less container modules here.
+        if getattr(module, "writes_residual", False):
+            std = self.config.initializer_range / math.sqrt(2 * self.config.n_layer)
+            init.normal_(module.weight, mean=0.0, std=std)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         if self._auto_class is not None:  # the code files travel with the weights: name every head
