@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import copy
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..cards import render_conversion_card
 from ..data import builtin_corpus, split_train_eval
 from ..modeling_glu import GluPreTrainedModel
 from .errors import ConversionError
 from .gpt2 import build_model, convert_config, convert_weights, target_class
 from .init_schemes import CALIBRATED_VARIANTS, UnitMap, fit_unit_map
 from .report import fidelity_report
+from .save import atomic_folder, check_destination
 from .source import Source, load_source
 
 DEFAULT_EVAL_TOKENS = 512
@@ -193,3 +197,44 @@ def convert_gpt2(
     )
     conversion.model.conversion_report = conversion.report
     return conversion.model
+
+
+def write_checkpoint(
+    conversion: Conversion, folder: Path, max_shard_size: str | int = "5GB", model_name: str | None = None
+) -> None:
+    """Write a complete Hub-ready checkpoint into ``folder``: weights, config with auto_map and the
+    modeling code, the source's tokenizer and generation config, the report and the model card."""
+    model = conversion.model
+    if conversion.source.generation_config is not None and model.can_generate():
+        model.generation_config = copy.deepcopy(conversion.source.generation_config)
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
+    if conversion.source.tokenizer is not None:
+        conversion.source.tokenizer.save_pretrained(folder)
+    (folder / "conversion_report.json").write_text(json.dumps(conversion.report, indent=2) + "\n", encoding="utf-8")
+    card = render_conversion_card(conversion.report, model_name=model_name or folder.name)
+    card.save(folder / "README.md")
+
+
+def convert_to_folder(
+    source: str | Path | PreTrainedModel,
+    dst: str | Path,
+    variant: str = "swiglu",
+    init: str = "preserve",
+    intermediate_size: int | None = None,
+    torch_dtype: str | torch.dtype | None = None,
+    *,
+    force: bool = False,
+    max_shard_size: str | int = "5GB",
+    eval_text: str | None = None,
+    eval_tokens: int = DEFAULT_EVAL_TOKENS,
+    seed: int = 0,
+) -> Conversion:
+    """Convert ``source`` and write the checkpoint to ``dst`` atomically: ``dst`` is replaced only once
+    everything is written (a non-empty ``dst`` only with ``force``); any failure leaves it untouched."""
+    dst = check_destination(dst, force)  # before the work, so a refusal costs nothing
+    conversion = convert(
+        source, variant, init, intermediate_size, torch_dtype, eval_text=eval_text, eval_tokens=eval_tokens, seed=seed
+    )
+    with atomic_folder(dst, force) as tmp:
+        write_checkpoint(conversion, tmp, max_shard_size, model_name=dst.name)
+    return conversion

@@ -76,7 +76,11 @@ def load_source(source: str | Path | PreTrainedModel) -> Source:
     """Load ``source`` (a GPT2* instance, a folder or a Hub id) and validate its config and weights."""
     if isinstance(source, PreTrainedModel):
         check_source_model(source)
-        return Source(model=source, name=str(getattr(source, "name_or_path", "") or ""))
+        return Source(
+            model=source,
+            name=str(getattr(source, "name_or_path", "") or ""),
+            generation_config=getattr(source, "generation_config", None),
+        )
     if not isinstance(source, (str, Path)):
         raise ConversionError(
             f"source must be a GPT-2 model, a folder or a Hub id; got a {type(source).__name__} "

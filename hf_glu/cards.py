@@ -1,0 +1,110 @@
+"""Model cards: the README.md of a converted checkpoint, rendered from ``hf_glu/model_cards/``.
+
+The templates ship inside the package (package data) so an installed, non-editable hf-glu finds them.
+The YAML header is written by ``huggingface_hub.ModelCardData`` (with ``EvalResult`` entries for the
+model-index), so it is what the Hub validates.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .glu import get_variant
+
+CONVERSION_TEMPLATE = "glu_conversion.md"
+
+_PIPELINE_TAGS = {
+    "GluForCausalLM": ("text-generation", "AutoModelForCausalLM"),
+    "GluModel": ("feature-extraction", "AutoModel"),
+    "GluForSequenceClassification": ("text-classification", "AutoModelForSequenceClassification"),
+    "GluForTokenClassification": ("token-classification", "AutoModelForTokenClassification"),
+}
+
+
+def template_text(name: str = CONVERSION_TEMPLATE) -> str:
+    return resources.files("hf_glu").joinpath("model_cards", name).read_text(encoding="utf-8")
+
+
+def _hub_id(name: str) -> str | None:
+    """``name`` when it reads as a Hub model id (``gpt2``, ``owner/name``) rather than a local path."""
+    if not name or Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        return None
+    return name
+
+
+def _scheme_text(report: dict) -> str:
+    if report["init"] == "random":
+        return (
+            "`random`: the GLU projections are freshly initialised (GPT-2's scheme); attention, embeddings "
+            "and norms come from the source. The model must be fine-tuned before use."
+        )
+    layer = report["layers"][0]["unit_map"]
+    exact = all(entry["unit_map"]["exact"] for entry in report["layers"])
+    bound = max(entry["unit_map"]["bound"] for entry in report["layers"])
+    text = (
+        "`preserve`: with `z = c_fc(x)` the source's pre-activation, `down_proj = c_proj` and "
+        f"`gate = {layer['gate_scale']:.6g}·z + {layer['gate_shift']:.6g}`, "
+        f"`up = {layer['up_scale']:.6g}·z + {layer['up_shift']:.6g}`"
+    )
+    if len({str(entry["unit_map"]) for entry in report["layers"]}) > 1:
+        text += " (layer 0; each layer is fitted on its own recorded pre-activations, see the report)"
+    text += ". "
+    if exact:
+        return text + "The GLU computes the source's activation exactly: only fp32 rounding differs."
+    low, high = layer["fit_range"]
+    return text + (
+        f"The GLU approximates `{report['source_activation']}` to within {bound:.3g} per intermediate unit "
+        f"for z in [{low:.3g}, {high:.3g}]. Where the up weights start at zero they still receive "
+        "gradients, so fine-tuning learns the gated path."
+    )
+
+
+def _eval_results(report: dict, dataset_name: str) -> list[EvalResult] | None:
+    perplexity = report.get("perplexity")
+    if not perplexity:
+        return None
+    common = {"task_type": "text-generation", "dataset_type": "text", "dataset_name": dataset_name}
+    return [
+        EvalResult(**common, metric_type="perplexity", metric_value=round(perplexity["converted"], 4),
+                   metric_name="perplexity (converted, before fine-tuning)"),
+        EvalResult(**common, metric_type="perplexity", metric_value=round(perplexity["source"], 4),
+                   metric_name="perplexity (source)"),
+    ]  # fmt: skip
+
+
+def render_conversion_card(report: dict, model_name: str, repo_or_path: str | None = None) -> ModelCard:
+    """The model card of a converted checkpoint, from its fidelity ``report``."""
+    variant = get_variant(report["variant"])
+    pipeline_tag, auto_class = _PIPELINE_TAGS[report["converted_class"]]
+    base_model = _hub_id(report["source"])
+    card_data = ModelCardData(
+        base_model=base_model,
+        library_name="transformers",
+        tags=["hf-glu", "glu", variant.name, f"init-{report['init']}", "gpt2", "custom_code"],
+        pipeline_tag=pipeline_tag,
+        model_name=model_name,
+        eval_results=_eval_results(report, report["eval_data"]),
+    )
+    source_text = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else f"`{report['source']}`"
+    finetune_note = (
+        "Fine-tuning starts from the source's behaviour; the zero-initialised up weights move from the first step."
+        if report["init"] == "preserve"
+        else "Start with a learning rate suited to pre-training the MLPs: they begin from scratch."
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_str=template_text(),
+        model_name=model_name,
+        source_text=f"{source_text} (`{report['source_class']}`)",
+        variant=variant.name,
+        formula=variant.formula,
+        scheme_text=_scheme_text(report),
+        has_units=report["init"] == "preserve",
+        auto_class=auto_class,
+        repo_or_path=repo_or_path or model_name,
+        finetune_note=finetune_note,
+        **{k: v for k, v in report.items() if k not in ("variant", "source")},
+    )

@@ -1,0 +1,130 @@
+"""``hf-glu``: the command line. Thin by design: parse, call the API, print.
+
+Each subcommand is a pair ``(add_<name>(subparsers), run_<name>(args) -> int)`` listed in
+``SUBCOMMANDS``; adding one means writing the pair and appending it. Bad input (a
+:class:`~hf_glu.convert.ConversionError`, a missing file, an invalid value) ends with one line on
+stderr and exit code 2; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from .glu import VARIANTS
+
+EXIT_BAD_INPUT = 2
+
+
+def add_convert(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "convert",
+        help="turn a GPT-2 checkpoint's MLPs into GLU MLPs and write a Hub-ready checkpoint",
+        description="Convert a GPT-2 checkpoint (folder or Hub id) into a GLU checkpoint folder, with a "
+        "fidelity report (conversion_report.json) and a model card (README.md).",
+    )
+    p.add_argument("src", help="GPT-2 checkpoint folder or Hub model id")
+    p.add_argument("dst", help="output folder (written atomically; must be empty unless --force)")
+    p.add_argument("--variant", required=True, choices=sorted(VARIANTS), help="GLU variant")
+    p.add_argument("--init", default="preserve", choices=("preserve", "random"), help="init scheme (default: preserve)")
+    p.add_argument("--intermediate-size", type=int, default=None, help="GLU width (only with --init random)")
+    p.add_argument("--eval-text", default=None, help="UTF-8 text file for the fidelity report (default: built-in)")
+    p.add_argument("--eval-tokens", type=int, default=None, help="tokens of it to evaluate (default: 512)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"), help="weights' dtype")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 500MB (default: 5GB)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    return p
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from .convert import DEFAULT_EVAL_TOKENS
+    from .convert.pipeline import convert_to_folder
+    from .convert.save import check_destination
+    from .data import read_text
+
+    check_destination(args.dst, args.force)  # refuse before the slow part
+    eval_text = read_text(args.eval_text) if args.eval_text is not None else None
+    conversion = convert_to_folder(
+        args.src,
+        args.dst,
+        variant=args.variant,
+        init=args.init,
+        intermediate_size=args.intermediate_size,
+        torch_dtype=args.dtype,
+        force=args.force,
+        max_shard_size=args.max_shard_size,
+        eval_text=eval_text,
+        eval_tokens=args.eval_tokens or DEFAULT_EVAL_TOKENS,
+    )
+    report = conversion.report
+    print(f"wrote {args.dst} ({report['converted_class']}, {report['variant']}, init={report['init']})")
+    print(f"max |Δ {report['compared_output']}| = {report['max_abs_output_diff']:.3g}")
+    if "perplexity" in report:
+        ppl = report["perplexity"]
+        print(f"perplexity: source {ppl['source']:.4f}, converted {ppl['converted']:.4f} (ratio {ppl['ratio']:.5f})")
+    return 0
+
+
+def add_eval(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "eval",
+        help="perplexity of a causal LM on a text file (sliding window)",
+        description="Sliding-window perplexity, as in Transformers' 'Perplexity of fixed-length models' guide.",
+    )
+    p.add_argument("model", help="checkpoint folder or Hub model id (any causal LM)")
+    p.add_argument("--text-file", required=True, help="UTF-8 text file to score")
+    p.add_argument("--max-length", type=int, default=None, help="window length (default: the model's, at most 1024)")
+    p.add_argument("--stride", type=int, default=None, help="window step (default: half the window)")
+    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own modeling code")
+    return p
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .convert.perplexity import perplexity
+    from .data import read_text
+
+    text = read_text(args.text_file)
+    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    if args.max_tokens is not None:
+        ids = ids[:, : args.max_tokens]
+    max_length = args.max_length or min(getattr(model.config, "max_position_embeddings", 1024) or 1024, 1024)
+    result = perplexity(model, ids, max_length=max_length, stride=args.stride or max(max_length // 2, 1))
+    print(json.dumps({"model": args.model, "text_file": args.text_file, **result}, indent=2))
+    return 0
+
+
+# Importing the package (hf_glu/__init__) registers the GLU classes with the Auto classes, which
+# `eval` relies on to load GLU checkpoints without trust_remote_code.
+SUBCOMMANDS: tuple[tuple[Callable, Callable], ...] = ((add_convert, run_convert), (add_eval, run_eval))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-glu", description="GLU feed-forward layers for Hugging Face Transformers")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add, run in SUBCOMMANDS:
+        add(subparsers).set_defaults(run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (OSError, ValueError) as e:  # ConversionError is a ValueError; OSError covers missing files
+        message = " ".join(str(e).split())  # one line, whatever the library's formatting
+        print(f"hf-glu {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"hf-glu {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
