@@ -1,28 +1,488 @@
 """The fused GLU path and the one place that decides between it and the eager reference.
 
+The fused MLP is one ``torch.library`` custom op (``<ns>::glu_mlp``): the gate and up GEMMs (cuBLAS),
+one Triton kernel for the activation, the down GEMM. It keeps for backward only the MLP input and the
+gate and up pre-activations; its backward runs one Triton kernel that reads the activation's gradient
+and the saved pre-activations, writes d(gate) and d(up) over them in place and re-emits the activation
+output (over its own gradient) for the down projection's weight gradient.
+
+Projections that are not plain ``nn.Linear`` (PEFT LoRA, quantised layers, hooked modules) are called
+as modules, and only the elementwise part runs fused (``<ns>::glu_act``), so adapters are never skipped.
+
+The kernels re-implement the maths of ``glu.py`` (the single source of truth) in fp32; the tests check
+them against ``glu.glu_activation`` and its autograd in float64. Gate and up may be any 2-D strided
+views (separate tensors, halves or interleaved columns of one packed tensor): kernels read them in place.
+
 Copied into checkpoints for ``trust_remote_code`` users: imports only torch, transformers and ``.glu``;
-triton is optional and imported inside ``try:``.
+triton is optional and imported inside ``try:``. With ``TRITON_INTERPRET=1`` (set before triton is
+imported) the same kernels run on CPU tensors; that is how CI tests them.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import re
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from .glu import GluParams, GluVariant, get_variant
+
 try:
-    import triton  # noqa: F401
-    import triton.language as tl  # noqa: F401
+    import triton
+    import triton.language as tl
 
     TRITON_AVAILABLE = True
 except ImportError:  # CPU-only installs: the eager path serves
     TRITON_AVAILABLE = False
 
+# Each variant of glu.VARIANTS has a branch in the kernels, selected at compile time by this id.
+KERNEL_VARIANTS = {"glu": 0, "bilinear": 1, "reglu": 2, "geglu": 3, "geglu_tanh": 4, "swiglu": 5, "swiglu_oai": 6}
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+# A checkpoint copy of this file is imported under another module name next to hf_glu's own: each copy
+# registers its ops under its own namespace, or the second import would fail on a duplicate op name.
+NAMESPACE = "hf_glu" if __name__ == "hf_glu.glu_triton" else "hf_glu_" + re.sub(r"\W", "_", __name__)
+
+DEFAULT_PARAMS = GluParams()
+_BLOCK_ELEMENTS = 4096  # elements per program: large enough to hide latency, small enough for registers
+
+if TRITON_AVAILABLE:
+
+    @triton.jit
+    def _sigmoid(z):
+        # exp of minus the magnitude never overflows, so ±inf and |z| = 1e4 stay exact.
+        e = tl.exp(-tl.abs(z))
+        return tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+    @triton.jit
+    def _sigmoid_grad(z):
+        # σ(z)(1 - σ(z)) without the cancellation of 1 - σ(z) when σ(z) is close to 1.
+        e = tl.exp(-tl.abs(z))
+        return e / ((1.0 + e) * (1.0 + e))
+
+    @triton.jit
+    def _exp_neg_half_square(z):
+        # exp(-z²/2) with z² split as zs² + (z - zs)(z + zs): zs has few bits so zs² is exact, which keeps
+        # full relative precision in the tail (rounding z² to fp32 alone costs up to 1e-5 there). Beyond
+        # |z| = 40 the result is 0 in fp32; the cap also keeps inf - inf out.
+        za = tl.abs(z)
+        za = tl.where(za > 40.0, 40.0, za)
+        zs = tl.floor(za * 16.0) / 16.0
+        return tl.exp(-0.5 * zs * zs) * tl.exp(-0.5 * (za - zs) * (za + zs))
+
+    @triton.jit
+    def _normal_cdf(z):
+        # Φ(z) = erfc(-z/√2) / 2, with erfc from Numerical Recipes' erfcc (relative error < 1.2e-7): unlike
+        # 1 + erf(z/√2) it has no cancellation in the left tail. libdevice's erfc would do, but the
+        # interpreter CI runs does not provide it.
+        x = tl.abs(z) * 0.7071067811865476
+        t = 1.0 / (1.0 + 0.5 * x)
+        p = 0.17087277
+        p = -0.82215223 + t * p
+        p = 1.48851587 + t * p
+        p = -1.13520398 + t * p
+        p = 0.27886807 + t * p
+        p = -0.18628806 + t * p
+        p = 0.09678418 + t * p
+        p = 0.37409196 + t * p
+        p = 1.00002368 + t * p
+        half_erfc = 0.5 * t * _exp_neg_half_square(z) * tl.exp(t * p - 1.26551223)
+        return tl.where(z < 0, half_erfc, 1.0 - half_erfc)
+
+    @triton.jit
+    def _swish(g, scale):
+        return g * _sigmoid(scale * g)
+
+    @triton.jit
+    def _swish_grad(grad, g, scale):
+        # The product rule in the order autograd applies it to glu.py's g * sigmoid(scale * g), so an
+        # infinite upstream gradient gives NaN exactly where the reference's inf - inf does.
+        return grad * _sigmoid(scale * g) + (grad * g) * _sigmoid_grad(scale * g) * scale
+
+    @triton.jit
+    def _gate_act(g, VARIANT: tl.constexpr, beta, alpha, limit):
+        """act(gate) in fp32."""
+        if VARIANT == 0:  # glu
+            act = _sigmoid(g)
+        elif VARIANT == 1:  # bilinear
+            act = g
+        elif VARIANT == 2:  # reglu: where(g < 0) keeps NaN, as torch.relu does
+            act = tl.where(g < 0, 0.0, g)
+        elif VARIANT == 3:  # geglu, erf form
+            act = g * _normal_cdf(g)
+        elif VARIANT == 4:  # geglu_tanh: 0.5(1 + tanh(y)) = σ(2y), stable for any |g|
+            act = g * _sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g))
+        elif VARIANT == 5:  # swiglu
+            act = _swish(g, beta)
+        else:  # swiglu_oai: min(gate, limit) keeps NaN, as torch.clamp does
+            act = _swish(tl.where(g > limit, limit, g), alpha)
+        return act
+
+    @triton.jit
+    def _gate_grad(grad, g, VARIANT: tl.constexpr, beta, alpha, limit):
+        """d(gate) given grad = d(act(gate)), in fp32.
+
+        Masks are selects, as torch's autograd applies them, so a NaN elsewhere does not leak through:
+        relu passes the gradient unless its output is <= 0; clamp passes it inside the closed range.
+        """
+        if VARIANT == 0:
+            dg = grad * _sigmoid_grad(g)
+        elif VARIANT == 1:
+            dg = grad
+        elif VARIANT == 2:
+            dg = tl.where(g <= 0, 0.0, grad)
+        elif VARIANT == 3:  # F.gelu's backward: one product with cdf + g * pdf
+            dg = grad * (_normal_cdf(g) + g * _exp_neg_half_square(g) * 0.3989422804014327)
+        elif VARIANT == 4:
+            y2 = 1.5957691216057308 * (g + 0.044715 * g * g * g)
+            dg = grad * (_sigmoid(y2) + g * _sigmoid_grad(y2) * 1.5957691216057308 * (1.0 + 0.134145 * g * g))
+        elif VARIANT == 5:
+            dg = _swish_grad(grad, g, beta)
+        else:
+            dg = tl.where(g <= limit, _swish_grad(grad, tl.where(g > limit, limit, g), alpha), 0.0)
+        return dg
+
+    @triton.jit
+    def _up_term(u, VARIANT: tl.constexpr, limit):
+        if VARIANT == 6:  # swiglu_oai: clamp(up, -limit, limit) + 1, NaN kept
+            return tl.where(u > limit, limit, tl.where(u < -limit, -limit, u)) + 1.0
+        return u
+
+    @triton.jit
+    def _tile(pid_m, pid_n, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (rows[:, None] < M) & (cols[None, :] < N)
+        # int64 offsets: a packed [tokens, 2 * intermediate] tensor can pass 2**31 elements.
+        return rows[:, None].to(tl.int64), cols[None, :].to(tl.int64), mask
+
+    @triton.jit
+    def _glu_fwd_kernel(
+        GATE, UP, OUT, M, N,
+        s_gm, s_gn, s_um, s_un, s_om, s_on,
+        beta, alpha, limit,
+        VARIANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        r, c, mask = _tile(tl.program_id(0), tl.program_id(1), M, N, BLOCK_M, BLOCK_N)
+        g = tl.load(GATE + r * s_gm + c * s_gn, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(UP + r * s_um + c * s_un, mask=mask, other=0.0).to(tl.float32)
+        act = _gate_act(g, VARIANT, beta, alpha, limit)
+        out = act * _up_term(u, VARIANT, limit)
+        tl.store(OUT + r * s_om + c * s_on, out.to(OUT.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _glu_bwd_kernel(
+        DOUT, GATE, UP, DGATE, DUP, OUT, M, N,
+        s_dom, s_don, s_gm, s_gn, s_um, s_un, s_dgm, s_dgn, s_dum, s_dun, s_om, s_on,
+        beta, alpha, limit,
+        VARIANT: tl.constexpr, STORE_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        # Every element is loaded before any is stored, so DGATE/DUP/OUT may alias GATE/UP/DOUT (the in-place form).
+        r, c, mask = _tile(tl.program_id(0), tl.program_id(1), M, N, BLOCK_M, BLOCK_N)
+        do = tl.load(DOUT + r * s_dom + c * s_don, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(GATE + r * s_gm + c * s_gn, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(UP + r * s_um + c * s_un, mask=mask, other=0.0).to(tl.float32)
+        act = _gate_act(g, VARIANT, beta, alpha, limit)
+        h = _up_term(u, VARIANT, limit)
+        dg = _gate_grad(do * h, g, VARIANT, beta, alpha, limit)
+        du = do * act
+        if VARIANT == 6:  # clamp(up): the gradient passes inside the closed range only
+            du = tl.where((u >= -limit) & (u <= limit), du, 0.0)
+        tl.store(DGATE + r * s_dgm + c * s_dgn, dg.to(DGATE.dtype.element_ty), mask=mask)
+        tl.store(DUP + r * s_dum + c * s_dun, du.to(DUP.dtype.element_ty), mask=mask)
+        if STORE_OUT:
+            tl.store(OUT + r * s_om + c * s_on, (act * h).to(OUT.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers: plain Python, called by the custom ops' implementations.
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as [rows, columns]; a view (no copy) for contiguous tensors and column slices of them."""
+    return t.reshape(-1, t.shape[-1])
+
+
+def _check_launchable(name: str, t: torch.Tensor) -> None:
+    if not TRITON_AVAILABLE:
+        raise ImportError("the fused GLU kernels need triton; install it with `pip install 'hf-glu[gpu]'`")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(
+            f"{name} has dtype {t.dtype}; the fused GLU kernels accept {list(SUPPORTED_DTYPES)} "
+            "(use glu_kernel='eager' for others)"
+        )
+    if not t.is_cuda and not INTERPRETED:
+        raise ValueError(
+            f"{name} is on {t.device}; the fused GLU kernels need CUDA tensors, or TRITON_INTERPRET=1 set "
+            "before triton is imported to run them on CPU"
+        )
+
+
+def _check_same(reference: torch.Tensor, **others: torch.Tensor) -> None:
+    for name, t in others.items():
+        if t.shape != reference.shape or t.dtype != reference.dtype or t.device != reference.device:
+            raise ValueError(
+                f"{name} is {tuple(t.shape)} {t.dtype} on {t.device}; expected the gate's "
+                f"{tuple(reference.shape)} {reference.dtype} on {reference.device}"
+            )
+
+
+def _launch_config(rows: int, cols: int) -> tuple[tuple[int, int], int, int]:
+    block_n = min(triton.next_power_of_2(cols), 1024)
+    block_m = max(1, _BLOCK_ELEMENTS // block_n)
+    return (triton.cdiv(rows, block_m), triton.cdiv(cols, block_n)), block_m, block_n
+
+
+def _strides(*tensors: torch.Tensor) -> list[int]:
+    return [s for t in tensors for s in t.stride()]
+
+
+def _launch_forward(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor, variant: str, p: GluParams) -> None:
+    g, u, o = _as_rows(gate), _as_rows(up), _as_rows(out)
+    grid, block_m, block_n = _launch_config(*g.shape)
+    _glu_fwd_kernel[grid](
+        g, u, o, *g.shape, *_strides(g, u, o), p.beta, p.alpha, p.limit,
+        VARIANT=KERNEL_VARIANTS[variant], BLOCK_M=block_m, BLOCK_N=block_n,
+    )  # fmt: skip
+
+
+def _launch_backward(
+    grad: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    dgate: torch.Tensor,
+    dup: torch.Tensor,
+    out: torch.Tensor | None,
+    variant: str,
+    p: GluParams,
+) -> None:
+    do, g, u, dg, du = (_as_rows(t) for t in (grad, gate, up, dgate, dup))
+    o = do if out is None else _as_rows(out)  # unused when STORE_OUT is off
+    grid, block_m, block_n = _launch_config(*g.shape)
+    _glu_bwd_kernel[grid](
+        do, g, u, dg, du, o, *g.shape, *_strides(do, g, u, dg, du, o), p.beta, p.alpha, p.limit,
+        VARIANT=KERNEL_VARIANTS[variant], STORE_OUT=out is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+    )  # fmt: skip
+
+
+def _check_rows_view(name: str, t: torch.Tensor) -> None:
+    # The in-place kernel writes through the [rows, columns] view: a reshape that copied would lose it.
+    if _as_rows(t).data_ptr() != t.data_ptr() or (t.dim() != 2 and not t.is_contiguous()):
+        raise ValueError(f"{name} must be 2-D or contiguous to be written in place, got strides {t.stride()}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The custom ops. Variant and parameters travel as plain str/float so the schema stays simple.
+
+
+@torch.library.custom_op(f"{NAMESPACE}::glu_act", mutates_args=())
+def _glu_act_op(
+    gate: torch.Tensor, up: torch.Tensor, variant: str, beta: float, alpha: float, limit: float
+) -> torch.Tensor:
+    _check_launchable("gate", gate)
+    _check_same(gate, up=up)
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    _launch_forward(gate, up, out, variant, GluParams(beta, alpha, limit))
+    return out
+
+
+@_glu_act_op.register_fake
+def _(gate, up, variant, beta, alpha, limit):
+    return torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+
+
+def _empty(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::glu_act_backward", mutates_args=())
+def _glu_act_backward_op(
+    grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, variant: str, beta: float, alpha: float, limit: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_launchable("gate", gate)
+    _check_same(gate, up=up, grad=grad)
+    dgate, dup = _empty(gate), _empty(up)
+    _launch_backward(grad, gate, up, dgate, dup, None, variant, GluParams(beta, alpha, limit))
+    return dgate, dup
+
+
+@_glu_act_backward_op.register_fake
+def _(grad, gate, up, variant, beta, alpha, limit):
+    return _empty(gate), _empty(up)
+
+
+def _glu_act_setup(ctx, inputs, output) -> None:
+    gate, up, *act_args = inputs
+    ctx.save_for_backward(gate, up)
+    ctx.act_args = act_args
+
+
+def _glu_act_backward(ctx, grad):
+    gate, up = ctx.saved_tensors
+    # Functional, not in place: the caller's projections may still hold gate and up.
+    return (*_glu_act_backward_op(grad, gate, up, *ctx.act_args), None, None, None, None)
+
+
+_glu_act_op.register_autograd(_glu_act_backward, setup_context=_glu_act_setup)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::glu_act_backward_", mutates_args=("grad", "gate", "up"))
+def _glu_act_backward_inplace_op(
+    grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, variant: str, beta: float, alpha: float, limit: float
+) -> None:
+    """Overwrites gate with d(gate), up with d(up) and grad with the activation output."""
+    _check_launchable("gate", gate)
+    _check_same(gate, up=up, grad=grad)
+    for name, t in (("grad", grad), ("gate", gate), ("up", up)):
+        _check_rows_view(name, t)
+    _launch_backward(grad, gate, up, gate, up, grad, variant, GluParams(beta, alpha, limit))
+
+
+@_glu_act_backward_inplace_op.register_fake
+def _(grad, gate, up, variant, beta, alpha, limit):
+    return None
+
+
+@torch.library.custom_op(f"{NAMESPACE}::glu_mlp", mutates_args=())
+def _glu_mlp_op(
+    x: torch.Tensor,
+    gate_weight: torch.Tensor,
+    gate_bias: torch.Tensor | None,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor | None,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor | None,
+    variant: str,
+    beta: float,
+    alpha: float,
+    limit: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(MLP output, gate pre-activation, up pre-activation); the last two are kept for backward only."""
+    _check_launchable("x", x)
+    rows = _as_rows(x)
+    gate = F.linear(rows, gate_weight, gate_bias)
+    up = F.linear(rows, up_weight, up_bias)
+    act = _empty(gate)
+    _launch_forward(gate, up, act, variant, GluParams(beta, alpha, limit))
+    out = F.linear(act, down_weight, down_bias)
+    return out.view(*x.shape[:-1], out.shape[-1]), gate, up
+
+
+@_glu_mlp_op.register_fake
+def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias, variant, beta, alpha, limit):
+    rows = math.prod(x.shape[:-1])
+    out = x.new_empty((*x.shape[:-1], down_weight.shape[0]))
+    return out, x.new_empty((rows, gate_weight.shape[0])), x.new_empty((rows, up_weight.shape[0]))
+
+
+def _glu_mlp_setup(ctx, inputs, output) -> None:
+    x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias, *act_args = inputs
+    _, gate, up = output
+    # The whole memory cost of backward: x and two [tokens, intermediate] tensors (weights are parameters).
+    ctx.save_for_backward(x, gate_weight, up_weight, down_weight, gate, up)
+    ctx.act_args = act_args
+    ctx.mark_non_differentiable(gate, up)
+
+
+def _glu_mlp_backward(ctx, grad_out, _grad_gate, _grad_up):
+    x, gate_weight, up_weight, down_weight, gate, up = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    rows, grad_rows = _as_rows(x), _as_rows(grad_out)
+    grad_act = grad_rows @ down_weight
+    # One kernel: gate and up become their gradients, grad_act becomes the activation output.
+    _glu_act_backward_inplace_op(grad_act, gate, up, *ctx.act_args)
+    dgate, dup, act = gate, up, grad_act
+    grad_x = torch.addmm(dgate @ gate_weight, dup, up_weight).view(x.shape) if need[0] else None
+    return (
+        grad_x,
+        dgate.t() @ rows if need[1] else None,
+        dgate.sum(0) if need[2] else None,
+        dup.t() @ rows if need[3] else None,
+        dup.sum(0) if need[4] else None,
+        grad_rows.t() @ act if need[5] else None,
+        grad_rows.sum(0) if need[6] else None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+_glu_mlp_op.register_autograd(_glu_mlp_backward, setup_context=_glu_mlp_setup)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public entry points and the dispatch.
+
+
+def _variant_name(variant: str | GluVariant) -> str:
+    return variant.name if isinstance(variant, GluVariant) else get_variant(variant).name
+
+
+def glu_activation_fused(
+    gate: torch.Tensor, up: torch.Tensor, variant: str | GluVariant, params: GluParams = DEFAULT_PARAMS
+) -> torch.Tensor:
+    """``glu.glu_activation`` through the Triton kernels; differentiable.
+
+    ``gate`` and ``up`` may be views into one packed tensor (see ``split_gate_up``): they are read in place.
+    """
+    return _glu_act_op(gate, up, _variant_name(variant), params.beta, params.alpha, params.limit)
+
+
+def split_gate_up(packed: torch.Tensor, layout: str = "halves") -> tuple[torch.Tensor, torch.Tensor]:
+    """Views (no copy) of gate and up in a packed ``[..., 2 * intermediate]`` tensor.
+
+    ``"halves"``: gate then up (``torch.chunk`` order); ``"interleaved"``: gate in even columns, up in odd
+    ones (gpt-oss's layout).
+    """
+    if packed.shape[-1] % 2:
+        raise ValueError(f"packed gate/up has {packed.shape[-1]} columns; expected an even number")
+    if layout == "halves":
+        return packed.chunk(2, dim=-1)
+    if layout == "interleaved":
+        return packed[..., 0::2], packed[..., 1::2]
+    raise ValueError(f"layout={layout!r} is invalid; expected 'halves' or 'interleaved'")
+
+
+def _autocast(tensors: list[torch.Tensor | None], device_type: str) -> list[torch.Tensor | None]:
+    # The op is opaque to autocast; cast its inputs as F.linear would so mixed precision behaves alike.
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return [t if t is None else t.to(dtype) for t in tensors]
+
+
+def glu_mlp_fused(
+    x: torch.Tensor,
+    gate_weight: torch.Tensor,
+    gate_bias: torch.Tensor | None,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor | None,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor | None,
+    variant: str | GluVariant,
+    params: GluParams = DEFAULT_PARAMS,
+) -> torch.Tensor:
+    """``down(act(gate(x)) * up(x))`` as one differentiable op; weights in ``nn.Linear`` layout."""
+    tensors = _autocast([x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias], x.device.type)
+    out, _, _ = _glu_mlp_op(*tensors, _variant_name(variant), params.beta, params.alpha, params.limit)
+    return out
+
+
+def _is_plain_linear(module: nn.Module) -> bool:
+    # Subclasses (quantised layers), wrappers (PEFT LoRA) and hooked layers must run their own forward.
+    return type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
+
 
 def fused_path_wanted(glu_kernel: str, x: torch.Tensor) -> bool:
     """Whether a GLU MLP given ``glu_kernel`` should run the fused path on input ``x``.
 
-    ``"auto"`` fuses on CUDA when triton imports; ``"triton"`` always fuses (on CPU tensors this needs
-    ``TRITON_INTERPRET=1``); ``"eager"`` never does.
+    ``"auto"`` fuses CUDA inputs of a supported dtype when triton imports; ``"triton"`` always fuses (on
+    CPU tensors this needs ``TRITON_INTERPRET=1``); ``"eager"`` never does.
     """
     if glu_kernel == "eager":
         return False
@@ -30,9 +490,18 @@ def fused_path_wanted(glu_kernel: str, x: torch.Tensor) -> bool:
         if not TRITON_AVAILABLE:
             raise ImportError("glu_kernel='triton' needs triton; install it with `pip install 'hf-glu[gpu]'`")
         return True
-    return TRITON_AVAILABLE and x.is_cuda
+    return TRITON_AVAILABLE and x.is_cuda and x.dtype in SUPPORTED_DTYPES
 
 
 def fused_glu_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The whole GLU MLP through the fused kernels."""
-    raise NotImplementedError("the fused Triton GLU path is not built yet; use glu_kernel='eager' or 'auto'")
+    """The whole GLU MLP through the fused kernels.
+
+    Plain ``nn.Linear`` projections run as one op; any other projection (an adapter, a quantised layer) is
+    called as a module and only the elementwise part is fused, so nothing the module does is skipped.
+    """
+    projections = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    if all(_is_plain_linear(p) for p in projections):
+        weights = [t for p in projections for t in (p.weight, p.bias)]
+        return glu_mlp_fused(x, *weights, mlp.variant, mlp.params)
+    activated = glu_activation_fused(mlp.gate_proj(x), mlp.up_proj(x), mlp.variant, mlp.params)
+    return mlp.down_proj(activated)

@@ -1,0 +1,441 @@
+"""The fused Triton path against the eager reference of hf_glu.glu in float64.
+
+On CPU the kernels run in Triton's interpreter: run with ``TRITON_INTERPRET=1`` (``make test`` sets it; it
+must be set before triton is imported). On a CUDA machine without it, the same tests run on the GPU
+(``benchmarks/gpu_check.sh``). Shapes stay tiny because the interpreter is slow.
+"""
+
+import importlib
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from hf_glu import GluForCausalLM, GluMLP
+from hf_glu import glu_triton as gt
+from hf_glu.glu import VARIANTS, GluParams, glu_activation
+
+if not gt.TRITON_AVAILABLE:
+    pytest.skip("triton is not installed", allow_module_level=True)
+if not gt.INTERPRETED and not torch.cuda.is_available():
+    pytest.skip("needs CUDA, or TRITON_INTERPRET=1 set before triton is imported", allow_module_level=True)
+
+DEVICE = "cpu" if gt.INTERPRETED else "cuda"
+PARAMS = GluParams(beta=1.3, alpha=1.702, limit=2.5)  # a small limit so swiglu_oai's clamps are exercised
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone().requires_grad_()
+
+
+def reference(gate, up, grad, variant, params=PARAMS):
+    """(out, d gate, d up) of glu.glu_activation by autograd in float64."""
+    g, u = gate.detach().double().requires_grad_(), up.detach().double().requires_grad_()
+    out = glu_activation(g, u, variant, params)
+    return (out.detach(), *torch.autograd.grad(out, (g, u), grad.double()))
+
+
+def fused(gate, up, grad, variant, params=PARAMS):
+    """(out, d gate, d up) of the fused op; gate and up must be leaves or views of one."""
+    out = gt.glu_activation_fused(gate, up, variant, params)
+    return (out, *torch.autograd.grad(out, (gate, up), grad))
+
+
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """fp32: 1e-5 relative; bf16/fp16: one unit of the dtype's rounding of the float64 reference.
+
+    The absolute floor (1e-6 of the largest element) covers zero crossings of the derivatives (e.g. of
+    swiglu near β·g = -1.28), where the sum of O(1) terms cancels and no fp32 code is relatively exact.
+    """
+    info = torch.finfo(actual.dtype)
+    rtol = 1e-5 if actual.dtype == torch.float32 else info.eps
+    finite = expected[torch.isfinite(expected)]
+    # The smallest subnormal: a reference below it rounds to 0 in the dtype.
+    atol = max(1e-6 * float(finite.abs().max()) if finite.numel() else 0.0, info.smallest_normal * info.eps)
+    torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=atol, equal_nan=True)
+
+
+def assert_all_match(actual, expected) -> None:
+    for a, e in zip(actual, expected, strict=True):
+        assert_matches(a, e)
+
+
+def random_inputs(rows, cols, dtype, scale=2.0):
+    gate, up, grad = (torch.randn(rows, cols, device=DEVICE) * scale for _ in range(3))
+    return gate.to(dtype), up.to(dtype), (grad / scale).to(dtype)
+
+
+def test_kernels_cover_every_variant():
+    assert set(gt.KERNEL_VARIANTS) == set(VARIANTS)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_forward_and_backward_match_float64(variant, dtype):
+    # 9 x 1030: several programs along both axes (blocks of 4 x 1024), and neither a multiple of its block.
+    gate, up, grad = random_inputs(9, 1030, dtype)
+    actual = fused(_leaf(gate), _leaf(up), grad, variant)
+    assert all(t.dtype == dtype for t in actual)
+    assert_all_match(actual, reference(gate, up, grad, variant))
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    rows=st.integers(1, 40),
+    cols=st.integers(1, 70),
+    variant=st.sampled_from(sorted(VARIANTS)),
+    dtype=st.sampled_from(DTYPES),
+    layout=st.sampled_from(["separate", "halves", "interleaved"]),
+    seed=st.integers(0, 2**16),
+)
+def test_drawn_shapes_and_layouts_match_float64(rows, cols, variant, dtype, layout, seed):
+    torch.manual_seed(seed)
+    if layout == "separate":
+        gate, up = _leaf(torch.randn(rows, cols, device=DEVICE).to(dtype)), None
+        up = _leaf(torch.randn(rows, cols, device=DEVICE).to(dtype))
+        leaves = (gate, up)
+    else:
+        packed = _leaf((torch.randn(rows, 2 * cols, device=DEVICE) * 2).to(dtype))
+        gate, up = gt.split_gate_up(packed, layout)
+        leaves = (packed,)
+    grad = torch.randn(rows, cols, device=DEVICE).to(dtype)
+    out = gt.glu_activation_fused(gate, up, variant, PARAMS)
+    grads = torch.autograd.grad(out, leaves, grad)
+    ref_out, ref_dgate, ref_dup = reference(gate, up, grad, variant)
+    assert_matches(out, ref_out)
+    if layout == "separate":
+        assert_all_match(grads, (ref_dgate, ref_dup))
+    else:
+        ref_packed = torch.zeros(rows, 2 * cols, dtype=torch.float64, device=DEVICE)
+        ref_gate_view, ref_up_view = gt.split_gate_up(ref_packed, layout)
+        ref_gate_view.copy_(ref_dgate)
+        ref_up_view.copy_(ref_dup)
+        assert_matches(grads[0], ref_packed)
+
+
+@pytest.mark.parametrize("layout", ["halves", "interleaved"])
+def test_packed_3d_and_transposed_views_are_read_in_place(layout, monkeypatch):
+    packed = torch.randn(3, 5, 2 * 33, device=DEVICE)
+    gate, up = gt.split_gate_up(packed, layout)
+    copies = []
+    monkeypatch.setattr(torch.Tensor, "contiguous", lambda self, *a, **k: copies.append(self) or self)
+    out = gt.glu_activation_fused(gate, up, "swiglu", PARAMS)
+    assert not copies
+    assert_matches(out, reference(gate, up, torch.ones_like(gate), "swiglu")[0])
+    transposed = torch.randn(33, 15, device=DEVICE).t()  # column-major gate: strides (1, 15)
+    out = gt.glu_activation_fused(transposed, up.reshape(15, 33), "geglu", PARAMS)
+    assert_matches(out, reference(transposed, up.reshape(15, 33), torch.ones_like(out), "geglu")[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_large_magnitudes_overflow_only_where_the_reference_does(variant, dtype):
+    gate, up, grad = (torch.empty(16, 40, device=DEVICE).uniform_(-1e4, 1e4).to(dtype) for _ in range(3))
+    actual = fused(_leaf(gate), _leaf(up), grad, variant)
+    for a, e in zip(actual, reference(gate, up, grad, variant), strict=True):
+        rounded = e.to(dtype)  # what a correct result in this dtype is: inf exactly where it overflows
+        assert torch.equal(torch.isnan(a), torch.isnan(rounded))
+        assert torch.equal(torch.isinf(a), torch.isinf(rounded))
+        finite = torch.isfinite(rounded)
+        assert_matches(a[finite], e[finite])
+
+
+SPECIALS = [math.nan, math.inf, -math.inf, 0.0, -0.0, PARAMS.limit, -PARAMS.limit, 1e4, -1e4, 0.5, -3.0]
+
+
+@pytest.mark.parametrize("which", ["gate", "up"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_nan_and_inf_propagate_as_in_the_reference(variant, which):
+    specials = torch.tensor(SPECIALS, device=DEVICE)
+    finite = torch.linspace(-4, 4, 7, device=DEVICE)
+    grid = specials[:, None].expand(-1, finite.numel())
+    others = finite[None, :].expand(len(SPECIALS), -1)
+    gate, up = (grid, others) if which == "gate" else (others, grid)
+    gate, up = gate.contiguous(), up.contiguous()
+    grad = torch.ones_like(gate)
+    actual = fused(_leaf(gate), _leaf(up), grad, variant)
+    for a, e in zip(actual, reference(gate, up, grad, variant), strict=True):
+        a64 = a.double()
+        for predicate in (torch.isnan, torch.isposinf, torch.isneginf):
+            assert torch.equal(predicate(a64), predicate(e)), (predicate.__name__, a64, e)
+        assert_matches(a, e)
+
+
+def test_in_place_backward_overwrites_gate_up_and_grad():
+    gate, up, grad = random_inputs(9, 21, torch.float32)
+    expected_out = gt.glu_activation_fused(gate, up, "swiglu_oai", PARAMS)
+    expected_dgate, expected_dup = torch.ops.hf_glu.glu_act_backward(grad, gate, up, "swiglu_oai", *_params())
+    torch.ops.hf_glu.glu_act_backward_(grad, gate, up, "swiglu_oai", *_params())
+    assert torch.equal(gate, expected_dgate) and torch.equal(up, expected_dup) and torch.equal(grad, expected_out)
+
+
+def _params(p=PARAMS):
+    return p.beta, p.alpha, p.limit
+
+
+# --- The whole-MLP op --------------------------------------------------------------------------------
+
+
+def make_mlp(variant="swiglu", bias=True, hidden=24, inner=40, dtype=torch.float32, kernel="triton"):
+    config = tiny_config(
+        glu_variant=variant,
+        glu_beta=PARAMS.beta,
+        glu_limit=PARAMS.limit,
+        mlp_bias=bias,
+        n_embd=hidden,
+        n_inner=inner,
+        glu_kernel=kernel,
+    )
+    return GluMLP(config).to(DEVICE, dtype)
+
+
+def run_mlp(mlp: GluMLP, x: torch.Tensor, grad: torch.Tensor, kernel: str):
+    """Output and gradients (input, then parameters) of ``mlp`` with ``glu_kernel=kernel``."""
+    mlp.config.glu_kernel = kernel
+    x = _leaf(x)
+    out = mlp(x)
+    return (out.detach(), *torch.autograd.grad(out, (x, *mlp.parameters()), grad))
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_fused_mlp_matches_float64_eager(variant, bias):
+    mlp = make_mlp(variant, bias)
+    x, grad = torch.randn(2, 7, 24, device=DEVICE), torch.randn(2, 7, 24, device=DEVICE)
+    actual = run_mlp(mlp, x, grad, "triton")
+    expected = run_mlp(mlp.double(), x.double(), grad.double(), "eager")
+    assert len(actual) == len(expected) == (8 if bias else 5)
+    for a, e in zip(actual, expected, strict=True):
+        # GEMM rounding in fp32 adds to the kernel's: compare normwise against float64.
+        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-5 * float(e.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_fused_mlp_matches_eager_in_half_precision(dtype):
+    mlp = make_mlp("geglu_tanh", bias=True, dtype=dtype)
+    x, grad = (torch.randn(2, 7, 24, device=DEVICE, dtype=dtype) for _ in range(2))
+    # Same GEMMs on both paths, so the only difference is the activation's rounding (one unit).
+    for a, e in zip(run_mlp(mlp, x, grad, "triton"), run_mlp(mlp, x, grad, "eager"), strict=True):
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(a, e, rtol=4 * eps, atol=4 * eps * float(e.abs().max()))
+
+
+def test_only_the_input_and_two_pre_activations_are_saved_for_backward():
+    mlp = make_mlp("swiglu", bias=True, hidden=24, inner=40)
+    x = torch.randn(2, 7, 24, device=DEVICE, requires_grad=True)
+    params = {p.data_ptr() for p in mlp.parameters()}
+    saved = []
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        mlp(x).sum().backward()
+    assert sorted(tuple(t.shape) for t in saved) == [(2, 7, 24), (14, 40), (14, 40)]
+    assert saved[0].data_ptr() == x.data_ptr()  # the input itself, not a copy
+
+
+def test_a_second_backward_through_overwritten_activations_is_refused():
+    mlp = make_mlp()
+    out = mlp(torch.randn(3, 24, device=DEVICE, requires_grad=True))
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+def test_autocast_runs_the_fused_mlp_in_the_autocast_dtype():
+    mlp = make_mlp()
+    x = torch.randn(3, 24, device=DEVICE, requires_grad=True)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out = mlp(x)
+        expected = make_mlp_eager_like(mlp)(x)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, rtol=0.02, atol=0.02)
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and mlp.gate_proj.weight.grad.dtype == torch.float32
+
+
+def make_mlp_eager_like(mlp: GluMLP):
+    def run(x):
+        mlp.config.glu_kernel = "eager"
+        try:
+            return mlp(x)
+        finally:
+            mlp.config.glu_kernel = "triton"
+
+    return run
+
+
+def test_opcheck_passes():
+    x = torch.randn(2, 3, 8, device=DEVICE, requires_grad=True)
+    weights = [
+        torch.randn(s, device=DEVICE, requires_grad=True) for s in [(12, 8), (12,), (12, 8), (12,), (8, 12), (8,)]
+    ]
+    gate, up, grad = (torch.randn(5, 12, device=DEVICE) for _ in range(3))
+    act_args = ("swiglu_oai", *_params())
+    torch.library.opcheck(torch.ops.hf_glu.glu_act, (_leaf(gate), _leaf(up), *act_args))
+    torch.library.opcheck(torch.ops.hf_glu.glu_act_backward, (grad, gate, up, *act_args))
+    torch.library.opcheck(torch.ops.hf_glu.glu_act_backward_, (grad.clone(), gate.clone(), up.clone(), *act_args))
+    # glu_mlp hands its saved pre-activations out as outputs that its backward overwrites; the
+    # aot_dispatch check returns them to the caller, which no user of glu_mlp_fused can do, so that
+    # one check runs instead through torch.compile in test_compile_* below.
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    for w in (weights, [w if w.dim() == 2 else None for w in weights]):
+        torch.library.opcheck(torch.ops.hf_glu.glu_mlp, (x, *w, *act_args), test_utils=checks)
+
+
+def test_compile_fullgraph_sees_one_node():
+    mlp = make_mlp("geglu")
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    compiled = torch.compile(mlp, backend=capture, fullgraph=True)
+    compiled(torch.randn(2, 5, 24, device=DEVICE, requires_grad=True)).sum().backward()
+    (graph,) = graphs
+    targets = [n.target for n in graph.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.hf_glu.glu_mlp.default) == 1
+    assert not any(t in (torch._C._nn.linear, torch.nn.functional.linear) for t in targets)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_matches_eager(backend):
+    mlp = make_mlp("swiglu", bias=True)
+    x, grad = torch.randn(2, 5, 24, device=DEVICE), torch.randn(2, 5, 24, device=DEVICE)
+    expected = run_mlp(mlp, x, grad, "triton")
+    torch._dynamo.reset()
+    compiled = torch.compile(mlp, backend=backend, fullgraph=True, dynamic=True)
+    x_leaf = _leaf(x)
+    out = compiled(x_leaf)
+    actual = (out.detach(), *torch.autograd.grad(out, (x_leaf, *mlp.parameters()), grad))
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+# --- Dispatch and fallbacks ----------------------------------------------------------------------------
+
+
+def test_dispatch(monkeypatch):
+    x = torch.randn(2, 3)
+    assert not gt.fused_path_wanted("eager", x)
+    assert gt.fused_path_wanted("triton", x)
+    assert not gt.fused_path_wanted("auto", x)  # CPU tensors take the eager path unless forced
+    assert not gt.fused_path_wanted("auto", x.double())
+    monkeypatch.setattr(gt, "TRITON_AVAILABLE", False)
+    assert not gt.fused_path_wanted("auto", x)
+    with pytest.raises(ImportError, match="glu_kernel='triton' needs triton"):
+        gt.fused_path_wanted("triton", x)
+
+
+def test_bad_inputs_raise_errors_naming_them():
+    gate = torch.randn(4, 6, device=DEVICE)
+    with pytest.raises(ValueError, match=r"torch.float64.*glu_kernel='eager'"):
+        gt.glu_activation_fused(gate.double(), gate.double(), "swiglu")
+    with pytest.raises(ValueError, match=r"up is \(4, 5\)"):
+        gt.glu_activation_fused(gate, gate[:, :5], "swiglu")
+    with pytest.raises(ValueError, match="not a known GLU variant"):
+        gt.glu_activation_fused(gate, gate, "swish")
+    with pytest.raises(ValueError, match="expected an even number"):
+        gt.split_gate_up(torch.randn(2, 5))
+    with pytest.raises(ValueError, match="'halves' or 'interleaved'"):
+        gt.split_gate_up(gate, "stacked")
+
+
+class CountingLinear(nn.Linear):
+    """A subclass, as quantised layers are: the fused path must call its forward."""
+
+    calls = 0
+
+    def forward(self, x):
+        CountingLinear.calls += 1
+        return super().forward(x) * 1.5
+
+
+def test_non_linear_projections_are_called_and_only_the_activation_fused():
+    mlp = make_mlp("reglu")
+    counting = CountingLinear(24, 40).to(DEVICE)
+    counting.load_state_dict(mlp.up_proj.state_dict())
+    mlp.up_proj = counting
+    x, grad = torch.randn(3, 24, device=DEVICE), torch.randn(3, 24, device=DEVICE)
+    actual = run_mlp(mlp, x, grad, "triton")
+    assert CountingLinear.calls == 1
+    for a, e in zip(actual, run_mlp(mlp, x, grad, "eager"), strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+def test_forward_hooks_on_projections_still_fire():
+    mlp = make_mlp()
+    seen = []
+    mlp.gate_proj.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    mlp(torch.randn(3, 24, device=DEVICE))
+    assert seen == [torch.Size([3, 40])]
+
+
+def _causal_lm_logits_and_grads(model, input_ids, kernel):
+    model.config.glu_kernel = kernel
+    model.zero_grad()
+    out = model(input_ids=input_ids, labels=input_ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), grads
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["base", "lora"])
+def test_causal_lm_triton_matches_eager(lora):
+    model = GluForCausalLM(tiny_config(glu_variant="swiglu_oai", glu_limit=PARAMS.limit)).to(DEVICE)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        # Default targets come from `import hf_glu`; random B so the adapters change the output.
+        model = get_peft_model(model, LoraConfig(r=4, lora_dropout=0.0, init_lora_weights=False))
+        assert "gate_proj" in model.peft_config["default"].target_modules
+    input_ids = torch.randint(0, 101, (2, 9), device=DEVICE)
+    base = model.get_base_model() if lora else model
+    logits, grads = _causal_lm_logits_and_grads(model, input_ids, "eager")
+    base.config.glu_kernel = "triton"
+    fused_logits, fused_grads = _causal_lm_logits_and_grads(model, input_ids, "triton")
+    assert grads.keys() == fused_grads.keys() and (not lora or any("lora_A" in n for n in grads))
+    torch.testing.assert_close(fused_logits, logits, rtol=1e-5, atol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_a_checkpoint_copy_registers_its_own_ops(tmp_path):
+    package = tmp_path / "ckpt_copy"
+    package.mkdir()
+    for name in ("glu.py", "glu_triton.py"):
+        shutil.copy(REPO / "hf_glu" / name, package / name)
+    (package / "__init__.py").write_text("")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        copy = importlib.import_module("ckpt_copy.glu_triton")
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert copy.NAMESPACE == "hf_glu_ckpt_copy_glu_triton"
+    gate = torch.randn(3, 5, device=DEVICE)
+    torch.testing.assert_close(copy.glu_activation_fused(gate, gate, "glu"), gt.glu_activation_fused(gate, gate, "glu"))
+
+
+def test_benchmark_smoke_mode_runs(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_mlp.py"), "--json", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert {r["impl"] for r in rows} >= {"eager", "fused", "gemms"}
+    assert "| impl |" in result.stdout
