@@ -1,0 +1,137 @@
+"""Publishing a checkpoint folder to the Hugging Face Hub, after checking that it would load.
+
+The check runs before anything touches the network: a folder without its config, its weights or the
+code files its ``auto_map`` names would upload fine and then fail for every user who loads it.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+from huggingface_hub import HfApi
+
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+# Files whose ``auto_map`` names code that ``trust_remote_code`` users download from the repo.
+_AUTO_MAP_FILES = ("config.json", "tokenizer_config.json")
+
+
+class CheckpointFolderError(ValueError):
+    """A folder that would not load from the Hub; the message lists what is missing and what is expected."""
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointFolderError(f"{path} is not readable JSON ({e}); expected a JSON object") from e
+    if not isinstance(data, dict):
+        raise CheckpointFolderError(f"{path} holds a {type(data).__name__}; expected a JSON object")
+    return data
+
+
+def _weight_problems(folder: Path) -> list[str]:
+    if (folder / WEIGHTS_FILE).is_file():
+        return []
+    index_path = folder / WEIGHTS_INDEX_FILE
+    if not index_path.is_file():
+        return [f"no weights: expected {WEIGHTS_FILE}, or {WEIGHTS_INDEX_FILE} with its shards"]
+    weight_map = _read_json(index_path).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        return [f"{WEIGHTS_INDEX_FILE} has no 'weight_map'; expected a mapping of weight names to shard files"]
+    missing = sorted({shard for shard in weight_map.values() if not (folder / shard).is_file()})
+    return [f"weight shard {shard!r} listed in {WEIGHTS_INDEX_FILE} is missing" for shard in missing]
+
+
+def _auto_map_modules(auto_map: dict) -> set[str]:
+    """The local module files an ``auto_map`` names (``"modeling_glu.GluModel"`` → ``modeling_glu.py``).
+
+    Tokenizer entries are ``[slow, fast]`` lists that may hold ``None``; ``"repo--module.Class"``
+    references code in another repo, which this folder need not carry.
+    """
+    references = []
+    for value in auto_map.values():
+        references.extend(value if isinstance(value, list | tuple) else [value])
+    return {
+        ref.rsplit(".", 1)[0] + ".py" for ref in references if isinstance(ref, str) and "--" not in ref and "." in ref
+    }
+
+
+def _relative_imports(code_file: Path) -> set[str]:
+    """Module files that ``from .x import y`` statements in ``code_file`` need beside it."""
+    try:
+        tree = ast.parse(code_file.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError) as e:
+        raise CheckpointFolderError(f"code file {code_file} does not parse ({e}); expected valid Python") from e
+    return {
+        node.module.replace(".", "/") + ".py"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module
+    }
+
+
+def _code_problems(folder: Path) -> list[str]:
+    needed: dict[str, str] = {}  # code file -> who needs it, for the message
+    for name in _AUTO_MAP_FILES:
+        if (folder / name).is_file():
+            auto_map = _read_json(folder / name).get("auto_map") or {}
+            needed.update({module: f"the auto_map of {name}" for module in _auto_map_modules(auto_map)})
+    # Follow the code's own relative imports: transformers fetches those files too at load time.
+    pending = [module for module in needed if (folder / module).is_file()]
+    while pending:
+        module = pending.pop()
+        for imported in _relative_imports(folder / module):
+            if imported not in needed:
+                needed[imported] = f"an import in {module}"
+                if (folder / imported).is_file():
+                    pending.append(imported)
+    missing = [(module, who) for module, who in sorted(needed.items()) if not (folder / module).is_file()]
+    return [f"code file {module!r} named by {who} is missing" for module, who in missing]
+
+
+def check_checkpoint_folder(folder: str | Path) -> Path:
+    """Raise :class:`CheckpointFolderError` unless ``folder`` holds a loadable checkpoint; returns it as a Path.
+
+    Loadable means: ``config.json``; weights (``model.safetensors``, or ``model.safetensors.index.json``
+    whose shards all exist); every code file that an ``auto_map`` names, and those files' relative imports.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointFolderError(f"checkpoint folder {str(folder)!r} does not exist or is not a folder")
+    problems = []
+    if not (folder / "config.json").is_file():
+        problems.append("no config.json: expected the model's config, as written by save_pretrained")
+    problems += _weight_problems(folder)
+    problems += _code_problems(folder)
+    if problems:
+        listed = "; ".join(problems)
+        raise CheckpointFolderError(f"refusing to push {str(folder)!r}, it would not load: {listed}")
+    return folder
+
+
+def push_checkpoint(
+    folder: str | Path,
+    repo_id: str,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str | None = None,
+    api: HfApi | None = None,
+) -> str:
+    """Upload a checkpoint folder (weights, config, code files, tokenizer, model card) to the Hub repo
+    ``repo_id``, creating the repo if needed; returns the repo's URL.
+
+    The folder is checked first (:func:`check_checkpoint_folder`); a folder that would not load is
+    refused with :class:`CheckpointFolderError` and nothing is uploaded. ``api`` defaults to ``HfApi()``.
+    """
+    folder = check_checkpoint_folder(folder)
+    api = api if api is not None else HfApi()
+    repo_url = api.create_repo(repo_id, token=token, private=private, exist_ok=True)
+    api.upload_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        token=token,
+        commit_message=commit_message or f"Upload {folder.name} with hf-glu",
+    )
+    return str(repo_url)

@@ -1,0 +1,118 @@
+"""push_checkpoint: a loadable folder goes up whole; a broken one is refused before any network call."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import tiny_config
+
+from hf_glu import GluForCausalLM
+from hf_glu.data import train_bpe_tokenizer
+from hf_glu.hub import CheckpointFolderError, check_checkpoint_folder, push_checkpoint
+
+CODE_FILES = ("configuration_glu.py", "modeling_glu.py", "glu.py", "glu_triton.py")
+
+
+class FakeHfApi:
+    """Records calls instead of talking to the Hub; snapshots the uploaded folder's file list at call time."""
+
+    def __init__(self):
+        self.calls = []
+        self.uploaded_files = None
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        self.calls.append(("upload_folder", repo_id, kwargs))
+        root = Path(folder_path)
+        self.uploaded_files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("ckpt") / "glu-tiny"
+    tokenizer = train_bpe_tokenizer("hello world, the quick brown fox.\n\njumps over the lazy dog. " * 20, 300)
+    GluForCausalLM(tiny_config(vocab_size=len(tokenizer))).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "README.md").write_text("---\nlibrary_name: transformers\n---\n# glu-tiny\n", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture
+def broken(checkpoint, tmp_path) -> Path:
+    """A fresh copy of the good checkpoint for a test to damage."""
+    return Path(shutil.copytree(checkpoint, tmp_path / "broken"))
+
+
+def test_push_uploads_config_weights_code_tokenizer_and_card(checkpoint):
+    api = FakeHfApi()
+    url = push_checkpoint(checkpoint, "me/glu-tiny", private=True, token="hf_x", commit_message="first", api=api)
+
+    assert url == "https://huggingface.co/me/glu-tiny"
+    assert [call[0] for call in api.calls] == ["create_repo", "upload_folder"]
+    assert api.calls[0][2] == {"token": "hf_x", "private": True, "exist_ok": True}
+    assert api.calls[1][1] == "me/glu-tiny"
+    assert api.calls[1][2]["commit_message"] == "first"
+    assert api.calls[1][2]["token"] == "hf_x"
+    expected = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md", *CODE_FILES}
+    assert expected <= set(api.uploaded_files)
+
+
+def test_sharded_checkpoint_with_all_shards_is_accepted(tmp_path):
+    folder = tmp_path / "sharded"
+    GluForCausalLM(tiny_config()).save_pretrained(folder, max_shard_size="20KB")
+    assert not (folder / "model.safetensors").exists()
+    api = FakeHfApi()
+    push_checkpoint(folder, "me/sharded", api=api)
+    assert "model.safetensors.index.json" in api.uploaded_files
+
+
+def _refused(folder: Path, *expected_fragments: str) -> None:
+    api = FakeHfApi()
+    with pytest.raises(CheckpointFolderError) as info:
+        push_checkpoint(folder, "me/broken", api=api)
+    assert api.calls == [], "nothing may be uploaded, nor any repo created, for a broken folder"
+    for fragment in expected_fragments:
+        assert fragment in str(info.value)
+
+
+def test_missing_config_is_refused(broken):
+    (broken / "config.json").unlink()
+    _refused(broken, "no config.json", "save_pretrained")
+
+
+def test_missing_weights_are_refused(broken):
+    (broken / "model.safetensors").unlink()
+    _refused(broken, "no weights", "model.safetensors", "model.safetensors.index.json")
+
+
+def test_missing_shard_is_refused(tmp_path):
+    folder = tmp_path / "sharded"
+    GluForCausalLM(tiny_config()).save_pretrained(folder, max_shard_size="20KB")
+    shard = sorted(set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values()))[1]
+    (folder / shard).unlink()
+    _refused(folder, f"weight shard {shard!r}", "missing")
+
+
+def test_code_named_by_auto_map_must_be_present(broken):
+    (broken / "modeling_glu.py").unlink()
+    _refused(broken, "'modeling_glu.py'", "auto_map of config.json")
+
+
+def test_code_imported_by_the_modeling_file_must_be_present(broken):
+    (broken / "glu.py").unlink()
+    _refused(broken, "'glu.py'", "an import in")
+
+
+def test_every_problem_is_listed_at_once(broken):
+    (broken / "config.json").unlink()
+    (broken / "model.safetensors").unlink()
+    _refused(broken, "no config.json", "no weights")
+
+
+def test_not_a_folder_is_refused(tmp_path):
+    with pytest.raises(CheckpointFolderError, match="does not exist or is not a folder"):
+        check_checkpoint_folder(tmp_path / "nowhere")
