@@ -15,6 +15,7 @@ from transformers import (
 )
 
 from .configuration_glu import GluConfig
+from .convert import convert_gpt2
 from .glu import VARIANTS, GluParams, get_variant, glu_activation
 from .modeling_glu import (
     GluForCausalLM,
@@ -63,4 +64,5 @@ __all__ = [
     "LORA_TARGET_MODULES",
     "get_variant",
     "glu_activation",
+    "convert_gpt2",
 ]

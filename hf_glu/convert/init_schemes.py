@@ -15,7 +15,7 @@ variant        map (gate; up)                               bound vs gelu_new
 =============  ==========================================  ===============================================
 geglu_tanh     z; 0·x + 1                                   exact (also from gelu_pytorch_tanh)
 geglu          z; 0·x + 1                                   4.8e-4 for all z (exact from erf gelu)
-reglu          z; 0·x + 1                                   0.17 for all z (exact from relu)
+reglu          z; 0·x + 1                                   0.171 for all z (exact from relu)
 swiglu         s·z; 0·x + 1/s, s = 1.7745 (minimax)         1.5e-2 for all z (exact from silu, s = 1)
 glu            s·z; z, s = 1.7745 (minimax)                 1.5e-2 for all z; here up is NOT zero
 swiglu_oai     s·z; 0·x + (1/s − 1), s minimax per layer    1.5e-2 while s·z < glu_limit; fitted on the
@@ -50,7 +50,7 @@ EXACT_SOURCES = {
     "reglu": ("relu",),
     "swiglu": ("silu", "swish"),
 }
-DOCUMENTED_BOUNDS_GELU_NEW = {"geglu_tanh": 0.0, "geglu": 4.8e-4, "reglu": 0.17, "swiglu": 1.5e-2, "glu": 1.5e-2}
+DOCUMENTED_BOUNDS_GELU_NEW = {"geglu_tanh": 0.0, "geglu": 4.8e-4, "reglu": 0.171, "swiglu": 1.5e-2, "glu": 1.5e-2}
 # Variants whose map is fitted per layer on pre-activations recorded from calibration text.
 CALIBRATED_VARIANTS = ("swiglu_oai", "bilinear")
 

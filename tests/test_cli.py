@@ -1,0 +1,213 @@
+"""`hf-glu convert` / `hf-glu eval`: the round trip in fresh processes, the card, and every bad input."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from test_convert import tiny_gpt2
+from transformers import AutoModelForCausalLM
+
+from hf_glu import convert_gpt2
+from hf_glu.cli import main
+from hf_glu.data import builtin_corpus, train_bpe_tokenizer
+
+BLOCK_HF_GLU = textwrap.dedent(
+    """
+    import sys
+
+    class _BlockHfGlu:
+        def find_spec(self, name, path=None, target=None):
+            if name == "hf_glu" or name.startswith("hf_glu."):
+                raise ImportError(f"hf_glu is blocked in this process ({name})")
+            return None
+
+    sys.meta_path.insert(0, _BlockHfGlu())
+    """
+)
+IDS = [[5, 17, 99, 3, 42, 8, 250, 11, 64, 7]]
+
+
+@pytest.fixture(scope="module")
+def gpt2_folder(tmp_path_factory) -> Path:
+    """A saved tiny GPT2LMHeadModel with its own tokenizer and generation config."""
+    folder = tmp_path_factory.mktemp("gpt2")
+    tokenizer = train_bpe_tokenizer(builtin_corpus(20_000), vocab_size=300)
+    torch.manual_seed(0)
+    model = tiny_gpt2(vocab_size=len(tokenizer), spread=0.1)
+    model.generation_config.max_new_tokens = 7
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _run(args: list[str], tmp_path: Path, prelude: str = "") -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    command = [sys.executable, "-c", prelude + "from hf_glu.cli import main; raise SystemExit(main())", *args]
+    if prelude and not args:
+        command = [sys.executable, "-c", prelude]
+    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_round_trip_in_fresh_processes(gpt2_folder, tmp_path):
+    dst = tmp_path / "glu-model"
+    result = _run(["convert", str(gpt2_folder), str(dst), "--variant", "geglu_tanh"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    expected = convert_gpt2(str(gpt2_folder), "geglu_tanh")(torch.tensor(IDS)).logits
+
+    # Installed: the Auto classes know the GLU model because hf_glu is imported.
+    loaded = AutoModelForCausalLM.from_pretrained(dst)
+    torch.testing.assert_close(loaded(torch.tensor(IDS)).logits, expected, atol=1e-6, rtol=0)
+    assert loaded.generation_config.max_new_tokens == 7
+
+    # Without hf_glu: the checkpoint's own code, through trust_remote_code.
+    script = BLOCK_HF_GLU + textwrap.dedent(
+        f"""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        model = AutoModelForCausalLM.from_pretrained({str(dst)!r}, trust_remote_code=True)
+        AutoTokenizer.from_pretrained({str(dst)!r})
+        torch.save(model(torch.tensor({IDS})).logits, "logits.pt")
+        """
+    )
+    result = _run([], tmp_path, prelude=script)
+    assert result.returncode == 0, result.stderr
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, atol=1e-6, rtol=0)
+
+    # The card's YAML parses and carries the report's numbers.
+    report = json.loads((dst / "conversion_report.json").read_text())
+    header = (dst / "README.md").read_text().split("---")[1]
+    metadata = yaml.safe_load(header)
+    assert metadata["library_name"] == "transformers" and "geglu_tanh" in metadata["tags"]
+    assert metadata["pipeline_tag"] == "text-generation"
+    metrics = metadata["model-index"][0]["results"][0]["metrics"]
+    assert metrics[0]["value"] == round(report["perplexity"]["converted"], 4)
+    assert metrics[1]["value"] == round(report["perplexity"]["source"], 4)
+    assert report["max_abs_logit_diff"] < 1e-5
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".glu-model")]  # no temp folder left
+
+
+def test_eval_reports_sliding_window_perplexity(gpt2_folder, tmp_path, capsys):
+    text = tmp_path / "eval.txt"
+    text.write_text(builtin_corpus(6_000))
+    assert main(["eval", str(gpt2_folder), "--text-file", str(text), "--max-length", "32", "--stride", "16"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["max_length"] == 32 and result["stride"] == 16 and result["perplexity"] > 1
+
+
+def test_eval_text_and_sharding_options(gpt2_folder, tmp_path):
+    text = tmp_path / "eval.txt"
+    text.write_text(builtin_corpus(3_000))
+    dst = tmp_path / "out"
+    args = ["convert", str(gpt2_folder), str(dst), "--variant", "swiglu", "--eval-text", str(text)]
+    assert main([*args, "--max-shard-size", "20KB", "--eval-tokens", "64"]) == 0
+    assert (dst / "model.safetensors.index.json").is_file()
+    assert json.loads((dst / "conversion_report.json").read_text())["eval_data"] == "user text"
+    assert AutoModelForCausalLM.from_pretrained(dst).config.glu_variant == "swiglu"
+
+
+def _bad_folder(tmp_path: Path, gpt2_folder: Path, damage: str) -> Path:
+    folder = tmp_path / f"bad-{damage}"
+    folder.mkdir()
+    for p in gpt2_folder.iterdir():
+        (folder / p.name).write_bytes(p.read_bytes())
+    weights = folder / "model.safetensors"
+    if damage == "missing-weights":
+        weights.unlink()
+    elif damage == "corrupt":
+        weights.write_bytes(weights.read_bytes()[:200])
+    elif damage in ("shape", "nan", "bin", "pickle"):
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(weights)
+        key = next(k for k in state if k.endswith("mlp.c_fc.weight"))
+        if damage == "shape":
+            state[key] = state[key][:, :-1].contiguous()
+        if damage == "nan":
+            state[key][0, 0] = float("inf")
+        save_file(state, weights)
+        if damage in ("bin", "pickle"):
+            weights.unlink()
+            payload = state if damage == "bin" else {"x": os.system}  # a pickle that would call code
+            torch.save(payload, folder / "pytorch_model.bin")
+    elif damage == "model-type":
+        config = json.loads((folder / "config.json").read_text())
+        config["model_type"] = "llama"
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("missing-weights", "no weights in"),
+        ("corrupt", "corrupt or unsafe"),
+        ("shape", "has shape"),
+        ("nan", "non-finite"),
+        ("pickle", "corrupt or unsafe"),
+        ("model-type", "model_type='llama' .* supported: gpt2"),
+    ],
+)
+def test_bad_sources_exit_clearly_and_leave_dst_untouched(gpt2_folder, tmp_path, capsys, damage, message):
+    src = _bad_folder(tmp_path, gpt2_folder, damage)
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("precious")
+    before = _snapshot(dst)
+    assert main(["convert", str(src), str(dst), "--variant", "swiglu", "--force"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert pytest.importorskip("re").search(message, err), err
+    assert _snapshot(dst) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".dst")) == []
+
+
+def test_legacy_bin_weights_load_with_weights_only(gpt2_folder, tmp_path):
+    src = _bad_folder(tmp_path, gpt2_folder, "bin")
+    converted = convert_gpt2(str(src), "geglu_tanh", eval_tokens=16)
+    assert converted.conversion_report["max_abs_logit_diff"] < 1e-5
+
+
+def test_non_empty_dst_is_refused_without_force(gpt2_folder, tmp_path, capsys):
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("precious")
+    assert main(["convert", str(gpt2_folder), str(dst), "--variant", "swiglu"]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert _snapshot(dst) == {"keep.txt": b"precious"}
+    assert main(["convert", str(gpt2_folder), str(dst), "--variant", "swiglu", "--force"]) == 0
+    assert not (dst / "keep.txt").exists() and (dst / "model.safetensors").is_file()
+
+
+def test_failure_midway_leaves_dst_as_it_was(gpt2_folder, tmp_path, monkeypatch):
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("precious")
+
+    def broken_card(*args, **kwargs):  # fails after the weights and tokenizer are written
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr("hf_glu.convert.pipeline.render_conversion_card", broken_card)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        main(["convert", str(gpt2_folder), str(dst), "--variant", "swiglu", "--force"])
+    assert _snapshot(dst) == {"keep.txt": b"precious"}
+    assert [p.name for p in tmp_path.iterdir()] == ["dst"]
+
+
+def test_bad_input_exits_non_zero_in_a_fresh_process(tmp_path):
+    dst = tmp_path / "dst"
+    result = _run(["convert", str(tmp_path / "nowhere"), str(dst), "--variant", "swiglu"], tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "nowhere" in result.stderr
+    assert not dst.exists()
+    result = _run(["convert", "a", "b", "--variant", "relu"], tmp_path)
+    assert result.returncode == 2 and "invalid choice" in result.stderr
