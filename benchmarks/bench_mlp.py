@@ -1,0 +1,319 @@
+"""GLU MLP benchmark: eager vs torch.compile vs Liger-Kernel vs the fused Triton path, against the GEMMs alone.
+
+    python benchmarks/bench_mlp.py [--json results.json] [--shapes llama2-7b gpt2-medium] [--iters 20]
+
+On CUDA it runs the real shapes (bf16, 8192 tokens); on CPU a tiny smoke configuration (fp32, Triton's
+interpreter) so CI can check the script still runs — its timings mean nothing. Per implementation and
+shape it reports forward and forward+backward time, peak memory of forward+backward, the bytes kept for
+backward (measured with saved-tensor hooks), TFLOP/s of the GEMMs, and the ratio to the GEMMs alone
+timed in the same run. Prints a markdown table; ``--json`` also writes the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the smoke run on CPU
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from hf_glu import GluConfig, GluMLP, glu_triton  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    hidden: int
+    inner: int
+    tokens: int
+    bias: bool
+    variant: str
+    dtype: torch.dtype = torch.bfloat16
+
+
+SHAPES = {
+    s.name: s
+    for s in (
+        Shape("llama2-7b", 4096, 11008, 8192, bias=False, variant="swiglu"),
+        Shape("gpt2-medium", 1024, 4096, 8192, bias=True, variant="geglu_tanh"),
+        Shape("gpt2-small", 768, 3072, 8192, bias=False, variant="geglu_tanh"),
+    )
+}
+SMOKE = Shape("smoke-cpu", 32, 96, 64, bias=True, variant="swiglu", dtype=torch.float32)
+
+
+@dataclass
+class Row:
+    shape: str
+    impl: str
+    fwd_ms: float | None = None
+    fwd_bwd_ms: float | None = None
+    peak_mib: float | None = None
+    saved_mib: float | None = None
+    tflops: float | None = None
+    x_gemms: float | None = None
+    x_eager: float | None = None
+    max_rel_err: float | None = None
+    note: str = ""
+
+
+# --- Implementations: each maps x to the MLP output (parameters inside) -------------------------------
+
+
+def build_mlp(shape: Shape, kernel: str, device: str) -> GluMLP:
+    config = GluConfig(
+        n_embd=shape.hidden,
+        n_inner=shape.inner,
+        n_head=1,
+        glu_variant=shape.variant,
+        mlp_bias=shape.bias,
+        glu_kernel=kernel,
+        resid_pdrop=0.0,
+    )
+    return GluMLP(config).to(device, shape.dtype).eval()  # eval: no dropout; autograd is unaffected
+
+
+def liger_mlp(shape: Shape, eager: GluMLP) -> tuple[torch.nn.Module | None, str]:
+    """Liger-Kernel's MLP with the same weights, or (None, why not)."""
+    if shape.bias or shape.variant not in ("swiglu", "geglu_tanh") or eager.params.beta != 1.0:
+        return None, f"Liger has no {shape.variant} MLP with bias={shape.bias}"
+    try:
+        from types import SimpleNamespace
+
+        if shape.variant == "swiglu":
+            from liger_kernel.transformers.swiglu import LigerSwiGLUMLP as cls
+
+            act = "silu"
+        else:
+            from liger_kernel.transformers.geglu import LigerGEGLUMLP as cls
+
+            act = "gelu_pytorch_tanh"
+    except ImportError:
+        return None, "liger-kernel not installed"
+    config = SimpleNamespace(
+        hidden_size=shape.hidden, intermediate_size=shape.inner, hidden_act=act, hidden_activation=act
+    )
+    module = cls(config).to(eager.gate_proj.weight.device, shape.dtype)
+    module.load_state_dict(eager.state_dict(), strict=False)
+    return module, ""
+
+
+def implementations(shape: Shape, device: str) -> dict[str, tuple[Callable | None, str]]:
+    eager = build_mlp(shape, "eager", device)
+    fused = copy.deepcopy(eager)
+    fused.config = copy.deepcopy(eager.config)
+    fused.config.glu_kernel = "triton"
+    on_cpu = device == "cpu"
+    impls: dict[str, tuple[Callable | None, str]] = {"eager": (eager, "")}
+    # On CPU the smoke run only checks the path works: aot_eager skips Inductor's slow C++ build.
+    compiled = torch.compile(copy.deepcopy(eager), backend="aot_eager" if on_cpu else "inductor")
+    impls["torch.compile"] = (compiled, "aot_eager backend (CPU smoke)" if on_cpu else "")
+    impls["liger"] = (None, "needs CUDA") if on_cpu else liger_mlp(shape, eager)
+    if not glu_triton.TRITON_AVAILABLE:
+        impls["fused"] = (None, "triton not installed")
+    else:
+        impls["fused"] = (fused, "Triton interpreter (CPU smoke)" if on_cpu else "")
+    return impls
+
+
+class Gemms:
+    """The MLP's GEMMs alone, on preallocated operands: the floor any implementation can reach."""
+
+    def __init__(self, shape: Shape, device: str):
+        t, h, i = shape.tokens, shape.hidden, shape.inner
+
+        def rand(*size):
+            return torch.randn(*size, device=device, dtype=shape.dtype)
+
+        self.x, self.dy, self.act, self.dg, self.du = rand(t, h), rand(t, h), rand(t, i), rand(t, i), rand(t, i)
+        self.wg, self.wu, self.wd = rand(i, h), rand(i, h), rand(h, i)
+
+    def forward(self) -> None:
+        self.x @ self.wg.t(), self.x @ self.wu.t(), self.act @ self.wd.t()
+
+    def forward_backward(self) -> None:
+        self.forward()
+        self.dy @ self.wd, self.dy.t() @ self.act  # d act, d down
+        torch.addmm(self.dg @ self.wg, self.du, self.wu)  # d x
+        self.dg.t() @ self.x, self.du.t() @ self.x  # d gate, d up
+
+
+# --- Measurements ---------------------------------------------------------------------------------------
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], None], device: str, iters: int, warmup: int) -> float:
+    """Median wall time of ``fn`` in milliseconds (CUDA events on GPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - begin) * 1e3)
+    return statistics.median(times)
+
+
+def saved_bytes(mlp: Callable, x: torch.Tensor, params: set[int]) -> int:
+    """Bytes of the distinct non-parameter storages autograd keeps for backward of one forward."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = mlp(x)
+    del out
+    return sum(storages.values())
+
+
+def peak_mib(step: Callable[[], None], device: str) -> float | None:
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def measure_impl(
+    mlp: Callable, x: torch.Tensor, dy: torch.Tensor, device: str, iters: int, warmup: int
+) -> tuple[Row, torch.Tensor]:
+    """Timings and memory of one implementation, and its output (fp32) for the error column."""
+    params = {p.untyped_storage().data_ptr() for p in mlp.parameters()}
+
+    def forward() -> None:
+        mlp(x)
+
+    def forward_backward() -> None:
+        for p in mlp.parameters():
+            p.grad = None
+        x.grad = None
+        mlp(x).backward(dy)
+
+    row = Row("", "", time_ms(forward, device, iters, warmup), time_ms(forward_backward, device, iters, warmup))
+    row.peak_mib = peak_mib(forward_backward, device)
+    row.saved_mib = saved_bytes(mlp, x, params) / 2**20
+    with torch.no_grad():
+        out = mlp(x).float()
+    return row, out
+
+
+def measure(shape: Shape, device: str, iters: int, warmup: int) -> list[Row]:
+    torch.manual_seed(0)
+    x = torch.randn(shape.tokens, shape.hidden, device=device, dtype=shape.dtype, requires_grad=True)
+    dy = torch.randn(shape.tokens, shape.hidden, device=device, dtype=shape.dtype)
+    flops = 2 * shape.tokens * shape.hidden * shape.inner * 3  # forward GEMMs; backward is twice that
+    gemms = Gemms(shape, device)
+    gemm_fwd = time_ms(gemms.forward, device, iters, warmup)
+    gemm_fwd_bwd = time_ms(gemms.forward_backward, device, iters, warmup)
+    del gemms
+    rows = [Row(shape.name, "gemms", gemm_fwd, gemm_fwd_bwd, tflops=3 * flops / gemm_fwd_bwd / 1e9, x_gemms=1.0)]
+    reference = None
+    for impl, (mlp, note) in implementations(shape, device).items():
+        if mlp is None:
+            rows.append(Row(shape.name, impl, note=note))
+            continue
+        row, out = measure_impl(mlp, x, dy, device, iters, warmup)
+        reference = out if reference is None else reference  # eager comes first
+        row.shape, row.impl, row.note = shape.name, impl, note
+        row.tflops, row.x_gemms = 3 * flops / row.fwd_bwd_ms / 1e9, row.fwd_bwd_ms / gemm_fwd_bwd
+        row.max_rel_err = ((out - reference).abs().max() / reference.abs().max()).item()
+        rows.append(row)
+    eager = next(r for r in rows if r.impl == "eager")
+    for r in rows:
+        if r.fwd_bwd_ms is not None:
+            r.x_eager = r.fwd_bwd_ms / eager.fwd_bwd_ms
+    return rows
+
+
+# --- Report -------------------------------------------------------------------------------------------
+
+COLUMNS = [
+    ("shape", "shape", "{}"),
+    ("impl", "impl", "{}"),
+    ("fwd_ms", "fwd ms", "{:.3f}"),
+    ("fwd_bwd_ms", "fwd+bwd ms", "{:.3f}"),
+    ("x_eager", "fwd+bwd / eager", "{:.3f}"),
+    ("x_gemms", "fwd+bwd / GEMMs", "{:.3f}"),
+    ("tflops", "TFLOP/s", "{:.1f}"),
+    ("peak_mib", "peak MiB", "{:.0f}"),
+    ("saved_mib", "saved for bwd MiB", "{:.1f}"),
+    ("max_rel_err", "max rel err vs eager", "{:.1e}"),
+    ("note", "note", "{}"),
+]
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        values = [getattr(r, key) for key, _, _ in COLUMNS]
+        cells = ["n/a" if v is None else fmt.format(v) for v, (_, _, fmt) in zip(values, COLUMNS, strict=True)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def environment(device: str) -> dict:
+    env = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"}
+    env.update(torch=torch.__version__, python=platform.python_version())
+    if glu_triton.TRITON_AVAILABLE:
+        import triton
+
+        env["triton"] = triton.__version__
+    return env
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        shapes, iters, warmup = [SMOKE], 2, 1
+    else:
+        shapes, iters, warmup = [SHAPES[name] for name in args.shapes], args.iters, args.warmup
+    rows = [row for shape in shapes for row in measure(shape, device, iters, warmup)]
+    env = environment(device)
+    print(f"GLU MLP benchmark on {env['device']} (torch {env['torch']})\n")
+    print(markdown(rows))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"environment": env, "shapes": [asdict(s) | {"dtype": str(s.dtype)} for s in shapes]}
+        payload["results"] = [asdict(r) for r in rows]
+        args.json.write_text(json.dumps(payload, indent=2))
+
+
+if __name__ == "__main__":
+    main()
