@@ -1,0 +1,330 @@
+"""What the fine-tuning recipes share: loading the model (or converting a GPT-2 on the spot), packed
+train/eval blocks, the distillation loss, checkpoint discovery and the final save.
+
+The recipes in ``recipes/`` stay short by calling these; the training loops themselves (Trainer or a
+plain Accelerate loop) live in the recipes, where users copy and edit them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Trainer
+
+from .data import load_texts, pack_token_blocks, split_train_eval
+from .glu import VARIANTS
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+IGNORE_INDEX = -100
+
+
+class BlockDataset(torch.utils.data.Dataset):
+    """Packed token blocks as causal-LM examples; labels are the inputs (the loss shifts them)."""
+
+    def __init__(self, blocks: list[list[int]]):
+        self.blocks = torch.tensor(blocks, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        block = self.blocks[index]
+        return {"input_ids": block, "labels": block.clone()}
+
+
+def load_model_and_tokenizer(
+    model: str | Path | None = None,
+    convert_from: str | Path | None = None,
+    variant: str = "swiglu",
+    init: str = "preserve",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A causal LM and its tokenizer: from the checkpoint folder ``model``, or by converting the GPT-2
+    checkpoint ``convert_from`` to ``variant`` (its tokenizer is used). Exactly one must be given."""
+    if (model is None) == (convert_from is None):
+        raise ValueError("pass exactly one of a GLU checkpoint (--model) or a GPT-2 source (--convert-from)")
+    if model is not None:
+        return AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32), _tokenizer(model)
+    from .convert import convert_gpt2
+
+    tokenizer = _tokenizer(convert_from)
+    converted = convert_gpt2(convert_from, variant=variant, init=init, torch_dtype=torch.float32, tokenizer=tokenizer)
+    return converted, tokenizer
+
+
+def _tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"no tokenizer could be loaded from {str(folder)!r}; the folder needs its tokenizer files"
+        ) from error
+
+
+def load_teacher(source: str | Path, student: PreTrainedModel) -> PreTrainedModel:
+    """The frozen model to distil from; its vocabulary must match the student's token for token."""
+    teacher = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval().requires_grad_(False)
+    student_vocab = student.get_output_embeddings().weight.shape[0]
+    teacher_vocab = teacher.get_output_embeddings().weight.shape[0]
+    if teacher_vocab != student_vocab:
+        raise ValueError(
+            f"--distill-from {str(source)!r} has a vocabulary of {teacher_vocab} tokens, the model {student_vocab}; "
+            "distillation needs the same tokenizer (e.g. the GPT-2 the model was converted from)"
+        )
+    return teacher
+
+
+def build_datasets(
+    tokenizer: PreTrainedTokenizerBase,
+    block_size: int,
+    *,
+    train_file: str | Path | None = None,
+    dataset: str | None = None,
+    dataset_config: str | None = None,
+    text_column: str = "text",
+    eval_fraction: float = 0.1,
+) -> tuple[BlockDataset, BlockDataset]:
+    """Packed train and held-out eval blocks from a .txt/.jsonl file, a ``datasets`` name or (default)
+    the built-in corpus; the eval part is the tail of the text, so no block is in both."""
+    texts = load_texts(train_file, dataset, dataset_config, text_column=text_column)
+    train_text, eval_text = split_train_eval("\n\n".join(texts), eval_fraction)
+    return _blocks(train_text, tokenizer, block_size, "train"), _blocks(eval_text, tokenizer, block_size, "eval")
+
+
+def _blocks(text: str, tokenizer: PreTrainedTokenizerBase, block_size: int, part: str) -> BlockDataset:
+    try:
+        return BlockDataset(pack_token_blocks(text.split("\n\n"), tokenizer, block_size))
+    except ValueError as error:
+        raise ValueError(f"the {part} split is too small: {error}; use more text or a smaller --block-size") from error
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    ce_loss: torch.Tensor,
+    *,
+    alpha: float,
+    temperature: float = 1.0,
+    num_items_in_batch: torch.Tensor | int | None = None,
+) -> torch.Tensor:
+    """``(1 - alpha) * ce_loss + alpha * T² * KL(teacher ‖ student)`` over the positions that predict a
+    label (labels are unshifted, as the model's loss takes them).
+
+    The KL term is summed over tokens and divided by ``num_items_in_batch`` when given (the target-token
+    count of the whole accumulated batch, which is how ``ce_loss`` was normalised then), else by this
+    batch's count: either way both terms weigh every token alike, so gradient accumulation stays exact.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"kd alpha={alpha!r} is invalid; expected a number in [0, 1]")
+    if temperature <= 0:
+        raise ValueError(f"kd temperature={temperature!r} is invalid; expected a number > 0")
+    mask = labels[:, 1:] != IGNORE_INDEX
+    student = F.log_softmax(student_logits[:, :-1][mask].float() / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits[:, :-1][mask].float() / temperature, dim=-1)
+    kl_sum = F.kl_div(student, teacher, log_target=True, reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1)
+    if torch.is_tensor(count):
+        count = count.to(kl_sum.device)
+    return (1 - alpha) * ce_loss + alpha * temperature**2 * kl_sum / count
+
+
+class DistillationTrainer(Trainer):
+    """A Trainer whose training loss adds a KL term towards a frozen teacher's logits; evaluation loss
+    stays the plain cross-entropy, so eval perplexity compares with runs without distillation."""
+
+    def __init__(self, *args, teacher: PreTrainedModel, kd_alpha: float, kd_temperature: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher
+        self.kd_alpha = kd_alpha
+        self.kd_temperature = kd_temperature
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        ce_loss, outputs = super().compute_loss(
+            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
+        if model.training:
+            teacher_logits = self._teacher_logits(inputs)
+            # super() multiplied the CE by the process count when num_items_in_batch spans all processes
+            # (DDP then averages gradients); undo it so both terms are normalised alike, then redo it.
+            scale = self._data_parallel_scale(num_items_in_batch)
+            loss = scale * distillation_loss(
+                outputs.logits,
+                teacher_logits,
+                inputs["labels"],
+                ce_loss / scale,
+                alpha=self.kd_alpha,
+                temperature=self.kd_temperature,
+                num_items_in_batch=num_items_in_batch,
+            )
+        else:
+            loss = ce_loss
+        return (loss, outputs) if return_outputs else loss
+
+    @torch.no_grad()
+    def _teacher_logits(self, inputs: dict) -> torch.Tensor:
+        input_ids = inputs["input_ids"]
+        if self.teacher.device != input_ids.device:
+            self.teacher.to(input_ids.device)
+        return self.teacher(input_ids=input_ids, attention_mask=inputs.get("attention_mask")).logits
+
+    def _data_parallel_scale(self, num_items_in_batch) -> int:
+        # Mirrors the condition under which Trainer.compute_loss rescales the model's loss.
+        if (
+            self.args.average_tokens_across_devices
+            and self.model_accepts_loss_kwargs
+            and num_items_in_batch is not None
+        ):
+            return self.accelerator.num_processes
+        return 1
+
+
+def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example summed next-token cross-entropy and target count (float32), for exact perplexity
+    when examples are gathered from several processes."""
+    targets = labels[:, 1:]
+    losses = F.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return losses.sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1).float()
+
+
+def perplexity(loss: float) -> float:
+    """``exp(loss)``, infinite rather than an OverflowError for a diverged run."""
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+def latest_checkpoint(output_dir: str | Path, complete_marker: str | None = None) -> Path | None:
+    """The ``checkpoint-N`` folder with the largest N, skipping any that lacks ``complete_marker`` (a
+    file written last, so a folder cut short by a killed run is never resumed from)."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    found = [
+        (int(match.group(1)), path)
+        for path in output_dir.iterdir()
+        if path.is_dir() and (match := CHECKPOINT_PATTERN.match(path.name))
+        if complete_marker is None or (path / complete_marker).is_file()
+    ]
+    return max(found)[1] if found else None
+
+
+def checkpoint_step(checkpoint: str | Path) -> int:
+    """The N of a ``checkpoint-N`` folder."""
+    match = CHECKPOINT_PATTERN.match(Path(checkpoint).name)
+    if match is None:
+        raise ValueError(f"{str(checkpoint)!r} is not a checkpoint folder; expected a name like 'checkpoint-100'")
+    return int(match.group(1))
+
+
+def save_final(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    folder: str | Path,
+    adapter_folder: str | Path | None = None,
+    state_dict: dict | None = None,
+) -> PreTrainedModel:
+    """Save a complete checkpoint (weights, config, code, tokenizer) into ``folder``. A PEFT model first
+    saves its adapter into ``adapter_folder`` and is then merged, so ``folder`` loads without PEFT.
+    ``state_dict`` is the gathered full state dict when the model is sharded (FSDP, ZeRO-3)."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        if adapter_folder is None:
+            raise ValueError("a LoRA model needs an adapter_folder to save its adapter into")
+        model.save_pretrained(adapter_folder)
+        model = model.merge_and_unload()
+    model.save_pretrained(folder, state_dict=state_dict)
+    tokenizer.save_pretrained(folder)
+    return model
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of every parameter and buffer (by name, float32 bytes): equal digests, equal weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    Path(path).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def finetune_arg_parser(description: str) -> argparse.ArgumentParser:
+    """The flags both recipes accept, so the Trainer and Accelerate scripts take the same job description."""
+    parser = argparse.ArgumentParser(description=description)
+    source = parser.add_argument_group("model (exactly one)")
+    source.add_argument("--model", help="GLU checkpoint folder or Hub id (its tokenizer is used)")
+    source.add_argument("--convert-from", help="GPT-2 checkpoint to convert first (its tokenizer is used)")
+    source.add_argument("--variant", default="swiglu", choices=sorted(VARIANTS), help="GLU variant for --convert-from")
+    source.add_argument("--init", default="preserve", choices=["preserve", "random"], help="conversion init scheme")
+
+    data = parser.add_argument_group("data (default: the built-in corpus)")
+    data.add_argument("--train-file", help=".txt (paragraphs) or .jsonl (one JSON object with --text-column a line)")
+    data.add_argument("--dataset", help="a `datasets` dataset name")
+    data.add_argument("--dataset-config", help="the dataset's config name")
+    data.add_argument("--text-column", default="text")
+    data.add_argument("--eval-fraction", type=float, default=0.1, help="tail of the text held out for evaluation")
+    data.add_argument("--block-size", type=int, default=512, help="tokens per packed training example")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--output-dir", required=True, help="checkpoints, final/ (and adapter/ with --lora) go here")
+    train.add_argument("--max-steps", type=int, default=1000, help="optimizer steps")
+    train.add_argument("--batch-size", type=int, default=8, help="examples per device per micro-batch")
+    train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    train.add_argument("--lr", type=float, default=1e-4)
+    train.add_argument("--weight-decay", type=float, default=0.0)
+    train.add_argument("--warmup-steps", type=int, default=0)
+    train.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
+    train.add_argument("--logging-steps", type=int, default=10)
+    train.add_argument("--eval-steps", type=int, default=0, help="evaluate every N steps (0: only at the end)")
+    train.add_argument("--save-steps", type=int, default=500, help="write checkpoint-N every N steps")
+    train.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept (oldest deleted)")
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    train.add_argument("--seed", type=int, default=0)
+
+    lora = parser.add_argument_group("LoRA (PEFT; hf_glu registers the default target modules)")
+    lora.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of all weights")
+    lora.add_argument("--lora-r", type=int, default=8)
+    lora.add_argument("--lora-alpha", type=int, default=16)
+    lora.add_argument("--lora-dropout", type=float, default=0.0)
+
+    kd = parser.add_argument_group("distillation (for approximate conversions)")
+    kd.add_argument("--distill-from", help="teacher model (e.g. the GPT-2 source) whose logits the KL term follows")
+    kd.add_argument("--kd-alpha", type=float, default=0.5, help="weight of the KL term: (1-A)·CE + A·T²·KL")
+    kd.add_argument("--kd-temperature", type=float, default=1.0)
+
+    hub = parser.add_argument_group("Hub")
+    hub.add_argument("--push-to-hub", metavar="REPO", help="push the final folder to this Hub repo id")
+    hub.add_argument("--private", action="store_true", help="create the Hub repo private")
+    return parser
+
+
+def check_finetune_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject flag combinations argparse cannot express, naming what is accepted."""
+    if (args.model is None) == (args.convert_from is None):
+        parser.error("pass exactly one of --model DIR or --convert-from GPT2_DIR")
+    if args.train_file and args.dataset:
+        parser.error("pass either --train-file or --dataset, not both")
+    for name in ("max_steps", "batch_size", "grad_accum", "save_steps", "logging_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid; expected an integer >= 1")
+    if not 0.0 <= args.kd_alpha <= 1.0:
+        parser.error(f"--kd-alpha={args.kd_alpha} is invalid; expected a number in [0, 1]")
+    if args.kd_temperature <= 0:
+        parser.error(f"--kd-temperature={args.kd_temperature} is invalid; expected a number > 0")
+
+
+def lora_config(args: argparse.Namespace):
+    """A LoRA config without target_modules: PEFT takes hf_glu's registered defaults for model_type glu."""
+    from peft import LoraConfig
+
+    return LoraConfig(task_type="CAUSAL_LM", r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)

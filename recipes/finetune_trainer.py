@@ -1,0 +1,135 @@
+"""Fine-tune a GLU causal LM with the transformers Trainer.
+
+    python recipes/finetune_trainer.py --model my-glu --output-dir runs/ft --max-steps 1000
+    python recipes/finetune_trainer.py --convert-from gpt2 --variant swiglu --distill-from gpt2 \
+        --kd-alpha 0.5 --output-dir runs/swiglu
+    accelerate launch --config_file recipes/accelerate_configs/multi_gpu_ddp.yaml recipes/finetune_trainer.py ...
+
+Writes checkpoint-N/ every --save-steps (resume with --resume), final/ (a complete checkpoint, LoRA
+merged), adapter/ (with --lora) and results.json (eval loss and perplexity).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
+
+import hf_glu  # noqa: F401  (registers the GLU classes with the Auto classes and PEFT)
+from hf_glu.finetune import (
+    DistillationTrainer,
+    build_datasets,
+    check_finetune_args,
+    checkpoint_step,
+    finetune_arg_parser,
+    latest_checkpoint,
+    load_model_and_tokenizer,
+    load_teacher,
+    lora_config,
+    perplexity,
+    save_final,
+    write_json,
+)
+
+# Trainer writes trainer_state.json last into a checkpoint: without it the folder was cut short.
+COMPLETE_MARKER = "trainer_state.json"
+
+
+def parse_args():
+    parser = finetune_arg_parser(__doc__.splitlines()[0])
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
+    args = parser.parse_args()
+    check_finetune_args(parser, args)
+    return args
+
+
+def training_arguments(args) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=args.output_dir,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        max_grad_norm=args.max_grad_norm,
+        lr_scheduler_type="cosine",
+        logging_steps=args.logging_steps,
+        eval_strategy="steps" if args.eval_steps else "no",
+        eval_steps=args.eval_steps or None,
+        save_strategy="steps",
+        save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit,
+        bf16=args.bf16,
+        seed=args.seed,
+        data_seed=args.seed,
+        report_to=[],
+    )
+
+
+def main() -> None:
+    args = parse_args()
+    set_seed(args.seed)
+    output_dir = Path(args.output_dir)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.convert_from, args.variant, args.init)
+    train_data, eval_data = build_datasets(
+        tokenizer,
+        args.block_size,
+        train_file=args.train_file,
+        dataset=args.dataset,
+        dataset_config=args.dataset_config,
+        text_column=args.text_column,
+        eval_fraction=args.eval_fraction,
+    )
+    if args.lora:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_config(args))
+        model.print_trainable_parameters()
+
+    common = dict(
+        model=model,
+        args=training_arguments(args),
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        data_collator=default_data_collator,
+    )
+    if args.distill_from:
+        teacher = load_teacher(args.distill_from, model)
+        trainer = DistillationTrainer(
+            **common, teacher=teacher, kd_alpha=args.kd_alpha, kd_temperature=args.kd_temperature
+        )
+    else:
+        trainer = Trainer(**common)
+
+    checkpoint = latest_checkpoint(output_dir, COMPLETE_MARKER) if args.resume else None
+    resumed_from = checkpoint_step(checkpoint) if checkpoint else 0
+    if args.resume:
+        print(f"resuming from {checkpoint} (step {resumed_from})" if checkpoint else "no checkpoint yet: from step 0")
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+
+    metrics = trainer.evaluate()
+    results = {
+        "eval_loss": metrics["eval_loss"],
+        "perplexity": perplexity(metrics["eval_loss"]),
+        "global_step": trainer.state.global_step,
+        "resumed_from_step": resumed_from,
+        "log_history": trainer.state.log_history,
+    }
+    print(f"eval loss {results['eval_loss']:.4f}  perplexity {results['perplexity']:.2f}")
+
+    if trainer.is_world_process_zero():
+        final = output_dir / "final"
+        save_final(trainer.model, tokenizer, final, adapter_folder=output_dir / "adapter")
+        write_json(output_dir / "results.json", results)
+        print(f"saved {final}")
+        if args.push_to_hub:
+            from hf_glu.hub import push_checkpoint  # imported here: only a pushing run needs the Hub client
+
+            push_checkpoint(final, args.push_to_hub, private=args.private)
+            print(f"pushed {final} to {args.push_to_hub}")
+
+
+if __name__ == "__main__":
+    main()
