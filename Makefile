@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -e ".[dev,gpu]"
+	$(BIN)/python -m pip install -e ".[dev,gpu,demo]"
 	touch $(STAMP)
 
 install: $(STAMP)
