@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.hf_glu-installed
 
-.PHONY: install test lint demo demo-quick clean
+.PHONY: install test test-compat lint demo demo-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,20 @@ lint: $(STAMP)
 test: lint
 	HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
 
+# The oldest Transformers we support (the GPU image's): the model family's tests on transformers 5.17.
+COMPAT_VENV ?= .venv-tf517
+COMPAT_STAMP := $(COMPAT_VENV)/.hf_glu-installed
+
+$(COMPAT_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install "$(TORCH_SPEC)"
+	$(COMPAT_VENV)/bin/python -m pip install -e ".[dev,gpu]" "transformers==5.17.0"
+	touch $(COMPAT_STAMP)
+
+test-compat: $(COMPAT_STAMP)
+	HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 $(COMPAT_VENV)/bin/python -m pytest -q \
+		tests/test_configuration_glu.py tests/test_modeling_glu.py tests/test_remote_code.py tests/test_training.py
+
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/hf-glu demo
 
@@ -31,4 +45,4 @@ demo-quick: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/hf-glu demo --quick
 
 clean:
-	rm -rf $(VENV) hf-glu-demo .pytest_cache
+	rm -rf $(VENV) $(COMPAT_VENV) hf-glu-demo .pytest_cache
