@@ -1,0 +1,210 @@
+"""hf_glu.finetune: the distillation loss and its gradient-accumulation exactness, data, checkpoints."""
+
+import pytest
+import torch
+from conftest import tiny_config
+from transformers import TrainingArguments, default_data_collator
+
+from hf_glu import GluForCausalLM
+from hf_glu.data import builtin_corpus, train_bpe_tokenizer
+from hf_glu.finetune import (
+    DistillationTrainer,
+    build_datasets,
+    checkpoint_step,
+    distillation_loss,
+    latest_checkpoint,
+    load_model_and_tokenizer,
+    perplexity,
+    token_loss_sums,
+)
+
+
+def _logits_and_labels(batch=3, length=10, vocab=17, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(batch, length, vocab, generator=g)
+    teacher = torch.randn(batch, length, vocab, generator=g)
+    labels = torch.randint(0, vocab, (batch, length), generator=g)
+    labels[1, 6:] = -100
+    return student, teacher, labels
+
+
+def _reference_kl(student, teacher, labels, temperature):
+    """KL(teacher‖student) per target token, written out term by term."""
+    total, count = 0.0, 0
+    for b in range(labels.shape[0]):
+        for t in range(labels.shape[1] - 1):
+            if labels[b, t + 1] == -100:
+                continue
+            p = torch.softmax(teacher[b, t] / temperature, -1)
+            q = torch.softmax(student[b, t] / temperature, -1)
+            total += (p * (p.log() - q.log())).sum()
+            count += 1
+    return total / count
+
+
+def test_distillation_loss_mixes_ce_and_tempered_kl():
+    student, teacher, labels = _logits_and_labels()
+    ce = torch.tensor(2.5)
+    assert distillation_loss(student, teacher, labels, ce, alpha=0.0) == pytest.approx(2.5)
+    kl = _reference_kl(student, teacher, labels, temperature=2.0)
+    mixed = distillation_loss(student, teacher, labels, ce, alpha=0.25, temperature=2.0)
+    assert mixed.item() == pytest.approx(0.75 * 2.5 + 0.25 * 4.0 * kl.item(), rel=1e-5)
+    same = distillation_loss(student, student, labels, ce, alpha=1.0)
+    assert same.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distillation_loss_with_num_items_sums_to_the_full_batch_value():
+    student, teacher, labels = _logits_and_labels()
+    n = int((labels[:, 1:] != -100).sum())
+    full = distillation_loss(student, teacher, labels, torch.tensor(0.0), alpha=1.0)
+    parts = [
+        distillation_loss(student[s], teacher[s], labels[s], torch.tensor(0.0), alpha=1.0, num_items_in_batch=n)
+        for s in (slice(0, 1), slice(1, 3))
+    ]
+    assert sum(parts).item() == pytest.approx(full.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("kwargs", [dict(alpha=1.5), dict(alpha=0.5, temperature=0.0)])
+def test_distillation_loss_rejects_bad_settings(kwargs):
+    student, teacher, labels = _logits_and_labels()
+    with pytest.raises(ValueError, match="expected a number"):
+        distillation_loss(student, teacher, labels, torch.tensor(0.0), **kwargs)
+
+
+def _ragged_rows(n=4, length=12):
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for i in range(n):
+        ids = torch.randint(1, 101, (length,), generator=g)
+        labels = ids.clone()
+        if i:
+            labels[length - 3 * i :] = -100  # rows have different numbers of targets
+        rows.append({"input_ids": ids, "labels": labels})
+    return rows
+
+
+def _distil_one_step(tmp_path, student, teacher, rows, batch, accumulation):
+    args = TrainingArguments(
+        output_dir=str(tmp_path / f"b{batch}a{accumulation}"),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        learning_rate=0.5,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+    )
+    trainer = DistillationTrainer(
+        model=student,
+        args=args,
+        train_dataset=rows,
+        data_collator=default_data_collator,
+        teacher=teacher,
+        kd_alpha=0.6,
+        kd_temperature=2.0,
+    )
+    trainer.train()
+    return next(h["loss"] for h in trainer.state.log_history if "loss" in h)
+
+
+def test_distillation_trainer_is_exact_under_gradient_accumulation(tmp_path):
+    config = tiny_config()
+    teacher = GluForCausalLM(tiny_config(glu_variant="geglu")).eval()
+    state = GluForCausalLM(config).state_dict()
+    rows = _ragged_rows()
+    batch = default_data_collator(rows)
+
+    reference = GluForCausalLM(config)
+    reference.load_state_dict(state)
+    with torch.no_grad():
+        out = reference(**batch)
+        expected = distillation_loss(
+            out.logits,
+            teacher(input_ids=batch["input_ids"]).logits,
+            batch["labels"],
+            out.loss,
+            alpha=0.6,
+            temperature=2.0,
+        ).item()
+
+    models = []
+    for batch_size, accumulation in ((4, 1), (2, 2)):
+        model = GluForCausalLM(config)
+        model.load_state_dict(state)
+        loss = _distil_one_step(tmp_path, model, teacher, rows, batch_size, accumulation)
+        assert loss == pytest.approx(expected, rel=1e-4)
+        models.append(model)
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_distillation_trainer_evaluates_plain_cross_entropy(tmp_path):
+    config = tiny_config()
+    student, teacher = GluForCausalLM(config), GluForCausalLM(tiny_config(glu_variant="geglu"))
+    rows = _ragged_rows()
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=4, report_to=[], use_cpu=True)
+    trainer = DistillationTrainer(
+        model=student, args=args, eval_dataset=rows, data_collator=default_data_collator, teacher=teacher, kd_alpha=1.0
+    )
+    with torch.no_grad():
+        ce = student(**default_data_collator(rows)).loss.item()
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(ce, rel=1e-5)
+
+
+def test_token_loss_sums_match_the_mean_loss():
+    model = GluForCausalLM(tiny_config())
+    batch = default_data_collator(_ragged_rows())
+    with torch.no_grad():
+        out = model(**batch)
+    sums, counts = token_loss_sums(out.logits, batch["labels"])
+    assert (sums.sum() / counts.sum()).item() == pytest.approx(out.loss.item(), rel=1e-5)
+    assert perplexity(1e6) == float("inf")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_bpe_tokenizer(builtin_corpus(max_chars=20_000), vocab_size=300)
+
+
+def test_build_datasets_packs_disjoint_train_and_eval_blocks(tmp_path, tokenizer):
+    text_file = tmp_path / "train.txt"
+    text_file.write_text(builtin_corpus(max_chars=20_000), encoding="utf-8")
+    train, evaluation = build_datasets(tokenizer, 32, train_file=text_file, eval_fraction=0.2)
+    assert len(train) > 3 * len(evaluation) > 0
+    example = train[0]
+    assert example["input_ids"].shape == (32,) and torch.equal(example["input_ids"], example["labels"])
+    train_rows = {tuple(b.tolist()) for b in train.blocks}
+    assert not train_rows & {tuple(b.tolist()) for b in evaluation.blocks}
+
+
+def test_build_datasets_names_a_too_small_split(tmp_path, tokenizer):
+    text_file = tmp_path / "tiny.txt"
+    text_file.write_text("A few words.\n\nAnd a few more.", encoding="utf-8")
+    with pytest.raises(ValueError, match="split is too small.*--block-size"):
+        build_datasets(tokenizer, 512, train_file=text_file)
+
+
+def test_latest_checkpoint_skips_incomplete_folders(tmp_path):
+    for step, complete in ((5, True), (10, True), (15, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if complete:
+            (folder / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-20.partial").mkdir()
+    assert latest_checkpoint(tmp_path, "trainer_state.json") == tmp_path / "checkpoint-10"
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-15"
+    assert latest_checkpoint(tmp_path / "missing") is None
+    assert checkpoint_step(tmp_path / "checkpoint-10") == 10
+    with pytest.raises(ValueError, match="checkpoint-100"):
+        checkpoint_step(tmp_path / "final")
+
+
+@pytest.mark.parametrize("sources", [dict(), dict(model="a", convert_from="b")])
+def test_load_model_and_tokenizer_needs_exactly_one_source(sources):
+    with pytest.raises(ValueError, match="exactly one"):
+        load_model_and_tokenizer(**sources)
