@@ -243,6 +243,8 @@ def _strides(*tensors: torch.Tensor) -> list[int]:
 
 def _launch_forward(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor, variant: str, p: GluParams) -> None:
     g, u, o = _as_rows(gate), _as_rows(up), _as_rows(out)
+    if g.numel() == 0:  # an empty grid is not a valid CUDA launch
+        return
     grid, block_m, block_n = _launch_config(*g.shape)
     _glu_fwd_kernel[grid](
         g, u, o, *g.shape, *_strides(g, u, o), p.beta, p.alpha, p.limit,
@@ -262,6 +264,8 @@ def _launch_backward(
 ) -> None:
     do, g, u, dg, du = (_as_rows(t) for t in (grad, gate, up, dgate, dup))
     o = do if out is None else _as_rows(out)  # unused when STORE_OUT is off
+    if g.numel() == 0:
+        return
     grid, block_m, block_n = _launch_config(*g.shape)
     _glu_bwd_kernel[grid](
         do, g, u, dg, du, o, *g.shape, *_strides(do, g, u, dg, du, o), p.beta, p.alpha, p.limit,

@@ -172,6 +172,17 @@ def test_nan_and_inf_propagate_as_in_the_reference(variant, which):
         assert_matches(a, e)
 
 
+def test_empty_inputs():
+    gate = torch.randn(0, 8, device=DEVICE, requires_grad=True)
+    out = gt.glu_activation_fused(gate, gate, "swiglu")
+    out.sum().backward()
+    assert out.shape == gate.grad.shape == (0, 8)
+    mlp = make_mlp()
+    x = torch.randn(0, 3, 24, device=DEVICE, requires_grad=True)
+    mlp(x).sum().backward()
+    assert x.grad.shape == x.shape and not mlp.down_proj.weight.grad.any()
+
+
 def test_in_place_backward_overwrites_gate_up_and_grad():
     gate, up, grad = random_inputs(9, 21, torch.float32)
     expected_out = gt.glu_activation_fused(gate, up, "swiglu_oai", PARAMS)
@@ -336,6 +347,8 @@ def test_dispatch(monkeypatch):
     assert gt.fused_path_wanted("triton", x)
     assert not gt.fused_path_wanted("auto", x)  # CPU tensors take the eager path unless forced
     assert not gt.fused_path_wanted("auto", x.double())
+    if DEVICE == "cuda":
+        assert gt.fused_path_wanted("auto", x.cuda()) and not gt.fused_path_wanted("auto", x.cuda().double())
     monkeypatch.setattr(gt, "TRITON_AVAILABLE", False)
     assert not gt.fused_path_wanted("auto", x)
     with pytest.raises(ImportError, match="glu_kernel='triton' needs triton"):
