@@ -99,7 +99,23 @@ def test_round_trip_in_fresh_processes(gpt2_folder, tmp_path):
 def test_eval_reports_sliding_window_perplexity(gpt2_folder, tmp_path, capsys):
     text = tmp_path / "eval.txt"
     text.write_text(builtin_corpus(6_000))
-    assert main(["eval", str(gpt2_folder), "--text-file", str(text), "--max-length", "32", "--stride", "16"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(gpt2_folder),
+                "--text-file",
+                str(text),
+                "--max-length",
+                "32",
+                "--stride",
+                "16",
+                "--max-tokens",
+                "200",
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert result["max_length"] == 32 and result["stride"] == 16 and result["perplexity"] > 1
 
@@ -209,5 +225,9 @@ def test_bad_input_exits_non_zero_in_a_fresh_process(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "nowhere" in result.stderr
     assert not dst.exists()
-    result = _run(["convert", "a", "b", "--variant", "relu"], tmp_path)
-    assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+def test_unknown_variant_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", "a", "b", "--variant", "relu"])
+    assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err

@@ -10,6 +10,7 @@ from transformers import (
     GPT2LMHeadModel,
     GPT2Model,
 )
+from transformers.activations import ACT2FN
 
 from hf_glu import (
     GluForCausalLM,
@@ -19,7 +20,7 @@ from hf_glu import (
     convert_gpt2,
 )
 from hf_glu.convert import ConversionError
-from hf_glu.convert.init_schemes import DOCUMENTED_BOUNDS_GELU_NEW, fit_unit_map
+from hf_glu.convert.init_schemes import DOCUMENTED_BOUNDS_GELU_NEW, fit_unit_map, unit_output
 from hf_glu.glu import GluParams
 
 HEADS = {
@@ -133,9 +134,6 @@ def test_approximate_schemes_stay_inside_their_bound(variant):
 def test_fixed_maps_hold_their_bound_for_all_z(variant):
     m = fit_unit_map(variant, "gelu_new", GluParams())
     z = torch.linspace(-60, 60, 200_001, dtype=torch.float64)
-    from hf_glu.convert.init_schemes import unit_output
-    from transformers.activations import ACT2FN
-
     error = (unit_output(variant, GluParams(), m, z) - ACT2FN["gelu_new"](z)).abs().max().item()
     assert error <= DOCUMENTED_BOUNDS_GELU_NEW[variant] + 1e-12
 

@@ -103,20 +103,24 @@ def _t(conv1d_weight: torch.Tensor) -> torch.Tensor:
 
 
 def convert_weights(
-    source: PreTrainedModel, config: GluConfig, unit_maps: list[UnitMap] | None
+    source: PreTrainedModel, config: GluConfig, unit_maps: list[UnitMap] | None, share: bool = False
 ) -> dict[str, torch.Tensor]:
-    """The converted state dict; with ``unit_maps`` None (random init) the MLP weights are left out."""
-    sd = {k: v.detach() for k, v in source.state_dict().items()}
+    """The converted state dict; with ``unit_maps`` None (random init) the MLP weights are left out.
+
+    ``share``: reuse the source's unchanged tensors (embeddings, norms, biases) instead of copying them,
+    for a source nobody else holds (one loaded from disk): it saves their memory during conversion.
+    """
+    sd = {k: v.detach() if share else v.detach().clone() for k, v in source.state_dict().items()}
     # GPT2Model and GluModel name their weights without the `transformer.` prefix the heads add.
     base = "" if type(source).__name__ == "GPT2Model" else "transformer."
     out_base = base
     out: dict[str, torch.Tensor] = {}
     for name in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"):
-        out[out_base + name] = sd[base + name].clone()
+        out[out_base + name] = sd[base + name]
     for i in range(config.n_layer):
         src, dst = f"{base}h.{i}.", f"{out_base}h.{i}."
         for name in ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias"):
-            out[dst + name] = sd[src + name].clone()
+            out[dst + name] = sd[src + name]
         for proj, w, b in zip(
             ("q_proj", "k_proj", "v_proj"),
             _t(sd[src + "attn.c_attn.weight"]).chunk(3, dim=0),
@@ -124,14 +128,14 @@ def convert_weights(
             strict=True,
         ):
             out[f"{dst}attn.{proj}.weight"] = w.contiguous()
-            out[f"{dst}attn.{proj}.bias"] = b.clone()
+            out[f"{dst}attn.{proj}.bias"] = b
         out[dst + "attn.o_proj.weight"] = _t(sd[src + "attn.c_proj.weight"])
-        out[dst + "attn.o_proj.bias"] = sd[src + "attn.c_proj.bias"].clone()
+        out[dst + "attn.o_proj.bias"] = sd[src + "attn.c_proj.bias"]
         if unit_maps is not None:
             out.update(_preserved_mlp(sd, src, dst, unit_maps[i]))
     for head in ("lm_head.weight", "score.weight", "classifier.weight", "classifier.bias"):
         if head in sd and not (head == "lm_head.weight" and config.tie_word_embeddings):
-            out[head] = sd[head].clone()
+            out[head] = sd[head]
     return out
 
 
@@ -154,7 +158,7 @@ def _preserved_mlp(sd: dict[str, torch.Tensor], src: str, dst: str, m: UnitMap) 
         dst + "mlp.up_proj.weight": up_w,
         dst + "mlp.up_proj.bias": up_b,
         dst + "mlp.down_proj.weight": _t(sd[src + "mlp.c_proj.weight"]),
-        dst + "mlp.down_proj.bias": sd[src + "mlp.c_proj.bias"].clone(),
+        dst + "mlp.down_proj.bias": sd[src + "mlp.c_proj.bias"],
     }
 
 

@@ -126,7 +126,8 @@ def convert(
         else:  # a fixed map, the same for every layer
             unit_maps = [fit_unit_map(variant, activation, config.glu_params)] * config.n_layer
 
-    state_dict = convert_weights(src, config, unit_maps)
+    # A source read from disk is ours alone, so the converted model may share its unchanged tensors.
+    state_dict = convert_weights(src, config, unit_maps, share=not isinstance(source, PreTrainedModel))
     model = build_model(target_class(src), config, state_dict, seed=None if unit_maps is not None else seed)
     model = model.to(dtype or next(src.parameters()).dtype)
     model.config.dtype = model.dtype
@@ -235,6 +236,7 @@ def convert_to_folder(
     conversion = convert(
         source, variant, init, intermediate_size, torch_dtype, eval_text=eval_text, eval_tokens=eval_tokens, seed=seed
     )
+    conversion.source.model = None  # measured already: free its memory before writing
     with atomic_folder(dst, force) as tmp:
         write_checkpoint(conversion, tmp, max_shard_size, model_name=dst.name)
     return conversion

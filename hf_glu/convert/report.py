@@ -74,13 +74,15 @@ def fidelity_report(
     try:
         for begin, end, target_len in windows(input_ids.shape[-1], max_length, stride):
             ids = input_ids[:, begin:end]
-            outputs = [_output(model, ids) for model in (source, converted)]
-            max_diff = max(max_diff, (outputs[0].float() - outputs[1].float()).abs().max().item())
+            outputs = [_output(model, ids).float() for model in (source, converted)]
             if is_lm:
                 for i, logits in enumerate(outputs):
                     window_sum, n = window_nll(logits, ids, target_len)
                     nll[i] += window_sum
                 tokens += n
+            # In place: logits of a large vocabulary are the biggest tensors the report holds.
+            max_diff = max(max_diff, outputs[0].sub_(outputs[1]).abs_().max().item())
+            del outputs
     finally:
         for hook in hooks:
             hook.remove()
