@@ -94,6 +94,7 @@ def main() -> None:
         train_dataset=train_data,
         eval_dataset=eval_data,
         data_collator=default_data_collator,
+        processing_class=tokenizer,  # saved into every checkpoint and the final folder
     )
     if args.distill_from:
         teacher = load_teacher(args.distill_from, model)
@@ -119,9 +120,13 @@ def main() -> None:
     }
     print(f"eval loss {results['eval_loss']:.4f}  perplexity {results['perplexity']:.2f}")
 
+    final = output_dir / "final"
+    if args.lora:
+        if trainer.is_world_process_zero():
+            save_final(trainer.model, tokenizer, final, adapter_folder=output_dir / "adapter")
+    else:
+        trainer.save_model(str(final))  # on every rank: gathers the weights under FSDP / DeepSpeed
     if trainer.is_world_process_zero():
-        final = output_dir / "final"
-        save_final(trainer.model, tokenizer, final, adapter_folder=output_dir / "adapter")
         write_json(output_dir / "results.json", results)
         print(f"saved {final}")
         if args.push_to_hub:
