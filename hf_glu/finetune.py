@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
 from .data import load_texts, pack_token_blocks, split_train_eval
@@ -233,8 +234,6 @@ def save_final(
     """Save a complete checkpoint (weights, config, code, tokenizer) into ``folder``. A PEFT model first
     saves its adapter into ``adapter_folder`` and is then merged, so ``folder`` loads without PEFT.
     ``state_dict`` is the gathered full state dict when the model is sharded (FSDP, ZeRO-3)."""
-    from peft import PeftModel
-
     if isinstance(model, PeftModel):
         if adapter_folder is None:
             raise ValueError("a LoRA model needs an adapter_folder to save its adapter into")
@@ -323,8 +322,6 @@ def check_finetune_args(parser: argparse.ArgumentParser, args: argparse.Namespac
         parser.error(f"--kd-temperature={args.kd_temperature} is invalid; expected a number > 0")
 
 
-def lora_config(args: argparse.Namespace):
+def lora_config(args: argparse.Namespace) -> LoraConfig:
     """A LoRA config without target_modules: PEFT takes hf_glu's registered defaults for model_type glu."""
-    from peft import LoraConfig
-
     return LoraConfig(task_type="CAUSAL_LM", r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
