@@ -100,9 +100,36 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_push(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "push",
+        help="upload a checkpoint folder to the Hugging Face Hub",
+        description="Upload a checkpoint folder (weights, config, code files, tokenizer, model card) to a Hub "
+        "repo, creating it if needed. Folders that would not load (no config, no weights, missing code "
+        "files) are refused before anything is sent.",
+    )
+    p.add_argument("folder", help="checkpoint folder, e.g. the output of `hf-glu convert`")
+    p.add_argument("repo_id", help="Hub repo, e.g. your-name/gpt2-swiglu")
+    p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.add_argument("--commit-message", default=None, help="commit message (default: 'Upload FOLDER with hf-glu')")
+    return p
+
+
+def run_push(args: argparse.Namespace) -> int:
+    from .hub import push_checkpoint
+
+    url = push_checkpoint(args.folder, args.repo_id, private=args.private, commit_message=args.commit_message)
+    print(f"pushed {args.folder} to {url}")
+    return 0
+
+
 # Importing the package (hf_glu/__init__) registers the GLU classes with the Auto classes, which
 # `eval` relies on to load GLU checkpoints without trust_remote_code.
-SUBCOMMANDS: tuple[tuple[Callable, Callable], ...] = ((add_convert, run_convert), (add_eval, run_eval))
+SUBCOMMANDS: tuple[tuple[Callable, Callable], ...] = (
+    (add_convert, run_convert),
+    (add_eval, run_eval),
+    (add_push, run_push),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

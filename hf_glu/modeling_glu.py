@@ -454,11 +454,10 @@ class GluForTokenClassification(GluPreTrainedModel):
             token_type_ids=token_type_ids,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
-            use_cache=False,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
-            **kwargs,
+            **{**kwargs, "use_cache": False},  # per-token labels: never a KV cache, whatever the caller says
         )
         logits = self.classifier(self.dropout(outputs.last_hidden_state))
         loss = None

@@ -116,3 +116,19 @@ def test_every_problem_is_listed_at_once(broken):
 def test_not_a_folder_is_refused(tmp_path):
     with pytest.raises(CheckpointFolderError, match="does not exist or is not a folder"):
         check_checkpoint_folder(tmp_path / "nowhere")
+
+
+def test_cli_push_uploads_and_refuses_broken_folders(checkpoint, broken, monkeypatch, capsys):
+    from hf_glu import cli, hub
+
+    api = FakeHfApi()
+    monkeypatch.setattr(hub, "HfApi", lambda: api)
+    assert cli.main(["push", str(checkpoint), "me/glu-tiny", "--private"]) == 0
+    assert "pushed" in capsys.readouterr().out
+    assert api.calls[0][2]["private"] is True and "model.safetensors" in api.uploaded_files
+
+    (broken / "config.json").unlink()
+    api.calls.clear()
+    assert cli.main(["push", str(broken), "me/glu-tiny"]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    assert api.calls == []

@@ -256,3 +256,8 @@ def test_triton_kernel_without_triton_fails_clearly(monkeypatch):
     model = GluForCausalLM(tiny_config(glu_kernel="triton"))
     with pytest.raises(ImportError, match="needs triton"):
         model(torch.randint(1, 101, (1, 4)))
+
+
+def test_token_classification_ignores_a_requested_cache():
+    model = GluForTokenClassification(tiny_config(num_labels=2))
+    assert model(torch.randint(1, 101, (1, 4)), use_cache=True).logits.shape == (1, 4, 2)
