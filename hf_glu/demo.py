@@ -80,7 +80,7 @@ class DemoSettings:
 
 FULL = DemoSettings(
     corpus_chars=None, vocab_size=2048, block_size=128, n_embd=128, n_layer=4, n_head=4, dropout=0.1,
-    batch_size=8, pretrain_steps=600, pretrain_lr=2e-3, finetune_steps=150, finetune_lr=5e-4,
+    batch_size=8, pretrain_steps=400, pretrain_lr=2e-3, finetune_steps=200, finetune_lr=1e-3,
     eval_tokens=8192, eval_points=4, sample_tokens=40,
 )  # fmt: skip
 QUICK = DemoSettings(
@@ -363,12 +363,16 @@ def plot_curves(curves: dict, pretrain_tokens: int, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (train_ax, eval_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, curve in curves.items():
+    # The fine-tuning runs nearly coincide (that is the point): distinct dashes keep each one visible.
+    styles = ("-", "--", ":", "-.")
+    for number, (name, curve) in enumerate(curves.items()):
         offset = 0 if name == "pretrain" else pretrain_tokens
         for ax, key in ((train_ax, "train"), (eval_ax, "eval")):
             if curve[key]:
                 x, y = zip(*curve[key], strict=True)
-                ax.plot([offset + t for t in x], y, marker="o" if key == "eval" else None, markersize=3, label=name)
+                marker = "o" if key == "eval" else None
+                style = styles[number % len(styles)]
+                ax.plot([offset + t for t in x], y, style, marker=marker, markersize=3, linewidth=1.5, label=name)
     for ax, title in ((train_ax, "training loss"), (eval_ax, "held-out loss")):
         ax.axvline(pretrain_tokens, color="grey", linestyle=":", linewidth=1)
         ax.set_xlabel("tokens seen")
