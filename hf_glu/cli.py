@@ -123,12 +123,38 @@ def run_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_demo(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "demo",
+        help="offline end-to-end demo: pretrain a small GPT-2, convert it to GLU, fine-tune, compare",
+        description="The whole story on the built-in corpus, offline: train a tokenizer, pretrain a small GPT-2, "
+        "convert it to GLU (geglu_tanh exactly, swiglu approximately), fine-tune each next to the GPT-2 trained "
+        "on for the same budget, reload in a fresh process, generate, tabulate, plot.",
+    )
+    p.add_argument("--output-dir", default="hf-glu-demo", help="where everything goes (default: ./hf-glu-demo)")
+    p.add_argument("--quick", action="store_true", help="a smaller, about one-minute run")
+    p.add_argument("--text-file", default=None, help="UTF-8 text to use instead of the built-in corpus")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: 0)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    return p
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo  # lazily: the demo pulls in Trainer and matplotlib
+
+    run_demo(
+        output_dir=args.output_dir, quick=args.quick, text_file=args.text_file, seed=args.seed, threads=args.threads
+    )
+    return 0
+
+
 # Importing the package (hf_glu/__init__) registers the GLU classes with the Auto classes, which
 # `eval` relies on to load GLU checkpoints without trust_remote_code.
 SUBCOMMANDS: tuple[tuple[Callable, Callable], ...] = (
     (add_convert, run_convert),
     (add_eval, run_eval),
     (add_push, run_push),
+    (add_demo, run_demo),
 )
 
 

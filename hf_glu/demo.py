@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -547,26 +546,11 @@ def _fidelity_summary(report: dict) -> dict:
 # --- command line -----------------------------------------------------------------------------------
 
 
-def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the demo's options to ``parser`` (the ``hf-glu demo`` subcommand's, or a standalone one)."""
-    parser.add_argument("--output-dir", default="hf-glu-demo", help="where everything goes (default: ./hf-glu-demo)")
-    parser.add_argument("--quick", action="store_true", help="a smaller, about one-minute run")
-    parser.add_argument("--text-file", default=None, help="UTF-8 text to use instead of the built-in corpus")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: 0)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    return parser
-
-
-def run_demo_from_args(args: argparse.Namespace) -> int:
-    run_demo(
-        output_dir=args.output_dir, quick=args.quick, text_file=args.text_file, seed=args.seed, threads=args.threads
-    )
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hf_glu.demo", description=__doc__.split("\n")[0])
-    return run_demo_from_args(add_demo_arguments(parser).parse_args(argv))
+    """``python -m hf_glu.demo``: the same as ``hf-glu demo``."""
+    from .cli import main as cli_main
+
+    return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

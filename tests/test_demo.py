@@ -83,3 +83,13 @@ def test_bad_options_are_refused_before_any_work(tmp_path, option, message):
     with pytest.raises(ValueError, match=message):
         run_demo(output_dir=tmp_path / "out", quick=True, **option)
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_demo_refuses_a_foreign_folder_with_one_line_and_exit_2(tmp_path, capsys):
+    from hf_glu.cli import main
+
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["demo", "--quick", "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hf-glu demo: error:") and "results.json" in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
