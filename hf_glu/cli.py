@@ -31,7 +31,7 @@ def add_convert(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
     p.add_argument("--init", default="preserve", choices=("preserve", "random"), help="init scheme (default: preserve)")
     p.add_argument("--intermediate-size", type=int, default=None, help="GLU width (only with --init random)")
     p.add_argument("--eval-text", default=None, help="UTF-8 text file for the fidelity report (default: built-in)")
-    p.add_argument("--eval-tokens", type=int, default=None, help="tokens of it to evaluate (default: 512)")
+    p.add_argument("--eval-tokens", type=int, default=None, help="tokens of it to evaluate (default: 256)")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"), help="weights' dtype")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 500MB (default: 5GB)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
@@ -45,6 +45,7 @@ def run_convert(args: argparse.Namespace) -> int:
     from .data import read_text
 
     check_destination(args.dst, args.force)  # refuse before the slow part
+    _release_freed_memory()
     eval_text = read_text(args.eval_text) if args.eval_text is not None else None
     conversion = convert_to_folder(
         args.src,
@@ -65,6 +66,23 @@ def run_convert(args: argparse.Namespace) -> int:
         ppl = report["perplexity"]
         print(f"perplexity: source {ppl['source']:.4f}, converted {ppl['converted']:.4f} (ratio {ppl['ratio']:.5f})")
     return 0
+
+
+def _release_freed_memory() -> None:
+    """Make glibc hand large freed blocks straight back to the system, in this process (ours alone).
+
+    Its adaptive mmap threshold otherwise climbs to 32 MB after the first large free, and freed
+    weights and activations up to that size stay in the heap: about 60 MB more peak memory for a
+    124M-parameter conversion, which frees each source weight as it converts it.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: a fixed 1 MB
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def add_eval(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -231,3 +231,52 @@ def test_unknown_variant_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["convert", "a", "b", "--variant", "relu"])
     assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_a_disk_source_is_consumed_block_by_block_without_changing_the_result(gpt2_folder):
+    from hf_glu.convert.gpt2 import convert_config, convert_weights
+    from hf_glu.convert.init_schemes import fit_unit_map
+    from hf_glu.convert.source import load_source
+
+    source = load_source(gpt2_folder).model
+    config = convert_config(source, "geglu_tanh", "preserve", None)
+    maps = [fit_unit_map("geglu_tanh", "gelu_new", config.glu_params)] * config.n_layer
+    expected = convert_weights(source, config, maps)  # copies: the source stays whole
+    assert all(any(True for _ in block.parameters()) for block in source.transformer.h)
+    ln_1 = source.transformer.h[0].ln_1.weight
+    whole_blocks = []
+    got = convert_weights(
+        source,
+        config,
+        maps,
+        share=True,
+        layer_done=lambda i, block, layer: whole_blocks.append(
+            sum(any(True for _ in b.parameters()) for b in source.transformer.h)
+        ),
+    )
+    assert whole_blocks == list(range(config.n_layer, 0, -1))  # each block dropped once converted
+    assert not any(True for _ in source.transformer.h.parameters())
+    assert got["transformer.h.0.ln_1.weight"].data_ptr() == ln_1.data_ptr()  # shared, not copied
+    assert got.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert got[key].dtype == tensor.dtype and torch.equal(got[key], tensor), key
+    # The whole conversion from the folder gives the same weights as the in-memory mapping.
+    from_disk = convert_gpt2(str(gpt2_folder), "geglu_tanh", eval_tokens=32).state_dict()
+    for key, tensor in expected.items():
+        torch.testing.assert_close(from_disk[key], tensor, rtol=0, atol=0)
+    assert from_disk["transformer.h.1.mlp.up_proj.bias"].eq(1).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_safetensors_reader_matches_the_library(tmp_path, dtype):
+    from safetensors.torch import load_file, save_file
+
+    from hf_glu.convert.source import _read_safetensors
+
+    tensors = {"a": torch.randn(7, 5).to(dtype), "b": torch.arange(6), "c": torch.tensor(3.0), "d": torch.zeros(0, 4)}
+    save_file(tensors, tmp_path / "w.safetensors")
+    got, want = _read_safetensors(tmp_path / "w.safetensors"), load_file(tmp_path / "w.safetensors")
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), key
+        assert got[key].untyped_storage().data_ptr() != got["a"].untyped_storage().data_ptr() or key == "a"

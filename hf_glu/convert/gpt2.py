@@ -7,6 +7,9 @@ The MLP goes through an init scheme (:mod:`.init_schemes`).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 from transformers import GPT2Config, PreTrainedModel
 
@@ -102,63 +105,90 @@ def _t(conv1d_weight: torch.Tensor) -> torch.Tensor:
     return conv1d_weight.t().contiguous()
 
 
+LayerDone = Callable[[int, torch.nn.Module, dict[str, torch.Tensor]], None]
+
+
 def convert_weights(
-    source: PreTrainedModel, config: GluConfig, unit_maps: list[UnitMap] | None, share: bool = False
+    source: PreTrainedModel,
+    config: GluConfig,
+    unit_maps: list[UnitMap] | None,
+    share: bool = False,
+    layer_done: LayerDone | None = None,
 ) -> dict[str, torch.Tensor]:
     """The converted state dict; with ``unit_maps`` None (random init) the MLP weights are left out.
 
-    ``share``: reuse the source's unchanged tensors (embeddings, norms, biases) instead of copying them,
-    for a source nobody else holds (one loaded from disk): it saves their memory during conversion.
+    ``share``: the source is ours alone (one loaded from disk), so it is consumed: its unchanged tensors
+    (embeddings, norms, biases) are reused instead of copied, and each of its blocks is dropped as soon as
+    converted, so the source and the result are never both whole in memory. ``source`` is unusable after.
+    ``layer_done(i, source_block, converted)``: called with each block's converted tensors (named as in
+    the block, e.g. ``mlp.gate_proj.weight``) while the source block still exists.
     """
-    sd = {k: v.detach() if share else v.detach().clone() for k, v in source.state_dict().items()}
+    take = (lambda v: v.detach()) if share else (lambda v: v.detach().clone())
+    blocks = source.h if hasattr(source, "h") else source.transformer.h
     # GPT2Model and GluModel name their weights without the `transformer.` prefix the heads add.
     base = "" if type(source).__name__ == "GPT2Model" else "transformer."
-    out_base = base
+    top = {k: take(v) for k, v in source.state_dict().items() if not k.startswith(f"{base}h.")}
     out: dict[str, torch.Tensor] = {}
     for name in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"):
-        out[out_base + name] = sd[base + name]
+        out[base + name] = top[base + name]
     for i in range(config.n_layer):
-        src, dst = f"{base}h.{i}.", f"{out_base}h.{i}."
+        sd = {k: take(v) for k, v in blocks[i].state_dict().items()}
+        layer: dict[str, torch.Tensor] = {}
         for name in ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias"):
-            out[dst + name] = sd[src + name]
+            layer[name] = sd[name]
         for proj, w, b in zip(
             ("q_proj", "k_proj", "v_proj"),
-            _t(sd[src + "attn.c_attn.weight"]).chunk(3, dim=0),
-            sd[src + "attn.c_attn.bias"].chunk(3, dim=0),
+            _t(sd["attn.c_attn.weight"]).chunk(3, dim=0),
+            sd["attn.c_attn.bias"].chunk(3, dim=0),
             strict=True,
         ):
-            out[f"{dst}attn.{proj}.weight"] = w.contiguous()
-            out[f"{dst}attn.{proj}.bias"] = b
-        out[dst + "attn.o_proj.weight"] = _t(sd[src + "attn.c_proj.weight"])
-        out[dst + "attn.o_proj.bias"] = sd[src + "attn.c_proj.bias"]
+            layer[f"attn.{proj}.weight"] = w.contiguous()
+            layer[f"attn.{proj}.bias"] = b
+        layer["attn.o_proj.weight"] = _t(sd["attn.c_proj.weight"])
+        layer["attn.o_proj.bias"] = sd["attn.c_proj.bias"]
         if unit_maps is not None:
-            out.update(_preserved_mlp(sd, src, dst, unit_maps[i]))
+            layer.update(_preserved_mlp(sd, unit_maps[i]))
+        del sd
+        if layer_done is not None:
+            layer_done(i, blocks[i], layer)
+        if share:  # the block's own tensors are converted: let them go
+            blocks[i] = torch.nn.Module()
+        out.update({f"{base}h.{i}.{k}": v for k, v in layer.items()})
     for head in ("lm_head.weight", "score.weight", "classifier.weight", "classifier.bias"):
-        if head in sd and not (head == "lm_head.weight" and config.tie_word_embeddings):
-            out[head] = sd[head]
+        if head in top and not (head == "lm_head.weight" and config.tie_word_embeddings):
+            out[head] = top[head]
     return out
 
 
-def _preserved_mlp(sd: dict[str, torch.Tensor], src: str, dst: str, m: UnitMap) -> dict[str, torch.Tensor]:
-    """gate = gate_scale·z + gate_shift, up = up_scale·z + up_shift with z = c_fc(x), down = c_proj."""
-    w = _t(sd[src + "mlp.c_fc.weight"])
-    b = sd[src + "mlp.c_fc.bias"]
+def _scaled(t: torch.Tensor, scale: float) -> torch.Tensor:
+    """``t · scale`` rounded once to ``t``'s dtype: through float64, or directly when the product is exact
+    anyway (a zero or a power-of-two scale), which gives the same bits without the float64 copies."""
+    if scale == 0.0 or abs(math.frexp(scale)[0]) == 0.5:
+        return t * scale
+    return (t.double() * scale).to(t.dtype)
 
-    def affine(scale: float, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
+
+def _preserved_mlp(sd: dict[str, torch.Tensor], m: UnitMap) -> dict[str, torch.Tensor]:
+    """gate = gate_scale·z + gate_shift, up = up_scale·z + up_shift with z = c_fc(x), down = c_proj."""
+    w = _t(sd["mlp.c_fc.weight"])
+    b = sd["mlp.c_fc.bias"]
+
+    def affine(scale: float, shift: float, reuse: bool) -> tuple[torch.Tensor, torch.Tensor]:
         # Scale in float64 so the only rounding is the final cast; a zero scale gives exact zeros.
-        weight = (w.double() * scale).to(w.dtype)
+        # A unit scale keeps the transposed c_fc weight itself (once: two parameters never share a tensor).
+        weight = w if reuse and scale == 1.0 else _scaled(w, scale)
         bias = (b.double() * scale + shift).to(b.dtype)
         return weight, bias
 
-    gate_w, gate_b = affine(m.gate_scale, m.gate_shift)
-    up_w, up_b = affine(m.up_scale, m.up_shift)
+    gate_w, gate_b = affine(m.gate_scale, m.gate_shift, reuse=True)
+    up_w, up_b = affine(m.up_scale, m.up_shift, reuse=m.gate_scale != 1.0)
     return {
-        dst + "mlp.gate_proj.weight": gate_w,
-        dst + "mlp.gate_proj.bias": gate_b,
-        dst + "mlp.up_proj.weight": up_w,
-        dst + "mlp.up_proj.bias": up_b,
-        dst + "mlp.down_proj.weight": _t(sd[src + "mlp.c_proj.weight"]),
-        dst + "mlp.down_proj.bias": sd[src + "mlp.c_proj.bias"],
+        "mlp.gate_proj.weight": gate_w,
+        "mlp.gate_proj.bias": gate_b,
+        "mlp.up_proj.weight": up_w,
+        "mlp.up_proj.bias": up_b,
+        "mlp.down_proj.weight": _t(sd["mlp.c_proj.weight"]),
+        "mlp.down_proj.bias": sd["mlp.c_proj.bias"],
     }
 
 

@@ -16,11 +16,11 @@ from ..modeling_glu import GluPreTrainedModel
 from .errors import ConversionError
 from .gpt2 import build_model, convert_config, convert_weights, target_class
 from .init_schemes import CALIBRATED_VARIANTS, UnitMap, fit_unit_map
-from .report import fidelity_report
+from .report import LayerStats, compare, mlp_weights, record_source
 from .save import atomic_folder, check_destination
 from .source import Source, load_source
 
-DEFAULT_EVAL_TOKENS = 512
+DEFAULT_EVAL_TOKENS = 256  # 256 × a 50257-word vocabulary: 12.9M logits compared; a 124M model scores it in seconds
 CALIBRATION_TOKENS = 512
 # The default texts: the head of the built-in corpus calibrates, the rest evaluates, so the
 # calibrated fits are never scored on the text they were fitted to.
@@ -118,7 +118,7 @@ def convert(
 
     unit_maps: list[UnitMap] | None = None
     if init == "preserve":
-        activation = src.config.activation_function
+        activation = activation_of(src)
         if variant in CALIBRATED_VARIANTS:
             calibration_ids = _token_ids(calibration_text, loaded.tokenizer, vocab, CALIBRATION_TOKENS)
             recorded = _record_preactivations(src, calibration_ids, max_length)
@@ -126,25 +126,52 @@ def convert(
         else:  # a fixed map, the same for every layer
             unit_maps = [fit_unit_map(variant, activation, config.glu_params)] * config.n_layer
 
-    # A source read from disk is ours alone, so the converted model may share its unchanged tensors.
-    state_dict = convert_weights(src, config, unit_maps, share=not isinstance(source, PreTrainedModel))
-    model = build_model(target_class(src), config, state_dict, seed=None if unit_maps is not None else seed)
-    model = model.to(dtype or next(src.parameters()).dtype)
+    # The source's pass comes first: a source read from disk is ours alone, so the conversion may then
+    # consume it, block by block, and it is never whole in memory beside the converted model.
+    record = record_source(src, eval_ids, max_length, max_length // 2)
+    owned = not isinstance(source, PreTrainedModel)
+    target = target_class(src)
+    dtype = dtype or next(src.parameters()).dtype
+    src_name, src_class, src_activation = loaded.name or type(src).__name__, type(src).__name__, activation_of(src)
+    stats = [LayerStats(unit_maps is not None) for _ in range(config.n_layer)]
+
+    def layer_done(i: int, source_block: torch.nn.Module, layer: dict[str, torch.Tensor]) -> None:
+        # The preserved MLP is measured against the source's while both exist; its records are then freed.
+        weights = {k.removeprefix("mlp."): v.to(dtype) for k, v in layer.items() if k.startswith("mlp.")}
+        stats[i].measure(record.mlp_io[i], weights, variant, config.glu_params, source_block.mlp)
+        record.mlp_io[i] = []
+
+    state_dict = convert_weights(
+        src, config, unit_maps, share=owned, layer_done=layer_done if unit_maps is not None else None
+    )
+    if owned:
+        loaded.model = src = None  # consumed by the conversion
+    model = build_model(target, config, state_dict, seed=None if unit_maps is not None else seed)
+    del state_dict
+    model = model.to(dtype)
     model.config.dtype = model.dtype
+    if unit_maps is None:  # random MLP weights exist only now; there is no unit-for-unit reference
+        for i, block in enumerate(model.transformer.h if hasattr(model, "transformer") else model.h):
+            stats[i].measure(record.mlp_io[i], mlp_weights(block.mlp), variant, config.glu_params)
+            record.mlp_io[i] = []
 
     report = {
-        "source": loaded.name or type(src).__name__,
-        "source_class": type(src).__name__,
+        "source": src_name,
+        "source_class": src_class,
         "converted_class": type(model).__name__,
-        "source_activation": src.config.activation_function,
+        "source_activation": src_activation,
         "variant": variant,
         "init": init,
         "intermediate_size": config.intermediate_size,
         "dtype": str(model.dtype).removeprefix("torch."),
         "eval_data": _describe_eval(eval_text, loaded.tokenizer),
-        **fidelity_report(src, model, eval_ids, max_length, max_length // 2, unit_maps),
+        **compare(record, model, stats, unit_maps),
     }
     return Conversion(model=model, report=report, source=loaded)
+
+
+def activation_of(model: PreTrainedModel) -> str:
+    return model.config.activation_function
 
 
 def _describe_eval(eval_text: str | None, tokenizer: PreTrainedTokenizerBase | None) -> str:
@@ -236,7 +263,7 @@ def convert_to_folder(
     conversion = convert(
         source, variant, init, intermediate_size, torch_dtype, eval_text=eval_text, eval_tokens=eval_tokens, seed=seed
     )
-    conversion.source.model = None  # measured already: free its memory before writing
+    conversion.source.model = None  # measured already (a disk source is consumed already): free its memory
     with atomic_folder(dst, force) as tmp:
         write_checkpoint(conversion, tmp, max_shard_size, model_name=dst.name)
     return conversion

@@ -1,29 +1,88 @@
 """The fidelity report: how closely the converted model follows its source on evaluation text.
 
-One pass over the evaluation windows runs both models. Hooks on each source MLP feed the very same
-input to the converted MLP, so the per-layer figures isolate the MLP change from error carried in from
-earlier layers; the logits and perplexities measure the whole model.
+Two passes, so the two models need never be whole in memory at once:
+
+1. :func:`record_source` runs the source over the evaluation windows and keeps what the comparison needs:
+   each MLP's input and output, and the final hidden states (a language model's logits are recomputed
+   from them and the head's weight, which the converted model shares) or the outputs of other heads.
+2. Per layer, :class:`LayerStats` feeds the very same MLP inputs to the converted MLP, so the per-layer
+   figures isolate the MLP change from error carried in from earlier layers; this needs only that
+   layer's weights, so it runs while the conversion builds them.
+3. :func:`compare` runs the converted model and measures the whole model: logits (or outputs) and
+   perplexities. Large-vocabulary logits are made a slice of tokens at a time, never for a whole window.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from ..glu import glu_activation
+from ..glu import GluParams, get_variant, glu_activation
 from ..modeling_glu import GluForCausalLM, GluModel, GluPreTrainedModel
 from .init_schemes import UnitMap
-from .perplexity import window_nll, windows
+from .perplexity import windows
+
+# Tokens per slice of logits: 128 × a 50257-word vocabulary is 26 MB per float32 copy.
+_LOGIT_ROWS = 128
 
 
 def _blocks(model: PreTrainedModel) -> torch.nn.ModuleList:
     return model.h if hasattr(model, "h") else model.transformer.h
 
 
-class _LayerStats:
-    """Accumulates one layer's MLP output error and elementwise activation error across windows."""
+def _is_lm(model: PreTrainedModel) -> bool:
+    return type(model).__name__ in ("GPT2LMHeadModel", "GluForCausalLM")
+
+
+@dataclass
+class SourceRecord:
+    """What the source's pass over the evaluation windows leaves for the comparison."""
+
+    input_ids: torch.Tensor
+    max_length: int
+    stride: int
+    # Per window: a language model's final hidden states, otherwise the model's output.
+    outputs: list[torch.Tensor] = field(default_factory=list)
+    # Per layer, per window: the MLP's input and output.
+    mlp_io: list[list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
+    head: torch.nn.Module | None = None  # a language model's output layer (it shares the converted one's weight)
+
+
+@torch.inference_mode()
+def record_source(source: PreTrainedModel, input_ids: torch.Tensor, max_length: int, stride: int) -> SourceRecord:
+    """Run ``source`` over the windows of ``input_ids``, keeping what :func:`compare` and
+    :class:`LayerStats` need (a few MB per layer for 512 tokens: no logits)."""
+    blocks = _blocks(source)
+    record = SourceRecord(input_ids, max_length, stride, mlp_io=[[] for _ in blocks])
+    hooks = [
+        block.mlp.register_forward_hook(lambda m, args, out, r=r: r.append((args[0], out)))
+        for r, block in zip(record.mlp_io, blocks, strict=True)
+    ]
+    is_lm = _is_lm(source)
+    if is_lm:
+        record.head = source.lm_head
+    was_training = source.training
+    source.eval()
+    try:
+        for begin, end, _ in windows(input_ids.shape[-1], max_length, stride):
+            ids = input_ids[:, begin:end]
+            if is_lm:  # GPT2LMHeadModel's logits are lm_head(transformer(ids)): the head is applied later
+                record.outputs.append(source.transformer(ids).last_hidden_state)
+            else:
+                record.outputs.append(_output(source, ids).float())
+    finally:
+        for hook in hooks:
+            hook.remove()
+        source.train(was_training)
+    return record
+
+
+class LayerStats:
+    """One layer's MLP output error and elementwise activation error across the recorded windows."""
 
     def __init__(self, track_units: bool) -> None:
         self.diff_sq = 0.0
@@ -31,16 +90,30 @@ class _LayerStats:
         # Only a preserved MLP has a unit-for-unit correspondence with the source's activation.
         self.max_unit_error = 0.0 if track_units else None
 
-    def update(self, source_mlp: torch.nn.Module, glu_mlp: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
-        x_glu = x.to(glu_mlp.down_proj.weight.dtype)
-        gate, up = glu_mlp.gate_proj(x_glu), glu_mlp.up_proj(x_glu)
-        activated = glu_activation(gate, up, glu_mlp.variant, glu_mlp.params)
-        out = glu_mlp.down_proj(activated).float()
-        self.diff_sq += (out - y.float()).pow(2).sum().item()
-        self.ref_sq += y.float().pow(2).sum().item()
-        if self.max_unit_error is not None:
-            reference = source_mlp.act(source_mlp.c_fc(x)).float()
-            self.max_unit_error = max(self.max_unit_error, (activated.float() - reference).abs().max().item())
+    @torch.inference_mode()
+    def measure(
+        self,
+        io: list[tuple[torch.Tensor, torch.Tensor]],
+        weights: dict[str, torch.Tensor],
+        variant: str,
+        params: GluParams,
+        source_mlp: torch.nn.Module | None = None,
+    ) -> None:
+        """The GLU MLP with ``weights`` (``gate_proj.weight``, ``gate_proj.bias``, … in the converted
+        model's dtype) on each recorded input; ``source_mlp`` gives the reference activation."""
+        spec = get_variant(variant)
+        down = weights["down_proj.weight"]
+        for x, y in io:
+            x_glu = x.to(down.dtype)
+            gate = F.linear(x_glu, weights["gate_proj.weight"], weights.get("gate_proj.bias"))
+            up = F.linear(x_glu, weights["up_proj.weight"], weights.get("up_proj.bias"))
+            activated = glu_activation(gate, up, spec, params)
+            out = F.linear(activated, down, weights.get("down_proj.bias")).float()
+            self.diff_sq += (out - y.float()).pow(2).sum().item()
+            self.ref_sq += y.float().pow(2).sum().item()
+            if self.max_unit_error is not None and source_mlp is not None:
+                reference = source_mlp.act(source_mlp.c_fc(x)).float()
+                self.max_unit_error = max(self.max_unit_error, (activated.float() - reference).abs().max().item())
 
     def result(self) -> dict:
         result = {"mlp_relative_error": math.sqrt(self.diff_sq / self.ref_sq) if self.ref_sq > 0 else 0.0}
@@ -49,44 +122,48 @@ class _LayerStats:
         return result
 
 
+def mlp_weights(mlp: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A GluMLP's weights, named as :meth:`LayerStats.measure` takes them."""
+    return {k: v.detach() for k, v in mlp.named_parameters()}
+
+
 @torch.inference_mode()
-def fidelity_report(
-    source: PreTrainedModel,
+def compare(
+    record: SourceRecord,
     converted: GluPreTrainedModel,
-    input_ids: torch.Tensor,
-    max_length: int,
-    stride: int,
+    stats: list[LayerStats],
     unit_maps: list[UnitMap] | None,
 ) -> dict:
-    """Per-layer MLP relative error, max |Δ output| and (for LMs) both perplexities on ``input_ids``."""
-    source_was_training = source.training
-    source.eval()
+    """Max |Δ output| and (for LMs) both perplexities of ``converted`` against the recorded source, and
+    the per-layer figures of ``stats``."""
     converted.eval()
-    stats = [_LayerStats(unit_maps is not None) for _ in _blocks(source)]
-    hooks = [
-        src_block.mlp.register_forward_hook(
-            lambda module, args, output, s=s, glu_mlp=glu_block.mlp: s.update(module, glu_mlp, args[0], output)
-        )
-        for s, src_block, glu_block in zip(stats, _blocks(source), _blocks(converted), strict=True)
-    ]
+    input_ids, max_length, stride = record.input_ids, record.max_length, record.stride
     is_lm = isinstance(converted, GluForCausalLM)
     max_diff, nll, tokens = 0.0, [0.0, 0.0], 0
-    try:
-        for begin, end, target_len in windows(input_ids.shape[-1], max_length, stride):
-            ids = input_ids[:, begin:end]
-            outputs = [_output(model, ids).float() for model in (source, converted)]
-            if is_lm:
-                for i, logits in enumerate(outputs):
-                    window_sum, n = window_nll(logits, ids, target_len)
-                    nll[i] += window_sum
-                tokens += n
-            # In place: logits of a large vocabulary are the biggest tensors the report holds.
-            max_diff = max(max_diff, outputs[0].sub_(outputs[1]).abs_().max().item())
-            del outputs
-    finally:
-        for hook in hooks:
-            hook.remove()
-        source.train(source_was_training)
+    for index, (begin, end, target_len) in enumerate(windows(input_ids.shape[-1], max_length, stride)):
+        ids = input_ids[:, begin:end]
+        if is_lm:
+            hidden = converted.transformer(ids).last_hidden_state
+            heads = ((record.head, record.outputs[index]), (converted.lm_head, hidden))
+            n = min(target_len, ids.shape[-1] - 1)  # the window's scored tokens: predicted by rows -n-1 … -2
+            first_scored = ids.shape[-1] - 1 - n
+            for row in range(0, ids.shape[-1], _LOGIT_ROWS):
+                rows = slice(row, min(row + _LOGIT_ROWS, ids.shape[-1]))
+                logits = [head(h[:, rows]).float() for head, h in heads]
+                lo, hi = max(rows.start, first_scored), min(rows.stop, ids.shape[-1] - 1)
+                if hi > lo:
+                    targets = ids[0, lo + 1 : hi + 1]
+                    for i, chunk in enumerate(logits):
+                        predictions = chunk[0, lo - rows.start : hi - rows.start]
+                        nll[i] += F.cross_entropy(predictions, targets, reduction="sum").item()
+                # In place: logits of a large vocabulary are the biggest tensors the report holds.
+                max_diff = max(max_diff, logits[0].sub_(logits[1]).abs_().max().item())
+                del logits
+            tokens += max(n, 0)
+            del hidden
+        else:
+            out = _output(converted, ids).float()
+            max_diff = max(max_diff, out.sub_(record.outputs[index]).abs_().max().item())
 
     layers = []
     for i, s in enumerate(stats):
@@ -114,6 +191,26 @@ def fidelity_report(
             "scored_tokens": tokens,
         }
     return report
+
+
+def fidelity_report(
+    source: PreTrainedModel,
+    converted: GluPreTrainedModel,
+    input_ids: torch.Tensor,
+    max_length: int,
+    stride: int,
+    unit_maps: list[UnitMap] | None,
+) -> dict:
+    """Per-layer MLP relative error, max |Δ output| and (for LMs) both perplexities on ``input_ids``,
+    for two models both in memory (:func:`hf_glu.convert.convert` runs the steps apart instead)."""
+    record = record_source(source, input_ids, max_length, stride)
+    stats = []
+    for i, (src_block, glu_block) in enumerate(zip(_blocks(source), _blocks(converted), strict=True)):
+        s = LayerStats(unit_maps is not None)
+        mlp = glu_block.mlp
+        s.measure(record.mlp_io[i], mlp_weights(mlp), mlp.variant.name, mlp.params, src_block.mlp)
+        stats.append(s)
+    return compare(record, converted, stats, unit_maps)
 
 
 def _output(model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
