@@ -5,6 +5,8 @@
    we record max |Δlogit| and held-out perplexity against the base. Each converted model is then
    fine-tuned for the same token budget as the base trained on (same batches, per seed), with and
    without distillation from the base (distillation on the ``preserve`` init only, to fit the budget).
+   The base distilled from its own pretrained copy is the control for the distilled arms: it shows
+   how much of their gain is distillation rather than the GLU.
 2. From-scratch ablation. The same small decoder with a dense MLP (ReLU, GELU, Swish: transformers'
    GPT2LMHeadModel) or a GLU MLP (GLU, Bilinear, ReGLU, GEGLU, SwiGLU: GluForCausalLM with 2/3 of the
    dense width, so the parameter counts match), same batches, held-out log-perplexity beside
@@ -106,7 +108,7 @@ class Settings:
 FULL = Settings(
     corpus_chars=None, vocab_size=2048, block_size=64, n_embd=96, n_layer=2, n_head=3, batch_size=16,
     seeds=(0, 1, 2), pretrain_steps=500, pretrain_lr=3e-3, finetune_steps=80, finetune_lr=1e-3,
-    scratch_steps=240, scratch_lr=3e-3, eval_tokens=8192,
+    scratch_steps=320, scratch_lr=3e-3, eval_tokens=8192,
 )  # fmt: skip
 QUICK = Settings(
     corpus_chars=60_000, vocab_size=384, block_size=32, n_embd=24, n_layer=1, n_head=2, batch_size=8,
@@ -376,7 +378,7 @@ def conversion_seed(
     """Every fine-tuning arm of one seed on the same batches; returns the runs and the random inits' step 0."""
     schedule = batch_schedule(len(data.train_blocks), settings.finetune_steps, settings.batch_size, seed)
     teacher = copy.deepcopy(base).requires_grad_(False).to(device)
-    progress = Progress(f"conversion seed {seed}", 1 + len(VARIANTS) * (len(INIT_SCHEMES) + len(DISTILLED_INITS)))
+    progress = Progress(f"conversion seed {seed}", 2 + len(VARIANTS) * (len(INIT_SCHEMES) + len(DISTILLED_INITS)))
     runs: dict[str, dict] = {}
     random_step0: dict[str, dict] = {}
 
@@ -385,6 +387,7 @@ def conversion_seed(
         progress.report(name, runs[name])
 
     fine_tune("base", copy.deepcopy(base))
+    fine_tune("base+kd", copy.deepcopy(base), teacher=teacher)  # self-distillation: the distilled arms' control
     for variant in VARIANTS:
         fine_tune(f"{variant}/preserve", copy.deepcopy(preserved[variant]))
         fine_tune(f"{variant}/preserve+kd", copy.deepcopy(preserved[variant]), teacher=teacher)
@@ -417,19 +420,25 @@ def conversion_summary(
         },
         "parameters": {v: count_parameters(preserved[v]) for v in VARIANTS},
         "step0": step0,
-        "finetune": {name: _arm_summary(runs, arms["base"]) for name, runs in arms.items()},
+        "finetune": {name: _arm_summary(runs, arms["base"], arms["base+kd"]) for name, runs in arms.items()},
         "distilled_inits": list(DISTILLED_INITS),
     }
 
 
-def _arm_summary(runs: list[dict], base_runs: list[dict]) -> dict:
-    """Per-seed runs with the mean ± std perplexity and the paired gap to the base on the same batches."""
+def _arm_summary(runs: list[dict], base_runs: list[dict], base_kd_runs: list[dict]) -> dict:
+    """Per-seed runs with the mean ± std perplexity and the paired gaps (same batches) to the base trained
+    on without and with self-distillation."""
     return {
         "perplexity": summary(r["perplexity"] for r in runs),
         "nll": summary(r["nll"] for r in runs),
-        "gap_to_base": summary(r["perplexity"] - b["perplexity"] for r, b in zip(runs, base_runs, strict=True)),
+        "gap_to_base": _paired_gap(runs, base_runs),
+        "gap_to_base_kd": _paired_gap(runs, base_kd_runs),
         "runs": runs,
     }
+
+
+def _paired_gap(runs: list[dict], reference: list[dict]) -> dict:
+    return summary(r["perplexity"] - b["perplexity"] for r, b in zip(runs, reference, strict=True))
 
 
 # --- 2. from-scratch ablation -----------------------------------------------------------------------
@@ -491,7 +500,7 @@ def goals(study: dict, scratch: dict) -> dict:
     after = {
         name: {"mean_gap": arm["gap_to_base"]["mean"], "met": arm["gap_to_base"]["mean"] <= 0}
         for name, arm in finetune.items()
-        if name != "base"
+        if not name.startswith("base")
     }
     ablation_verdicts = {
         f"{glu} vs {dense}": paired_verdict(
@@ -504,6 +513,11 @@ def goals(study: dict, scratch: dict) -> dict:
         "step0_exact_max_abs_logit_diff_le_1e-4": exact,
         "step0_approximate_perplexity_loss_le_1pct": approx,
         "finetuned_perplexity_le_base": after,
+        "distilled_perplexity_le_self_distilled_base": {
+            name: arm["gap_to_base_kd"]["mean"] <= 0
+            for name, arm in finetune.items()
+            if name.endswith("+kd") and not name.startswith("base")
+        },
         "ablation_log_perplexity": ablation_verdicts,
     }
 
@@ -556,14 +570,19 @@ def finetune_table(study: dict, settings: Settings) -> list[str]:
         "",
         f"Base GPT-2 trained on for the same budget: **{_pm(ft['base']['perplexity'])}**",
         "",
-        "| variant | preserve | gap | preserve + KD | gap | random init | gap |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"Base GPT-2 distilled from its pretrained copy for the same budget (control for the KD arms): "
+        f"**{_pm(ft['base+kd']['perplexity'])}**",
+        "",
+        "| variant | preserve | gap | preserve + KD | gap | gap to base + KD | random init | gap |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for variant in VARIANTS:
         cells = []
         for arm in ("preserve", "preserve+kd", "random"):
             result = ft[f"{variant}/{arm}"]
             cells += [_pm(result["perplexity"]), _pm_signed(result["gap_to_base"])]
+            if arm == "preserve+kd":
+                cells.append(_pm_signed(result["gap_to_base_kd"]))
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return lines
 
@@ -592,6 +611,7 @@ def markdown(results: dict, settings: Settings) -> str:
     g = results["goals"]
     after = g["finetuned_perplexity_le_base"]
     met = [name for name, v in after.items() if v["met"]]
+    kd = g["distilled_perplexity_le_self_distilled_base"]
     lines = [
         f"Command: `{results['command']}`  ",
         f"Machine: {results['machine']}; {results['date']}; wall time {results['wall_seconds'] / 60:.1f} min.  ",
@@ -611,7 +631,8 @@ def markdown(results: dict, settings: Settings) -> str:
         "source's intermediate size (4·n_embd), so it differs from preserve only in the MLP's starting weights.",
         "",
         f'Goal "fine-tuned GLU ≤ base" met (mean paired gap ≤ 0) by {len(met)} of {len(after)} arms'
-        + (f": {', '.join(met)}." if met else "."),
+        + (f": {', '.join(met)}." if met else ".")
+        + f" Distilled arms ≤ the self-distilled base: {sum(kd.values())} of {len(kd)}.",
         "",
         "### 2. From-scratch ablation",
         "",
@@ -645,7 +666,8 @@ def plot(results: dict, path: Path) -> None:
     colors = dict(zip(VARIANTS, plt.cm.tab10.colors, strict=False))
 
     ax = axes[0, 0]
-    ax.plot(*_mean_curve(study["finetune"]["base"]["runs"]), color="black", linewidth=2, label="base GPT-2")
+    base_curve = _mean_curve(study["finetune"]["base"]["runs"])
+    ax.plot(*base_curve, color="black", linewidth=2, zorder=5, label="base GPT-2 trained on")
     for variant in VARIANTS:
         for arm, style in (("preserve", "-"), ("random", ":")):
             runs = study["finetune"][f"{variant}/{arm}"]["runs"]
@@ -658,14 +680,18 @@ def plot(results: dict, path: Path) -> None:
     ax = axes[0, 1]
     width = 0.27
     base = study["finetune"]["base"]["perplexity"]
+    lowest = min(base["mean"], study["finetune"]["base+kd"]["perplexity"]["mean"])
     for i, arm in enumerate(("preserve", "preserve+kd", "random")):
         stats = [study["finetune"][f"{v}/{arm}"]["perplexity"] for v in VARIANTS]
         xs = [j + (i - 1) * width for j in range(len(VARIANTS))]
         ax.bar(xs, [s["mean"] for s in stats], width, yerr=[s["std"] for s in stats], label=arm, capsize=2)
+        lowest = min([lowest, *(s["mean"] for s in stats)])
     ax.axhline(base["mean"], color="black", linestyle="--", label=f"base trained on ({base['mean']:.2f})")
+    base_kd = study["finetune"]["base+kd"]["perplexity"]["mean"]
+    ax.axhline(base_kd, color="tab:orange", linestyle="--", label=f"base self-distilled ({base_kd:.2f})")
     ax.axhline(study["base"]["step0_perplexity"], color="grey", linestyle=":", label="base before fine-tuning")
     ax.set_xticks(range(len(VARIANTS)), list(VARIANTS), rotation=20)
-    ax.set_ylim(bottom=min(base["mean"], study["base"]["step0_perplexity"]) * 0.9)
+    ax.set_ylim(bottom=lowest * 0.97)  # the differences are a few percent: start the axis near them
     ax.set_title("held-out perplexity after the same fine-tuning budget")
     ax.legend(fontsize=8)
 
