@@ -1,34 +1,73 @@
 """Shared test setup: offline Hub, deterministic seeds, tiny configs."""
 
 import os
+import textwrap
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from transformers import TrainingArguments  # noqa: E402
 
 import hf_glu  # noqa: E402
 
+# The shape every tiny test model shares, GPT-2 source or GLU: dropout off so outputs are deterministic.
+TINY_FIELDS = dict(
+    vocab_size=101,
+    n_positions=64,
+    n_embd=32,
+    n_layer=2,
+    n_head=4,
+    resid_pdrop=0.0,
+    embd_pdrop=0.0,
+    attn_pdrop=0.0,
+    bos_token_id=0,
+    eos_token_id=0,
+    pad_token_id=0,
+)
+
+# Prepended to a child process's script: any import of hf_glu then fails as if it were not installed.
+BLOCK_HF_GLU = textwrap.dedent(
+    """
+    import sys
+
+    class _BlockHfGlu:
+        def find_spec(self, name, path=None, target=None):
+            if name == "hf_glu" or name.startswith("hf_glu."):
+                raise ImportError(f"hf_glu is blocked in this process ({name})")
+            return None
+
+    sys.meta_path.insert(0, _BlockHfGlu())
+    """
+)
+
 
 def tiny_config(**overrides) -> hf_glu.GluConfig:
-    """A GLU decoder small enough for many CPU tests per second; dropout off so outputs are deterministic."""
-    fields = dict(
-        vocab_size=101,
-        n_positions=64,
-        n_embd=32,
-        n_layer=2,
-        n_head=4,
-        n_inner=48,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
+    """A GLU decoder small enough for many CPU tests per second."""
+    return hf_glu.GluConfig(**{**TINY_FIELDS, "n_inner": 48, **overrides})
+
+
+def one_sgd_step_args(output_dir, batch: int, accumulation: int) -> TrainingArguments:
+    """Trainer arguments for exactly one plain-SGD update with no clipping, so runs that differ only in
+    how the batch is split must end with the same weights."""
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        learning_rate=0.5,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
     )
-    fields.update(overrides)
-    return hf_glu.GluConfig(**fields)
 
 
 @pytest.fixture(autouse=True)

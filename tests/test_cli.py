@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import BLOCK_HF_GLU
 from test_convert import tiny_gpt2
 from transformers import AutoModelForCausalLM
 
@@ -17,19 +18,6 @@ from hf_glu import convert_gpt2
 from hf_glu.cli import main
 from hf_glu.data import builtin_corpus, train_bpe_tokenizer
 
-BLOCK_HF_GLU = textwrap.dedent(
-    """
-    import sys
-
-    class _BlockHfGlu:
-        def find_spec(self, name, path=None, target=None):
-            if name == "hf_glu" or name.startswith("hf_glu."):
-                raise ImportError(f"hf_glu is blocked in this process ({name})")
-            return None
-
-    sys.meta_path.insert(0, _BlockHfGlu())
-    """
-)
 IDS = [[5, 17, 99, 3, 42, 8, 250, 11, 64, 7]]
 
 

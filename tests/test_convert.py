@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import TINY_FIELDS
 from transformers import (
     GPT2Config,
     GPT2DoubleHeadsModel,
@@ -40,22 +41,7 @@ CONFIG_OPTIONS = [
 
 def tiny_gpt2(cls=GPT2LMHeadModel, spread: float = 0.2, **overrides):
     """A tiny GPT-2 whose weights are spread wider than init, so activations reach GELU's curved range."""
-    fields = dict(
-        vocab_size=101,
-        n_positions=64,
-        n_embd=32,
-        n_layer=2,
-        n_head=4,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-        num_labels=3,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    fields.update(overrides)
-    config = GPT2Config(**fields)
+    config = GPT2Config(**{**TINY_FIELDS, "num_labels": 3, **overrides})
     config._attn_implementation = "eager"  # reorder_and_upcast_attn only acts on the eager path
     model = cls(config)
     with torch.no_grad():

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import one_sgd_step_args, tiny_config
 from transformers import TrainingArguments, default_data_collator
 
 from hf_glu import GluForCausalLM
@@ -84,21 +84,7 @@ def _ragged_rows(n=4, length=12):
 
 
 def _distil_one_step(tmp_path, student, teacher, rows, batch, accumulation):
-    args = TrainingArguments(
-        output_dir=str(tmp_path / f"b{batch}a{accumulation}"),
-        per_device_train_batch_size=batch,
-        gradient_accumulation_steps=accumulation,
-        max_steps=1,
-        learning_rate=0.5,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-    )
+    args = one_sgd_step_args(tmp_path / f"b{batch}a{accumulation}", batch, accumulation)
     trainer = DistillationTrainer(
         model=student,
         args=args,

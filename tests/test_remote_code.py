@@ -9,28 +9,13 @@ import textwrap
 from pathlib import Path
 
 import torch
-from conftest import tiny_config
+from conftest import BLOCK_HF_GLU, tiny_config
 
 import hf_glu
 from hf_glu import GluForCausalLM, GluForSequenceClassification
 
 PACKAGE = Path(hf_glu.__file__).parent
 COPIED_FILES = ("configuration_glu.py", "modeling_glu.py", "glu.py", "glu_triton.py")
-
-# Installed first in the child process: any attempt to import hf_glu fails as if it were not installed.
-BLOCK_HF_GLU = textwrap.dedent(
-    """
-    import sys
-
-    class _BlockHfGlu:
-        def find_spec(self, name, path=None, target=None):
-            if name == "hf_glu" or name.startswith("hf_glu."):
-                raise ImportError(f"hf_glu is blocked in this process ({name})")
-            return None
-
-    sys.meta_path.insert(0, _BlockHfGlu())
-    """
-)
 
 
 def _run_without_hf_glu(script: str, tmp_path: Path) -> subprocess.CompletedProcess:

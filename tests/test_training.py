@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import one_sgd_step_args, tiny_config
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import Trainer, TrainingArguments, default_data_collator
+from transformers import Trainer, default_data_collator
 
 import hf_glu
 from hf_glu import GluForCausalLM
@@ -23,23 +23,7 @@ def _ragged_examples(n=4, length=12):
 
 
 def _train_one_step(tmp_path, model, data, batch, accumulation):
-    args = TrainingArguments(
-        output_dir=str(tmp_path / f"b{batch}a{accumulation}"),
-        per_device_train_batch_size=batch,
-        gradient_accumulation_steps=accumulation,
-        max_steps=1,
-        learning_rate=0.5,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        max_grad_norm=0.0,  # no clipping: compare raw gradients
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-    )
+    args = one_sgd_step_args(tmp_path / f"b{batch}a{accumulation}", batch, accumulation)
     trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
