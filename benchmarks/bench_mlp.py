@@ -1,12 +1,14 @@
 """GLU MLP benchmark: eager vs torch.compile vs Liger-Kernel vs the fused Triton path, against the GEMMs alone.
 
-    python benchmarks/bench_mlp.py [--json results.json] [--shapes llama2-7b gpt2-medium] [--iters 20]
+    python benchmarks/bench_mlp.py [--json results.json] [--shapes llama2-7b gpt2-medium] [--iters 30] [--sweep]
 
 On CUDA it runs the real shapes (bf16, 8192 tokens); on CPU a tiny smoke configuration (fp32, Triton's
 interpreter) so CI can check the script still runs — its timings mean nothing. Per implementation and
 shape it reports forward and forward+backward time, peak memory of forward+backward, the bytes kept for
-backward (measured with saved-tensor hooks), TFLOP/s of the GEMMs, and the ratio to the GEMMs alone
-timed in the same run. Prints a markdown table; ``--json`` also writes the rows.
+backward (measured with saved-tensor hooks), TFLOP/s of the GEMMs, the speed-up over our eager MLP and
+the ratio to the GEMMs alone timed in the same run, then the issue's goals as met / missed. On CUDA it
+also times the elementwise kernels alone against the card's copy bandwidth (``--sweep``: for each launch
+configuration). Prints markdown tables; ``--json`` also writes the rows.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -62,9 +65,10 @@ class Row:
     fwd_bwd_ms: float | None = None
     peak_mib: float | None = None
     saved_mib: float | None = None
+    saved_bytes: int | None = None
     tflops: float | None = None
     x_gemms: float | None = None
-    x_eager: float | None = None
+    speedup: float | None = None
     max_rel_err: float | None = None
     note: str = ""
 
@@ -110,13 +114,33 @@ def liger_mlp(shape: Shape, eager: GluMLP) -> tuple[torch.nn.Module | None, str]
     return module, ""
 
 
+def transformers_mlp(shape: Shape, eager: GluMLP) -> tuple[torch.nn.Module | None, str]:
+    """Transformers' own eager GLU MLP (``LlamaMLP``: act(gate) * up in the input dtype), what users run today."""
+    activations = {"swiglu": "silu", "geglu_tanh": "gelu_pytorch_tanh", "geglu": "gelu", "reglu": "relu"}
+    if shape.variant not in activations or eager.params.beta != 1.0:
+        return None, f"no Transformers activation for {shape.variant}"
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    config = LlamaConfig(
+        hidden_size=shape.hidden,
+        intermediate_size=shape.inner,
+        hidden_act=activations[shape.variant],
+        mlp_bias=shape.bias,
+    )
+    module = LlamaMLP(config).to(eager.gate_proj.weight.device, shape.dtype)
+    module.load_state_dict(eager.state_dict())
+    return module, ""
+
+
 def implementations(shape: Shape, device: str) -> dict[str, tuple[Callable | None, str]]:
     eager = build_mlp(shape, "eager", device)
     fused = copy.deepcopy(eager)
     fused.config = copy.deepcopy(eager.config)
     fused.config.glu_kernel = "triton"
     on_cpu = device == "cpu"
-    impls: dict[str, tuple[Callable | None, str]] = {"eager": (eager, "")}
+    impls: dict[str, tuple[Callable | None, str]] = {"eager": (eager, "hf_glu's eager reference (fp32 maths)")}
+    impls["transformers LlamaMLP"] = transformers_mlp(shape, eager)
     # On CPU the smoke run only checks the path works: aot_eager skips Inductor's slow C++ build.
     compiled = torch.compile(copy.deepcopy(eager), backend="aot_eager" if on_cpu else "inductor")
     impls["torch.compile"] = (compiled, "aot_eager backend (CPU smoke)" if on_cpu else "")
@@ -221,8 +245,12 @@ def measure_impl(
         mlp(x).backward(dy)
 
     row = Row("", "", time_ms(forward, device, iters, warmup), time_ms(forward_backward, device, iters, warmup))
+    for p in mlp.parameters():  # the last timed step's gradients out of the baseline, so the peak counts them
+        p.grad = None
+    x.grad = None
     row.peak_mib = peak_mib(forward_backward, device)
-    row.saved_mib = saved_bytes(mlp, x, params) / 2**20
+    row.saved_bytes = saved_bytes(mlp, x, params)
+    row.saved_mib = row.saved_bytes / 2**20
     with torch.no_grad():
         out = mlp(x).float()
     return row, out
@@ -239,11 +267,22 @@ def measure(shape: Shape, device: str, iters: int, warmup: int) -> list[Row]:
     del gemms
     rows = [Row(shape.name, "gemms", gemm_fwd, gemm_fwd_bwd, tflops=3 * flops / gemm_fwd_bwd / 1e9, x_gemms=1.0)]
     reference = None
-    for impl, (mlp, note) in implementations(shape, device).items():
+    impls = implementations(shape, device)
+    for impl in list(impls):
+        mlp, note = impls.pop(impl)  # popped, so each implementation's weights are freed after its turn
         if mlp is None:
             rows.append(Row(shape.name, impl, note=note))
             continue
-        row, out = measure_impl(mlp, x, dy, device, iters, warmup)
+        try:
+            row, out = measure_impl(mlp, x, dy, device, iters, warmup)
+        except Exception as error:  # one broken implementation must not cost the whole table
+            traceback.print_exc()
+            rows.append(Row(shape.name, impl, note=f"failed: {type(error).__name__}: {error}"[:160]))
+            continue
+        finally:
+            del mlp
+            if device == "cuda":
+                torch.cuda.empty_cache()
         reference = out if reference is None else reference  # eager comes first
         row.shape, row.impl, row.note = shape.name, impl, note
         row.tflops, row.x_gemms = 3 * flops / row.fwd_bwd_ms / 1e9, row.fwd_bwd_ms / gemm_fwd_bwd
@@ -251,9 +290,104 @@ def measure(shape: Shape, device: str, iters: int, warmup: int) -> list[Row]:
         rows.append(row)
     eager = next(r for r in rows if r.impl == "eager")
     for r in rows:
-        if r.fwd_bwd_ms is not None:
-            r.x_eager = r.fwd_bwd_ms / eager.fwd_bwd_ms
+        if r.fwd_bwd_ms is not None and eager.fwd_bwd_ms is not None:
+            r.speedup = eager.fwd_bwd_ms / r.fwd_bwd_ms
     return rows
+
+
+def goals(shape: Shape, rows: list[Row]) -> list[tuple[str, str, bool | None]]:
+    """The issue's goals for the fused path as (goal, measured, met); met is None when not measurable."""
+    by_impl = {r.impl: r for r in rows if r.shape == shape.name}
+    fused = by_impl.get("fused")
+    if fused is None or fused.fwd_bwd_ms is None:
+        return [("fused path runs", "no measurement", False)]
+
+    def faster_than(impl: str, factor: float) -> tuple[str, str, bool | None]:
+        other = by_impl.get(impl)
+        if other is None or other.fwd_bwd_ms is None:
+            return f"fwd+bwd >= {factor:.2f}x {impl}", "not measured", None
+        ratio = other.fwd_bwd_ms / fused.fwd_bwd_ms
+        return f"fwd+bwd >= {factor:.2f}x {impl}", f"{ratio:.3f}x", ratio >= factor
+
+    liger = by_impl.get("liger")
+    expected = shape.dtype.itemsize * shape.tokens * (shape.hidden + 2 * shape.inner)
+    checks = [faster_than("eager", 1.10), faster_than("liger", 1.0), faster_than("torch.compile", 1.0)]
+    checks.append(("fwd+bwd within 1.15x of the GEMMs alone", f"{fused.x_gemms:.3f}x", fused.x_gemms <= 1.15))
+    if liger is None or liger.peak_mib is None or fused.peak_mib is None:
+        checks.append(("peak memory <= Liger's", "not measured", None))
+    else:
+        peak = f"{fused.peak_mib:.0f} vs {liger.peak_mib:.0f} MiB"
+        checks.append(("peak memory <= Liger's", peak, fused.peak_mib <= liger.peak_mib))
+    saved = f"{fused.saved_bytes} vs {expected} bytes"
+    checks.append(("saved for backward = x + 2 x [tokens, inner]", saved, fused.saved_bytes == expected))
+    return checks
+
+
+def goals_markdown(shapes: list[Shape], rows: list[Row]) -> str:
+    lines = ["| shape | goal | measured | met |", "|---|---|---|---|"]
+    for shape in shapes:
+        for goal, measured, met in goals(shape, rows):
+            verdict = "n/a" if met is None else ("yes" if met else "**no**")
+            lines.append(f"| {shape.name} | {goal} | {measured} | {verdict} |")
+    return "\n".join(lines)
+
+
+# --- The elementwise kernels alone ------------------------------------------------------------------------
+
+
+def copy_gbps(numel: int, dtype: torch.dtype, iters: int) -> float:
+    """Device-to-device copy bandwidth, bytes read plus written: the ceiling for the elementwise kernels."""
+    src = torch.randn(numel, device="cuda").to(dtype)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), "cuda", iters, 3)
+    return 2 * src.nbytes / ms / 1e6
+
+
+def kernel_rows(shape: Shape, iters: int, sweep: bool) -> list[dict]:
+    """GB/s of the forward kernel (reads gate, up; writes act) and the backward kernel (reads grad, gate,
+    up; writes d gate, d up, act) on [tokens, inner] inputs, per launch configuration."""
+    t, i = shape.tokens, shape.inner
+    gate, up, grad = (torch.randn(t, i, device="cuda").to(shape.dtype) for _ in range(3))
+    out, dgate, dup = (torch.empty_like(gate) for _ in range(3))
+    params = GluConfig(glu_variant=shape.variant).glu_params
+    bytes_per_pass = gate.nbytes
+    ceiling = copy_gbps(t * i, shape.dtype, iters)
+    default = (glu_triton._BLOCK_ELEMENTS, glu_triton._NUM_WARPS)
+    configs = [(b, w) for b in (1024, 2048, 4096, 8192, 16384) for w in (2, 4, 8)] if sweep else [default]
+    rows = []
+    try:
+        for block, warps in configs:
+            glu_triton._BLOCK_ELEMENTS, glu_triton._NUM_WARPS = block, warps
+            fwd = time_ms(lambda: glu_triton._launch_forward(gate, up, out, shape.variant, params), "cuda", iters, 3)
+            bwd = time_ms(
+                lambda: glu_triton._launch_backward(grad, gate, up, dgate, dup, out, shape.variant, params),
+                "cuda",
+                iters,
+                3,
+            )
+            fwd_gbps, bwd_gbps = 3 * bytes_per_pass / fwd / 1e6, 6 * bytes_per_pass / bwd / 1e6
+            rows.append(
+                dict(shape=shape.name, block_elements=block, num_warps=warps, default=(block, warps) == default,
+                     fwd_ms=fwd, bwd_ms=bwd, fwd_gbps=fwd_gbps, bwd_gbps=bwd_gbps, copy_gbps=ceiling)
+            )  # fmt: skip
+    finally:
+        glu_triton._BLOCK_ELEMENTS, glu_triton._NUM_WARPS = default
+    return rows
+
+
+def kernels_markdown(rows: list[dict]) -> str:
+    lines = [
+        "| shape | elements/program | warps | fwd ms | fwd GB/s | bwd ms | bwd GB/s | of copy GB/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        mark = " (default)" if r["default"] else ""
+        share = f"{r['fwd_gbps'] / r['copy_gbps']:.0%} / {r['bwd_gbps'] / r['copy_gbps']:.0%} of {r['copy_gbps']:.0f}"
+        lines.append(
+            f"| {r['shape']} | {r['block_elements']}{mark} | {r['num_warps']} | {r['fwd_ms']:.3f} | "
+            f"{r['fwd_gbps']:.0f} | {r['bwd_ms']:.3f} | {r['bwd_gbps']:.0f} | {share} |"
+        )
+    return "\n".join(lines)
 
 
 # --- Report -------------------------------------------------------------------------------------------
@@ -263,7 +397,7 @@ COLUMNS = [
     ("impl", "impl", "{}"),
     ("fwd_ms", "fwd ms", "{:.3f}"),
     ("fwd_bwd_ms", "fwd+bwd ms", "{:.3f}"),
-    ("x_eager", "fwd+bwd / eager", "{:.3f}"),
+    ("speedup", "fwd+bwd speed-up vs eager", "{:.3f}x"),
     ("x_gemms", "fwd+bwd / GEMMs", "{:.3f}"),
     ("tflops", "TFLOP/s", "{:.1f}"),
     ("peak_mib", "peak MiB", "{:.0f}"),
@@ -296,7 +430,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
-    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--sweep", action="store_true", help="time every launch configuration of the kernels")
     parser.add_argument("--warmup", type=int, default=5)
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -305,13 +440,21 @@ def main(argv: list[str] | None = None) -> None:
     else:
         shapes, iters, warmup = [SHAPES[name] for name in args.shapes], args.iters, args.warmup
     rows = [row for shape in shapes for row in measure(shape, device, iters, warmup)]
+    kernels = [k for shape in shapes for k in kernel_rows(shape, iters, args.sweep)] if device == "cuda" else []
     env = environment(device)
-    print(f"GLU MLP benchmark on {env['device']} (torch {env['torch']})\n")
-    print(markdown(rows))
+    print(f"GLU MLP benchmark on {env['device']} (torch {env['torch']}, triton {env.get('triton')})\n")
+    print(markdown(rows), end="\n\n")
+    if kernels:
+        print(kernels_markdown(kernels), end="\n\n")
+    print(goals_markdown(shapes, rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         payload = {"environment": env, "shapes": [asdict(s) | {"dtype": str(s.dtype)} for s in shapes]}
         payload["results"] = [asdict(r) for r in rows]
+        payload["kernels"] = kernels
+        payload["goals"] = {
+            s.name: [dict(zip(("goal", "measured", "met"), g, strict=False)) for g in goals(s, rows)] for s in shapes
+        }
         args.json.write_text(json.dumps(payload, indent=2))
 
 

@@ -48,7 +48,10 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 NAMESPACE = "hf_glu" if __name__ == "hf_glu.glu_triton" else "hf_glu_" + re.sub(r"\W", "_", __name__)
 
 DEFAULT_PARAMS = GluParams()
-_BLOCK_ELEMENTS = 4096  # elements per program: large enough to hide latency, small enough for registers
+# Elements per program and warps per program of the elementwise kernels: large enough to hide memory
+# latency, small enough for registers. benchmarks/bench_mlp.py --sweep times the alternatives on a GPU.
+_BLOCK_ELEMENTS = 4096
+_NUM_WARPS = 4
 
 if TRITON_AVAILABLE:
 
@@ -248,7 +251,7 @@ def _launch_forward(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor, var
     grid, block_m, block_n = _launch_config(*g.shape)
     _glu_fwd_kernel[grid](
         g, u, o, *g.shape, *_strides(g, u, o), p.beta, p.alpha, p.limit,
-        VARIANT=KERNEL_VARIANTS[variant], BLOCK_M=block_m, BLOCK_N=block_n,
+        VARIANT=KERNEL_VARIANTS[variant], BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_NUM_WARPS,
     )  # fmt: skip
 
 
@@ -270,6 +273,7 @@ def _launch_backward(
     _glu_bwd_kernel[grid](
         do, g, u, dg, du, o, *g.shape, *_strides(do, g, u, dg, du, o), p.beta, p.alpha, p.limit,
         VARIANT=KERNEL_VARIANTS[variant], STORE_OUT=out is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=_NUM_WARPS,
     )  # fmt: skip
 
 
