@@ -127,6 +127,8 @@ def transformers_mlp(shape: Shape, eager: GluMLP) -> tuple[torch.nn.Module | Non
         intermediate_size=shape.inner,
         hidden_act=activations[shape.variant],
         mlp_bias=shape.bias,
+        num_attention_heads=1,  # unused by the MLP; newer configs check that it divides hidden_size
+        num_key_value_heads=1,
     )
     module = LlamaMLP(config).to(eager.gate_proj.weight.device, shape.dtype)
     module.load_state_dict(eager.state_dict())

@@ -259,6 +259,27 @@ def test_only_the_input_and_two_pre_activations_are_saved_for_backward():
     assert saved[0].data_ptr() == x.data_ptr()  # the input itself, not a copy
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_eager_entry_and_custom_op_compute_the_same(bias):
+    # Eager calls run through an autograd.Function (cheap dispatch); torch.compile sees the custom op.
+    # Both must be the same maths, bit for bit, and the op's backward must not need its unused outputs' grads.
+    mlp = make_mlp("geglu", bias=bias)
+    x, grad = torch.randn(2, 5, 24, device=DEVICE), torch.randn(2, 5, 24, device=DEVICE)
+    weights = [t for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj) for t in (p.weight, p.bias)]
+    results = []
+    for entry in ("function", "op"):
+        x_leaf = _leaf(x)
+        if entry == "function":
+            out = gt.glu_mlp_fused(x_leaf, *weights, "geglu", PARAMS)
+        else:
+            out, gate, up = torch.ops.hf_glu.glu_mlp(x_leaf, *weights, "geglu", *_params())
+            assert not gate.requires_grad and not up.requires_grad
+        inputs = [x_leaf, *(w for w in weights if w is not None)]
+        results.append((out.detach(), *torch.autograd.grad(out, inputs, grad)))
+    for a, e in zip(*results, strict=True):
+        assert torch.equal(a, e)
+
+
 def test_a_second_backward_through_overwritten_activations_is_refused():
     mlp = make_mlp()
     out = mlp(torch.randn(3, 24, device=DEVICE, requires_grad=True))
