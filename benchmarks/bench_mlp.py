@@ -172,7 +172,7 @@ class Gemms:
     def forward_backward(self) -> None:
         self.forward()
         self.dy @ self.wd, self.dy.t() @ self.act  # d act, d down
-        torch.addmm(self.dg @ self.wg, self.du, self.wu)  # d x
+        (self.dg @ self.wg).addmm_(self.du, self.wu)  # d x
         self.dg.t() @ self.x, self.du.t() @ self.x  # d gate, d up
 
 

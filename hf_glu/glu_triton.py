@@ -57,16 +57,13 @@ _NUM_WARPS = 4
 if TRITON_AVAILABLE:
 
     @triton.jit
-    def _sigmoid(z):
-        # exp of minus the magnitude never overflows, so ±inf and |z| = 1e4 stay exact.
+    def _sigmoid_and_grad(z):
+        # σ(z) and σ'(z) = σ(z)(1 - σ(z)) from one exp and one division: with e = exp(-|z|) and
+        # r = 1 / (1 + e), σ = r (z >= 0) or e·r (z < 0) and σ' = e·r². exp of minus the magnitude never
+        # overflows, so ±inf and |z| = 1e4 stay exact, and σ' has none of the cancellation of 1 - σ near 1.
         e = tl.exp(-tl.abs(z))
-        return tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-
-    @triton.jit
-    def _sigmoid_grad(z):
-        # σ(z)(1 - σ(z)) without the cancellation of 1 - σ(z) when σ(z) is close to 1.
-        e = tl.exp(-tl.abs(z))
-        return e / ((1.0 + e) * (1.0 + e))
+        r = 1.0 / (1.0 + e)
+        return tl.where(z >= 0, r, e * r), e * r * r
 
     @triton.jit
     def _exp_neg_half_square(z):
@@ -98,57 +95,41 @@ if TRITON_AVAILABLE:
         return tl.where(z < 0, half_erfc, 1.0 - half_erfc)
 
     @triton.jit
-    def _swish(g, scale):
-        return g * _sigmoid(scale * g)
-
-    @triton.jit
-    def _swish_grad(grad, g, scale):
+    def _swish_and_grad(grad, g, scale):
         # The product rule in the order autograd applies it to glu.py's g * sigmoid(scale * g), so an
         # infinite upstream gradient gives NaN exactly where the reference's inf - inf does.
-        return grad * _sigmoid(scale * g) + (grad * g) * _sigmoid_grad(scale * g) * scale
+        s, ds = _sigmoid_and_grad(scale * g)
+        return g * s, grad * s + (grad * g) * ds * scale
 
     @triton.jit
-    def _gate_act(g, VARIANT: tl.constexpr, beta, alpha, limit):
-        """act(gate) in fp32."""
-        if VARIANT == 0:  # glu
-            act = _sigmoid(g)
-        elif VARIANT == 1:  # bilinear
-            act = g
-        elif VARIANT == 2:  # reglu: where(g < 0) keeps NaN, as torch.relu does
-            act = tl.where(g < 0, 0.0, g)
-        elif VARIANT == 3:  # geglu, erf form
-            act = g * _normal_cdf(g)
-        elif VARIANT == 4:  # geglu_tanh: 0.5(1 + tanh(y)) = σ(2y), stable for any |g|
-            act = g * _sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g))
-        elif VARIANT == 5:  # swiglu
-            act = _swish(g, beta)
-        else:  # swiglu_oai: min(gate, limit) keeps NaN, as torch.clamp does
-            act = _swish(tl.where(g > limit, limit, g), alpha)
-        return act
+    def _gate_act_and_grad(g, grad, VARIANT: tl.constexpr, beta, alpha, limit):
+        """(act(gate), d(gate) given grad = d(act(gate))) in fp32, sharing the exp and the division.
 
-    @triton.jit
-    def _gate_grad(grad, g, VARIANT: tl.constexpr, beta, alpha, limit):
-        """d(gate) given grad = d(act(gate)), in fp32.
-
-        Masks are selects, as torch's autograd applies them, so a NaN elsewhere does not leak through:
-        relu passes the gradient unless its output is <= 0; clamp passes it inside the closed range.
+        The forward kernel keeps only the first; the compiler drops the unused gradient. Masks are selects,
+        as torch's autograd applies them, so a NaN elsewhere does not leak through: relu passes the gradient
+        unless its output is <= 0; clamp passes it inside the closed range.
         """
-        if VARIANT == 0:
-            dg = grad * _sigmoid_grad(g)
-        elif VARIANT == 1:
-            dg = grad
-        elif VARIANT == 2:
-            dg = tl.where(g <= 0, 0.0, grad)
-        elif VARIANT == 3:  # F.gelu's backward: one product with cdf + g * pdf
-            dg = grad * (_normal_cdf(g) + g * _exp_neg_half_square(g) * 0.3989422804014327)
-        elif VARIANT == 4:
-            y2 = 1.5957691216057308 * (g + 0.044715 * g * g * g)
-            dg = grad * (_sigmoid(y2) + g * _sigmoid_grad(y2) * 1.5957691216057308 * (1.0 + 0.134145 * g * g))
-        elif VARIANT == 5:
-            dg = _swish_grad(grad, g, beta)
-        else:
-            dg = tl.where(g <= limit, _swish_grad(grad, tl.where(g > limit, limit, g), alpha), 0.0)
-        return dg
+        if VARIANT == 0:  # glu
+            act, dsig = _sigmoid_and_grad(g)
+            dg = grad * dsig
+        elif VARIANT == 1:  # bilinear
+            act, dg = g, grad
+        elif VARIANT == 2:  # reglu: where(g < 0) keeps NaN, as torch.relu does
+            act, dg = tl.where(g < 0, 0.0, g), tl.where(g <= 0, 0.0, grad)
+        elif VARIANT == 3:  # geglu, erf form; F.gelu's backward: one product with cdf + g * pdf
+            cdf = _normal_cdf(g)
+            act = g * cdf
+            dg = grad * (cdf + g * _exp_neg_half_square(g) * 0.3989422804014327)
+        elif VARIANT == 4:  # geglu_tanh: 0.5(1 + tanh(y)) = σ(2y), stable for any |g|
+            s, ds = _sigmoid_and_grad(1.5957691216057308 * (g + 0.044715 * g * g * g))
+            act = g * s
+            dg = grad * (s + g * ds * 1.5957691216057308 * (1.0 + 0.134145 * g * g))
+        elif VARIANT == 5:  # swiglu
+            act, dg = _swish_and_grad(grad, g, beta)
+        else:  # swiglu_oai: min(gate, limit) keeps NaN, as torch.clamp does
+            act, dg = _swish_and_grad(grad, tl.where(g > limit, limit, g), alpha)
+            dg = tl.where(g <= limit, dg, 0.0)
+        return act, dg
 
     @triton.jit
     def _up_term(u, VARIANT: tl.constexpr, limit):
@@ -174,7 +155,7 @@ if TRITON_AVAILABLE:
         r, c, mask = _tile(tl.program_id(0), tl.program_id(1), M, N, BLOCK_M, BLOCK_N)
         g = tl.load(GATE + r * s_gm + c * s_gn, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(UP + r * s_um + c * s_un, mask=mask, other=0.0).to(tl.float32)
-        act = _gate_act(g, VARIANT, beta, alpha, limit)
+        act, _ = _gate_act_and_grad(g, g, VARIANT, beta, alpha, limit)
         out = act * _up_term(u, VARIANT, limit)
         tl.store(OUT + r * s_om + c * s_on, out.to(OUT.dtype.element_ty), mask=mask)
 
@@ -190,9 +171,8 @@ if TRITON_AVAILABLE:
         do = tl.load(DOUT + r * s_dom + c * s_don, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(GATE + r * s_gm + c * s_gn, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(UP + r * s_um + c * s_un, mask=mask, other=0.0).to(tl.float32)
-        act = _gate_act(g, VARIANT, beta, alpha, limit)
         h = _up_term(u, VARIANT, limit)
-        dg = _gate_grad(do * h, g, VARIANT, beta, alpha, limit)
+        act, dg = _gate_act_and_grad(g, do * h, VARIANT, beta, alpha, limit)
         du = do * act
         if VARIANT == 6:  # clamp(up): the gradient passes inside the closed range only
             du = tl.where((u >= -limit) & (u <= limit), du, 0.0)
@@ -419,8 +399,8 @@ def _glu_mlp_grads(
     grads[5], grads[6] = grad_down_weight, grad_rows.sum(0) if needs[6] else None
     grads[1], grads[2] = dgate.t() @ rows if needs[1] else None, dgate.sum(0) if needs[2] else None
     grads[3], grads[4] = dup.t() @ rows if needs[3] else None, dup.sum(0) if needs[4] else None
-    if needs[0]:
-        grads[0] = torch.addmm(dgate @ gate_weight, dup, up_weight).view(x.shape)
+    if needs[0]:  # addmm_ in place: the out-of-place addmm would first copy the [tokens, hidden] product
+        grads[0] = (dgate @ gate_weight).addmm_(dup, up_weight).view(x.shape)
     return grads
 
 
