@@ -1,10 +1,12 @@
 """The fused GLU path and the one place that decides between it and the eager reference.
 
-The fused MLP is one ``torch.library`` custom op (``<ns>::glu_mlp``): the gate and up GEMMs (cuBLAS),
-one Triton kernel for the activation, the down GEMM. It keeps for backward only the MLP input and the
-gate and up pre-activations; its backward runs one Triton kernel that reads the activation's gradient
-and the saved pre-activations, writes d(gate) and d(up) over them in place and re-emits the activation
-output (over its own gradient) for the down projection's weight gradient.
+The fused MLP is one differentiable op: the gate and up GEMMs (cuBLAS), one Triton kernel for the
+activation, the down GEMM. Eager calls enter it through an ``autograd.Function``; under
+``torch.compile`` it is the ``torch.library`` custom op ``<ns>::glu_mlp``, one graph node. It keeps for
+backward only the MLP input and the gate and up pre-activations; its backward runs one Triton kernel
+that reads the activation's gradient and the saved pre-activations, writes d(gate) and d(up) over them
+in place and re-emits the activation output (over its own gradient) for the down projection's weight
+gradient.
 
 Projections that are not plain ``nn.Linear`` (PEFT LoRA, quantised layers, hooked modules) are called
 as modules, and only the elementwise part runs fused (``<ns>::glu_act``), so adapters are never skipped.
@@ -265,38 +267,68 @@ def _check_rows_view(name: str, t: torch.Tensor) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The custom ops. Variant and parameters travel as plain str/float so the schema stays simple.
-
-
-@torch.library.custom_op(f"{NAMESPACE}::glu_act", mutates_args=())
-def _glu_act_op(
-    gate: torch.Tensor, up: torch.Tensor, variant: str, beta: float, alpha: float, limit: float
-) -> torch.Tensor:
-    _check_launchable("gate", gate)
-    _check_same(gate, up=up)
-    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    _launch_forward(gate, up, out, variant, GluParams(beta, alpha, limit))
-    return out
-
-
-@_glu_act_op.register_fake
-def _(gate, up, variant, beta, alpha, limit):
-    return torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+# The ops. Each is a plain function, entered through an autograd.Function in eager mode (the custom op's
+# Python dispatch costs more than the GPU work at small sizes, and the GPU waits for it) and through a
+# torch.library custom op under torch.compile, which needs one opaque graph node. Variant and parameters
+# travel as plain str/float so the schema stays simple.
 
 
 def _empty(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::glu_act_backward", mutates_args=())
-def _glu_act_backward_op(
+def _act_forward(
+    gate: torch.Tensor, up: torch.Tensor, variant: str, beta: float, alpha: float, limit: float
+) -> torch.Tensor:
+    _check_launchable("gate", gate)
+    _check_same(gate, up=up)
+    out = _empty(gate)
+    _launch_forward(gate, up, out, variant, GluParams(beta, alpha, limit))
+    return out
+
+
+def _act_backward(
     grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, variant: str, beta: float, alpha: float, limit: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    # Functional, not in place: the caller's projections may still hold gate and up.
     _check_launchable("gate", gate)
     _check_same(gate, up=up, grad=grad)
     dgate, dup = _empty(gate), _empty(up)
     _launch_backward(grad, gate, up, dgate, dup, None, variant, GluParams(beta, alpha, limit))
     return dgate, dup
+
+
+class _GluActFunction(torch.autograd.Function):
+    """The eager entry of the elementwise op; ``<ns>::glu_act`` is the same under ``torch.compile``."""
+
+    @staticmethod
+    def forward(ctx, gate, up, *act_args):
+        ctx.save_for_backward(gate, up)
+        ctx.act_args = act_args
+        return _act_forward(gate, up, *act_args)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (*_act_backward(grad, *ctx.saved_tensors, *ctx.act_args), None, None, None, None)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::glu_act", mutates_args=())
+def _glu_act_op(
+    gate: torch.Tensor, up: torch.Tensor, variant: str, beta: float, alpha: float, limit: float
+) -> torch.Tensor:
+    return _act_forward(gate, up, variant, beta, alpha, limit)
+
+
+@_glu_act_op.register_fake
+def _(gate, up, variant, beta, alpha, limit):
+    return _empty(gate)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::glu_act_backward", mutates_args=())
+def _glu_act_backward_op(
+    grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, variant: str, beta: float, alpha: float, limit: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _act_backward(grad, gate, up, variant, beta, alpha, limit)
 
 
 @_glu_act_backward_op.register_fake
@@ -311,9 +343,7 @@ def _glu_act_setup(ctx, inputs, output) -> None:
 
 
 def _glu_act_backward(ctx, grad):
-    gate, up = ctx.saved_tensors
-    # Functional, not in place: the caller's projections may still hold gate and up.
-    return (*_glu_act_backward_op(grad, gate, up, *ctx.act_args), None, None, None, None)
+    return (*_glu_act_backward_op(grad, *ctx.saved_tensors, *ctx.act_args), None, None, None, None)
 
 
 _glu_act_op.register_autograd(_glu_act_backward, setup_context=_glu_act_setup)
@@ -486,7 +516,10 @@ def glu_activation_fused(
 
     ``gate`` and ``up`` may be views into one packed tensor (see ``split_gate_up``): they are read in place.
     """
-    return _glu_act_op(gate, up, _variant_name(variant), params.beta, params.alpha, params.limit)
+    act_args = (_variant_name(variant), params.beta, params.alpha, params.limit)
+    if torch.compiler.is_compiling():
+        return _glu_act_op(gate, up, *act_args)
+    return _GluActFunction.apply(gate, up, *act_args)
 
 
 def split_gate_up(packed: torch.Tensor, layout: str = "halves") -> tuple[torch.Tensor, torch.Tensor]:

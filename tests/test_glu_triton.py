@@ -280,6 +280,21 @@ def test_eager_entry_and_custom_op_compute_the_same(bias):
         assert torch.equal(a, e)
 
 
+def test_eager_entry_and_custom_op_of_the_activation_compute_the_same():
+    gate, up, grad = random_inputs(6, 40, torch.float32)
+    results = []
+    for entry in (gt.glu_activation_fused, torch.ops.hf_glu.glu_act):
+        g, u = _leaf(gate), _leaf(up)
+        out = (
+            entry(g, u, "swiglu_oai", PARAMS)
+            if entry is gt.glu_activation_fused
+            else entry(g, u, "swiglu_oai", *_params())
+        )
+        results.append((out.detach(), *torch.autograd.grad(out, (g, u), grad)))
+    for a, e in zip(*results, strict=True):
+        assert torch.equal(a, e)
+
+
 def test_a_second_backward_through_overwritten_activations_is_refused():
     mlp = make_mlp()
     out = mlp(torch.randn(3, 24, device=DEVICE, requires_grad=True))
@@ -343,6 +358,24 @@ def test_compile_fullgraph_sees_one_node():
     targets = [n.target for n in graph.graph.nodes if n.op == "call_function"]
     assert targets.count(torch.ops.hf_glu.glu_mlp.default) == 1
     assert not any(t in (torch._C._nn.linear, torch.nn.functional.linear) for t in targets)
+
+
+def test_compile_sees_the_activation_op_as_one_node():
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    compiled = torch.compile(lambda g, u: gt.glu_activation_fused(g, u, "glu", PARAMS), backend=capture, fullgraph=True)
+    gate, up, grad = random_inputs(4, 24, torch.float32)
+    g, u = _leaf(gate), _leaf(up)
+    actual = torch.autograd.grad(compiled(g, u), (g, u), grad)
+    (graph,) = graphs
+    targets = [n.target for n in graph.graph.nodes if n.op == "call_function"]
+    assert targets == [torch.ops.hf_glu.glu_act.default]
+    for a, e in zip(actual, reference(gate, up, grad, "glu")[1:], strict=True):
+        assert_matches(a, e)
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
