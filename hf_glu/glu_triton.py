@@ -312,11 +312,7 @@ class _GluActFunction(torch.autograd.Function):
         return (*_act_backward(grad, *ctx.saved_tensors, *ctx.act_args), None, None, None, None)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::glu_act", mutates_args=())
-def _glu_act_op(
-    gate: torch.Tensor, up: torch.Tensor, variant: str, beta: float, alpha: float, limit: float
-) -> torch.Tensor:
-    return _act_forward(gate, up, variant, beta, alpha, limit)
+_glu_act_op = torch.library.custom_op(f"{NAMESPACE}::glu_act", mutates_args=())(_act_forward)
 
 
 @_glu_act_op.register_fake
@@ -324,11 +320,7 @@ def _(gate, up, variant, beta, alpha, limit):
     return _empty(gate)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::glu_act_backward", mutates_args=())
-def _glu_act_backward_op(
-    grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, variant: str, beta: float, alpha: float, limit: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _act_backward(grad, gate, up, variant, beta, alpha, limit)
+_glu_act_backward_op = torch.library.custom_op(f"{NAMESPACE}::glu_act_backward", mutates_args=())(_act_backward)
 
 
 @_glu_act_backward_op.register_fake
@@ -368,12 +360,10 @@ def _act_backward_inplace_eager(grad: torch.Tensor, gate: torch.Tensor, up: torc
         torch.autograd.graph.increment_version(t)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::glu_act_backward_", mutates_args=("grad", "gate", "up"))
-def _glu_act_backward_inplace_op(
-    grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, variant: str, beta: float, alpha: float, limit: float
-) -> None:
-    """``_act_backward_inplace`` as a graph node: traced backward graphs must see the mutation."""
-    _act_backward_inplace(grad, gate, up, variant, beta, alpha, limit)
+# A graph node for the in-place kernel: traced backward graphs must see the mutation.
+_glu_act_backward_inplace_op = torch.library.custom_op(
+    f"{NAMESPACE}::glu_act_backward_", mutates_args=("grad", "gate", "up")
+)(_act_backward_inplace)
 
 
 @_glu_act_backward_inplace_op.register_fake
@@ -455,24 +445,7 @@ class _GluMlpFunction(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::glu_mlp", mutates_args=())
-def _glu_mlp_op(
-    x: torch.Tensor,
-    gate_weight: torch.Tensor,
-    gate_bias: torch.Tensor | None,
-    up_weight: torch.Tensor,
-    up_bias: torch.Tensor | None,
-    down_weight: torch.Tensor,
-    down_bias: torch.Tensor | None,
-    variant: str,
-    beta: float,
-    alpha: float,
-    limit: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``_glu_mlp_forward`` as one graph node for ``torch.compile``."""
-    return _glu_mlp_forward(
-        x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias, variant, beta, alpha, limit
-    )
+_glu_mlp_op = torch.library.custom_op(f"{NAMESPACE}::glu_mlp", mutates_args=())(_glu_mlp_forward)
 
 
 @_glu_mlp_op.register_fake
