@@ -196,7 +196,7 @@ def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     return losses.sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1).float()
 
 
-def perplexity(loss: float) -> float:
+def perplexity_from_loss(loss: float) -> float:
     """``exp(loss)``, infinite rather than an OverflowError for a diverged run."""
     return math.exp(loss) if loss < 700 else math.inf
 

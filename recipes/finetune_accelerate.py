@@ -32,7 +32,7 @@ from hf_glu.finetune import (
     load_model_and_tokenizer,
     load_teacher,
     lora_config,
-    perplexity,
+    perplexity_from_loss,
     save_final,
     token_loss_sums,
     weights_digest,
@@ -160,10 +160,10 @@ def main() -> None:
 
     step, log_history = train(model, teacher, optimizer, scheduler, train_loader, eval_loader, accelerator, args, step)
     eval_loss = evaluate(model, eval_loader, accelerator)
-    accelerator.print(f"eval loss {eval_loss:.4f}  perplexity {perplexity(eval_loss):.2f}")
+    accelerator.print(f"eval loss {eval_loss:.4f}  perplexity {perplexity_from_loss(eval_loss):.2f}")
     results = {
         "eval_loss": eval_loss,
-        "perplexity": perplexity(eval_loss),
+        "perplexity": perplexity_from_loss(eval_loss),
         "global_step": step,
         "resumed_from_step": resumed_from,
         "num_processes": accelerator.num_processes,
@@ -206,7 +206,9 @@ def train(model, teacher, optimizer, scheduler, train_loader, eval_loader, accel
                 running = []
             if args.eval_steps and step % args.eval_steps == 0:
                 eval_loss = evaluate(model, eval_loader, accelerator)
-                log_history.append({"step": step, "eval_loss": eval_loss, "perplexity": perplexity(eval_loss)})
+                log_history.append(
+                    {"step": step, "eval_loss": eval_loss, "perplexity": perplexity_from_loss(eval_loss)}
+                )
             if step % args.save_steps == 0:
                 save_checkpoint(accelerator, output_dir, step, args.save_total_limit)
             if step >= args.max_steps:

@@ -26,7 +26,7 @@ from hf_glu.finetune import (
     load_model_and_tokenizer,
     load_teacher,
     lora_config,
-    perplexity,
+    perplexity_from_loss,
     save_final,
     write_json,
 )
@@ -113,7 +113,7 @@ def main() -> None:
     metrics = trainer.evaluate()
     results = {
         "eval_loss": metrics["eval_loss"],
-        "perplexity": perplexity(metrics["eval_loss"]),
+        "perplexity": perplexity_from_loss(metrics["eval_loss"]),
         "global_step": trainer.state.global_step,
         "resumed_from_step": resumed_from,
         "log_history": trainer.state.log_history,

@@ -14,7 +14,7 @@ from hf_glu.finetune import (
     distillation_loss,
     latest_checkpoint,
     load_model_and_tokenizer,
-    perplexity,
+    perplexity_from_loss,
     token_loss_sums,
 )
 
@@ -149,7 +149,7 @@ def test_token_loss_sums_match_the_mean_loss():
         out = model(**batch)
     sums, counts = token_loss_sums(out.logits, batch["labels"])
     assert (sums.sum() / counts.sum()).item() == pytest.approx(out.loss.item(), rel=1e-5)
-    assert perplexity(1e6) == float("inf")
+    assert perplexity_from_loss(1e6) == float("inf")
 
 
 @pytest.fixture(scope="module")
