@@ -69,6 +69,7 @@ class Row:
     tflops: float | None = None
     x_gemms: float | None = None
     speedup: float | None = None
+    spread: float | None = None
     max_rel_err: float | None = None
     note: str = ""
 
@@ -231,11 +232,8 @@ def peak_mib(step: Callable[[], None], device: str) -> float | None:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def measure_impl(
-    mlp: Callable, x: torch.Tensor, dy: torch.Tensor, device: str, iters: int, warmup: int
-) -> tuple[Row, torch.Tensor]:
-    """Timings and memory of one implementation, and its output (fp32) for the error column."""
-    params = {p.untyped_storage().data_ptr() for p in mlp.parameters()}
+def steps(mlp: Callable, x: torch.Tensor, dy: torch.Tensor) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(forward, forward+backward) of one implementation on the shared input, gradients cleared first."""
 
     def forward() -> None:
         mlp(x)
@@ -246,11 +244,23 @@ def measure_impl(
         x.grad = None
         mlp(x).backward(dy)
 
-    row = Row("", "", time_ms(forward, device, iters, warmup), time_ms(forward_backward, device, iters, warmup))
-    for p in mlp.parameters():  # the last timed step's gradients out of the baseline, so the peak counts them
+    return forward, forward_backward
+
+
+def profile_impl(
+    mlp: Callable, x: torch.Tensor, dy: torch.Tensor, device: str, warmup: int
+) -> tuple[Row, torch.Tensor]:
+    """Memory of one implementation (after warm-up: compilation and autotuning stay out) and its output in
+    fp32 for the error column."""
+    params = {p.untyped_storage().data_ptr() for p in mlp.parameters()}
+    forward, forward_backward = steps(mlp, x, dy)
+    for _ in range(warmup):
+        forward()
+        forward_backward()
+    for p in mlp.parameters():  # the last step's gradients out of the baseline, so the peak counts them
         p.grad = None
     x.grad = None
-    row.peak_mib = peak_mib(forward_backward, device)
+    row = Row("", "", peak_mib=peak_mib(forward_backward, device))
     row.saved_bytes = saved_bytes(mlp, x, params)
     row.saved_mib = row.saved_bytes / 2**20
     with torch.no_grad():
@@ -258,42 +268,53 @@ def measure_impl(
     return row, out
 
 
-def measure(shape: Shape, device: str, iters: int, warmup: int) -> list[Row]:
+def measure(shape: Shape, device: str, iters: int, warmup: int, repeat: int = 1) -> list[Row]:
+    """One row per implementation. Timings are interleaved: ``repeat`` rounds, each timing every
+    implementation in turn, so a drift of the card's clock or temperature hits all of them alike; each
+    figure is the median over rounds of the per-round medians, and ``spread`` is the fwd+bwd range over
+    rounds relative to that median."""
     torch.manual_seed(0)
     x = torch.randn(shape.tokens, shape.hidden, device=device, dtype=shape.dtype, requires_grad=True)
     dy = torch.randn(shape.tokens, shape.hidden, device=device, dtype=shape.dtype)
     flops = 2 * shape.tokens * shape.hidden * shape.inner * 3  # forward GEMMs; backward is twice that
     gemms = Gemms(shape, device)
-    gemm_fwd = time_ms(gemms.forward, device, iters, warmup)
-    gemm_fwd_bwd = time_ms(gemms.forward_backward, device, iters, warmup)
-    del gemms
-    rows = [Row(shape.name, "gemms", gemm_fwd, gemm_fwd_bwd, tflops=3 * flops / gemm_fwd_bwd / 1e9, x_gemms=1.0)]
+    rows = [Row(shape.name, "gemms", x_gemms=1.0)]
+    timed = {"gemms": (gemms.forward, gemms.forward_backward)}
     reference = None
-    impls = implementations(shape, device)
-    for impl in list(impls):
-        mlp, note = impls.pop(impl)  # popped, so each implementation's weights are freed after its turn
+    for impl, (mlp, note) in implementations(shape, device).items():
         if mlp is None:
             rows.append(Row(shape.name, impl, note=note))
             continue
         try:
-            row, out = measure_impl(mlp, x, dy, device, iters, warmup)
+            row, out = profile_impl(mlp, x, dy, device, warmup)
         except Exception as error:  # one broken implementation must not cost the whole table
             traceback.print_exc()
             rows.append(Row(shape.name, impl, note=f"failed: {type(error).__name__}: {error}"[:160]))
             continue
-        finally:
-            del mlp
-            if device == "cuda":
-                torch.cuda.empty_cache()
         reference = out if reference is None else reference  # eager comes first
         row.shape, row.impl, row.note = shape.name, impl, note
-        row.tflops, row.x_gemms = 3 * flops / row.fwd_bwd_ms / 1e9, row.fwd_bwd_ms / gemm_fwd_bwd
         row.max_rel_err = ((out - reference).abs().max() / reference.abs().max()).item()
         rows.append(row)
-    eager = next(r for r in rows if r.impl == "eager")
+        timed[impl] = steps(mlp, x, dy)
+    for _ in range(warmup):
+        gemms.forward_backward()
+    rounds: dict[str, list[tuple[float, float]]] = {impl: [] for impl in timed}
+    for _ in range(repeat):
+        for impl, (forward, forward_backward) in timed.items():
+            rounds[impl].append((time_ms(forward, device, iters, 1), time_ms(forward_backward, device, iters, 1)))
+    by_impl = {r.impl: r for r in rows}
+    for impl, times in rounds.items():
+        row = by_impl[impl]
+        row.fwd_ms = statistics.median(t[0] for t in times)
+        row.fwd_bwd_ms = statistics.median(t[1] for t in times)
+        fwd_bwd = [t[1] for t in times]
+        row.spread = (max(fwd_bwd) - min(fwd_bwd)) / row.fwd_bwd_ms if repeat > 1 else None
+        row.tflops = 3 * flops / row.fwd_bwd_ms / 1e9
+    gemm_ms, eager_ms = by_impl["gemms"].fwd_bwd_ms, by_impl["eager"].fwd_bwd_ms
     for r in rows:
-        if r.fwd_bwd_ms is not None and eager.fwd_bwd_ms is not None:
-            r.speedup = eager.fwd_bwd_ms / r.fwd_bwd_ms
+        if r.fwd_bwd_ms is not None:
+            r.x_gemms = r.fwd_bwd_ms / gemm_ms
+            r.speedup = eager_ms / r.fwd_bwd_ms if eager_ms is not None else None
     return rows
 
 
@@ -401,6 +422,7 @@ COLUMNS = [
     ("fwd_bwd_ms", "fwd+bwd ms", "{:.3f}"),
     ("speedup", "fwd+bwd speed-up vs eager", "{:.3f}x"),
     ("x_gemms", "fwd+bwd / GEMMs", "{:.3f}"),
+    ("spread", "fwd+bwd spread", "{:.1%}"),
     ("tflops", "TFLOP/s", "{:.1f}"),
     ("peak_mib", "peak MiB", "{:.0f}"),
     ("saved_mib", "saved for bwd MiB", "{:.1f}"),
@@ -435,13 +457,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--sweep", action="store_true", help="time every launch configuration of the kernels")
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="interleaved rounds of timing every implementation (spread column)"
+    )
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         shapes, iters, warmup = [SMOKE], 2, 1
     else:
         shapes, iters, warmup = [SHAPES[name] for name in args.shapes], args.iters, args.warmup
-    rows = [row for shape in shapes for row in measure(shape, device, iters, warmup)]
+    repeat = args.repeat if device == "cuda" else 2  # two rounds on CPU, so the smoke run covers interleaving
+    rows = [row for shape in shapes for row in measure(shape, device, iters, warmup, repeat)]
     kernels = [k for shape in shapes for k in kernel_rows(shape, iters, args.sweep)] if device == "cuda" else []
     env = environment(device)
     print(f"GLU MLP benchmark on {env['device']} (torch {env['torch']}, triton {env.get('triton')})\n")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check of the fused GLU path, for whenever a CUDA machine is available (about five minutes, no network):
-#   1. the MLP benchmark at the Llama-2-7B shape (add --sweep by hand to time every kernel launch configuration),
+#   1. the MLP benchmark at the Llama-2-7B shape, 5 interleaved timing rounds (add --sweep by hand to time
+#      every kernel launch configuration),
 #   2. the same at the GPT-2 medium and small shapes,
 #   3. the kernel tests on CUDA (tests/test_glu_triton.py without TRITON_INTERPRET: the same tests as CI).
 # The goal-shape benchmark runs first so that a run cut short still brings back the figure that matters.
@@ -29,9 +30,9 @@ fi
 } 2>&1 | tee "$OUT/environment.txt"
 
 status=0
-timeout 200 "$PY" benchmarks/bench_mlp.py --shapes llama2-7b --iters 50 --json "$OUT/bench_llama2.json" 2>&1 \
+timeout 200 "$PY" benchmarks/bench_mlp.py --shapes llama2-7b --iters 30 --repeat 5 --json "$OUT/bench_llama2.json" 2>&1 \
   | tee "$OUT/bench_llama2.md" || status=1
-timeout 150 "$PY" benchmarks/bench_mlp.py --shapes gpt2-medium gpt2-small --json "$OUT/bench_gpt2.json" 2>&1 \
+timeout 150 "$PY" benchmarks/bench_mlp.py --shapes gpt2-medium gpt2-small --repeat 3 --json "$OUT/bench_gpt2.json" 2>&1 \
   | tee "$OUT/bench_gpt2.md" || status=1
 timeout 200 "$PY" -m pytest -q -p no:cacheprovider --maxfail 10 tests/test_glu_triton.py \
   --junitxml "$OUT/test_glu_triton.xml" 2>&1 | tee "$OUT/tests.log" || status=1

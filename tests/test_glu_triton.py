@@ -511,4 +511,7 @@ def test_benchmark_smoke_mode_runs(tmp_path):
     tokens, hidden, inner = shape["tokens"], shape["hidden"], shape["inner"]
     assert rows["fused"]["saved_mib"] * 2**20 == 4 * (tokens * hidden + 2 * tokens * inner)  # fp32
     assert rows["fused"]["max_rel_err"] < 1e-5
+    # Two interleaved timing rounds on CPU: every timed row has a spread, untimed ones (liger) none.
+    assert all(rows[impl]["spread"] is not None for impl in ("gemms", "eager", "fused"))
+    assert rows["liger"]["spread"] is None and rows["liger"]["fwd_bwd_ms"] is None
     assert "| impl |" in result.stdout
