@@ -48,6 +48,20 @@ def tiny_config(**overrides) -> hf_glu.GluConfig:
     return hf_glu.GluConfig(**{**TINY_FIELDS, "n_inner": 48, **overrides})
 
 
+def ragged_rows(n: int = 4, length: int = 12) -> list[dict[str, torch.Tensor]]:
+    """Causal-LM rows with different numbers of targets (row i ignores its last 3·i labels), so per-token
+    and per-row averages of the loss differ."""
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for i in range(n):
+        ids = torch.randint(1, TINY_FIELDS["vocab_size"], (length,), generator=g)
+        labels = ids.clone()
+        if i:
+            labels[length - 3 * i :] = -100
+        rows.append({"input_ids": ids, "attention_mask": torch.ones(length, dtype=torch.long), "labels": labels})
+    return rows
+
+
 def one_sgd_step_args(output_dir, batch: int, accumulation: int) -> TrainingArguments:
     """Trainer arguments for exactly one plain-SGD update with no clipping, so runs that differ only in
     how the batch is split must end with the same weights."""

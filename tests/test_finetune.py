@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import one_sgd_step_args, tiny_config
+from conftest import one_sgd_step_args, ragged_rows, tiny_config
 from transformers import TrainingArguments, default_data_collator
 
 from hf_glu import GluForCausalLM
@@ -71,18 +71,6 @@ def test_distillation_loss_rejects_bad_settings(kwargs):
         distillation_loss(student, teacher, labels, torch.tensor(0.0), **kwargs)
 
 
-def _ragged_rows(n=4, length=12):
-    g = torch.Generator().manual_seed(1)
-    rows = []
-    for i in range(n):
-        ids = torch.randint(1, 101, (length,), generator=g)
-        labels = ids.clone()
-        if i:
-            labels[length - 3 * i :] = -100  # rows have different numbers of targets
-        rows.append({"input_ids": ids, "labels": labels})
-    return rows
-
-
 def _distil_one_step(tmp_path, student, teacher, rows, batch, accumulation):
     args = one_sgd_step_args(tmp_path / f"b{batch}a{accumulation}", batch, accumulation)
     trainer = DistillationTrainer(
@@ -102,7 +90,7 @@ def test_distillation_trainer_is_exact_under_gradient_accumulation(tmp_path):
     config = tiny_config()
     teacher = GluForCausalLM(tiny_config(glu_variant="geglu")).eval()
     state = GluForCausalLM(config).state_dict()
-    rows = _ragged_rows()
+    rows = ragged_rows()
     batch = default_data_collator(rows)
 
     reference = GluForCausalLM(config)
@@ -132,7 +120,7 @@ def test_distillation_trainer_is_exact_under_gradient_accumulation(tmp_path):
 def test_distillation_trainer_evaluates_plain_cross_entropy(tmp_path):
     config = tiny_config()
     student, teacher = GluForCausalLM(config), GluForCausalLM(tiny_config(glu_variant="geglu"))
-    rows = _ragged_rows()
+    rows = ragged_rows()
     args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=4, report_to=[], use_cpu=True)
     trainer = DistillationTrainer(
         model=student, args=args, eval_dataset=rows, data_collator=default_data_collator, teacher=teacher, kd_alpha=1.0
@@ -144,7 +132,7 @@ def test_distillation_trainer_evaluates_plain_cross_entropy(tmp_path):
 
 def test_token_loss_sums_match_the_mean_loss():
     model = GluForCausalLM(tiny_config())
-    batch = default_data_collator(_ragged_rows())
+    batch = default_data_collator(ragged_rows())
     with torch.no_grad():
         out = model(**batch)
     sums, counts = token_loss_sums(out.logits, batch["labels"])

@@ -2,24 +2,12 @@
 
 import pytest
 import torch
-from conftest import one_sgd_step_args, tiny_config
+from conftest import one_sgd_step_args, ragged_rows, tiny_config
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import Trainer, default_data_collator
 
 import hf_glu
 from hf_glu import GluForCausalLM
-
-
-def _ragged_examples(n=4, length=12):
-    """Rows with different numbers of real tokens, so per-token and per-batch averages differ."""
-    g = torch.Generator().manual_seed(1)
-    rows = []
-    for i in range(n):
-        ids = torch.randint(1, 101, (length,), generator=g)
-        labels = ids.clone()
-        labels[length - 3 * i :] = -100 if i else labels[length:]  # row i ignores its last 3*i tokens
-        rows.append({"input_ids": ids, "attention_mask": torch.ones(length, dtype=torch.long), "labels": labels})
-    return rows
 
 
 def _train_one_step(tmp_path, model, data, batch, accumulation):
@@ -31,7 +19,7 @@ def _train_one_step(tmp_path, model, data, batch, accumulation):
 
 
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
-    data = _ragged_examples()
+    data = ragged_rows()
     config = tiny_config(glu_variant="swiglu")
     base = GluForCausalLM(config)
     state = {k: v.clone() for k, v in base.state_dict().items()}
