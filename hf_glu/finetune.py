@@ -98,6 +98,21 @@ def build_datasets(
     return _blocks(train_text, tokenizer, block_size, "train"), _blocks(eval_text, tokenizer, block_size, "eval")
 
 
+def build_datasets_from_args(
+    tokenizer: PreTrainedTokenizerBase, args: argparse.Namespace
+) -> tuple[BlockDataset, BlockDataset]:
+    """``build_datasets`` with the data options of ``finetune_arg_parser``'s command line."""
+    return build_datasets(
+        tokenizer,
+        args.block_size,
+        train_file=args.train_file,
+        dataset=args.dataset,
+        dataset_config=args.dataset_config,
+        text_column=args.text_column,
+        eval_fraction=args.eval_fraction,
+    )
+
+
 def _blocks(text: str, tokenizer: PreTrainedTokenizerBase, block_size: int, part: str) -> BlockDataset:
     try:
         return BlockDataset(pack_token_blocks(text.split("\n\n"), tokenizer, block_size))

@@ -23,7 +23,7 @@ from transformers import get_scheduler
 
 import hf_glu  # noqa: F401  (registers the GLU classes with the Auto classes and PEFT)
 from hf_glu.finetune import (
-    build_datasets,
+    build_datasets_from_args,
     check_finetune_args,
     checkpoint_step,
     distillation_loss,
@@ -117,15 +117,7 @@ def main() -> None:
 
     model, tokenizer = load_model_and_tokenizer(args.model, args.convert_from, args.variant, args.init)
     with accelerator.main_process_first():  # a dataset download (--dataset) happens once
-        train_data, eval_data = build_datasets(
-            tokenizer,
-            args.block_size,
-            train_file=args.train_file,
-            dataset=args.dataset,
-            dataset_config=args.dataset_config,
-            text_column=args.text_column,
-            eval_fraction=args.eval_fraction,
-        )
+        train_data, eval_data = build_datasets_from_args(tokenizer, args)
     if args.lora:
         from peft import get_peft_model
 

@@ -18,7 +18,7 @@ from transformers import Trainer, TrainingArguments, default_data_collator, set_
 import hf_glu  # noqa: F401  (registers the GLU classes with the Auto classes and PEFT)
 from hf_glu.finetune import (
     DistillationTrainer,
-    build_datasets,
+    build_datasets_from_args,
     check_finetune_args,
     checkpoint_step,
     finetune_arg_parser,
@@ -73,15 +73,7 @@ def main() -> None:
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
     model, tokenizer = load_model_and_tokenizer(args.model, args.convert_from, args.variant, args.init)
-    train_data, eval_data = build_datasets(
-        tokenizer,
-        args.block_size,
-        train_file=args.train_file,
-        dataset=args.dataset,
-        dataset_config=args.dataset_config,
-        text_column=args.text_column,
-        eval_fraction=args.eval_fraction,
-    )
+    train_data, eval_data = build_datasets_from_args(tokenizer, args)
     if args.lora:
         from peft import get_peft_model
 
