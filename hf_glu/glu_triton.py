@@ -298,14 +298,17 @@ def _act_backward(
     return dgate, dup
 
 
+def _glu_act_setup(ctx, inputs, output) -> None:
+    gate, up, *act_args = inputs
+    ctx.save_for_backward(gate, up)
+    ctx.act_args = act_args
+
+
 class _GluActFunction(torch.autograd.Function):
     """The eager entry of the elementwise op; ``<ns>::glu_act`` is the same under ``torch.compile``."""
 
-    @staticmethod
-    def forward(ctx, gate, up, *act_args):
-        ctx.save_for_backward(gate, up)
-        ctx.act_args = act_args
-        return _act_forward(gate, up, *act_args)
+    forward = staticmethod(_act_forward)
+    setup_context = staticmethod(_glu_act_setup)
 
     @staticmethod
     def backward(ctx, grad):
@@ -326,12 +329,6 @@ _glu_act_backward_op = torch.library.custom_op(f"{NAMESPACE}::glu_act_backward",
 @_glu_act_backward_op.register_fake
 def _(grad, gate, up, variant, beta, alpha, limit):
     return _empty(gate), _empty(up)
-
-
-def _glu_act_setup(ctx, inputs, output) -> None:
-    gate, up, *act_args = inputs
-    ctx.save_for_backward(gate, up)
-    ctx.act_args = act_args
 
 
 def _glu_act_backward(ctx, grad):
@@ -395,19 +392,22 @@ def _glu_mlp_forward(
     return out.view(*x.shape[:-1], out.shape[-1]), gate, up
 
 
-def _glu_mlp_grads(
-    saved: tuple[torch.Tensor, ...],
-    needs: tuple[bool, ...],
-    act_args: tuple,
-    grad_out: torch.Tensor,
-    act_backward_inplace: Callable[..., None],
-) -> list[torch.Tensor | None]:
-    """Gradients of ``_glu_mlp_forward``'s seven tensor inputs from what it saved; overwrites gate and up.
+def _save_for_mlp_backward(ctx, inputs: tuple, gate: torch.Tensor, up: torch.Tensor) -> None:
+    x, gate_weight, _, up_weight, _, down_weight, _, *act_args = inputs
+    # The whole memory cost of backward: x and two [tokens, intermediate] tensors (weights are parameters).
+    ctx.save_for_backward(x, gate_weight, up_weight, down_weight, gate, up)
+    ctx.act_args = act_args
+
+
+def _glu_mlp_grads(ctx, grad_out: torch.Tensor, act_backward_inplace: Callable[..., None]) -> tuple:
+    """Gradients of ``_glu_mlp_forward``'s inputs (None for the four scalars) from what
+    ``_save_for_mlp_backward`` kept; overwrites the saved gate and up.
 
     Ordered for the smallest peak: the activation (re-emitted over its own gradient) is consumed by the
     down projection's weight gradient and freed before the other weight gradients are allocated.
     """
-    x, gate_weight, up_weight, down_weight, gate, up = saved
+    x, gate_weight, up_weight, down_weight, gate, up = ctx.saved_tensors
+    needs, act_args = ctx.needs_input_grad, ctx.act_args
     rows, grad_rows = _as_rows(x), _as_rows(grad_out)
     act = grad_rows @ down_weight
     # One kernel: gate and up become their gradients, the activation's gradient becomes the activation.
@@ -421,7 +421,7 @@ def _glu_mlp_grads(
     grads[3], grads[4] = dup.t() @ rows if needs[3] else None, dup.sum(0) if needs[4] else None
     if needs[0]:  # addmm_ in place: the out-of-place addmm would first copy the [tokens, hidden] product
         grads[0] = (dgate @ gate_weight).addmm_(dup, up_weight).view(x.shape)
-    return grads
+    return (*grads, None, None, None, None)
 
 
 class _GluMlpFunction(torch.autograd.Function):
@@ -429,20 +429,14 @@ class _GluMlpFunction(torch.autograd.Function):
     its first GEMM. Same forward and backward as ``<ns>::glu_mlp``, which ``torch.compile`` sees instead."""
 
     @staticmethod
-    def forward(ctx, x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias, *act_args):
-        out, gate, up = _glu_mlp_forward(
-            x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias, *act_args
-        )
-        # The whole memory cost of backward: x and two [tokens, intermediate] tensors (weights are parameters).
-        ctx.save_for_backward(x, gate_weight, up_weight, down_weight, gate, up)
-        ctx.act_args = act_args
+    def forward(ctx, *inputs):
+        out, gate, up = _glu_mlp_forward(*inputs)
+        _save_for_mlp_backward(ctx, inputs, gate, up)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        needs, act_args = ctx.needs_input_grad, ctx.act_args
-        grads = _glu_mlp_grads(ctx.saved_tensors, needs, act_args, grad_out, _act_backward_inplace_eager)
-        return (*grads, None, None, None, None)
+        return _glu_mlp_grads(ctx, grad_out, _act_backward_inplace_eager)
 
 
 _glu_mlp_op = torch.library.custom_op(f"{NAMESPACE}::glu_mlp", mutates_args=())(_glu_mlp_forward)
@@ -456,19 +450,15 @@ def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias, var
 
 
 def _glu_mlp_setup(ctx, inputs, output) -> None:
-    x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias, *act_args = inputs
     _, gate, up = output
-    ctx.save_for_backward(x, gate_weight, up_weight, down_weight, gate, up)
-    ctx.act_args = act_args
+    _save_for_mlp_backward(ctx, inputs, gate, up)
     ctx.mark_non_differentiable(gate, up)
     # Else autograd fills the two unused output gradients with zeros: 2 x [tokens, intermediate] more memory.
     ctx.set_materialize_grads(False)
 
 
 def _glu_mlp_backward(ctx, grad_out, _grad_gate, _grad_up):
-    needs, act_args = ctx.needs_input_grad, ctx.act_args
-    grads = _glu_mlp_grads(ctx.saved_tensors, needs, act_args, grad_out, _glu_act_backward_inplace_op)
-    return (*grads, None, None, None, None)
+    return _glu_mlp_grads(ctx, grad_out, _glu_act_backward_inplace_op)
 
 
 _glu_mlp_op.register_autograd(_glu_mlp_backward, setup_context=_glu_mlp_setup)
@@ -478,8 +468,10 @@ _glu_mlp_op.register_autograd(_glu_mlp_backward, setup_context=_glu_mlp_setup)
 # Public entry points and the dispatch.
 
 
-def _variant_name(variant: str | GluVariant) -> str:
-    return variant.name if isinstance(variant, GluVariant) else get_variant(variant).name
+def _act_args(variant: str | GluVariant, params: GluParams) -> tuple[str, float, float, float]:
+    """The ops' trailing scalar arguments: the variant's name and its parameters."""
+    name = variant.name if isinstance(variant, GluVariant) else get_variant(variant).name
+    return name, params.beta, params.alpha, params.limit
 
 
 def glu_activation_fused(
@@ -489,7 +481,7 @@ def glu_activation_fused(
 
     ``gate`` and ``up`` may be views into one packed tensor (see ``split_gate_up``): they are read in place.
     """
-    act_args = (_variant_name(variant), params.beta, params.alpha, params.limit)
+    act_args = _act_args(variant, params)
     if torch.compiler.is_compiling():
         return _glu_act_op(gate, up, *act_args)
     return _GluActFunction.apply(gate, up, *act_args)
@@ -531,7 +523,7 @@ def glu_mlp_fused(
 ) -> torch.Tensor:
     """``down(act(gate(x)) * up(x))`` as one differentiable op; weights in ``nn.Linear`` layout."""
     tensors = _autocast([x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias], x.device.type)
-    act_args = (_variant_name(variant), params.beta, params.alpha, params.limit)
+    act_args = _act_args(variant, params)
     if torch.compiler.is_compiling():
         out, _, _ = _glu_mlp_op(*tensors, *act_args)
         return out
