@@ -180,11 +180,6 @@ class Gemms:
 # --- Measurements ---------------------------------------------------------------------------------------
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_ms(fn: Callable[[], None], device: str, iters: int, warmup: int) -> float:
     """Median wall time of ``fn`` in milliseconds (CUDA events on GPU)."""
     for _ in range(warmup):
@@ -278,7 +273,7 @@ def measure(shape: Shape, device: str, iters: int, warmup: int, repeat: int = 1)
     dy = torch.randn(shape.tokens, shape.hidden, device=device, dtype=shape.dtype)
     flops = 2 * shape.tokens * shape.hidden * shape.inner * 3  # forward GEMMs; backward is twice that
     gemms = Gemms(shape, device)
-    rows = [Row(shape.name, "gemms", x_gemms=1.0)]
+    rows = [Row(shape.name, "gemms")]
     timed = {"gemms": (gemms.forward, gemms.forward_backward)}
     reference = None
     for impl, (mlp, note) in implementations(shape, device).items():
@@ -305,9 +300,8 @@ def measure(shape: Shape, device: str, iters: int, warmup: int, repeat: int = 1)
     by_impl = {r.impl: r for r in rows}
     for impl, times in rounds.items():
         row = by_impl[impl]
-        row.fwd_ms = statistics.median(t[0] for t in times)
-        row.fwd_bwd_ms = statistics.median(t[1] for t in times)
         fwd_bwd = [t[1] for t in times]
+        row.fwd_ms, row.fwd_bwd_ms = statistics.median(t[0] for t in times), statistics.median(fwd_bwd)
         row.spread = (max(fwd_bwd) - min(fwd_bwd)) / row.fwd_bwd_ms if repeat > 1 else None
         row.tflops = 3 * flops / row.fwd_bwd_ms / 1e9
     gemm_ms, eager_ms = by_impl["gemms"].fwd_bwd_ms, by_impl["eager"].fwd_bwd_ms
