@@ -1,6 +1,11 @@
-"""Model cards: the README.md of a converted checkpoint, rendered from ``hf_glu/model_cards/``.
+"""Model cards: the README.md of a converted checkpoint, rendered from a template in ``model_cards/``.
 
-The templates ship inside the package (package data) so an installed, non-editable hf-glu finds them.
+The templates live in the repository's top-level ``model_cards/`` folder, next to ``hf_glu/``: they are
+documents, edited as such. pyproject.toml maps that folder to the data-only package ``hf_glu.model_cards``,
+so a wheel or plain ``pip install .`` ships them as ``hf_glu/model_cards/*.md`` and an editable install
+resolves the same name to the folder itself; ``template_text`` reads them through ``importlib.resources``,
+which finds them either way (tests/test_cards.py checks both).
+
 The YAML header is written by ``huggingface_hub.ModelCardData`` (with ``EvalResult`` entries for the
 model-index), so it is what the Hub validates.
 """
@@ -14,6 +19,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .glu import get_variant
 
+TEMPLATE_PACKAGE = "hf_glu.model_cards"  # the top-level model_cards/ folder, mapped in pyproject.toml
 CONVERSION_TEMPLATE = "glu_conversion.md"
 
 _PIPELINE_TAGS = {
@@ -25,7 +31,8 @@ _PIPELINE_TAGS = {
 
 
 def template_text(name: str = CONVERSION_TEMPLATE) -> str:
-    return resources.files("hf_glu").joinpath("model_cards", name).read_text(encoding="utf-8")
+    """The text of the model-card template ``name`` (a file of ``model_cards/``), in any kind of install."""
+    return resources.files(TEMPLATE_PACKAGE).joinpath(name).read_text(encoding="utf-8")
 
 
 def _hub_id(name: str) -> str | None:

@@ -30,7 +30,7 @@ AUTO_MAP = {
 }
 
 
-def _require_positive_int(field: str, value: object) -> None:
+def require_positive_int(field: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{field}={value!r} is invalid; expected an integer > 0")
 
@@ -40,9 +40,17 @@ def _require_probability(field: str, value: object) -> None:
         raise ValueError(f"{field}={value!r} is invalid; expected a number in [0, 1]")
 
 
-def _require_bool(field: str, value: object) -> None:
+def require_bool(field: str, value: object) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"{field}={value!r} is invalid; expected True or False")
+
+
+def check_glu_fields(glu_variant: str, glu_beta: float, glu_alpha: float, glu_limit: float, glu_kernel: str) -> None:
+    """Raise ValueError naming the first invalid GLU field and what it accepts (every GLU config calls this)."""
+    get_variant(glu_variant)
+    check_params(GluParams(beta=glu_beta, alpha=glu_alpha, limit=glu_limit))
+    if glu_kernel not in GLU_KERNELS:
+        raise ValueError(f"glu_kernel={glu_kernel!r} is invalid; expected one of {list(GLU_KERNELS)}")
 
 
 class GluConfig(PretrainedConfig):
@@ -109,12 +117,12 @@ class GluConfig(PretrainedConfig):
             ("n_layer", n_layer),
             ("n_head", n_head),
         ):
-            _require_positive_int(field, value)
+            require_positive_int(field, value)
         if n_embd % n_head:
             raise ValueError(f"n_embd={n_embd} is invalid; expected a multiple of n_head={n_head}")
         if n_inner is None:
             n_inner = 4 * n_embd  # GPT-2's convention, resolved so `intermediate_size` is always a number
-        _require_positive_int("n_inner", n_inner)
+        require_positive_int("n_inner", n_inner)
         for field, value in (("resid_pdrop", resid_pdrop), ("embd_pdrop", embd_pdrop), ("attn_pdrop", attn_pdrop)):
             _require_probability(field, value)
         for field, value in (("layer_norm_epsilon", layer_norm_epsilon), ("initializer_range", initializer_range)):
@@ -125,11 +133,8 @@ class GluConfig(PretrainedConfig):
             ("reorder_and_upcast_attn", reorder_and_upcast_attn),
             ("mlp_bias", mlp_bias),
         ):
-            _require_bool(field, value)
-        get_variant(glu_variant)
-        check_params(GluParams(beta=glu_beta, alpha=glu_alpha, limit=glu_limit))
-        if glu_kernel not in GLU_KERNELS:
-            raise ValueError(f"glu_kernel={glu_kernel!r} is invalid; expected one of {list(GLU_KERNELS)}")
+            require_bool(field, value)
+        check_glu_fields(glu_variant, glu_beta, glu_alpha, glu_limit, glu_kernel)
 
         self.vocab_size = vocab_size
         self.n_positions = n_positions
@@ -161,9 +166,14 @@ class GluConfig(PretrainedConfig):
         )
 
     @property
+    def glu_width(self) -> int:
+        """The GLU MLP's width (every GLU config answers to this name)."""
+        return self.n_inner
+
+    @property
     def glu_params(self) -> GluParams:
         """The variant's scalar parameters as one value."""
         return GluParams(beta=self.glu_beta, alpha=self.glu_alpha, limit=self.glu_limit)
 
 
-__all__ = ["GluConfig", "GLU_KERNELS", "AUTO_MAP"]
+__all__ = ["GluConfig", "GLU_KERNELS", "AUTO_MAP", "check_glu_fields"]

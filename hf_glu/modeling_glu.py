@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
@@ -51,21 +52,47 @@ def _with_cache(cache: Cache | None) -> dict:
 
 
 class GluMLP(nn.Module):
-    """``down(act(gate(x)) * up(x))`` with the variant named by ``config.glu_variant``."""
+    """``down(act(gate(x)) * up(x))`` with the variant named by ``config.glu_variant``.
 
-    def __init__(self, config: GluConfig):
+    The one GLU MLP of every model here: the GPT-2-style ``GluModel`` builds it from its config alone;
+    the other families (``modeling_glu_families``) pass their own width, biases and dropout. ``config``
+    is any config with the GLU fields (``glu_variant``, ``glu_params``, ``glu_kernel``), read at each call
+    so a changed ``glu_kernel`` takes effect at once.
+
+    Args:
+        intermediate_size: the GLU width (default ``config.intermediate_size``).
+        bias: biases of ``gate_proj`` and ``down_proj`` (default ``config.mlp_bias``).
+        up_bias: bias of ``up_proj`` (default ``bias``); exact conversions of bias-free MLPs need one.
+        dropout: dropout on the output (default ``config.resid_pdrop``); 0 where the layer applies it.
+        adds_residual: ``forward(hidden_states, residual)`` returns ``residual + dropout(mlp)``, for the
+            families whose MLP adds the residual itself (BLOOM, MPT).
+    """
+
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        *,
+        intermediate_size: int | None = None,
+        bias: bool | None = None,
+        up_bias: bool | None = None,
+        dropout: float | None = None,
+        adds_residual: bool = False,
+    ):
         super().__init__()
         self.config = config
         self.variant = get_variant(config.glu_variant)
         self.params = config.glu_params
-        hidden, inner = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(hidden, inner, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(hidden, inner, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(inner, hidden, bias=config.mlp_bias)
+        hidden = config.hidden_size
+        inner = intermediate_size if intermediate_size is not None else config.intermediate_size
+        bias = config.mlp_bias if bias is None else bias
+        self.gate_proj = nn.Linear(hidden, inner, bias=bias)
+        self.up_proj = nn.Linear(hidden, inner, bias=bias if up_bias is None else up_bias)
+        self.down_proj = nn.Linear(inner, hidden, bias=bias)
         self.down_proj.writes_residual = True  # read by _init_weights
-        self.dropout = nn.Dropout(config.resid_pdrop)
+        self.dropout = nn.Dropout(config.resid_pdrop if dropout is None else dropout)
+        self.adds_residual = adds_residual
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         # The single dispatch point between the fused kernels and the eager reference.
         if fused_path_wanted(self.config.glu_kernel, hidden_states):
             out = fused_glu_mlp(self, hidden_states)
@@ -74,7 +101,12 @@ class GluMLP(nn.Module):
                 self.gate_proj(hidden_states), self.up_proj(hidden_states), self.variant, self.params
             )
             out = self.down_proj(activated)
-        return self.dropout(out)
+        out = self.dropout(out)
+        if self.adds_residual:
+            if residual is None:
+                raise ValueError("this GLU MLP adds the residual itself: call it as mlp(hidden_states, residual)")
+            out = residual + out
+        return out
 
     def extra_repr(self) -> str:
         return f"variant={self.variant.name}, params={self.params}"

@@ -7,7 +7,6 @@ The MLP goes through an init scheme (:mod:`.init_schemes`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -23,7 +22,7 @@ from ..modeling_glu import (
     GluPreTrainedModel,
 )
 from .errors import ConversionError
-from .init_schemes import UnitMap, check_activation
+from .init_schemes import UnitMap, check_activation, preserved_projections
 
 TARGET_CLASSES: dict[str, type[GluPreTrainedModel]] = {
     "GPT2LMHeadModel": GluForCausalLM,
@@ -160,59 +159,8 @@ def convert_weights(
     return out
 
 
-def _scaled(t: torch.Tensor, scale: float) -> torch.Tensor:
-    """``t · scale`` rounded once to ``t``'s dtype: through float64, or directly when the product is exact
-    anyway (a zero or a power-of-two scale), which gives the same bits without the float64 copies."""
-    if scale == 0.0 or abs(math.frexp(scale)[0]) == 0.5:
-        return t * scale
-    return (t.double() * scale).to(t.dtype)
-
-
 def _preserved_mlp(sd: dict[str, torch.Tensor], m: UnitMap) -> dict[str, torch.Tensor]:
-    """gate = gate_scale·z + gate_shift, up = up_scale·z + up_shift with z = c_fc(x), down = c_proj."""
-    w = _t(sd["mlp.c_fc.weight"])
-    b = sd["mlp.c_fc.bias"]
-
-    def affine(scale: float, shift: float, reuse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        # Scale in float64 so the only rounding is the final cast; a zero scale gives exact zeros.
-        # A unit scale keeps the transposed c_fc weight itself (once: two parameters never share a tensor).
-        weight = w if reuse and scale == 1.0 else _scaled(w, scale)
-        bias = (b.double() * scale + shift).to(b.dtype)
-        return weight, bias
-
-    gate_w, gate_b = affine(m.gate_scale, m.gate_shift, reuse=True)
-    up_w, up_b = affine(m.up_scale, m.up_shift, reuse=m.gate_scale != 1.0)
-    return {
-        "mlp.gate_proj.weight": gate_w,
-        "mlp.gate_proj.bias": gate_b,
-        "mlp.up_proj.weight": up_w,
-        "mlp.up_proj.bias": up_b,
-        "mlp.down_proj.weight": _t(sd["mlp.c_proj.weight"]),
-        "mlp.down_proj.bias": sd["mlp.c_proj.bias"],
-    }
-
-
-def build_model(
-    target: type[GluPreTrainedModel], config: GluConfig, state_dict: dict[str, torch.Tensor], seed: int | None
-) -> GluPreTrainedModel:
-    """``target`` holding ``state_dict``.
-
-    With ``seed`` None every weight must be in ``state_dict``, and the model is built on the meta device
-    and takes the tensors as they are (no random init, no copy). With a seed, the weights left out (the
-    random scheme's MLP) keep the model's own seeded init.
-    """
-    if seed is None:
-        with torch.device("meta"):
-            model = target(config)
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = target(config)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=seed is None)
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    left = [k for k in missing if k not in tied and (seed is None or ".mlp." not in k)]
-    if left or unexpected:  # a mapping bug, not a user error
-        raise RuntimeError(f"weight mapping incomplete: missing {left}, unexpected {unexpected}")
-    if tied:
-        model.tie_weights()
-    return model.eval()
+    projections = preserved_projections(
+        _t(sd["mlp.c_fc.weight"]), sd["mlp.c_fc.bias"], _t(sd["mlp.c_proj.weight"]), sd["mlp.c_proj.bias"], m
+    )
+    return {f"mlp.{k}": v for k, v in projections.items()}

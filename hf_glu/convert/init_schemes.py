@@ -190,3 +190,40 @@ def fit_unit_map(
     m = UnitMap(*coefficients, bound=0.0, fit_range=fit_range, exact=exact)
     bound = 0.0 if exact else _max_error(variant, params, m, act, grid)
     return UnitMap(*coefficients, bound=bound, fit_range=fit_range, exact=exact)
+
+
+def _scaled(t: torch.Tensor, scale: float) -> torch.Tensor:
+    """``t · scale`` rounded once to ``t``'s dtype: through float64, or directly when the product is exact
+    anyway (a zero or a power-of-two scale), which gives the same bits without the float64 copies."""
+    if scale == 0.0 or abs(math.frexp(scale)[0]) == 0.5:
+        return t * scale
+    return (t.double() * scale).to(t.dtype)
+
+
+def preserved_projections(
+    w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor, b_out: torch.Tensor | None, m: UnitMap
+) -> dict[str, torch.Tensor | None]:
+    """The GLU projections of the ``preserve`` scheme for a dense MLP ``proj_out(act(proj_in(x)))``.
+
+    Weights in ``nn.Linear`` layout (``[out, in]``). gate = gate_scale·z + gate_shift and
+    up = up_scale·z + up_shift with z = proj_in(x); down = proj_out. A bias-free ``proj_in`` counts as a
+    zero bias, so the shifts still land in the gate and up biases; ``down_proj.bias`` is ``b_out``.
+    """
+    b = b_in if b_in is not None else torch.zeros(w_in.shape[0], dtype=w_in.dtype)
+
+    def affine(scale: float, shift: float, reuse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        # Scale in float64 so the only rounding is the final cast; a zero scale gives exact zeros.
+        # A unit scale keeps the input weight itself (once: two parameters never share a tensor).
+        weight = w_in if reuse and scale == 1.0 else _scaled(w_in, scale)
+        return weight, (b.double() * scale + shift).to(b.dtype)
+
+    gate_w, gate_b = affine(m.gate_scale, m.gate_shift, reuse=True)
+    up_w, up_b = affine(m.up_scale, m.up_shift, reuse=m.gate_scale != 1.0)
+    return {
+        "gate_proj.weight": gate_w,
+        "gate_proj.bias": gate_b,
+        "up_proj.weight": up_w,
+        "up_proj.bias": up_b,
+        "down_proj.weight": w_out,
+        "down_proj.bias": b_out,
+    }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -12,13 +13,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..cards import render_conversion_card
 from ..data import builtin_corpus, split_train_eval
-from ..modeling_glu import GluPreTrainedModel
 from .errors import ConversionError
-from .gpt2 import build_model, convert_config, convert_weights, target_class
 from .init_schemes import CALIBRATED_VARIANTS, UnitMap, fit_unit_map
 from .report import LayerStats, compare, mlp_weights, record_source
 from .save import atomic_folder, check_destination
 from .source import Source, load_source
+from .surgery import Surgery, build_model, surgery_for
 
 DEFAULT_EVAL_TOKENS = 256  # 256 × a 50257-word vocabulary: 12.9M logits compared; a 124M model scores it in seconds
 CALIBRATION_TOKENS = 512
@@ -26,12 +26,13 @@ CALIBRATION_TOKENS = 512
 # calibrated fits are never scored on the text they were fitted to.
 _DEFAULT_TEXT_CHARS = 40_000
 _MAX_FIT_SAMPLES = 200_000
+_DEFAULT_WINDOW = 1024  # evaluation window: the model's context, at most this
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 @dataclass
 class Conversion:
-    model: GluPreTrainedModel
+    model: PreTrainedModel
     report: dict
     source: Source
 
@@ -62,13 +63,18 @@ def _token_ids(text: str | None, tokenizer: PreTrainedTokenizerBase | None, voca
 
 
 @torch.inference_mode()
-def _record_preactivations(model: PreTrainedModel, ids: torch.Tensor, max_length: int) -> list[torch.Tensor]:
-    """Each layer's ``c_fc`` output on ``ids``, subsampled to at most ``_MAX_FIT_SAMPLES`` values."""
-    blocks = model.h if hasattr(model, "h") else model.transformer.h
-    recorded: list[list[torch.Tensor]] = [[] for _ in blocks]
+def _record_preactivations(
+    model: PreTrainedModel, surgery: Surgery, ids: torch.Tensor, max_length: int
+) -> list[torch.Tensor]:
+    """Each layer's MLP pre-activation (its input projection's output) on ``ids``, subsampled to at most
+    ``_MAX_FIT_SAMPLES`` values."""
+    layers = surgery.source_layers(model)
+    recorded: list[list[torch.Tensor]] = [[] for _ in layers]
     hooks = [
-        block.mlp.c_fc.register_forward_hook(lambda m, a, out, r=r: r.append(out.detach().float().reshape(-1)))
-        for r, block in zip(recorded, blocks, strict=True)
+        surgery.source_mlp(layer)[0].register_forward_hook(
+            lambda m, a, out, r=r: r.append(out.detach().float().reshape(-1))
+        )
+        for r, layer in zip(recorded, layers, strict=True)
     ]
     was_training = model.training
     model.eval()
@@ -80,13 +86,13 @@ def _record_preactivations(model: PreTrainedModel, ids: torch.Tensor, max_length
             hook.remove()
         model.train(was_training)
     generator = torch.Generator().manual_seed(0)
-    layers = []
+    layers_z = []
     for values in recorded:
         z = torch.cat(values)
         if z.numel() > _MAX_FIT_SAMPLES:
             z = z[torch.randperm(z.numel(), generator=generator)[:_MAX_FIT_SAMPLES]]
-        layers.append(z)
-    return layers
+        layers_z.append(z)
+    return layers_z
 
 
 def convert(
@@ -109,69 +115,69 @@ def convert(
     if tokenizer is not None:
         loaded.tokenizer = tokenizer
     src = loaded.model
-    config = convert_config(src, variant, init, intermediate_size)
-    max_length = min(config.n_positions, 1024)
+    model_type = src.config.model_type
+    surgery = surgery_for(model_type)
+    config = surgery.config(src, variant, init, intermediate_size)
+    max_length = min(surgery.max_positions(src.config) or _DEFAULT_WINDOW, _DEFAULT_WINDOW)
 
     calibration_text, default_eval = split_train_eval(builtin_corpus(_DEFAULT_TEXT_CHARS), 0.5)
     vocab = config.vocab_size
     eval_ids = _token_ids(eval_text if eval_text is not None else default_eval, loaded.tokenizer, vocab, eval_tokens)
+    num_layers = len(surgery.source_layers(src))
+    activation = surgery.activation(src)
 
     unit_maps: list[UnitMap] | None = None
     if init == "preserve":
-        activation = activation_of(src)
         if variant in CALIBRATED_VARIANTS:
             calibration_ids = _token_ids(calibration_text, loaded.tokenizer, vocab, CALIBRATION_TOKENS)
-            recorded = _record_preactivations(src, calibration_ids, max_length)
+            recorded = _record_preactivations(src, surgery, calibration_ids, max_length)
             unit_maps = [fit_unit_map(variant, activation, config.glu_params, z) for z in recorded]
         else:  # a fixed map, the same for every layer
-            unit_maps = [fit_unit_map(variant, activation, config.glu_params)] * config.n_layer
+            unit_maps = [fit_unit_map(variant, activation, config.glu_params)] * num_layers
 
     # The source's pass comes first: a source read from disk is ours alone, so the conversion may then
     # consume it, block by block, and it is never whole in memory beside the converted model.
-    record = record_source(src, eval_ids, max_length, max_length // 2)
+    record = record_source(src, surgery, eval_ids, max_length, max_length // 2)
     owned = not isinstance(source, PreTrainedModel)
-    target = target_class(src)
+    target = surgery.target_class(src)
     dtype = dtype or next(src.parameters()).dtype
-    src_name, src_class, src_activation = loaded.name or type(src).__name__, type(src).__name__, activation_of(src)
-    stats = [LayerStats(unit_maps is not None) for _ in range(config.n_layer)]
+    src_name, src_class = loaded.name or type(src).__name__, type(src).__name__
+    buffers = {k: v.detach().clone() for k, v in src.named_buffers()}  # non-persistent ones are not in the weights
+    stats = [LayerStats(unit_maps is not None) for _ in range(num_layers)]
 
-    def layer_done(i: int, source_block: torch.nn.Module, layer: dict[str, torch.Tensor]) -> None:
+    def layer_done(i: int, source_layer: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
         # The preserved MLP is measured against the source's while both exist; its records are then freed.
-        weights = {k.removeprefix("mlp."): v.to(dtype) for k, v in layer.items() if k.startswith("mlp.")}
-        stats[i].measure(record.mlp_io[i], weights, variant, config.glu_params, source_block.mlp)
+        reference = partial(surgery.preactivation, source_layer)
+        stats[i].measure(record.mlp_io[i], {k: v.to(dtype) for k, v in weights.items()}, variant,
+                         config.glu_params, reference)  # fmt: skip
         record.mlp_io[i] = []
 
-    state_dict = convert_weights(
-        src, config, unit_maps, share=owned, layer_done=layer_done if unit_maps is not None else None
-    )
+    state_dict = surgery.weights(src, config, unit_maps, owned, layer_done if unit_maps is not None else None)
     if owned:
         loaded.model = src = None  # consumed by the conversion
-    model = build_model(target, config, state_dict, seed=None if unit_maps is not None else seed)
+    model = build_model(target, config, state_dict, buffers, seed=None if unit_maps is not None else seed)
     del state_dict
     model = model.to(dtype)
     model.config.dtype = model.dtype
     if unit_maps is None:  # random MLP weights exist only now; there is no unit-for-unit reference
-        for i, block in enumerate(model.transformer.h if hasattr(model, "transformer") else model.h):
-            stats[i].measure(record.mlp_io[i], mlp_weights(block.mlp), variant, config.glu_params)
+        for i, mlp in enumerate(surgery.glu_mlps(model)):
+            stats[i].measure(record.mlp_io[i], mlp_weights(mlp), variant, config.glu_params)
             record.mlp_io[i] = []
 
     report = {
         "source": src_name,
         "source_class": src_class,
+        "source_model_type": model_type,
         "converted_class": type(model).__name__,
-        "source_activation": src_activation,
+        "source_activation": activation,
         "variant": variant,
         "init": init,
-        "intermediate_size": config.intermediate_size,
+        "intermediate_size": config.glu_width,
         "dtype": str(model.dtype).removeprefix("torch."),
         "eval_data": _describe_eval(eval_text, loaded.tokenizer),
         **compare(record, model, stats, unit_maps),
     }
     return Conversion(model=model, report=report, source=loaded)
-
-
-def activation_of(model: PreTrainedModel) -> str:
-    return model.config.activation_function
 
 
 def _describe_eval(eval_text: str | None, tokenizer: PreTrainedTokenizerBase | None) -> str:
@@ -180,7 +186,7 @@ def _describe_eval(eval_text: str | None, tokenizer: PreTrainedTokenizerBase | N
     return "built-in corpus (hf_glu.data.builtin_corpus)" if eval_text is None else "user text"
 
 
-def convert_gpt2(
+def convert_checkpoint(
     source: str | Path | PreTrainedModel,
     variant: str = "swiglu",
     init: str = "preserve",
@@ -191,12 +197,16 @@ def convert_gpt2(
     eval_text: str | None = None,
     eval_tokens: int = DEFAULT_EVAL_TOKENS,
     seed: int = 0,
-) -> GluPreTrainedModel:
-    """Turn a GPT-2 model's MLPs into GLU MLPs; returns the matching ``GluFor*`` model.
+) -> PreTrainedModel:
+    """Turn a GPT-2-style model's MLPs into GLU MLPs; returns the converted model.
+
+    A GPT-2 source becomes the matching ``GluFor*`` model; any other supported family (``hf_glu.FAMILIES``:
+    gpt_neox, opt, bloom, falcon, …) becomes ``Glu<its class>``, the family's own architecture with each
+    layer's MLP a GLU MLP and every other tensor unchanged.
 
     Args:
-        source: a ``GPT2LMHeadModel``, ``GPT2Model``, ``GPT2ForSequenceClassification`` or
-            ``GPT2ForTokenClassification`` instance, a local checkpoint folder, or a Hub id.
+        source: a model instance of a supported class (``GPT2LMHeadModel``, ``GPTNeoXForCausalLM``,
+            ``OPTModel``…), a local checkpoint folder, or a Hub id.
         variant: the GLU variant (``hf_glu.VARIANTS``).
         init: ``"preserve"`` (the converted model computes what the source did, exactly or within the
             variant's documented bound: see :mod:`hf_glu.convert.init_schemes`) or ``"random"``
@@ -225,6 +235,10 @@ def convert_gpt2(
     )
     conversion.model.conversion_report = conversion.report
     return conversion.model
+
+
+# The GPT-2 era name of :func:`convert_checkpoint`, kept for existing callers: it converts any family too.
+convert_gpt2 = convert_checkpoint
 
 
 def write_checkpoint(

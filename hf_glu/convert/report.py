@@ -15,27 +15,25 @@ Two passes, so the two models need never be whole in memory at once:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from ..glu import GluParams, get_variant, glu_activation
-from ..modeling_glu import GluForCausalLM, GluModel, GluPreTrainedModel
 from .init_schemes import UnitMap
 from .perplexity import windows
+from .surgery import Surgery, surgery_for
 
 # Tokens per slice of logits: 128 × a 50257-word vocabulary is 26 MB per float32 copy.
 _LOGIT_ROWS = 128
 
 
-def _blocks(model: PreTrainedModel) -> torch.nn.ModuleList:
-    return model.h if hasattr(model, "h") else model.transformer.h
-
-
-def _is_lm(model: PreTrainedModel) -> bool:
-    return type(model).__name__ in ("GPT2LMHeadModel", "GluForCausalLM")
+def is_causal_lm(model: PreTrainedModel) -> bool:
+    return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
 
 
 @dataclass
@@ -53,25 +51,35 @@ class SourceRecord:
 
 
 @torch.inference_mode()
-def record_source(source: PreTrainedModel, input_ids: torch.Tensor, max_length: int, stride: int) -> SourceRecord:
+def record_source(
+    source: PreTrainedModel, surgery: Surgery, input_ids: torch.Tensor, max_length: int, stride: int
+) -> SourceRecord:
     """Run ``source`` over the windows of ``input_ids``, keeping what :func:`compare` and
-    :class:`LayerStats` need (a few MB per layer for 512 tokens: no logits)."""
-    blocks = _blocks(source)
-    record = SourceRecord(input_ids, max_length, stride, mlp_io=[[] for _ in blocks])
-    hooks = [
-        block.mlp.register_forward_hook(lambda m, args, out, r=r: r.append((args[0], out)))
-        for r, block in zip(record.mlp_io, blocks, strict=True)
-    ]
-    is_lm = _is_lm(source)
+    :class:`LayerStats` need (a few MB per layer for 512 tokens: no logits).
+
+    Each layer's MLP is recorded as its input and ``proj_out(act(proj_in(x)))``: the dense MLP alone, without
+    the dropout or residual some families fold into it, which is what the GLU MLP replaces.
+    """
+    layers = surgery.source_layers(source)
+    record = SourceRecord(input_ids, max_length, stride, mlp_io=[[] for _ in layers])
+
+    def recorder(io: list, act: Callable, proj_out: torch.nn.Module) -> Callable:
+        return lambda module, args, z: io.append((args[0], proj_out(act(z))))
+
+    hooks = []
+    for io, layer in zip(record.mlp_io, layers, strict=True):
+        proj_in, act, proj_out = surgery.source_mlp(layer)
+        hooks.append(proj_in.register_forward_hook(recorder(io, act, proj_out)))
+    is_lm = is_causal_lm(source)
     if is_lm:
-        record.head = source.lm_head
+        record.head = source.get_output_embeddings()
     was_training = source.training
     source.eval()
     try:
         for begin, end, _ in windows(input_ids.shape[-1], max_length, stride):
             ids = input_ids[:, begin:end]
-            if is_lm:  # GPT2LMHeadModel's logits are lm_head(transformer(ids)): the head is applied later
-                record.outputs.append(source.transformer(ids).last_hidden_state)
+            if is_lm:  # a causal LM's logits are its head on the base model's output: the head is applied later
+                record.outputs.append(source.base_model(ids).last_hidden_state)
             else:
                 record.outputs.append(_output(source, ids).float())
     finally:
@@ -97,10 +105,11 @@ class LayerStats:
         weights: dict[str, torch.Tensor],
         variant: str,
         params: GluParams,
-        source_mlp: torch.nn.Module | None = None,
+        source_activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         """The GLU MLP with ``weights`` (``gate_proj.weight``, ``gate_proj.bias``, … in the converted
-        model's dtype) on each recorded input; ``source_mlp`` gives the reference activation."""
+        model's dtype) on each recorded input; ``source_activation(x)`` is the source MLP's activation
+        output, the reference of each GLU unit."""
         spec = get_variant(variant)
         down = weights["down_proj.weight"]
         for x, y in io:
@@ -111,8 +120,8 @@ class LayerStats:
             out = F.linear(activated, down, weights.get("down_proj.bias")).float()
             self.diff_sq += (out - y.float()).pow(2).sum().item()
             self.ref_sq += y.float().pow(2).sum().item()
-            if self.max_unit_error is not None and source_mlp is not None:
-                reference = source_mlp.act(source_mlp.c_fc(x)).float()
+            if self.max_unit_error is not None and source_activation is not None:
+                reference = source_activation(x).float()
                 self.max_unit_error = max(self.max_unit_error, (activated.float() - reference).abs().max().item())
 
     def result(self) -> dict:
@@ -130,7 +139,7 @@ def mlp_weights(mlp: torch.nn.Module) -> dict[str, torch.Tensor]:
 @torch.inference_mode()
 def compare(
     record: SourceRecord,
-    converted: GluPreTrainedModel,
+    converted: PreTrainedModel,
     stats: list[LayerStats],
     unit_maps: list[UnitMap] | None,
 ) -> dict:
@@ -138,13 +147,13 @@ def compare(
     the per-layer figures of ``stats``."""
     converted.eval()
     input_ids, max_length, stride = record.input_ids, record.max_length, record.stride
-    is_lm = isinstance(converted, GluForCausalLM)
+    is_lm = is_causal_lm(converted)
     max_diff, nll, tokens = 0.0, [0.0, 0.0], 0
     for index, (begin, end, target_len) in enumerate(windows(input_ids.shape[-1], max_length, stride)):
         ids = input_ids[:, begin:end]
         if is_lm:
-            hidden = converted.transformer(ids).last_hidden_state
-            heads = ((record.head, record.outputs[index]), (converted.lm_head, hidden))
+            hidden = converted.base_model(ids).last_hidden_state
+            heads = ((record.head, record.outputs[index]), (converted.get_output_embeddings(), hidden))
             n = min(target_len, ids.shape[-1] - 1)  # the window's scored tokens: predicted by rows -n-1 … -2
             first_scored = ids.shape[-1] - 1 - n
             for row in range(0, ids.shape[-1], _LOGIT_ROWS):
@@ -171,7 +180,7 @@ def compare(
         if unit_maps is not None:
             layer["unit_map"] = unit_maps[i].to_dict()
         layers.append(layer)
-    output_name = "last_hidden_state" if isinstance(converted, GluModel) else "logits"
+    output_name = "last_hidden_state" if converted.base_model is converted else "logits"
     report = {
         "eval_tokens": int(input_ids.shape[-1]),
         "window": {"max_length": max_length, "stride": stride},
@@ -195,7 +204,7 @@ def compare(
 
 def fidelity_report(
     source: PreTrainedModel,
-    converted: GluPreTrainedModel,
+    converted: PreTrainedModel,
     input_ids: torch.Tensor,
     max_length: int,
     stride: int,
@@ -203,16 +212,21 @@ def fidelity_report(
 ) -> dict:
     """Per-layer MLP relative error, max |Δ output| and (for LMs) both perplexities on ``input_ids``,
     for two models both in memory (:func:`hf_glu.convert.convert` runs the steps apart instead)."""
-    record = record_source(source, input_ids, max_length, stride)
+    surgery = surgery_for(source.config.model_type)
+    record = record_source(source, surgery, input_ids, max_length, stride)
     stats = []
-    for i, (src_block, glu_block) in enumerate(zip(_blocks(source), _blocks(converted), strict=True)):
+    for i, (src_layer, mlp) in enumerate(zip(surgery.source_layers(source), surgery.glu_mlps(converted), strict=True)):
         s = LayerStats(unit_maps is not None)
-        mlp = glu_block.mlp
-        s.measure(record.mlp_io[i], mlp_weights(mlp), mlp.variant.name, mlp.params, src_block.mlp)
+        reference = partial(surgery.preactivation, src_layer)
+        s.measure(record.mlp_io[i], mlp_weights(mlp), mlp.variant.name, mlp.params, reference)
         stats.append(s)
     return compare(record, converted, stats, unit_maps)
 
 
 def _output(model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
     out = model(ids)
-    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+    if getattr(out, "logits", None) is not None:
+        return out.logits
+    if getattr(out, "start_logits", None) is not None:  # question answering
+        return torch.stack([out.start_logits, out.end_logits])
+    return out.last_hidden_state

@@ -1,8 +1,9 @@
-"""Loading a GPT-2 source: a model instance, a local folder or a Hub id, checked before anything is built.
+"""Loading a source: a model instance, a local folder or a Hub id, checked before anything is built.
 
-Weights are read by us rather than by ``from_pretrained``, which would fill missing weights with random
-values after only a warning: a conversion must fail loudly on a missing, corrupt, misshapen or
-non-finite tensor instead.
+GPT-2 weights are read by us rather than by ``from_pretrained``, which would fill missing weights with
+random values after only a warning; the other families go through ``from_pretrained`` (which knows each
+family's legacy weight names) with its loading report checked. Either way a conversion fails loudly on a
+missing, corrupt, misshapen or non-finite tensor.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import (
     AutoConfig,
     AutoTokenizer,
@@ -27,12 +29,18 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from ..configuration_glu_families import FAMILIES
 from .errors import ConversionError
 
-SOURCE_CLASSES: dict[str, type[PreTrainedModel]] = {
+GPT2_CLASSES: dict[str, type[PreTrainedModel]] = {
     cls.__name__: cls for cls in (GPT2LMHeadModel, GPT2Model, GPT2ForSequenceClassification, GPT2ForTokenClassification)
 }
-SUPPORTED_MODEL_TYPES = ("gpt2",)
+# Every class we convert from, by name: GPT-2's and each family's heads.
+SOURCE_CLASSES: dict[str, type[PreTrainedModel]] = {
+    **GPT2_CLASSES,
+    **{name: getattr(transformers, name) for family in FAMILIES.values() for name in family.heads.values()},
+}
+SUPPORTED_MODEL_TYPES = ("gpt2", *FAMILIES)
 # Buffers that old GPT-2 checkpoints saved (the causal mask and its fill value); today's models build
 # the mask on the fly, so these are dropped rather than treated as unexpected weights.
 _LEGACY_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".crossattention.bias", ".crossattention.masked_bias")
@@ -59,8 +67,12 @@ def supported_classes_text() -> str:
     return ", ".join(SOURCE_CLASSES)
 
 
+def supported_types_text() -> str:
+    return ", ".join(SUPPORTED_MODEL_TYPES)
+
+
 def check_source_model(model: object) -> None:
-    """Raise ConversionError unless ``model`` is an instance of one of the supported GPT-2 classes."""
+    """Raise ConversionError unless ``model`` is an instance of one of the supported source classes."""
     if type(model).__name__ not in SOURCE_CLASSES or not isinstance(model, SOURCE_CLASSES[type(model).__name__]):
         raise ConversionError(
             f"cannot convert a {type(model).__name__}; supported source classes: {supported_classes_text()}"
@@ -102,7 +114,10 @@ def load_source(source: str | Path | PreTrainedModel) -> Source:
     if not folder.is_dir():
         raise ConversionError(f"source {name!r} is not a folder; expected a checkpoint folder or a Hub id")
     config, model_cls = _read_config(folder)
-    model = _build(model_cls, config, _read_weights(folder))
+    if config.model_type == "gpt2":
+        model = _build(model_cls, config, _read_weights(folder))
+    else:
+        model = _from_pretrained(model_cls, folder)
     return Source(model=model, name=name, tokenizer=_read_tokenizer(folder), generation_config=_read_generation(folder))
 
 
@@ -128,17 +143,20 @@ def _read_config(folder: Path) -> tuple[GPT2Config, type[PreTrainedModel]]:
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConversionError(
-            f"model_type={model_type!r} in {str(path)!r} is not supported; supported: gpt2 ({supported_classes_text()})"
+            f"model_type={model_type!r} in {str(path)!r} is not supported; supported: {supported_types_text()}"
         )
-    architecture = (raw.get("architectures") or ["GPT2LMHeadModel"])[0]
-    if architecture not in SOURCE_CLASSES:
+    heads = GPT2_CLASSES if model_type == "gpt2" else FAMILIES[model_type].heads.values()
+    default = "GPT2LMHeadModel" if model_type == "gpt2" else FAMILIES[model_type].heads["AutoModelForCausalLM"]
+    architecture = (raw.get("architectures") or [default])[0]
+    if architecture not in heads:
         raise ConversionError(
-            f"architecture {architecture!r} is not supported; supported source classes: {supported_classes_text()}"
+            f"architecture {architecture!r} is not supported for model_type={model_type!r}; "
+            f"supported: {', '.join(heads)}"
         )
     try:
         config = AutoConfig.from_pretrained(folder)
     except Exception as e:
-        raise ConversionError(f"{str(path)!r} is not a valid GPT-2 config: {e}") from None
+        raise ConversionError(f"{str(path)!r} is not a valid {model_type} config: {e}") from None
     return config, SOURCE_CLASSES[architecture]
 
 
@@ -227,6 +245,23 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
                     raise ValueError(f"tensor {name!r} is truncated")
             state_dict[name] = tensor
     return state_dict
+
+
+def _from_pretrained(model_cls: type[PreTrainedModel], folder: Path) -> PreTrainedModel:
+    """The family's own loader (it maps legacy weight names), refusing what it would only warn about."""
+    try:
+        model, info = model_cls.from_pretrained(folder, output_loading_info=True, dtype="auto")
+    except Exception as e:  # corrupt or truncated files, bad shapes: all mean "cannot read this source"
+        raise ConversionError(f"the weights in {str(folder)!r} cannot be loaded ({type(e).__name__}: {e})") from None
+    for problem in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        if info.get(problem):
+            found = sorted(str(k) for k in info[problem])
+            raise ConversionError(
+                f"the checkpoint in {str(folder)!r} has {problem.replace('_', ' ')}: {found[:5]}"
+                f"{' …' if len(found) > 5 else ''}; expected exactly the weights of a {model_cls.__name__}"
+            )
+    check_finite(dict(model.state_dict()))
+    return model.eval()
 
 
 def _build(model_cls: type[PreTrainedModel], config: GPT2Config, loaded: dict[str, torch.Tensor]) -> PreTrainedModel:

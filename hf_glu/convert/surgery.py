@@ -1,0 +1,249 @@
+"""What a conversion needs to know about the source's architecture, for GPT-2 and for every other family.
+
+:class:`Surgery` is the one interface the pipeline and the fidelity report use: it maps the config and
+the weights, and says where each layer's MLP projections and activation are (to record calibration
+pre-activations and per-layer references). :class:`Gpt2Surgery` rebuilds GPT-2 as ``GluFor*``
+(``convert/gpt2.py``); :class:`FamilySurgery` keeps any other family's own architecture and replaces
+only its MLP weights (``gate_proj``/``up_proj``/``down_proj`` under the layer's MLP), every other tensor
+keeping its name and value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from operator import attrgetter
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from ..configuration_glu_families import FAMILIES, GLU_FAMILY_CONFIGS, Family, mlp_attribute
+from ..glu import get_variant
+from ..modeling_glu_families import GLU_FAMILY_MODELS
+from . import gpt2
+from .errors import ConversionError
+from .init_schemes import UnitMap, check_activation, preserved_projections
+
+# Called with each layer's index, the source layer and its GLU MLP tensors (named as in the MLP, e.g.
+# `gate_proj.weight`) while the source layer still exists.
+LayerDone = Callable[[int, nn.Module, dict[str, torch.Tensor]], None]
+
+# Config fields that describe the source file rather than the model, or that the GLU class sets itself.
+_DROPPED_FIELDS = ("model_type", "architectures", "transformers_version", "_name_or_path", "auto_map", "dtype",
+                   "torch_dtype")  # fmt: skip
+
+
+class Surgery:
+    """The architecture-specific half of a conversion (see the module docstring)."""
+
+    def config(self, source: PreTrainedModel, variant: str, init: str, width: int | None) -> object:
+        raise NotImplementedError
+
+    def target_class(self, source: PreTrainedModel) -> type[PreTrainedModel]:
+        raise NotImplementedError
+
+    def weights(
+        self,
+        source: PreTrainedModel,
+        config,
+        unit_maps: list[UnitMap] | None,
+        share: bool,
+        layer_done: LayerDone | None,
+    ) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def activation(self, source: PreTrainedModel) -> str:
+        raise NotImplementedError
+
+    def source_layers(self, model: PreTrainedModel) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def source_mlp(self, layer: nn.Module) -> tuple[nn.Module, Callable, nn.Module]:
+        """The layer's input projection, activation and output projection."""
+        raise NotImplementedError
+
+    def glu_mlps(self, model: PreTrainedModel) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def max_positions(self, config) -> int | None:
+        """The longest sequence the source attends over (``None``: no limit the config states)."""
+        return getattr(config, "max_position_embeddings", None)
+
+    def preactivation(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        proj_in, act, _ = self.source_mlp(layer)
+        return act(proj_in(x))
+
+
+class Gpt2Surgery(Surgery):
+    def config(self, source, variant, init, width):
+        return gpt2.convert_config(source, variant, init, width)
+
+    def target_class(self, source):
+        return gpt2.target_class(source)
+
+    def weights(self, source, config, unit_maps, share, layer_done):
+        def mlp_done(i: int, block: nn.Module, layer: dict[str, torch.Tensor]) -> None:
+            layer_done(i, block, {k.removeprefix("mlp."): v for k, v in layer.items() if k.startswith("mlp.")})
+
+        done = mlp_done if layer_done is not None else None
+        return gpt2.convert_weights(source, config, unit_maps, share=share, layer_done=done)
+
+    def activation(self, source):
+        return source.config.activation_function
+
+    def source_layers(self, model):
+        return model.base_model.h
+
+    def source_mlp(self, layer):
+        return layer.mlp.c_fc, layer.mlp.act, layer.mlp.c_proj
+
+    def glu_mlps(self, model):
+        return [block.mlp for block in model.base_model.h]
+
+    def max_positions(self, config):
+        return config.n_positions
+
+
+class FamilySurgery(Surgery):
+    """Keeps the family's architecture: ``Glu<FamilyClass>`` with the source's tensors, MLPs replaced."""
+
+    def __init__(self, family: Family):
+        self.family = family
+
+    def config(self, source, variant, init, width):
+        src = source.config
+        try:
+            get_variant(variant)
+        except ValueError as e:
+            raise ConversionError(str(e)) from None
+        if init not in gpt2.INIT_SCHEMES:
+            known = list(gpt2.INIT_SCHEMES)
+            raise ConversionError(f"init={init!r} is not a known init scheme; expected one of {known}")
+        activation = self.activation(source)
+        check_activation(activation)
+        source_width = self.family.width(src)
+        if init == "preserve" and width not in (None, source_width):
+            raise ConversionError(
+                f"intermediate_size={width} cannot be used with init='preserve', which keeps the source's "
+                f"{source_width}; use init='random' for another size"
+            )
+        source_bias = self.family.bias(src)
+        values = {k: v for k, v in src.to_dict().items() if k not in _DROPPED_FIELDS}
+        values.update(
+            glu_variant=variant,
+            glu_intermediate_size=width or source_width,
+            glu_bias=source_bias,
+            # A bias-free MLP still needs a constant up path (1, or 1/s) for the preserve scheme: only a
+            # bias can hold it. gate_proj keeps the source's (absent) bias; down_proj is the source's.
+            glu_up_bias=True if init == "preserve" else source_bias,
+            architectures=[self.target_class(source).__name__],
+        )
+        try:
+            config = GLU_FAMILY_CONFIGS[self.family.model_type](**values)
+        except (ValueError, TypeError) as e:
+            raise ConversionError(f"the source config cannot be carried over: {e}") from None
+        config._attn_implementation = src._attn_implementation
+        return config
+
+    def target_class(self, source):
+        auto = next(a for a, name in self.family.heads.items() if name == type(source).__name__)
+        return GLU_FAMILY_MODELS[self.family.model_type][auto]
+
+    def activation(self, source):
+        return self.family.activation(source.config)
+
+    def source_layers(self, model):
+        return attrgetter(self.family.layers)(model.base_model)
+
+    def source_mlp(self, layer):
+        family = self.family
+        owner = layer if family.mlp is None else getattr(layer, family.mlp)
+        return getattr(owner, family.proj_in), getattr(owner, family.act), getattr(owner, family.proj_out)
+
+    def glu_mlps(self, model):
+        return [getattr(layer, mlp_attribute(self.family)) for layer in self.source_layers(model)]
+
+    def max_positions(self, config):
+        # ALiBi families (BLOOM, MPT) have no position table; their configs may still state a length.
+        return getattr(config, "max_position_embeddings", None) or getattr(config, "max_seq_len", None)
+
+    def weights(self, source, config, unit_maps, share, layer_done):
+        """The source's state dict with each layer's MLP tensors replaced (left out with ``unit_maps``
+        None: the random scheme's fresh weights come from the model's own init)."""
+        take = (lambda v: v.detach()) if share else (lambda v: v.detach().clone())
+        out = {k: take(v) for k, v in source.state_dict().items()}
+        module_names = {id(m): name for name, m in source.named_modules()}
+        for i, layer in enumerate(self.source_layers(source)):
+            proj_in, _, proj_out = self.source_mlp(layer)
+            w_in, b_in = (out.pop(f"{module_names[id(proj_in)]}.{k}", None) for k in ("weight", "bias"))
+            w_out, b_out = (out.pop(f"{module_names[id(proj_out)]}.{k}", None) for k in ("weight", "bias"))
+            glu: dict[str, torch.Tensor] = {}
+            if unit_maps is not None:
+                if self.family.conv1d:  # GPT-2-style [in, out] storage
+                    w_in, w_out = w_in.t().contiguous(), w_out.t().contiguous()
+                glu = self._kept_biases(preserved_projections(w_in, b_in, w_out, b_out, unit_maps[i]), config)
+            if layer_done is not None:
+                layer_done(i, layer, glu)
+            mlp = f"{module_names[id(layer)]}.{mlp_attribute(self.family)}"
+            out.update({f"{mlp}.{k}": v for k, v in glu.items()})
+        return out
+
+    @staticmethod
+    def _kept_biases(glu: dict[str, torch.Tensor | None], config) -> dict[str, torch.Tensor]:
+        """Drop the biases the GLU config has no place for; one that is not all zero there is a bug."""
+        kept = {"gate_proj.bias": config.glu_gate_down_bias, "down_proj.bias": config.glu_gate_down_bias,
+                "up_proj.bias": config.glu_up_proj_bias}  # fmt: skip
+        for name, keep in kept.items():
+            if not keep:
+                dropped = glu.pop(name)
+                if dropped is not None and torch.count_nonzero(dropped):
+                    raise ConversionError(f"this init map needs {name}, which the bias-free source MLP does not have")
+        return glu
+
+
+SUPPORTED_MODEL_TYPES = ("gpt2", *FAMILIES)
+
+
+def surgery_for(model_type: str) -> Surgery:
+    """The surgery of a source ``model_type``; unsupported types get one line listing the supported ones."""
+    if model_type == "gpt2":
+        return Gpt2Surgery()
+    if model_type in FAMILIES:
+        return FamilySurgery(FAMILIES[model_type])
+    raise ConversionError(f"model_type={model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+
+
+def build_model(
+    target: type[PreTrainedModel],
+    config,
+    state_dict: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+    seed: int | None,
+) -> PreTrainedModel:
+    """``target`` holding ``state_dict``.
+
+    With ``seed`` None every weight must be in ``state_dict``, and the model is built on the meta device
+    and takes the tensors as they are (no random init, no copy); its non-persistent buffers (rotary
+    frequencies, masks), which no state dict holds, are taken from ``buffers`` (the source's, by name).
+    With a seed, the weights left out (the random scheme's MLP) keep the model's own seeded init.
+    """
+    if seed is None:
+        with torch.device("meta"):
+            model = target(config)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = target(config)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=seed is None)
+    tied = set(getattr(model, "_tied_weights_keys", None) or {}) if config.tie_word_embeddings else set()
+    left = [k for k in missing if k not in tied and (seed is None or ".gate_proj." not in k and ".up_proj." not in k
+                                                     and ".down_proj." not in k)]  # fmt: skip
+    if left or unexpected:  # a mapping bug, not a user error
+        raise RuntimeError(f"weight mapping incomplete: missing {left}, unexpected {unexpected}")
+    for name, buffer in model.named_buffers():
+        if buffer.is_meta:
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner)._buffers[leaf] = buffers[name]
+    if tied:
+        model.tie_weights()
+    return model.eval()

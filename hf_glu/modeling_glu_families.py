@@ -1,0 +1,103 @@
+"""The GLU versions of the GPT-2-style families: each family's own model classes with a GLU MLP.
+
+``Glu<FamilyClass>`` (``GluGPTNeoXForCausalLM``, ``GluOPTModel``…) subclasses the family's Transformers
+class and, once that has built itself, replaces every decoder layer's MLP with :class:`GluMLP`, the one
+GLU MLP of this package. Attention, positions, norms, residual layout and every parameter name outside
+the MLP stay the family's own. Classes are generated from the rows of ``configuration_glu_families``.
+
+Where a family writes its MLP inline in the layer (OPT, BioGPT, XGLM call ``fc1``, ``activation_fn``
+and ``fc2`` in turn), the GLU MLP is registered as the layer's ``mlp`` and called in ``fc1``'s place;
+the activation and ``fc2`` become identities. Dropout the layer applies after ``fc2`` then follows the
+GLU output, as it followed the dense MLP's.
+
+Copied into checkpoints for ``trust_remote_code`` users: imports only torch, transformers and the other
+flat files of this package.
+"""
+
+from __future__ import annotations
+
+from operator import attrgetter
+
+import transformers
+from torch import nn
+
+from .configuration_glu_families import FAMILIES, GLU_FAMILY_CONFIGS, Family, family_of, mlp_attribute
+from .modeling_glu import GluMLP
+
+
+def glu_mlp(config: transformers.PretrainedConfig, family: Family) -> GluMLP:
+    """A GLU MLP sized and wired as ``config`` (a ``Glu<Family>Config``) says."""
+    return GluMLP(
+        config,
+        intermediate_size=config.glu_width,
+        bias=config.glu_gate_down_bias,
+        up_bias=config.glu_up_proj_bias,
+        dropout=family.dropout(config),
+        adds_residual=family.adds_residual,
+    )
+
+
+def decoder_layers(model: transformers.PreTrainedModel, family: Family) -> nn.ModuleList:
+    """The model's decoder layers (for any head: they live in its base model)."""
+    return attrgetter(family.layers)(model.base_model)
+
+
+def _swap_in_glu_mlps(model: transformers.PreTrainedModel, family: Family) -> None:
+    for layer in decoder_layers(model, family):
+        mlp = glu_mlp(model.config, family)
+        if family.mlp is not None:
+            setattr(layer, family.mlp, mlp)
+            continue
+        # Inline MLP: the layer keeps calling proj_in, act, proj_out; proj_in now runs the whole GLU MLP.
+        delattr(layer, family.proj_in)
+        setattr(layer, mlp_attribute(family), mlp)
+        object.__setattr__(layer, family.proj_in, mlp.__call__)  # a plain callable: no second registration
+        setattr(layer, family.act, nn.Identity())
+        setattr(layer, family.proj_out, nn.Identity())
+
+
+def auto_map(family: Family) -> dict[str, str]:
+    """Every Auto class a saved checkpoint of ``family`` answers to, pointing into the copied files."""
+    return {
+        "AutoConfig": f"configuration_glu_families.{GLU_FAMILY_CONFIGS[family.model_type].__name__}",
+        **{auto: f"modeling_glu_families.Glu{name}" for auto, name in family.heads.items()},
+    }
+
+
+class GluFamilyModelMixin:
+    """Builds the family's model, then swaps each layer's MLP for a GLU MLP; saves a complete auto_map."""
+
+    def __init__(self, config: transformers.PretrainedConfig, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        _swap_in_glu_mlps(self, family_of(config))
+        self.post_init()  # initialises the new projections only; the rest is initialised already
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if self._auto_class is not None:  # the code files travel with the weights: name every head
+            existing = getattr(self.config, "auto_map", None) or {}
+            self.config.auto_map = {**existing, **auto_map(family_of(self.config))}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+def _glu_model_class(family: Family, base_name: str) -> type[transformers.PreTrainedModel]:
+    base = getattr(transformers, base_name)
+    name = f"Glu{base_name}"
+    namespace = {
+        "__module__": __name__,
+        "__qualname__": name,
+        "__doc__": f"{base_name} with every MLP a GLU MLP (see {__name__}).",
+        "config_class": GLU_FAMILY_CONFIGS[family.model_type],
+    }
+    return type(name, (GluFamilyModelMixin, base), namespace)
+
+
+# model_type of the source family -> Auto class name -> GLU model class
+GLU_FAMILY_MODELS: dict[str, dict[str, type[transformers.PreTrainedModel]]] = {}
+for _family in FAMILIES.values():
+    GLU_FAMILY_MODELS[_family.model_type] = {}
+    for _auto, _base_name in _family.heads.items():
+        _cls = _glu_model_class(_family, _base_name)
+        GLU_FAMILY_MODELS[_family.model_type][_auto] = globals()[_cls.__name__] = _cls
+del _family, _auto, _base_name, _cls
+
+__all__ = ["GLU_FAMILY_MODELS", "GluFamilyModelMixin", "auto_map", "decoder_layers", "glu_mlp"]

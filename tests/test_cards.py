@@ -1,0 +1,101 @@
+"""Model-card templates live in the top-level model_cards/ folder: the dev (editable) install reads them from
+there, and a built wheel ships them as hf_glu/model_cards/ so a plain, non-editable install finds them too."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+from hf_glu.cards import CONVERSION_TEMPLATE, template_text
+
+REPO = Path(__file__).resolve().parents[1]
+TEMPLATES = REPO / "model_cards"
+# What building a wheel reads: pyproject.toml, its readme, and the folders packaged (pyproject's package-dir).
+BUILD_INPUTS = ["pyproject.toml", "README.md", "hf_glu", "model_cards"]
+
+
+def _templates() -> dict[str, str]:
+    return {path.name: path.read_text(encoding="utf-8") for path in sorted(TEMPLATES.glob("*.md"))}
+
+
+def _source_packages() -> set[str]:
+    """Every package of the checkout, named as installed: hf_glu and its sub-packages, and model_cards/."""
+    packages = {".".join(init.parent.relative_to(REPO).parts) for init in (REPO / "hf_glu").rglob("__init__.py")}
+    return packages | {"hf_glu.model_cards"}
+
+
+def test_dev_install_reads_templates_from_model_cards():
+    templates = _templates()
+    assert CONVERSION_TEMPLATE in templates
+    assert template_text() == templates[CONVERSION_TEMPLATE]
+    for name, text in templates.items():
+        assert template_text(name) == text
+    assert not (REPO / "hf_glu" / "model_cards").exists(), "templates belong in the top-level model_cards/"
+
+
+def test_non_editable_install_ships_templates(tmp_path):
+    # Build from a copy of the build inputs, so nothing is written into the checkout (setuptools would leave
+    # build/ there, whose stale files could end up in later wheels).
+    source = tmp_path / "source"
+    for name in BUILD_INPUTS:
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, source / name)
+    wheels = tmp_path / "wheels"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"}
+    env.pop("PYTHONPATH", None)
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
+         "-w", str(wheels), str(source)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stdout + build.stderr
+    (wheel,) = wheels.glob("hf_glu-*.whl")
+
+    # What `pip install .` puts in site-packages: the wheel's contents, unpacked.
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        archive.extractall(site)
+    templates = _templates()
+    for name in templates:
+        assert f"hf_glu/model_cards/{name}" in names
+    for package in _source_packages():  # pyproject.toml lists the packages: a new one must be added there
+        assert f"{package.replace('.', '/')}/__init__.py" in names, f"{package} is missing from the wheel"
+
+    # A fresh process that imports hf_glu from the unpacked wheel (first on sys.path) and everything else
+    # (torch, transformers, peft) from this venv, in an empty folder so the checkout is not importable.
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    script = textwrap.dedent(
+        f"""
+        import json
+        import hf_glu
+        import hf_glu.model_cards
+        from hf_glu.cards import template_text
+
+        names = {sorted(templates)!r}
+        print(json.dumps({{
+            "hf_glu": hf_glu.__file__,
+            "model_cards": hf_glu.model_cards.__file__,
+            "default": template_text(),
+            "templates": {{name: template_text(name) for name in names}},
+        }}))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=run_dir, env={**env, "PYTHONPATH": str(site)}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert Path(found["hf_glu"]).resolve() == (site / "hf_glu" / "__init__.py").resolve()
+    assert Path(found["model_cards"]).resolve() == (site / "hf_glu" / "model_cards" / "__init__.py").resolve()
+    assert found["default"] == templates[CONVERSION_TEMPLATE]
+    assert found["templates"] == templates
