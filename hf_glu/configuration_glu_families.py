@@ -86,6 +86,8 @@ def _or_four_times(field: str) -> Callable[[transformers.PretrainedConfig], int]
 
 
 _ALL = ("base", "lm", "seq", "tok", "qa")
+# OpenAI GPT's own activation table: its "gelu" is the tanh form.
+_OPENAI_GPT_ACTIVATIONS = {"relu": "relu", "silu": "silu", "gelu": "gelu_new", "swish": "silu"}
 _QKVO = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 FAMILIES: dict[str, Family] = {
@@ -163,8 +165,9 @@ FAMILIES: dict[str, Family] = {
             "openai-gpt", "OpenAIGPTConfig",
             {"AutoModel": "OpenAIGPTModel", "AutoModelForCausalLM": "OpenAIGPTLMHeadModel",
              "AutoModelForSequenceClassification": "OpenAIGPTForSequenceClassification"},
-            "h", "mlp", "c_fc", "c_proj", "act", activation=lambda c: c.afn, width=lambda c: 4 * c.hidden_size,
-            bias=_always(True), dropout=lambda c: c.resid_pdrop, attention=("c_attn", "c_proj"), conv1d=True,
+            "h", "mlp", "c_fc", "c_proj", "act", activation=lambda c: _OPENAI_GPT_ACTIVATIONS[c.afn],
+            width=lambda c: 4 * c.hidden_size, bias=_always(True),
+            dropout=lambda c: c.resid_pdrop, attention=("c_attn", "c_proj"), conv1d=True,
         ),
         Family(
             "gpt_neox_japanese", "GPTNeoXJapaneseConfig", _heads("GPTNeoXJapanese", "base", "lm"), "layers", "mlp",

@@ -43,11 +43,13 @@ from ..glu import GluParams, get_variant
 from .errors import ConversionError
 
 # Source activations we can reproduce, and for each variant the sources it matches exactly.
-SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "quick_gelu", "relu", "silu", "swish")
+SUPPORTED_ACTIVATIONS = (
+    "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "quick_gelu", "relu", "silu", "swish", "relu2"
+)  # fmt: skip
 EXACT_SOURCES = {
     "geglu_tanh": ("gelu_new", "gelu_pytorch_tanh"),
     "geglu": ("gelu",),
-    "reglu": ("relu",),
+    "reglu": ("relu", "relu2"),  # relu(z)² = relu(z)·z: reglu with up = a copy of the gate
     "swiglu": ("silu", "swish"),
 }
 DOCUMENTED_BOUNDS_GELU_NEW = {"geglu_tanh": 0.0, "geglu": 4.8e-4, "reglu": 0.171, "swiglu": 1.5e-2, "glu": 1.5e-2}
@@ -171,6 +173,13 @@ def fit_unit_map(
     """
     check_activation(activation)
     act = _source_act(activation)
+    if activation == "relu2":
+        # Squared ReLU grows without bound: no fixed or fitted gate reproduces it but ReGLU's up = z.
+        if variant != "reglu":
+            raise ConversionError(
+                f"glu_variant={variant!r} cannot preserve a relu2 MLP; use 'reglu' (exact) or init='random'"
+            )
+        return UnitMap(1.0, 0.0, 1.0, 0.0, bound=0.0, fit_range=_FIXED_RANGE, exact=True)
     if variant in CALIBRATED_VARIANTS:
         if recorded is None or recorded.numel() == 0:
             raise ConversionError(f"glu_variant={variant!r} needs pre-activations recorded from calibration text")

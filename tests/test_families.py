@@ -1,0 +1,221 @@
+"""GLU surgery for every GPT-2-style family: exact, generating, saving, loading anywhere, training, LoRA.
+
+Each family's tiny source (tests/families.py) switches on what is unusual about it; the conversions use
+the variant that reproduces its activation exactly, so the converted model must match the source.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import BLOCK_HF_GLU, one_sgd_step_args, ragged_rows
+from families import CORE_FAMILIES, FAMILY_CONFIGS, exact_variant, tiny_source
+from peft import LoraConfig, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM, Trainer
+
+import hf_glu
+from hf_glu import FAMILIES, GLU_FAMILY_CONFIGS, GLU_FAMILY_MODELS, convert_checkpoint
+from hf_glu.convert import ConversionError
+from hf_glu.modeling_glu import GluMLP
+
+ALL_FAMILIES = list(FAMILY_CONFIGS)
+
+
+def _output(out) -> torch.Tensor:
+    if getattr(out, "logits", None) is not None:
+        return out.logits
+    if getattr(out, "start_logits", None) is not None:
+        return torch.stack([out.start_logits, out.end_logits])
+    return out.last_hidden_state
+
+
+def _converted_lm(model_type: str):
+    source = tiny_source(model_type)
+    return source, convert_checkpoint(source, exact_variant(model_type, source.config), eval_tokens=32)
+
+
+def test_the_table_covers_every_family_fixture_and_the_eight_core_families():
+    assert set(FAMILY_CONFIGS) == set(FAMILIES)
+    assert set(CORE_FAMILIES) <= set(FAMILIES)
+
+
+@pytest.mark.parametrize("model_type", ALL_FAMILIES)
+def test_exact_conversion_reproduces_every_head(model_type):
+    ids = torch.randint(1, 101, (2, 12))
+    for auto_class, source_class in FAMILIES[model_type].heads.items():
+        source = tiny_source(model_type, auto_class)
+        variant = exact_variant(model_type, source.config)
+        converted = convert_checkpoint(source, variant, eval_tokens=32)
+        assert type(converted) is GLU_FAMILY_MODELS[model_type][auto_class]
+        assert type(converted).__name__ == f"Glu{source_class}"
+        with torch.no_grad():
+            expected, got = _output(source(ids)), _output(converted(ids))
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0, msg=f"{model_type} {auto_class}")
+        assert converted.conversion_report["max_abs_output_diff"] < 1e-5
+
+
+@pytest.mark.parametrize("model_type", ALL_FAMILIES)
+def test_only_the_mlp_changes(model_type):
+    source, converted = _converted_lm(model_type)
+    mlps = [m for m in converted.modules() if isinstance(m, GluMLP)]
+    assert len(mlps) == source.config.num_hidden_layers
+    glu_names = {"gate_proj", "up_proj", "down_proj"}
+    source_state, converted_state = source.state_dict(), converted.state_dict()
+    kept = {k for k in converted_state if not glu_names & set(k.split("."))}
+    family = FAMILIES[model_type]
+    dropped = {k for k in source_state if {family.proj_in, family.proj_out} & set(k.split(".")) and ".attn" not in k
+               and "attention" not in k}  # fmt: skip
+    assert kept == set(source_state) - dropped, "tensors outside the MLP must keep their names"
+    for key in kept:
+        assert torch.equal(converted_state[key], source_state[key]), key
+
+
+@pytest.mark.parametrize("model_type", ALL_FAMILIES)
+def test_greedy_generate_with_cache_equals_without(model_type):
+    _, converted = _converted_lm(model_type)
+    prompt = torch.randint(1, 101, (1, 5))
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with_cache = converted.generate(prompt, use_cache=True, **kwargs)
+    without = converted.generate(prompt, use_cache=False, **kwargs)
+    assert with_cache.shape == (1, 11)
+    assert torch.equal(with_cache, without)
+
+
+@pytest.mark.parametrize("model_type", ALL_FAMILIES)
+def test_save_and_reload_through_the_auto_classes(model_type, tmp_path):
+    _, converted = _converted_lm(model_type)
+    converted.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == f"glu_{model_type}"
+    assert set(config["auto_map"]) == {"AutoConfig", *FAMILIES[model_type].heads}
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert type(reloaded) is type(converted)
+    ids = torch.randint(1, 101, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, converted(ids).logits)
+
+
+@pytest.mark.parametrize("model_type", ALL_FAMILIES)
+def test_one_trainer_step_moves_the_up_weights(model_type, tmp_path):
+    _, converted = _converted_lm(model_type)
+    converted.train()
+    up_before = [m.up_proj.weight.detach().clone() for m in converted.modules() if isinstance(m, GluMLP)]
+    Trainer(model=converted, args=one_sgd_step_args(tmp_path, batch=4, accumulation=1),
+            train_dataset=ragged_rows()).train()  # fmt: skip
+    up_after = [m.up_proj.weight for m in converted.modules() if isinstance(m, GluMLP)]
+    assert all(not torch.equal(a, b) for a, b in zip(up_before, up_after, strict=True))
+
+
+@pytest.mark.parametrize("model_type", ALL_FAMILIES)
+def test_lora_with_the_default_targets_runs_forward_and_backward(model_type):
+    _, converted = _converted_lm(model_type)
+    model = get_peft_model(converted, LoraConfig(r=4, lora_alpha=8))
+    targeted = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert {"gate_proj", "up_proj", "down_proj"} <= targeted
+    assert targeted & set(FAMILIES[model_type].attention), "the attention projections are targeted too"
+    ids = torch.randint(1, 101, (2, 10))
+    model(ids, labels=ids).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None and torch.count_nonzero(g) for g in grads)
+
+
+def test_process_without_hf_glu_loads_every_family_with_trust_remote_code(tmp_path):
+    ids = torch.randint(1, 101, (2, 9))
+    expected = {}
+    for model_type in ALL_FAMILIES:
+        _, converted = _converted_lm(model_type)
+        converted.save_pretrained(tmp_path / model_type)
+        with torch.no_grad():
+            expected[model_type] = converted(ids).logits
+    torch.save({"ids": ids, "logits": expected}, tmp_path / "expected.pt")
+    script = BLOCK_HF_GLU + textwrap.dedent(
+        """
+        import torch
+        from transformers import AutoModelForCausalLM
+        e = torch.load("expected.pt")
+        for model_type, logits in e["logits"].items():
+            load = dict(trust_remote_code=True, attn_implementation="eager")
+            model = AutoModelForCausalLM.from_pretrained(model_type, **load)
+            model.eval()
+            assert "hf_glu" not in type(model).__module__, type(model).__module__
+            with torch.no_grad():
+                assert torch.equal(model(e["ids"]).logits, logits), f"{model_type}: logits differ"
+            print("LOADED", model_type, type(model).__name__)
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("LOADED") == len(ALL_FAMILIES)
+
+
+@pytest.mark.parametrize("model_type", ALL_FAMILIES)
+def test_tensor_parallel_plans_name_the_glu_projections(model_type):
+    plan = GLU_FAMILY_CONFIGS[model_type].base_model_tp_plan
+    family = FAMILIES[model_type]
+    if not plan:
+        return  # the family ships no plan in this Transformers version
+    mlp_entries = {k: v for k, v in plan.items() if ".mlp." in k or ".ffn." in k}
+    assert {k.rsplit(".", 1)[-1]: v for k, v in mlp_entries.items()} == {
+        "gate_proj": "colwise", "up_proj": "colwise", "down_proj": "rowwise"
+    }  # fmt: skip
+    replaced = {family.proj_in, family.proj_out} - {"gate_proj", "up_proj", "down_proj"}  # Nemotron's up_proj stays
+    assert not any(k.rsplit(".", 1)[-1] in replaced for k in mlp_entries)
+
+
+def test_bias_free_sources_get_an_up_bias_for_the_constant_path():
+    source = tiny_source("falcon")
+    converted = convert_checkpoint(source, "geglu", eval_tokens=16)
+    mlp = converted.transformer.h[0].mlp
+    assert mlp.gate_proj.bias is None and mlp.down_proj.bias is None
+    assert torch.equal(mlp.up_proj.bias, torch.ones_like(mlp.up_proj.bias))
+    assert converted.config.glu_up_bias is True and converted.config.glu_bias is False
+
+
+@pytest.mark.parametrize("variant", ["swiglu", "glu"])
+def test_approximate_variants_convert_other_families_within_their_bound(variant):
+    source = tiny_source("gpt_neox", spread=0.3)
+    report = convert_checkpoint(source, variant, eval_tokens=128).conversion_report
+    for layer in report["layers"]:
+        assert layer["max_unit_error"] <= layer["unit_map"]["bound"] + 1e-5, layer
+    assert report["perplexity"]["ratio"] < 1.05
+
+
+def test_random_init_keeps_the_rest_and_takes_any_width():
+    source = tiny_source("opt")
+    converted = convert_checkpoint(source, "swiglu", init="random", intermediate_size=40, eval_tokens=16)
+    assert converted.config.glu_width == 40
+    assert converted.model.decoder.layers[0].mlp.gate_proj.weight.shape == (40, 32)
+    q = source.model.decoder.layers[1].self_attn.q_proj.weight
+    assert torch.equal(converted.model.decoder.layers[1].self_attn.q_proj.weight, q)
+
+
+def test_relu2_sources_refuse_variants_that_cannot_preserve_them():
+    with pytest.raises(ConversionError, match="relu2"):
+        convert_checkpoint(tiny_source("persimmon"), "swiglu", eval_tokens=16)
+
+
+def test_unsupported_model_types_get_one_line_listing_the_supported_ones(tmp_path):
+    AutoConfig.for_model("llama", vocab_size=11, hidden_size=8, num_attention_heads=2).save_pretrained(tmp_path)
+    expected = "model_type='llama' in .* is not supported; supported: gpt2, gpt_neo"
+    with pytest.raises(ConversionError, match=expected) as e:
+        convert_checkpoint(tmp_path, "swiglu")
+    assert "\n" not in str(e.value) and "nemotron" in str(e.value)
+
+
+def test_a_family_checkpoint_folder_converts_with_its_legacy_names(tmp_path):
+    source = tiny_source("gpt_neox")
+    source.save_pretrained(tmp_path / "src")
+    converted = convert_checkpoint(tmp_path / "src", "geglu", eval_tokens=16)
+    ids = torch.randint(1, 101, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(converted(ids).logits, source(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_package_exports_one_config_and_model_set_per_family():
+    assert set(hf_glu.GLU_FAMILY_CONFIGS) == set(hf_glu.GLU_FAMILY_MODELS) == set(FAMILIES)
