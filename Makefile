@@ -24,7 +24,7 @@ lint: $(STAMP)
 test: lint
 	HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
 
-# The oldest Transformers we support (the GPU image's): the model family's tests on transformers 5.17.
+# The oldest Transformers we support (the GPU image's): the model family's and every family's tests on 5.17.
 COMPAT_VENV ?= .venv-tf517
 COMPAT_STAMP := $(COMPAT_VENV)/.hf_glu-installed
 
@@ -36,7 +36,8 @@ $(COMPAT_STAMP): pyproject.toml
 
 test-compat: $(COMPAT_STAMP)
 	HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 $(COMPAT_VENV)/bin/python -m pytest -q \
-		tests/test_configuration_glu.py tests/test_modeling_glu.py tests/test_remote_code.py tests/test_training.py
+		tests/test_configuration_glu.py tests/test_modeling_glu.py tests/test_remote_code.py tests/test_training.py \
+		tests/test_families.py
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/hf-glu demo

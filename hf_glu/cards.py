@@ -22,12 +22,45 @@ from .glu import get_variant
 TEMPLATE_PACKAGE = "hf_glu.model_cards"  # the top-level model_cards/ folder, mapped in pyproject.toml
 CONVERSION_TEMPLATE = "glu_conversion.md"
 
-_PIPELINE_TAGS = {
-    "GluForCausalLM": ("text-generation", "AutoModelForCausalLM"),
-    "GluModel": ("feature-extraction", "AutoModel"),
-    "GluForSequenceClassification": ("text-classification", "AutoModelForSequenceClassification"),
-    "GluForTokenClassification": ("token-classification", "AutoModelForTokenClassification"),
-}
+# By the converted class's name ending: GPT-2's GluFor* and every family's Glu<Class>.
+_PIPELINE_TAGS = (
+    (("ForCausalLM", "LMHeadModel"), "text-generation", "AutoModelForCausalLM"),
+    (("ForSequenceClassification",), "text-classification", "AutoModelForSequenceClassification"),
+    (("ForTokenClassification",), "token-classification", "AutoModelForTokenClassification"),
+    (("ForQuestionAnswering",), "question-answering", "AutoModelForQuestionAnswering"),
+    (("Model",), "feature-extraction", "AutoModel"),
+)
+
+
+def _pipeline_tag(converted_class: str) -> tuple[str, str]:
+    return next((tag, auto) for endings, tag, auto in _PIPELINE_TAGS if converted_class.endswith(endings))
+
+
+def _what_changed(report: dict) -> str:
+    """The card's list of what the conversion changed, GPT-2's rebuild or another family's MLP swap."""
+    proj_in, proj_out = report["source_projections"]
+    mlp = (
+        f"- **MLP**: the source's `{proj_out}(act({proj_in}(x)))` with `act = {report['source_activation']}` became "
+        f"`down_proj({get_variant(report['variant']).formula})` with `gate_proj`, `up_proj`, `down_proj` as "
+        f"`nn.Linear` layers of width {report['intermediate_size']}."
+    )
+    if report.get("source_model_type", "gpt2") == "gpt2":
+        return mlp + (
+            "\n- **Attention**: the same weights, with GPT-2's fused `c_attn` split into `q_proj`, `k_proj`, "
+            "`v_proj` and `c_proj` renamed `o_proj` (GPT-2's `Conv1D` weights are transposed to `nn.Linear`)."
+            "\n- **Everything else** (embeddings, layer norms, head, every GPT-2 config option) is carried over as is."
+        )
+    text = mlp + (
+        f"\n- **Everything else** is the `{report['source_model_type']}` architecture itself "
+        f"(`{report['converted_class']}` subclasses Transformers' `{report['source_class']}`): attention, positions, "
+        "norms and residual layout unchanged, every other tensor under its original name with its original value."
+    )
+    if report.get("up_bias_added"):
+        text += (
+            "\n- The source MLP has no biases; `up_proj` was given one, because the exact map's constant up path "
+            "(`up = 1`) can only live in a bias. `gate_proj` and `down_proj` stay bias-free."
+        )
+    return text
 
 
 def template_text(name: str = CONVERSION_TEMPLATE) -> str:
@@ -45,14 +78,15 @@ def _hub_id(name: str) -> str | None:
 def _scheme_text(report: dict) -> str:
     if report["init"] == "random":
         return (
-            "`random`: the GLU projections are freshly initialised (GPT-2's scheme); attention, embeddings "
-            "and norms come from the source. The model must be fine-tuned before use."
+            "`random`: the GLU projections are freshly initialised (the architecture's own scheme); attention, "
+            "embeddings and norms come from the source. The model must be fine-tuned before use."
         )
     layer = report["layers"][0]["unit_map"]
     exact = all(entry["unit_map"]["exact"] for entry in report["layers"])
     bound = max(entry["unit_map"]["bound"] for entry in report["layers"])
+    proj_in, proj_out = report["source_projections"]
     text = (
-        "`preserve`: with `z = c_fc(x)` the source's pre-activation, `down_proj = c_proj` and "
+        f"`preserve`: with `z = {proj_in}(x)` the source's pre-activation, `down_proj = {proj_out}` and "
         f"`gate = {layer['gate_scale']:.6g}·z + {layer['gate_shift']:.6g}`, "
         f"`up = {layer['up_scale']:.6g}·z + {layer['up_shift']:.6g}`"
     )
@@ -85,12 +119,13 @@ def _eval_results(report: dict, dataset_name: str) -> list[EvalResult] | None:
 def render_conversion_card(report: dict, model_name: str, repo_or_path: str | None = None) -> ModelCard:
     """The model card of a converted checkpoint, from its fidelity ``report``."""
     variant = get_variant(report["variant"])
-    pipeline_tag, auto_class = _PIPELINE_TAGS[report["converted_class"]]
+    pipeline_tag, auto_class = _pipeline_tag(report["converted_class"])
     base_model = _hub_id(report["source"])
     card_data = ModelCardData(
         base_model=base_model,
         library_name="transformers",
-        tags=["hf-glu", "glu", variant.name, f"init-{report['init']}", "gpt2", "custom_code"],
+        tags=["hf-glu", "glu", variant.name, f"init-{report['init']}", report.get("source_model_type", "gpt2"),
+              "custom_code"],  # fmt: skip
         pipeline_tag=pipeline_tag,
         model_name=model_name,
         eval_results=_eval_results(report, report["eval_data"]),
@@ -109,6 +144,7 @@ def render_conversion_card(report: dict, model_name: str, repo_or_path: str | No
         variant=variant.name,
         formula=variant.formula,
         scheme_text=_scheme_text(report),
+        what_changed=_what_changed(report),
         has_units=report["init"] == "preserve",
         auto_class=auto_class,
         repo_or_path=repo_or_path or model_name,

@@ -13,7 +13,10 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
+from .configuration_glu_families import FAMILIES
 from .glu import VARIANTS
+
+SUPPORTED_MODEL_TYPES = ("gpt2", *FAMILIES)
 
 EXIT_BAD_INPUT = 2
 
@@ -21,11 +24,12 @@ EXIT_BAD_INPUT = 2
 def add_convert(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "convert",
-        help="turn a GPT-2 checkpoint's MLPs into GLU MLPs and write a Hub-ready checkpoint",
-        description="Convert a GPT-2 checkpoint (folder or Hub id) into a GLU checkpoint folder, with a "
-        "fidelity report (conversion_report.json) and a model card (README.md).",
+        help="turn a GPT-2-style checkpoint's MLPs into GLU MLPs and write a Hub-ready checkpoint",
+        description="Convert a GPT-2-style checkpoint (folder or Hub id) into a GLU checkpoint folder, with a "
+        "fidelity report (conversion_report.json) and a model card (README.md). GPT-2 becomes GluFor*; every "
+        f"other family keeps its own architecture with GLU MLPs. Model types: {', '.join(SUPPORTED_MODEL_TYPES)}.",
     )
-    p.add_argument("src", help="GPT-2 checkpoint folder or Hub model id")
+    p.add_argument("src", help="checkpoint folder or Hub model id of a supported model type")
     p.add_argument("dst", help="output folder (written atomically; must be empty unless --force)")
     p.add_argument("--variant", required=True, choices=sorted(VARIANTS), help="GLU variant")
     p.add_argument("--init", default="preserve", choices=("preserve", "random"), help="init scheme (default: preserve)")

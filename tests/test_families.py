@@ -219,3 +219,21 @@ def test_a_family_checkpoint_folder_converts_with_its_legacy_names(tmp_path):
 
 def test_package_exports_one_config_and_model_set_per_family():
     assert set(hf_glu.GLU_FAMILY_CONFIGS) == set(hf_glu.GLU_FAMILY_MODELS) == set(FAMILIES)
+
+
+def test_cli_converts_a_non_gpt2_family_folder(tmp_path, capsys):
+    from hf_glu.cli import main
+
+    source = tiny_source("falcon")
+    source.save_pretrained(tmp_path / "falcon")
+    assert main(["convert", str(tmp_path / "falcon"), str(tmp_path / "out"), "--variant", "geglu",
+                 "--eval-tokens", "32"]) == 0  # fmt: skip
+    assert "GluFalconForCausalLM" in capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "conversion_report.json").read_text())
+    assert report["source_model_type"] == "falcon" and report["max_abs_logit_diff"] < 1e-5
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "`dense_4h_to_h(act(dense_h_to_4h(x)))`" in card and "`up_proj` was given one" in card
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    ids = torch.randint(1, 101, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, source(ids).logits, atol=1e-5, rtol=0)

@@ -170,9 +170,12 @@ def convert(
         "source_model_type": model_type,
         "converted_class": type(model).__name__,
         "source_activation": activation,
+        "source_projections": list(surgery.projections),  # the dense MLP's input and output projections
         "variant": variant,
         "init": init,
         "intermediate_size": config.glu_width,
+        # A bias-free source MLP whose exact map needs a constant up path gets an up bias (said in the card).
+        "up_bias_added": bool(getattr(config, "glu_up_bias", False)) and not getattr(config, "glu_bias", True),
         "dtype": str(model.dtype).removeprefix("torch."),
         "eval_data": _describe_eval(eval_text, loaded.tokenizer),
         **compare(record, model, stats, unit_maps),

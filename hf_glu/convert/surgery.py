@@ -36,6 +36,8 @@ _DROPPED_FIELDS = ("model_type", "architectures", "transformers_version", "_name
 class Surgery:
     """The architecture-specific half of a conversion (see the module docstring)."""
 
+    projections: tuple[str, str]  # the source MLP's input and output projection names, for reports
+
     def config(self, source: PreTrainedModel, variant: str, init: str, width: int | None) -> object:
         raise NotImplementedError
 
@@ -75,6 +77,8 @@ class Surgery:
 
 
 class Gpt2Surgery(Surgery):
+    projections = ("c_fc", "c_proj")
+
     def config(self, source, variant, init, width):
         return gpt2.convert_config(source, variant, init, width)
 
@@ -109,6 +113,7 @@ class FamilySurgery(Surgery):
 
     def __init__(self, family: Family):
         self.family = family
+        self.projections = (family.proj_in, family.proj_out)
 
     def config(self, source, variant, init, width):
         src = source.config
