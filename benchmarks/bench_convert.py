@@ -1,10 +1,12 @@
-"""Conversion cost of a GPT-2-small-shaped checkpoint (124M parameters, random init, no download).
+"""Conversion cost of a GPT-2-small-shaped (124M) or Pythia-160m-shaped (162M) checkpoint (random init, no
+download).
 
 Saves the checkpoint (+ a byte-level BPE tokenizer trained on the built-in corpus), then runs
 `hf-glu convert` in a fresh process, as a user would, and measures its wall time and peak RSS
 (`wait4`'s rusage of that process), the latter against the checkpoint's size on disk.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_convert.py [--variant geglu_tanh] [--runs 3] [--out FILE]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_convert.py --shape pythia-160m --variant geglu --runs 3
 
 With several runs (each in its own process, so each peak is its own) the JSON gives every run, the
 minimum and the median, and the 1-minute load average before each run: other jobs on the machine slow
@@ -25,21 +27,36 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
 
 from hf_glu.data import builtin_corpus, train_bpe_tokenizer
+
+# name -> (model class, config, default results file)
+SHAPES = {
+    "gpt2-small": (GPT2LMHeadModel, GPT2Config, "bench_convert.json"),
+    # EleutherAI/pythia-160m's config: the GPT-NeoX family (rotary on a quarter of each head, parallel residual)
+    "pythia-160m": (
+        GPTNeoXForCausalLM,
+        lambda: GPTNeoXConfig(vocab_size=50304, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                              intermediate_size=3072, max_position_embeddings=2048, rotary_pct=0.25),
+        "bench_convert_pythia160m.json",
+    ),
+}  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", default="geglu_tanh")
     parser.add_argument("--runs", type=int, default=1, help="conversions to time (default: 1)")
-    parser.add_argument("--out", default=str(Path(__file__).with_name("bench_convert.json")))
+    parser.add_argument("--shape", default="gpt2-small", choices=sorted(SHAPES))
+    parser.add_argument("--out", default=None, help="results file (default: benchmarks/bench_convert*.json)")
     args = parser.parse_args()
+    model_class, config_class, results_name = SHAPES[args.shape]
+    out = Path(args.out) if args.out else Path(__file__).with_name(results_name)
     with tempfile.TemporaryDirectory() as tmp:
-        src, dst = Path(tmp, "gpt2-small"), Path(tmp, "glu")
+        src, dst = Path(tmp, args.shape), Path(tmp, "glu")
         torch.manual_seed(0)
-        GPT2LMHeadModel(GPT2Config()).save_pretrained(src)  # 124M parameters, GPT-2 small's shape
+        model_class(config_class()).save_pretrained(src)
         train_bpe_tokenizer(builtin_corpus(200_000), vocab_size=4096).save_pretrained(src)
         size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
         command = [sys.executable, "-m", "hf_glu.cli", "convert", str(src), str(dst), "--variant", args.variant]
@@ -51,6 +68,7 @@ def main() -> None:
     seconds = [r["convert_seconds"] for r in runs]
     peaks = [r["peak_rss_bytes"] for r in runs]
     result = {
+        "shape": args.shape,
         "variant": args.variant,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
         "checkpoint_bytes": size,
@@ -65,7 +83,7 @@ def main() -> None:
         "max_abs_logit_diff": report["max_abs_logit_diff"],
     }
     print(json.dumps(result, indent=2))
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def _timed(command: list[str], size: int) -> dict:
