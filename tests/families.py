@@ -106,7 +106,9 @@ def exact_variant(model_type: str, config) -> str:
 def tiny_source(model_type: str, auto_class: str = "AutoModelForCausalLM", spread: float = 0.2, **overrides):
     """A tiny family model whose weights are spread wider than init, so the activation's curve matters."""
     config = FAMILY_CONFIGS[model_type]()
-    for key, value in {"num_labels": 3, **overrides}.items():
+    # Question answering needs 2 labels (start, end): 5.17's GPT-J sizes its QA layer by num_labels.
+    labels = 2 if auto_class == "AutoModelForQuestionAnswering" else 3
+    for key, value in {"num_labels": labels, **overrides}.items():
         setattr(config, key, value)
     config._attn_implementation = "eager"
     model = getattr(tf, FAMILIES[model_type].heads[auto_class])(config)
