@@ -46,16 +46,19 @@ def load_model_and_tokenizer(
     variant: str = "swiglu",
     init: str = "preserve",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A causal LM and its tokenizer: from the checkpoint folder ``model``, or by converting the GPT-2
-    checkpoint ``convert_from`` to ``variant`` (its tokenizer is used). Exactly one must be given."""
+    """A causal LM and its tokenizer: from the checkpoint folder ``model``, or by converting the GPT-2-style
+    checkpoint ``convert_from`` (any supported family) to ``variant`` (its tokenizer is used). Exactly one
+    must be given."""
     if (model is None) == (convert_from is None):
-        raise ValueError("pass exactly one of a GLU checkpoint (--model) or a GPT-2 source (--convert-from)")
+        raise ValueError("pass exactly one of a GLU checkpoint (--model) or a GPT-2-style source (--convert-from)")
     if model is not None:
         return AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32), _tokenizer(model)
-    from .convert import convert_gpt2
+    from .convert import convert_checkpoint
 
     tokenizer = _tokenizer(convert_from)
-    converted = convert_gpt2(convert_from, variant=variant, init=init, torch_dtype=torch.float32, tokenizer=tokenizer)
+    converted = convert_checkpoint(
+        convert_from, variant=variant, init=init, torch_dtype=torch.float32, tokenizer=tokenizer
+    )
     return converted, tokenizer
 
 
@@ -76,7 +79,7 @@ def load_teacher(source: str | Path, student: PreTrainedModel) -> PreTrainedMode
     if teacher_vocab != student_vocab:
         raise ValueError(
             f"--distill-from {str(source)!r} has a vocabulary of {teacher_vocab} tokens, the model {student_vocab}; "
-            "distillation needs the same tokenizer (e.g. the GPT-2 the model was converted from)"
+            "distillation needs the same tokenizer (e.g. the model this one was converted from)"
         )
     return teacher
 
@@ -277,7 +280,9 @@ def finetune_arg_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     source = parser.add_argument_group("model (exactly one)")
     source.add_argument("--model", help="GLU checkpoint folder or Hub id (its tokenizer is used)")
-    source.add_argument("--convert-from", help="GPT-2 checkpoint to convert first (its tokenizer is used)")
+    source.add_argument(
+        "--convert-from", help="GPT-2-style checkpoint (any supported family) to convert first (its tokenizer is used)"
+    )
     source.add_argument("--variant", default="swiglu", choices=sorted(VARIANTS), help="GLU variant for --convert-from")
     source.add_argument("--init", default="preserve", choices=["preserve", "random"], help="conversion init scheme")
 
@@ -312,7 +317,9 @@ def finetune_arg_parser(description: str) -> argparse.ArgumentParser:
     lora.add_argument("--lora-dropout", type=float, default=0.0)
 
     kd = parser.add_argument_group("distillation (for approximate conversions)")
-    kd.add_argument("--distill-from", help="teacher model (e.g. the GPT-2 source) whose logits the KL term follows")
+    kd.add_argument(
+        "--distill-from", help="teacher model (e.g. the conversion's source) whose logits the KL term follows"
+    )
     kd.add_argument("--kd-alpha", type=float, default=0.5, help="weight of the KL term: (1-A)·CE + A·T²·KL")
     kd.add_argument("--kd-temperature", type=float, default=1.0)
 
@@ -325,7 +332,7 @@ def finetune_arg_parser(description: str) -> argparse.ArgumentParser:
 def check_finetune_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject flag combinations argparse cannot express, naming what is accepted."""
     if (args.model is None) == (args.convert_from is None):
-        parser.error("pass exactly one of --model DIR or --convert-from GPT2_DIR")
+        parser.error("pass exactly one of --model DIR or --convert-from SOURCE_DIR")
     if args.train_file and args.dataset:
         parser.error("pass either --train-file or --dataset, not both")
     for name in ("max_steps", "batch_size", "grad_accum", "save_steps", "logging_steps"):

@@ -20,7 +20,7 @@ from accelerate.commands.config.config_args import ClusterConfig
 from accelerate.commands.launch import launch_command_parser
 from accelerate.state import AcceleratorState, GradientState
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
 
 import hf_glu
 from hf_glu.data import builtin_corpus, train_bpe_tokenizer
@@ -37,7 +37,8 @@ COMMON = ["--block-size", "32", "--batch-size", "4", "--eval-fraction", "0.2", "
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    """A tiny GPT-2 and a tiny GLU model, each saved with the same BPE tokenizer, and a text file."""
+    """A tiny GPT-2, a tiny Pythia (GPT-NeoX) and a tiny GLU model, each saved with the same BPE tokenizer,
+    and a text file."""
     root = tmp_path_factory.mktemp("recipe_assets")
     text = builtin_corpus(max_chars=20_000)
     (root / "train.txt").write_text(text, encoding="utf-8")
@@ -47,7 +48,10 @@ def assets(tmp_path_factory):
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(**shape, **ids)).save_pretrained(root / "gpt2")
     hf_glu.GluForCausalLM(hf_glu.GluConfig(**shape, **ids, pad_token_id=0, n_inner=48)).save_pretrained(root / "glu")
-    for name in ("gpt2", "glu"):
+    neox = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=64, rotary_pct=0.25, **ids)  # fmt: skip
+    GPTNeoXForCausalLM(neox).save_pretrained(root / "pythia")
+    for name in ("gpt2", "glu", "pythia"):
         tokenizer.save_pretrained(root / name)
     return root
 
@@ -176,6 +180,15 @@ def test_trainer_recipe_distillation_changes_the_loss_and_converges(assets, tmp_
     assert sum(distilled[-3:]) / 3 < sum(distilled[:3]) / 3 - 0.2
     assert math.isfinite(results(tmp_path / "kd")["perplexity"])
     assert_final_folder_loads(tmp_path / "kd")
+
+
+def test_accelerate_recipe_converts_another_family_and_trains_lora_with_distillation(assets, tmp_path):
+    source = str(assets / "pythia")
+    args = ["--convert-from", source, "--variant", "swiglu", "--lora", "--distill-from", source, "--max-steps", "6"]
+    run(recipe_command("finetune_accelerate.py", assets, tmp_path / "out", *args, "--save-steps", "6"))
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final")
+    assert type(final).__name__ == "GluGPTNeoXForCausalLM"
+    assert math.isfinite(results(tmp_path / "out")["perplexity"])
 
 
 def _launch_option_names() -> set[str]:
