@@ -128,7 +128,7 @@ def render_conversion_card(report: dict, model_name: str, repo_or_path: str | No
               "custom_code"],  # fmt: skip
         pipeline_tag=pipeline_tag,
         model_name=model_name,
-        eval_results=_eval_results(report, report["eval_data"]),
+        eval_results=_eval_results(report, report.get("eval_data", "")),
     )
     source_text = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else f"`{report['source']}`"
     finetune_note = (

@@ -39,6 +39,12 @@ def add_convert(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"), help="weights' dtype")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 500MB (default: 5GB)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    p.add_argument(
+        "--no-eval",
+        action="store_true",
+        help="stream a checkpoint larger than memory shard by shard (families other than GPT-2, fixed-map "
+        "variants, safetensors): no model is built and no fidelity pass runs; the card says so",
+    )
     return p
 
 
@@ -49,6 +55,8 @@ def run_convert(args: argparse.Namespace) -> int:
     from .data import read_text
 
     check_destination(args.dst, args.force)  # refuse before the slow part
+    if args.no_eval:
+        return _run_streamed_convert(args)
     _release_freed_memory()
     eval_text = read_text(args.eval_text) if args.eval_text is not None else None
     conversion = convert_to_folder(
@@ -69,6 +77,19 @@ def run_convert(args: argparse.Namespace) -> int:
     if "perplexity" in report:
         ppl = report["perplexity"]
         print(f"perplexity: source {ppl['source']:.4f}, converted {ppl['converted']:.4f} (ratio {ppl['ratio']:.5f})")
+    return 0
+
+
+def _run_streamed_convert(args: argparse.Namespace) -> int:
+    from .convert.stream import stream_convert
+
+    options = ("init", "intermediate_size", "eval_text", "eval_tokens", "dtype")
+    refused = [f"--{name.replace('_', '-')}" for name in options if getattr(args, name) not in (None, "preserve")]
+    if refused:
+        raise ValueError(f"{', '.join(refused)} cannot be used with --no-eval, which streams the source as it is")
+    report = stream_convert(args.src, args.dst, args.variant, force=args.force)
+    print(f"wrote {args.dst} ({report['converted_class']}, {report['variant']}, init=preserve, streamed)")
+    print(f"fidelity: {report['evaluation']}")
     return 0
 
 

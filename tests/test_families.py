@@ -237,3 +237,62 @@ def test_cli_converts_a_non_gpt2_family_folder(tmp_path, capsys):
     ids = torch.randint(1, 101, (1, 8))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, source(ids).logits, atol=1e-5, rtol=0)
+
+
+def _shard(model, folder, max_shard_size="40KB"):
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
+    assert (folder / "model.safetensors.index.json").is_file()
+
+
+@pytest.mark.parametrize("model_type", ["gpt_neox", "falcon", "openai-gpt", "opt"])
+def test_no_eval_streams_a_sharded_checkpoint_to_the_same_model(model_type, tmp_path):
+    from hf_glu.cli import main
+
+    source = tiny_source(model_type)
+    _shard(source, tmp_path / "src")
+    variant = exact_variant(model_type, source.config)
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "out"), "--variant", variant, "--no-eval"]) == 0
+    streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    in_memory = convert_checkpoint(source, variant, eval_tokens=16)
+    assert type(streamed) is type(in_memory)
+    streamed_state, memory_state = streamed.state_dict(), in_memory.state_dict()
+    assert set(streamed_state) == set(memory_state)
+    for key, value in memory_state.items():
+        assert torch.equal(streamed_state[key], value), key
+    report = json.loads((tmp_path / "out" / "conversion_report.json").read_text())
+    assert report["evaluation"].startswith("skipped (--no-eval)") and "max_abs_logit_diff" not in report
+    assert "**Not measured.**" in (tmp_path / "out" / "README.md").read_text()
+    assert len(list((tmp_path / "out").glob("model-*.safetensors"))) == len(list((tmp_path / "src").glob("model-*")))
+
+
+@pytest.mark.parametrize(
+    "make, args, message",
+    [
+        (lambda d: _shard(tiny_source("gpt_neox"), d), ["--variant", "bilinear"], "fitted on pre-activations"),
+        (lambda d: _shard(tiny_source("gpt_neox"), d), ["--variant", "geglu", "--init", "random"], "--init"),
+        (lambda d: tiny_source("phi").save_pretrained(d, safe_serialization=True), ["--variant", "geglu_tanh",
+         "--eval-tokens", "8"], "--eval-tokens"),
+    ],
+)
+def test_no_eval_refuses_what_it_cannot_do_in_one_line(make, args, message, tmp_path, capsys):
+    from hf_glu.cli import main
+
+    make(tmp_path / "src")
+    capsys.readouterr()  # the source's own save output
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "out"), *args, "--no-eval"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_no_eval_refuses_an_index_pointing_outside_the_folder(tmp_path, capsys):
+    from hf_glu.cli import main
+
+    _shard(tiny_source("gpt_neox"), tmp_path / "src")
+    index = tmp_path / "src" / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    first = next(iter(data["weight_map"]))
+    data["weight_map"][first] = "../elsewhere.safetensors"
+    index.write_text(json.dumps(data))
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "out"), "--variant", "geglu", "--no-eval"]) == 2
+    assert "outside the checkpoint folder" in capsys.readouterr().err

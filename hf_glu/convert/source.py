@@ -9,8 +9,6 @@ missing, corrupt, misshapen or non-finite tensor.
 from __future__ import annotations
 
 import json
-import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from transformers import (
 
 from ..configuration_glu_families import FAMILIES
 from .errors import ConversionError
+from .safetensors_io import read_header, read_tensor
 
 GPT2_CLASSES: dict[str, type[PreTrainedModel]] = {
     cls.__name__: cls for cls in (GPT2LMHeadModel, GPT2Model, GPT2ForSequenceClassification, GPT2ForTokenClassification)
@@ -110,18 +109,20 @@ def load_source(source: str | Path | PreTrainedModel) -> Source:
     folder = Path(source)
     name = str(source)
     if not folder.exists():
-        folder = _download(name)
+        folder = download(name)
     if not folder.is_dir():
         raise ConversionError(f"source {name!r} is not a folder; expected a checkpoint folder or a Hub id")
-    config, model_cls = _read_config(folder)
+    config, model_cls = read_config(folder)
     if config.model_type == "gpt2":
         model = _build(model_cls, config, _read_weights(folder))
     else:
         model = _from_pretrained(model_cls, folder)
-    return Source(model=model, name=name, tokenizer=_read_tokenizer(folder), generation_config=_read_generation(folder))
+    tokenizer, generation_config = read_tokenizer(folder), read_generation_config(folder)
+    return Source(model=model, name=name, tokenizer=tokenizer, generation_config=generation_config)
 
 
-def _download(repo_id: str) -> Path:
+def download(repo_id: str) -> Path:
+    """The local snapshot of the Hub model ``repo_id``; a ConversionError when there is none to be had."""
     from huggingface_hub import snapshot_download
 
     try:
@@ -132,7 +133,7 @@ def _download(repo_id: str) -> Path:
         ) from None
 
 
-def _read_config(folder: Path) -> tuple[GPT2Config, type[PreTrainedModel]]:
+def read_config(folder: Path) -> tuple[GPT2Config, type[PreTrainedModel]]:
     path = folder / "config.json"
     if not path.is_file():
         raise ConversionError(f"{str(folder)!r} has no config.json; expected a Transformers checkpoint folder")
@@ -195,20 +196,6 @@ def _read_weight_file(path: Path) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """A safetensors file read into one freshly allocated tensor per entry.
 
@@ -217,34 +204,13 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     the conversion free each source weight as soon as it is converted. Files this reader does not
     handle (other dtypes, a big-endian machine) go through ``load_file``.
     """
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        header_len = int.from_bytes(f.read(8), "little")
-        if size < 8 or header_len > size - 8:
-            raise ValueError(f"header length {header_len} exceeds the file size {size}")
-        header = json.loads(f.read(header_len))
-        if not isinstance(header, dict):
-            raise ValueError("the header is not a JSON object")
-        header.pop("__metadata__", None)
-        if sys.byteorder != "little" or any(e.get("dtype") not in _SAFETENSORS_DTYPES for e in header.values()):
-            from safetensors.torch import load_file
+    entries = read_header(path)
+    if entries is None:
+        from safetensors.torch import load_file
 
-            return load_file(path)
-        data_start = 8 + header_len
-        state_dict: dict[str, torch.Tensor] = {}
-        # In file order, so the reads are sequential.
-        for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-            begin, end = (int(v) for v in entry["data_offsets"])
-            tensor = torch.empty([int(d) for d in entry["shape"]], dtype=_SAFETENSORS_DTYPES[entry["dtype"]])
-            nbytes = tensor.numel() * tensor.element_size()
-            if end - begin != nbytes or begin < 0 or data_start + end > size:
-                raise ValueError(f"tensor {name!r}: data offsets {begin}..{end} do not match its shape or the file")
-            if nbytes:
-                f.seek(data_start + begin)
-                if f.readinto(tensor.reshape(-1).view(torch.uint8).numpy()) != nbytes:
-                    raise ValueError(f"tensor {name!r} is truncated")
-            state_dict[name] = tensor
-    return state_dict
+        return load_file(path)
+    with open(path, "rb") as f:  # in file order, so the reads are sequential
+        return {entry.name: read_tensor(f, entry) for entry in entries}
 
 
 def _from_pretrained(model_cls: type[PreTrainedModel], folder: Path) -> PreTrainedModel:
@@ -300,7 +266,7 @@ def _build(model_cls: type[PreTrainedModel], config: GPT2Config, loaded: dict[st
     return model.eval()
 
 
-def _read_tokenizer(folder: Path) -> PreTrainedTokenizerBase | None:
+def read_tokenizer(folder: Path) -> PreTrainedTokenizerBase | None:
     if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
         return None
     try:
@@ -309,7 +275,7 @@ def _read_tokenizer(folder: Path) -> PreTrainedTokenizerBase | None:
         raise ConversionError(f"the tokenizer in {str(folder)!r} cannot be loaded: {e}") from None
 
 
-def _read_generation(folder: Path) -> GenerationConfig | None:
+def read_generation_config(folder: Path) -> GenerationConfig | None:
     if not (folder / "generation_config.json").is_file():
         return None
     try:

@@ -1,0 +1,250 @@
+"""Streaming conversion: checkpoints larger than memory, converted shard by shard (``--no-eval``).
+
+Every tensor of a family checkpoint but the MLP projections keeps its name and value, so the model need
+never be built: each source shard becomes one output shard, tensor by tensor (read one, transform it if it
+is an MLP projection, write it). Only the ``preserve`` scheme's fixed maps can be applied this way (the
+calibrated variants fit each layer on recorded pre-activations, which needs the model to run); no fidelity
+pass runs, and the report and the card say so. Peak memory is about the largest single tensor, whatever the
+checkpoint's size.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers.dynamic_module_utils import get_relative_import_files
+
+from ..cards import render_conversion_card
+from ..configuration_glu_families import FAMILIES, mlp_attribute
+from ..modeling_glu_families import __file__ as MODELING_FILE
+from .errors import ConversionError
+from .init_schemes import CALIBRATED_VARIANTS, UnitMap, fit_unit_map, preserved_projections
+from .safetensors_io import Entry, Planned, read_header, read_tensor, write_streamed
+from .save import atomic_folder, check_destination
+from .source import download, read_config, read_generation_config, read_tokenizer
+from .surgery import FamilySurgery
+
+_INDEX = "model.safetensors.index.json"
+_SINGLE = "model.safetensors"
+
+
+def stream_convert(source: str | Path, dst: str | Path, variant: str, *, force: bool = False) -> dict:
+    """Convert the family checkpoint ``source`` (folder or Hub id) to ``variant`` into ``dst``, one tensor at a
+    time, without a fidelity pass; returns the report written beside the weights. ``dst`` is replaced only
+    once complete (a non-empty one only with ``force``)."""
+    dst = check_destination(dst, force)
+    folder = Path(source)
+    if not folder.exists():
+        folder = download(str(source))
+    config, model_cls = read_config(folder)
+    if config.model_type not in FAMILIES:
+        raise ConversionError(
+            f"model_type={config.model_type!r}: --no-eval streams the families that keep their architecture "
+            f"({', '.join(FAMILIES)}); convert GPT-2 without --no-eval (it is rebuilt in memory)"
+        )
+    if variant in CALIBRATED_VARIANTS:
+        raise ConversionError(
+            f"glu_variant={variant!r} is fitted on pre-activations recorded by running the model, which --no-eval "
+            f"does not do; use it without --no-eval, or one of the fixed-map variants"
+        )
+    family = FAMILIES[config.model_type]
+    surgery = FamilySurgery(family)
+    with torch.device("meta"):
+        skeleton = model_cls(config)  # names and shapes only: no memory
+    glu_config = surgery.config(skeleton, variant, "preserve", None)
+    unit_map = fit_unit_map(variant, surgery.activation(skeleton), glu_config.glu_params)
+    shards = _source_shards(folder)
+    names = _TensorNames(skeleton, surgery)
+
+    with atomic_folder(dst, force) as tmp:
+        weight_map: dict[str, str] = {}
+        total_size, dtypes = 0, set()
+        for index, shard in enumerate(shards):
+            entries = read_header(shard)
+            if entries is None:
+                raise ConversionError(f"{str(shard)!r} holds dtypes this streaming reader does not handle")
+            out_name = _SINGLE if len(shards) == 1 else f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
+            with open(shard, "rb") as f:
+                planned = _plan_shard(f, entries, names, unit_map, glu_config, family.conv1d)
+                write_streamed(tmp / out_name, planned, metadata={"format": "pt"})
+            for t in planned:
+                weight_map[t.name] = out_name
+                total_size += t.nbytes
+                dtypes.add(t.dtype)
+        names.check_complete(glu_config)
+        if len(shards) > 1:
+            index_json = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / _INDEX).write_text(json.dumps(index_json, indent=2) + "\n")
+        target = surgery.target_class(skeleton)
+        floating = [d for d in dtypes if d.is_floating_point]
+        glu_config.dtype = max(floating, key=lambda d: torch.empty((), dtype=d).element_size()) if floating else None
+        glu_config.architectures = [target.__name__]
+        _write_config_and_code(glu_config, tmp)
+        tokenizer, generation = read_tokenizer(folder), read_generation_config(folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if generation is not None:
+            generation.save_pretrained(tmp)
+        report = {
+            "source": str(source),
+            "source_class": model_cls.__name__,
+            "source_model_type": config.model_type,
+            "converted_class": target.__name__,
+            "source_activation": surgery.activation(skeleton),
+            "source_projections": list(surgery.projections),
+            "variant": variant,
+            "init": "preserve",
+            "intermediate_size": glu_config.glu_width,
+            "up_bias_added": bool(glu_config.glu_up_bias) and not glu_config.glu_bias,
+            "dtype": str(glu_config.dtype).removeprefix("torch."),
+            "evaluation": "skipped (--no-eval): streamed shard by shard, the model was never run",
+            "layers": [{"layer": i, "unit_map": unit_map.to_dict()} for i in range(names.num_layers)],
+        }
+        (tmp / "conversion_report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+        render_conversion_card(report, model_name=dst.name).save(tmp / "README.md")
+    return report
+
+
+def _source_shards(folder: Path) -> list[Path]:
+    """The checkpoint's safetensors files, in order; every path must stay inside ``folder``."""
+    index = folder / _INDEX
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ConversionError(f"weight index {str(index)!r} is corrupt: {e}") from None
+        root = folder.resolve()
+        shards = [(folder / name).resolve() for name in files]
+        for name, path in zip(files, shards, strict=True):
+            if not isinstance(name, str) or not path.is_relative_to(root):
+                raise ConversionError(f"weight index {str(index)!r} names {name!r}, outside the checkpoint folder")
+            if not path.is_file():
+                raise ConversionError(f"weight file {str(path)!r} is missing")
+        return shards
+    if (folder / _SINGLE).is_file():
+        return [folder / _SINGLE]
+    raise ConversionError(
+        f"no safetensors weights in {str(folder)!r}; --no-eval streams model.safetensors or its sharded index"
+    )
+
+
+class _TensorNames:
+    """Maps the checkpoint's tensor names onto the model's, and says which are MLP projections."""
+
+    def __init__(self, skeleton: torch.nn.Module, surgery: FamilySurgery):
+        self.expected = dict(skeleton.state_dict())
+        self.prefix = skeleton.base_model_prefix
+        self.ignored = [re.compile(p) for p in getattr(skeleton, "_keys_to_ignore_on_load_unexpected", None) or []]
+        self.renamings = _renamings(skeleton)
+        module_names = {id(m): name for name, m in skeleton.named_modules()}
+        layers = surgery.source_layers(skeleton)
+        self.num_layers = len(layers)
+        # model tensor name -> (layer, "in"/"out", "weight"/"bias", the GLU MLP's name prefix)
+        self.mlp: dict[str, tuple[int, str, str, str]] = {}
+        for i, layer in enumerate(layers):
+            proj_in, _, proj_out = surgery.source_mlp(layer)
+            glu = f"{module_names[id(layer)]}.{mlp_attribute(surgery.family)}"
+            for role, module in (("in", proj_in), ("out", proj_out)):
+                for kind in ("weight", "bias"):
+                    self.mlp[f"{module_names[id(module)]}.{kind}"] = (i, role, kind, glu)
+        self.seen: set[str] = set()
+
+    def model_name(self, key: str) -> str | None:
+        """The model's name for the checkpoint's ``key``; ``None`` for keys the family ignores on load."""
+        for pattern, replacement in self.renamings:
+            key = pattern.sub(replacement, key)
+        for candidate in (key, f"{self.prefix}.{key}", key.removeprefix(f"{self.prefix}.")):
+            if candidate in self.expected:
+                self.seen.add(candidate)
+                return candidate
+        if any(p.search(key) for p in self.ignored):
+            return None
+        raise ConversionError(f"the checkpoint holds {key!r}, which the model does not have")
+
+    def check_complete(self, config) -> None:
+        tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+        missing = sorted(set(self.expected) - self.seen - tied)
+        if missing:
+            more = " …" if len(missing) > 5 else ""
+            raise ConversionError(f"weights missing from the checkpoint: {missing[:5]}{more}")
+
+
+def _renamings(model: torch.nn.Module) -> list[tuple[re.Pattern, str]]:
+    """The plain renamings Transformers applies when loading this class's checkpoints (legacy names such as
+    GPT-NeoX's ``embed_out``); checkpoints needing more than renaming are refused."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:
+        return []
+    transforms = get_checkpoint_conversion_mapping(type(model).__name__)
+    if transforms is None:
+        transforms = get_checkpoint_conversion_mapping(model.config.model_type) or []
+    renamings = []
+    for t in transforms:
+        sources, targets = getattr(t, "source_patterns", None), getattr(t, "target_patterns", None)
+        if type(t).__name__ != "WeightRenaming" or sources is None or targets is None:
+            raise ConversionError(f"{type(model).__name__} checkpoints need weight conversions beyond renaming")
+        sources = [sources] if isinstance(sources, str) else sources
+        targets = [targets] * len(sources) if isinstance(targets, str) else targets
+        renamings += [(re.compile(s), t) for s, t in zip(sources, targets, strict=True)]
+    return renamings
+
+
+def _plan_shard(
+    f, entries: list[Entry], names: _TensorNames, m: UnitMap, config, conv1d: bool
+) -> list[Planned]:
+    """The output tensors of one source shard: the MLP projections mapped, everything else as it is."""
+    planned = []
+    for entry in entries:
+        name = names.model_name(entry.name)
+        if name is None:
+            continue
+        read: Callable[[], torch.Tensor] = lambda entry=entry: read_tensor(f, entry)  # noqa: E731
+        if name not in names.mlp:
+            planned.append(Planned(name, entry.shape, entry.dtype, read))
+            continue
+        _, role, kind, glu = names.mlp[name]
+        if conv1d and kind == "weight":  # GPT-2-style [in, out] storage
+            read = lambda read=read: read().t().contiguous()  # noqa: E731
+        shape = entry.shape[::-1] if conv1d and kind == "weight" else entry.shape
+        if role == "out":
+            planned.append(Planned(f"{glu}.down_proj.{kind}", shape, entry.dtype, read))
+            continue
+        for proj in ("gate_proj", "up_proj"):
+            keep = kind == "weight" or (config.glu_gate_down_bias if proj == "gate_proj" else config.glu_up_proj_bias)
+            if keep:
+                planned.append(Planned(f"{glu}.{proj}.{kind}", shape, entry.dtype, _mapped(read, kind, proj, m)))
+        bias_free = kind == "weight" and f"{name.removesuffix('.weight')}.bias" not in names.expected
+        if bias_free and config.glu_up_proj_bias:  # the constant up path of a bias-free MLP lives in a new bias
+            zeros = lambda n=shape[0], dtype=entry.dtype: torch.zeros(n, dtype=dtype)  # noqa: E731
+            planned.append(Planned(f"{glu}.up_proj.bias", shape[:1], entry.dtype, _mapped(zeros, "bias", "up_proj", m)))
+    return planned
+
+
+def _mapped(read: Callable[[], torch.Tensor], kind: str, proj: str, m: UnitMap) -> Callable[[], torch.Tensor]:
+    """The gate or up tensor of the preserve map, from the source's input projection weight or bias."""
+
+    def produce() -> torch.Tensor:
+        tensor = read()
+        if kind == "weight":
+            return preserved_projections(tensor, None, tensor, None, m)[f"{proj}.weight"]
+        empty_weight = tensor.new_empty(tensor.shape[0], 0)  # a bias goes through the same map alone
+        return preserved_projections(empty_weight, tensor, empty_weight, None, m)[f"{proj}.bias"]
+
+    return produce
+
+
+def _write_config_and_code(config, folder: Path) -> None:
+    """config.json with a complete auto_map, and the flat modeling files a ``trust_remote_code`` load needs."""
+    from ..modeling_glu_families import auto_map
+
+    config.auto_map = auto_map(FAMILIES[config.model_type.removeprefix("glu_")])
+    config.to_json_file(folder / "config.json")
+    module_file = Path(MODELING_FILE)
+    for path in [module_file, *map(Path, get_relative_import_files(module_file))]:
+        shutil.copy(path, folder / path.name)
