@@ -37,7 +37,7 @@ def test_dev_install_reads_templates_from_model_cards():
     assert not (REPO / "hf_glu" / "model_cards").exists(), "templates belong in the top-level model_cards/"
 
 
-def test_non_editable_install_ships_templates(tmp_path):
+def test_non_editable_install_ships_templates_and_renders_a_card(tmp_path):
     # Build from a copy of the build inputs, so nothing is written into the checkout (setuptools would leave
     # build/ there, whose stale files could end up in later wheels).
     source = tmp_path / "source"
@@ -78,14 +78,19 @@ def test_non_editable_install_ships_templates(tmp_path):
         import json
         import hf_glu
         import hf_glu.model_cards
-        from hf_glu.cards import template_text
+        from hf_glu.cards import render_conversion_card, template_text
+        from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
         names = {sorted(templates)!r}
+        source = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                                                  num_attention_heads=2, intermediate_size=32))
+        report = hf_glu.convert_checkpoint(source, "geglu", eval_tokens=8).conversion_report
         print(json.dumps({{
             "hf_glu": hf_glu.__file__,
             "model_cards": hf_glu.model_cards.__file__,
             "default": template_text(),
             "templates": {{name: template_text(name) for name in names}},
+            "card": str(render_conversion_card(report, model_name="tiny-pythia-geglu")),
         }}))
         """
     )
@@ -99,3 +104,4 @@ def test_non_editable_install_ships_templates(tmp_path):
     assert Path(found["model_cards"]).resolve() == (site / "hf_glu" / "model_cards" / "__init__.py").resolve()
     assert found["default"] == templates[CONVERSION_TEMPLATE]
     assert found["templates"] == templates
+    assert "# tiny-pythia-geglu" in found["card"] and "`GluGPTNeoXForCausalLM` subclasses" in found["card"]

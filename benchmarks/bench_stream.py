@@ -1,0 +1,106 @@
+"""Streaming conversion (`hf-glu convert --no-eval`) of a checkpoint larger than we would like in memory.
+
+Writes a random Pythia-1.4B-shaped GPT-NeoX checkpoint (1.41B parameters, bf16, ~2.8 GB) in ~1 GB
+safetensors shards, tensor by tensor (the generator never holds the model either), then converts it in a
+fresh process as a user would and measures the wall time and that process's peak RSS (wait4's rusage)
+against the checkpoint's size. The goal is a peak under half the checkpoint.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_stream.py [--variant geglu] [--out FILE]
+
+Needs ~6 GB of free disk in the temporary folder (source and result).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+from hf_glu.convert.safetensors_io import Planned, write_streamed
+
+SHARD_BYTES = 1 << 30
+
+
+def pythia_1_4b() -> GPTNeoXConfig:
+    return GPTNeoXConfig(
+        vocab_size=50304, hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, intermediate_size=8192,
+        max_position_embeddings=2048, rotary_pct=0.25, dtype="bfloat16",
+    )  # fmt: skip
+
+
+def write_random_checkpoint(folder: Path) -> int:
+    """A random checkpoint of the shape in ~1 GB shards, written one tensor at a time; returns its size."""
+    config = pythia_1_4b()
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in GPTNeoXForCausalLM(config).state_dict().items()}
+    shards: list[list[Planned]] = [[]]
+    size = 0
+    for index, (name, shape) in enumerate(shapes.items()):
+        generator = torch.Generator().manual_seed(index)
+        produce = lambda shape=shape, g=generator: (torch.randn(shape, generator=g) * 0.02).bfloat16()  # noqa: E731
+        planned = Planned(name, shape, torch.bfloat16, produce)
+        if shards[-1] and sum(t.nbytes for t in shards[-1]) + planned.nbytes > SHARD_BYTES:
+            shards.append([])
+        shards[-1].append(planned)
+        size += planned.nbytes
+    weight_map = {}
+    folder.mkdir(parents=True)
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_streamed(folder / name, shard, metadata={"format": "pt"})
+        weight_map.update({t.name: name for t in shard})
+    index = {"metadata": {"total_size": size}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config.architectures = ["GPTNeoXForCausalLM"]
+    config.save_pretrained(folder)
+    return size
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", default="geglu")
+    parser.add_argument("--out", default=str(Path(__file__).with_name("bench_stream.json")))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp, "pythia-1.4b"), Path(tmp, "glu")
+        size = write_random_checkpoint(src)
+        command = [sys.executable, "-m", "hf_glu.cli", "convert", str(src), str(dst), "--variant", args.variant,
+                   "--no-eval"]  # fmt: skip
+        load = os.getloadavg()[0]
+        start = time.perf_counter()
+        process = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - start
+        if os.waitstatus_to_exitcode(status):
+            raise SystemExit(f"conversion failed: {' '.join(command)}")
+        output = sum(p.stat().st_size for p in dst.glob("*.safetensors"))
+        shards = len(list(src.glob("*.safetensors")))
+    peak = usage.ru_maxrss * 1024
+    result = {
+        "shape": "pythia-1.4b (GPT-NeoX), bf16, random",
+        "variant": args.variant,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "checkpoint_bytes": size,
+        "source_shards": shards,
+        "output_bytes": output,
+        "convert_seconds": round(seconds, 2),
+        "peak_rss_bytes": peak,
+        "peak_rss_over_checkpoint": round(peak / size, 3),
+        "goal_peak_under_half_checkpoint": peak < size / 2,
+        "load_average_1m_before": round(load, 2),
+    }
+    print(json.dumps(result, indent=2))
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
