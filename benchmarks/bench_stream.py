@@ -3,7 +3,9 @@
 Writes a random Pythia-1.4B-shaped GPT-NeoX checkpoint (1.41B parameters, bf16, ~2.8 GB) in ~1 GB
 safetensors shards, tensor by tensor (the generator never holds the model either), then converts it in a
 fresh process as a user would and measures the wall time and that process's peak RSS (wait4's rusage)
-against the checkpoint's size. The goal is a peak under half the checkpoint.
+against the checkpoint's size. The goal is a peak under half the checkpoint. The checkpoint is written by a
+child process too: Linux carries a parent's resident size at fork into the child's peak (``ru_maxrss``), so
+a parent that held the generated weights would inflate the figure.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_stream.py [--variant geglu] [--out FILE]
 
@@ -69,10 +71,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", default="geglu")
     parser.add_argument("--out", default=str(Path(__file__).with_name("bench_stream.json")))
+    parser.add_argument("--generate", metavar="DIR", help=argparse.SUPPRESS)  # the child that writes the source
     args = parser.parse_args()
+    if args.generate:
+        print(write_random_checkpoint(Path(args.generate)))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp, "pythia-1.4b"), Path(tmp, "glu")
-        size = write_random_checkpoint(src)
+        generated = subprocess.run([sys.executable, __file__, "--generate", str(src)], capture_output=True, text=True)
+        if generated.returncode:
+            raise SystemExit(f"generating the checkpoint failed:\n{generated.stderr[-3000:]}")
+        size = int(generated.stdout.split()[-1])
         command = [sys.executable, "-m", "hf_glu.cli", "convert", str(src), str(dst), "--variant", args.variant,
                    "--no-eval"]  # fmt: skip
         load = os.getloadavg()[0]

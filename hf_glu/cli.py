@@ -55,9 +55,9 @@ def run_convert(args: argparse.Namespace) -> int:
     from .data import read_text
 
     check_destination(args.dst, args.force)  # refuse before the slow part
+    _release_freed_memory()
     if args.no_eval:
         return _run_streamed_convert(args)
-    _release_freed_memory()
     eval_text = read_text(args.eval_text) if args.eval_text is not None else None
     conversion = convert_to_folder(
         args.src,

@@ -170,6 +170,14 @@ FAMILIES: dict[str, Family] = {
             dropout=lambda c: c.resid_pdrop, attention=("c_attn", "c_proj"), conv1d=True,
         ),
         Family(
+            # The MLP is an nn.Sequential(Linear, ReLU, Linear): its children are named 0, 1 and 2.
+            "ctrl", "CTRLConfig",
+            {"AutoModel": "CTRLModel", "AutoModelForCausalLM": "CTRLLMHeadModel",
+             "AutoModelForSequenceClassification": "CTRLForSequenceClassification"},
+            "h", "ffn", "0", "2", "1", activation=lambda c: "relu", width=lambda c: c.dff, bias=_always(True),
+            dropout=_no_dropout, attention=("Wq", "Wk", "Wv", "dense"),
+        ),
+        Family(
             "gpt_neox_japanese", "GPTNeoXJapaneseConfig", _heads("GPTNeoXJapanese", "base", "lm"), "layers", "mlp",
             "dense_h_to_4h", "dense_4h_to_h", "act", activation=lambda c: c.hidden_act,
             width=lambda c: int(c.hidden_size * c.intermediate_multiple_size), bias=_always(False),

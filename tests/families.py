@@ -76,6 +76,10 @@ FAMILY_CONFIGS = {
     "openai-gpt": lambda: tf.OpenAIGPTConfig(
         **_COMMON, n_positions=64, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     ),
+    # the MLP as an nn.Sequential, embeddings scaled by sqrt(width)
+    "ctrl": lambda: tf.CTRLConfig(
+        **_COMMON, n_positions=64, n_embd=32, dff=48, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0,
+    ),
     # bias-free MLP, width as a multiple of the hidden size
     "gpt_neox_japanese": lambda: tf.GPTNeoXJapaneseConfig(
         **_COMMON, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_multiple_size=2,

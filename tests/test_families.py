@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, Trainer
 import hf_glu
 from hf_glu import FAMILIES, GLU_FAMILY_CONFIGS, GLU_FAMILY_MODELS, convert_checkpoint
 from hf_glu.convert import ConversionError
+from hf_glu.convert.surgery import FamilySurgery
 from hf_glu.modeling_glu import GluMLP
 
 ALL_FAMILIES = list(FAMILY_CONFIGS)
@@ -66,9 +67,10 @@ def test_only_the_mlp_changes(model_type):
     glu_names = {"gate_proj", "up_proj", "down_proj"}
     source_state, converted_state = source.state_dict(), converted.state_dict()
     kept = {k for k in converted_state if not glu_names & set(k.split("."))}
-    family = FAMILIES[model_type]
-    dropped = {k for k in source_state if {family.proj_in, family.proj_out} & set(k.split(".")) and ".attn" not in k
-               and "attention" not in k}  # fmt: skip
+    surgery = FamilySurgery(FAMILIES[model_type])
+    module_names = {id(m): name for name, m in source.named_modules()}
+    projections = [module_names[id(p)] for layer in surgery.source_layers(source) for p in surgery.source_mlp(layer)]
+    dropped = {k for k in source_state if k.rsplit(".", 1)[0] in projections}
     assert kept == set(source_state) - dropped, "tensors outside the MLP must keep their names"
     for key in kept:
         assert torch.equal(converted_state[key], source_state[key]), key
