@@ -105,7 +105,7 @@ def _scheme_text(report: dict) -> str:
 
 def _eval_results(report: dict, dataset_name: str) -> list[EvalResult] | None:
     perplexity = report.get("perplexity")
-    if not perplexity:
+    if not perplexity or perplexity.get("converted") is None or perplexity.get("source") is None:
         return None
     common = {"task_type": "text-generation", "dataset_type": "text", "dataset_name": dataset_name}
     return [

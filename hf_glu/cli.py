@@ -73,6 +73,9 @@ def run_convert(args: argparse.Namespace) -> int:
     )
     report = conversion.report
     print(f"wrote {args.dst} ({report['converted_class']}, {report['variant']}, init={report['init']})")
+    if "evaluation" in report:
+        print(f"fidelity: {report['evaluation']}")
+        return 0
     print(f"max |Δ {report['compared_output']}| = {report['max_abs_output_diff']:.3g}")
     if "perplexity" in report:
         ppl = report["perplexity"]

@@ -255,7 +255,9 @@ def write_checkpoint(
     model.save_pretrained(folder, max_shard_size=max_shard_size)
     if conversion.source.tokenizer is not None:
         conversion.source.tokenizer.save_pretrained(folder)
-    (folder / "conversion_report.json").write_text(json.dumps(conversion.report, indent=2) + "\n", encoding="utf-8")
+    # Strict JSON: a NaN or inf here is a bug (the report replaces them), so it must fail, not be written.
+    report = json.dumps(conversion.report, indent=2, allow_nan=False)
+    (folder / "conversion_report.json").write_text(report + "\n", encoding="utf-8")
     card = render_conversion_card(conversion.report, model_name=model_name or folder.name)
     card.save(folder / "README.md")
 

@@ -14,6 +14,7 @@ Two passes, so the two models need never be whole in memory at once:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from ..glu import GluParams, get_variant, glu_activation
+from .errors import ConversionError
 from .init_schemes import UnitMap
 from .perplexity import windows
 from .surgery import Surgery, surgery_for
@@ -149,6 +151,7 @@ def compare(
     input_ids, max_length, stride = record.input_ids, record.max_length, record.stride
     is_lm = is_causal_lm(converted)
     max_diff, nll, tokens = 0.0, [0.0, 0.0], 0
+    finite = [True, True]  # source's, converted's outputs
     for index, (begin, end, target_len) in enumerate(windows(input_ids.shape[-1], max_length, stride)):
         ids = input_ids[:, begin:end]
         if is_lm:
@@ -159,6 +162,7 @@ def compare(
             for row in range(0, ids.shape[-1], _LOGIT_ROWS):
                 rows = slice(row, min(row + _LOGIT_ROWS, ids.shape[-1]))
                 logits = [head(h[:, rows]).float() for head, h in heads]
+                finite = [f and _all_finite(chunk) for f, chunk in zip(finite, logits, strict=True)]
                 lo, hi = max(rows.start, first_scored), min(rows.stop, ids.shape[-1] - 1)
                 if hi > lo:
                     targets = ids[0, lo + 1 : hi + 1]
@@ -166,13 +170,14 @@ def compare(
                         predictions = chunk[0, lo - rows.start : hi - rows.start]
                         nll[i] += F.cross_entropy(predictions, targets, reduction="sum").item()
                 # In place: logits of a large vocabulary are the biggest tensors the report holds.
-                max_diff = max(max_diff, logits[0].sub_(logits[1]).abs_().max().item())
+                max_diff = _worst(max_diff, logits[0].sub_(logits[1]).abs_().max().item())
                 del logits
             tokens += max(n, 0)
             del hidden
         else:
             out = _output(converted, ids).float()
-            max_diff = max(max_diff, out.sub_(record.outputs[index]).abs_().max().item())
+            finite = [finite[0] and _all_finite(record.outputs[index]), finite[1] and _all_finite(out)]
+            max_diff = _worst(max_diff, out.sub_(record.outputs[index]).abs_().max().item())
 
     layers = []
     for i, s in enumerate(stats):
@@ -181,13 +186,25 @@ def compare(
             layer["unit_map"] = unit_maps[i].to_dict()
         layers.append(layer)
     output_name = "last_hidden_state" if converted.base_model is converted else "logits"
+    source_finite, converted_finite = finite
+    if source_finite and not converted_finite:
+        raise ConversionError(
+            f"the converted model's {output_name} are not finite (NaN or inf) on the evaluation text, while the "
+            "source's are: its dtype overflows (float16 is the usual cause); convert to bfloat16 or float32"
+        )
+    for layer in layers:
+        if not math.isfinite(layer["mlp_relative_error"]) and source_finite:
+            raise ConversionError(
+                f"layer {layer['layer']}'s converted MLP gives non-finite outputs on the source's MLP inputs, "
+                "which are finite: its dtype overflows (float16 is the usual cause); convert to bfloat16 or float32"
+            )
     report = {
         "eval_tokens": int(input_ids.shape[-1]),
         "window": {"max_length": max_length, "stride": stride},
         "compared_output": output_name,
         "max_abs_output_diff": max_diff,
         "layers": layers,
-        "max_mlp_relative_error": max((layer["mlp_relative_error"] for layer in layers), default=0.0),
+        "max_mlp_relative_error": functools.reduce(_worst, (layer["mlp_relative_error"] for layer in layers), 0.0),
     }
     if output_name == "logits":
         report["max_abs_logit_diff"] = max_diff
@@ -199,7 +216,33 @@ def compare(
             "ratio": converted_ppl / source_ppl,
             "scored_tokens": tokens,
         }
+    if not source_finite:  # nothing to compare against: say so, and keep the report strict JSON
+        report["evaluation"] = (
+            f"not measured: the source's own {output_name} are not finite (NaN or inf) on the evaluation text"
+        )
+        report = without_non_finite(report)
     return report
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    low, high = torch.aminmax(tensor)  # both propagate NaN and show ±inf, without an |x| copy
+    return bool(torch.isfinite(low) and torch.isfinite(high))
+
+
+def _worst(a: float, b: float) -> float:
+    """The larger of two errors, where NaN is worse than anything (Python's max would drop it)."""
+    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
+
+
+def without_non_finite(value):
+    """``value`` with every non-finite float (NaN, ±inf) replaced by ``None``: JSON ``null``, never a number."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: without_non_finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [without_non_finite(v) for v in value]
+    return value
 
 
 def fidelity_report(

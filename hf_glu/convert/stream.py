@@ -102,7 +102,8 @@ def stream_convert(source: str | Path, dst: str | Path, variant: str, *, force: 
             "intermediate_size": glu_config.glu_width,
             "up_bias_added": bool(glu_config.glu_up_bias) and not glu_config.glu_bias,
             "dtype": str(glu_config.dtype).removeprefix("torch."),
-            "evaluation": "skipped (--no-eval): streamed shard by shard, the model was never run",
+            "evaluation": "skipped (--no-eval): the checkpoint was streamed shard by shard, tensor by tensor, and "
+            "the model was never built or run",
             "layers": [{"layer": i, "unit_map": unit_map.to_dict()} for i in range(names.num_layers)],
         }
         (tmp / "conversion_report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
