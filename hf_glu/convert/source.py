@@ -158,7 +158,60 @@ def read_config(folder: Path) -> tuple[GPT2Config, type[PreTrainedModel]]:
         config = AutoConfig.from_pretrained(folder)
     except Exception as e:
         raise ConversionError(f"{str(path)!r} is not a valid {model_type} config: {e}") from None
+    check_sizes(config, path)
     return config, SOURCE_CLASSES[architecture]
+
+
+# Sizes every decoder config states (through its attribute_map), which must be positive integers.
+_SIZE_FIELDS = ("vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers")
+
+
+def check_sizes(config, where: Path | str) -> None:
+    """Refuse a config whose sizes cannot build a model (zero, negative, fractional, indivisible) before
+    anything is built, naming the field; Transformers' configs accept such values and fail later, deep."""
+    for field in _SIZE_FIELDS:
+        value = getattr(config, field, None)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConversionError(f"{field}={value!r} in {str(where)!r} is invalid; expected an integer > 0")
+    if config.hidden_size % config.num_attention_heads:
+        raise ConversionError(
+            f"hidden_size={config.hidden_size} in {str(where)!r} is invalid; expected a multiple of "
+            f"num_attention_heads={config.num_attention_heads}"
+        )
+
+
+def build_skeleton(model_cls: type[PreTrainedModel], config) -> PreTrainedModel:
+    """``model_cls`` on the meta device (names and shapes, no memory); a config it cannot build is bad input."""
+    try:
+        with torch.device("meta"):
+            return model_cls(config)
+    except Exception as e:  # Transformers' own checks and whatever a bad size trips deeper down
+        raise ConversionError(f"the config cannot build a {model_cls.__name__}: {type(e).__name__}: {e}") from None
+
+
+def indexed_weight_files(index_path: Path) -> list[Path]:
+    """The weight files a sharded checkpoint's index names, in order; each must be a plain file name that
+    stays inside the checkpoint folder (an index from the Hub is untrusted: ``../`` or an absolute path
+    would read weights from elsewhere)."""
+    folder = index_path.parent
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ConversionError(f"weight index {str(index_path)!r} is corrupt: {e}") from None
+    root = folder.resolve()
+    files = []
+    for name in names:
+        path = (folder / name).resolve() if isinstance(name, str) and name else None
+        if path is None or not path.is_relative_to(root) or path == root:
+            raise ConversionError(
+                f"weight index {str(index_path)!r} names {name!r}, outside the checkpoint folder; expected file "
+                "names inside it"
+            )
+        if not path.is_file():
+            raise ConversionError(f"weight file {str(path)!r} named by {str(index_path)!r} is missing")
+        files.append(path)
+    return files
 
 
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -168,14 +221,9 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     name = present[0]  # safetensors first: it cannot run code
     if not name.endswith(".index.json"):
         return _read_weight_file(folder / name)
-    index_path = folder / name
-    try:
-        shards = sorted(set(json.loads(index_path.read_text(encoding="utf-8"))["weight_map"].values()))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise ConversionError(f"weight index {str(index_path)!r} is corrupt: {e}") from None
     state_dict: dict[str, torch.Tensor] = {}
-    for shard in shards:
-        state_dict.update(_read_weight_file(folder / shard))
+    for shard in indexed_weight_files(folder / name):
+        state_dict.update(_read_weight_file(shard))
     return state_dict
 
 
@@ -215,10 +263,15 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def _from_pretrained(model_cls: type[PreTrainedModel], folder: Path) -> PreTrainedModel:
     """The family's own loader (it maps legacy weight names), refusing what it would only warn about."""
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index).is_file():
+            indexed_weight_files(folder / index)  # refuses paths leaving the folder before Transformers reads any
     try:
         model, info = model_cls.from_pretrained(folder, output_loading_info=True, dtype="auto")
     except Exception as e:  # corrupt or truncated files, bad shapes: all mean "cannot read this source"
-        raise ConversionError(f"the weights in {str(folder)!r} cannot be loaded ({type(e).__name__}: {e})") from None
+        raise ConversionError(
+            f"the weights in {str(folder)!r} are corrupt or cannot be loaded ({type(e).__name__}: {e})"
+        ) from None
     for problem in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         if info.get(problem):
             found = sorted(str(k) for k in info[problem])
@@ -232,8 +285,7 @@ def _from_pretrained(model_cls: type[PreTrainedModel], folder: Path) -> PreTrain
 
 def _build(model_cls: type[PreTrainedModel], config: GPT2Config, loaded: dict[str, torch.Tensor]) -> PreTrainedModel:
     """Put ``loaded`` into a ``model_cls`` built on the meta device (no second copy of the weights)."""
-    with torch.device("meta"):
-        model = model_cls(config)
+    model = build_skeleton(model_cls, config)
     expected = model.state_dict()
     state_dict: dict[str, torch.Tensor] = {}
     unexpected = []
@@ -248,6 +300,11 @@ def _build(model_cls: type[PreTrainedModel], config: GPT2Config, loaded: dict[st
         if tuple(tensor.shape) != tuple(expected[target].shape):
             raise ConversionError(
                 f"weight {key!r} has shape {tuple(tensor.shape)}; the config expects {tuple(expected[target].shape)}"
+            )
+        if tensor.is_floating_point() != expected[target].is_floating_point():
+            raise ConversionError(
+                f"weight {key!r} has dtype {tensor.dtype}; expected a "
+                f"{'floating-point' if expected[target].is_floating_point() else 'non-floating'} dtype"
             )
         state_dict[target] = tensor
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", True) else set()

@@ -26,7 +26,14 @@ from .errors import ConversionError
 from .init_schemes import CALIBRATED_VARIANTS, UnitMap, fit_unit_map, preserved_projections
 from .safetensors_io import Entry, Planned, read_header, read_tensor, write_streamed
 from .save import atomic_folder, check_destination
-from .source import download, read_config, read_generation_config, read_tokenizer
+from .source import (
+    build_skeleton,
+    download,
+    indexed_weight_files,
+    read_config,
+    read_generation_config,
+    read_tokenizer,
+)
 from .surgery import FamilySurgery
 
 _INDEX = "model.safetensors.index.json"
@@ -54,8 +61,7 @@ def stream_convert(source: str | Path, dst: str | Path, variant: str, *, force: 
         )
     family = FAMILIES[config.model_type]
     surgery = FamilySurgery(family)
-    with torch.device("meta"):
-        skeleton = model_cls(config)  # names and shapes only: no memory
+    skeleton = build_skeleton(model_cls, config)  # names and shapes only: no memory
     glu_config = surgery.config(skeleton, variant, "preserve", None)
     unit_map = fit_unit_map(variant, surgery.activation(skeleton), glu_config.glu_params)
     shards = _source_shards(folder)
@@ -65,7 +71,10 @@ def stream_convert(source: str | Path, dst: str | Path, variant: str, *, force: 
         weight_map: dict[str, str] = {}
         total_size, dtypes = 0, set()
         for index, shard in enumerate(shards):
-            entries = read_header(shard)
+            try:
+                entries = read_header(shard)
+            except (OSError, ValueError) as e:
+                raise ConversionError(f"weight file {str(shard)!r} is corrupt: {e}") from None
             if entries is None:
                 raise ConversionError(f"{str(shard)!r} holds dtypes this streaming reader does not handle")
             out_name = _SINGLE if len(shards) == 1 else f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -115,18 +124,7 @@ def _source_shards(folder: Path) -> list[Path]:
     """The checkpoint's safetensors files, in order; every path must stay inside ``folder``."""
     index = folder / _INDEX
     if index.is_file():
-        try:
-            files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise ConversionError(f"weight index {str(index)!r} is corrupt: {e}") from None
-        root = folder.resolve()
-        shards = [(folder / name).resolve() for name in files]
-        for name, path in zip(files, shards, strict=True):
-            if not isinstance(name, str) or not path.is_relative_to(root):
-                raise ConversionError(f"weight index {str(index)!r} names {name!r}, outside the checkpoint folder")
-            if not path.is_file():
-                raise ConversionError(f"weight file {str(path)!r} is missing")
-        return shards
+        return indexed_weight_files(index)
     if (folder / _SINGLE).is_file():
         return [folder / _SINGLE]
     raise ConversionError(
