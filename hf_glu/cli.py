@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 from .configuration_glu_families import FAMILIES
 from .glu import VARIANTS
@@ -212,10 +214,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Signalled(BaseException):
+    """SIGTERM or SIGHUP, raised where the process is, so that clean-up runs as for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_signalled(signum: int, frame) -> None:
+    raise Signalled(signum)
+
+
+@contextmanager
+def _signals_as_exceptions() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise :class:`Signalled` (Python's default would end the process without any
+    ``finally``, leaving half-written folders behind); the previous handlers come back afterwards."""
+    caught = [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None]
+    try:
+        previous = {s: signal.signal(s, _raise_signalled) for s in caught}
+    except ValueError:  # not the main thread: leave signals alone
+        previous = {}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        with _signals_as_exceptions():
+            return args.run(args)
     except (OSError, ValueError) as e:  # ConversionError is a ValueError; OSError covers missing files
         message = " ".join(str(e).split())  # one line, whatever the library's formatting
         print(f"hf-glu {args.command}: error: {message}", file=sys.stderr)
@@ -223,6 +254,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"hf-glu {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Signalled as e:
+        print(f"hf-glu {args.command}: stopped by {signal.Signals(e.signum).name}", file=sys.stderr)
+        return 128 + e.signum
 
 
 if __name__ == "__main__":

@@ -1,0 +1,112 @@
+"""A conversion stopped by a signal at any point leaves DST as it was and nothing beside it; a SIGKILLed one
+leaves a temporary folder that the next run removes."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from hf_glu.convert.save import atomic_folder, stale_siblings
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    """A GPT-2 with a full-size vocabulary, so writing its weights takes long enough to be interrupted."""
+    folder = tmp_path_factory.mktemp("signals") / "gpt2"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64)).save_pretrained(folder)
+    return folder
+
+
+def _tmp_folders(parent: Path) -> list[Path]:
+    return [p for p in parent.iterdir() if p.name.startswith(".dst.")]
+
+
+def _when_tmp_exists(parent: Path) -> bool:
+    return bool(_tmp_folders(parent))
+
+
+def _when_writing_weights(parent: Path) -> bool:
+    return any(any(t.glob("*.safetensors")) for t in _tmp_folders(parent))
+
+
+def _when_card_written(parent: Path) -> bool:
+    return any((t / "README.md").exists() for t in _tmp_folders(parent))
+
+
+def _after(seconds: float):
+    start = time.monotonic()
+    return lambda parent: time.monotonic() - start > seconds
+
+
+@pytest.mark.parametrize(
+    "signum, moment",
+    [
+        (signal.SIGTERM, _after(1.0)),
+        (signal.SIGTERM, _when_tmp_exists),
+        (signal.SIGTERM, _when_writing_weights),
+        (signal.SIGHUP, _when_writing_weights),
+        (signal.SIGTERM, _when_card_written),
+    ],
+    ids=["term-early", "term-tmp-created", "term-writing", "hup-writing", "term-before-swap"],
+)
+def test_a_signal_at_any_point_leaves_dst_as_it_was(source, tmp_path, signum, moment):
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("an earlier conversion")
+    command = [sys.executable, "-m", "hf_glu.cli", "convert", str(source), str(dst), "--variant", "geglu_tanh",
+               "--force", "--eval-tokens", "16"]  # fmt: skip
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while process.poll() is None and not moment(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=120)
+    if process.returncode == 0:  # finished before the signal landed: then DST is the whole new checkpoint
+        assert (dst / "config.json").is_file() and not (dst / "keep.txt").exists()
+    else:
+        # Still importing (no handler yet, nothing written): the default action ends the process; once the
+        # CLI runs, the signal is an exception that cleans up and exits 128 + signum.
+        assert process.returncode in (128 + signum, -signum), err[-2000:]
+        if process.returncode > 0:
+            assert f"stopped by {signal.Signals(signum).name}" in err
+        assert sorted(p.name for p in dst.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"], "debris left beside DST"
+
+
+def test_sigkill_debris_is_swept_by_the_next_run(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    debris = tmp_path / f".dst.tmp-{dead.pid}-abcd1234"
+    debris.mkdir()
+    (debris / "model.safetensors").write_bytes(b"half a checkpoint")
+    alive = tmp_path / f".dst.tmp-{os.getpid()}-efgh5678"  # a conversion still running: never touched
+    alive.mkdir()
+    assert stale_siblings(tmp_path / "dst") == [debris]
+    with atomic_folder(tmp_path / "dst", force=False) as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert not debris.exists() and alive.exists()
+    assert (tmp_path / "dst" / "config.json").is_file()
+
+
+def test_replacing_dst_is_one_atomic_exchange(tmp_path, monkeypatch):
+    import hf_glu.convert.save as save
+
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "old.txt").write_text("old")
+    renames = []
+    monkeypatch.setattr(save.os, "rename", lambda *a: renames.append(a) or os.rename(*a))
+    with atomic_folder(dst, force=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in dst.iterdir()) == ["new.txt"]
+    assert renames == [], "the exchange needs no rename that could leave DST missing"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
