@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import ast
 import json
+import zipfile
 from pathlib import Path
 
 from huggingface_hub import HfApi
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+BIN_FILE = "pytorch_model.bin"
+BIN_INDEX_FILE = "pytorch_model.bin.index.json"
 # Files whose ``auto_map`` names code that ``trust_remote_code`` users download from the repo.
 _AUTO_MAP_FILES = ("config.json", "tokenizer_config.json")
 
@@ -33,16 +37,48 @@ def _read_json(path: Path) -> dict:
 
 
 def _weight_problems(folder: Path) -> list[str]:
-    if (folder / WEIGHTS_FILE).is_file():
+    """What keeps the folder's weights from loading: none at all, an index naming missing files or files
+    outside the folder, or a safetensors file whose header does not match its size (a truncated upload)."""
+    from .convert.errors import ConversionError
+    from .convert.safetensors_io import read_header
+    from .convert.source import indexed_weight_files
+
+    for index_name in (WEIGHTS_INDEX_FILE, BIN_INDEX_FILE):
+        if (folder / index_name).is_file():
+            try:
+                files = indexed_weight_files(folder / index_name)
+            except ConversionError as e:
+                return [str(e)]
+            break
+    else:
+        files = [folder / name for name in (WEIGHTS_FILE, BIN_FILE) if (folder / name).is_file()][:1]
+    if not files:
+        return [f"no weights: expected {WEIGHTS_FILE} (or {WEIGHTS_INDEX_FILE} with its shards, or {BIN_FILE})"]
+    problems = []
+    for path in files:
+        if path.suffix == ".safetensors":
+            try:
+                read_header(path)
+            except (OSError, ValueError) as e:
+                problems.append(f"weight file {path.name!r} is corrupt ({e})")
+        elif not zipfile.is_zipfile(path):
+            problems.append(f"weight file {path.name!r} is not a PyTorch zip archive (truncated or not a checkpoint)")
+    return problems
+
+
+def _config_problems(folder: Path) -> list[str]:
+    """A config whose model type Transformers does not know needs an auto_map naming its code."""
+    path = folder / "config.json"
+    if not path.is_file():
+        return ["no config.json: expected the model's config, as written by save_pretrained"]
+    config = _read_json(path)
+    model_type = config.get("model_type")
+    if model_type in CONFIG_MAPPING_NAMES or "AutoConfig" in (config.get("auto_map") or {}):
         return []
-    index_path = folder / WEIGHTS_INDEX_FILE
-    if not index_path.is_file():
-        return [f"no weights: expected {WEIGHTS_FILE}, or {WEIGHTS_INDEX_FILE} with its shards"]
-    weight_map = _read_json(index_path).get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        return [f"{WEIGHTS_INDEX_FILE} has no 'weight_map'; expected a mapping of weight names to shard files"]
-    missing = sorted({shard for shard in weight_map.values() if not (folder / shard).is_file()})
-    return [f"weight shard {shard!r} listed in {WEIGHTS_INDEX_FILE} is missing" for shard in missing]
+    return [
+        f"config.json has model_type={model_type!r}, which Transformers does not know, and no auto_map: users "
+        "without hf-glu could not load it; save it with save_pretrained after `import hf_glu`"
+    ]
 
 
 def _auto_map_modules(auto_map: dict) -> set[str]:
@@ -94,15 +130,15 @@ def _code_problems(folder: Path) -> list[str]:
 def check_checkpoint_folder(folder: str | Path) -> Path:
     """Raise :class:`CheckpointFolderError` unless ``folder`` holds a loadable checkpoint; returns it as a Path.
 
-    Loadable means: ``config.json``; weights (``model.safetensors``, or ``model.safetensors.index.json``
-    whose shards all exist); every code file that an ``auto_map`` names, and those files' relative imports.
+    Loadable means: ``config.json`` whose model type Transformers knows or whose ``auto_map`` names its code;
+    weights (``model.safetensors``, a sharded index whose files all exist inside the folder, or
+    ``pytorch_model.bin``) whose safetensors headers match their sizes; every code file that an ``auto_map``
+    names, and those files' relative imports.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointFolderError(f"checkpoint folder {str(folder)!r} does not exist or is not a folder")
-    problems = []
-    if not (folder / "config.json").is_file():
-        problems.append("no config.json: expected the model's config, as written by save_pretrained")
+    problems = _config_problems(folder)
     problems += _weight_problems(folder)
     problems += _code_problems(folder)
     if problems:

@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_config
 
 from hf_glu import GluForCausalLM
@@ -94,7 +95,41 @@ def test_missing_shard_is_refused(tmp_path):
     GluForCausalLM(tiny_config()).save_pretrained(folder, max_shard_size="20KB")
     shard = sorted(set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values()))[1]
     (folder / shard).unlink()
-    _refused(folder, f"weight shard {shard!r}", "missing")
+    _refused(folder, shard, "is missing")
+
+
+def test_truncated_weights_are_refused(broken):
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])
+    _refused(broken, "'model.safetensors' is corrupt")
+
+
+def test_an_index_reaching_outside_the_folder_is_refused(tmp_path):
+    folder = tmp_path / "sharded"
+    GluForCausalLM(tiny_config()).save_pretrained(folder, max_shard_size="20KB")
+    index = folder / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"][next(iter(data["weight_map"]))] = "../../etc/hostname"
+    index.write_text(json.dumps(data))
+    _refused(folder, "outside the checkpoint folder")
+
+
+def test_a_glu_config_without_auto_map_is_refused(broken):
+    config = json.loads((broken / "config.json").read_text())
+    del config["auto_map"]
+    (broken / "config.json").write_text(json.dumps(config))
+    _refused(broken, "model_type='glu_gpt2'", "no auto_map")
+
+
+def test_a_bin_only_folder_that_loads_is_accepted(checkpoint, tmp_path):
+    folder = Path(shutil.copytree(checkpoint, tmp_path / "bin"))
+    state_dict = GluForCausalLM.from_pretrained(folder).state_dict()
+    torch.save({k: v.contiguous() for k, v in state_dict.items()}, folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    GluForCausalLM.from_pretrained(folder)  # it does load
+    api = FakeHfApi()
+    push_checkpoint(folder, "me/bin", api=api)
+    assert "pytorch_model.bin" in api.uploaded_files
 
 
 def test_code_named_by_auto_map_must_be_present(broken):
