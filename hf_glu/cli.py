@@ -14,6 +14,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 from .configuration_glu_families import FAMILIES
 from .glu import VARIANTS
@@ -56,7 +57,8 @@ def run_convert(args: argparse.Namespace) -> int:
     from .convert.save import check_destination
     from .data import read_text
 
-    check_destination(args.dst, args.force)  # refuse before the slow part
+    _check_convert_options(args)  # refuse before the slow part
+    check_destination(args.dst, args.force)
     _release_freed_memory()
     if args.no_eval:
         return _run_streamed_convert(args)
@@ -71,7 +73,7 @@ def run_convert(args: argparse.Namespace) -> int:
         force=args.force,
         max_shard_size=args.max_shard_size,
         eval_text=eval_text,
-        eval_tokens=args.eval_tokens or DEFAULT_EVAL_TOKENS,
+        eval_tokens=DEFAULT_EVAL_TOKENS if args.eval_tokens is None else args.eval_tokens,
     )
     report = conversion.report
     print(f"wrote {args.dst} ({report['converted_class']}, {report['variant']}, init={report['init']})")
@@ -83,6 +85,26 @@ def run_convert(args: argparse.Namespace) -> int:
         ppl = report["perplexity"]
         print(f"perplexity: source {ppl['source']:.4f}, converted {ppl['converted']:.4f} (ratio {ppl['ratio']:.5f})")
     return 0
+
+
+def _check_convert_options(args: argparse.Namespace) -> None:
+    """The options' values, checked before anything is loaded; each error names the option and what it takes."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    if not args.src.strip():
+        raise ValueError("SRC is empty; expected a checkpoint folder or a Hub model id")
+    if args.intermediate_size is not None and args.intermediate_size < 1:
+        raise ValueError(f"--intermediate-size {args.intermediate_size} is invalid; expected an integer >= 1")
+    if args.eval_tokens is not None and args.eval_tokens < 2:
+        raise ValueError(f"--eval-tokens {args.eval_tokens} is invalid; expected an integer >= 2")
+    try:
+        size = convert_file_size_to_int(args.max_shard_size)
+    except (ValueError, TypeError):
+        size = None
+    if not isinstance(size, int) or size <= 0:
+        raise ValueError(f"--max-shard-size {args.max_shard_size!r} is invalid; expected a size such as 500MB or 5GB")
+    if args.eval_text is not None and not Path(args.eval_text).is_file():
+        raise ValueError(f"--eval-text {args.eval_text!r} is not a file; expected a UTF-8 text file")
 
 
 def _run_streamed_convert(args: argparse.Namespace) -> int:
@@ -136,15 +158,37 @@ def run_eval(args: argparse.Namespace) -> int:
     from .convert.perplexity import perplexity
     from .data import read_text
 
+    for option, value, least in (("--max-length", args.max_length, 2), ("--stride", args.stride, 1),
+                                 ("--max-tokens", args.max_tokens, 2)):  # fmt: skip
+        if value is not None and value < least:
+            raise ValueError(f"{option} {value} is invalid; expected an integer >= {least}")
     text = read_text(args.text_file)
-    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    except Exception as e:  # missing files, corrupt weights, bad configs: many types, all mean "cannot load"
+        raise ValueError(f"{args.model!r} cannot be loaded ({type(e).__name__}: {e})") from None
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
     if args.max_tokens is not None:
         ids = ids[:, : args.max_tokens]
-    max_length = args.max_length or min(getattr(model.config, "max_position_embeddings", 1024) or 1024, 1024)
-    result = perplexity(model, ids, max_length=max_length, stride=args.stride or max(max_length // 2, 1))
-    print(json.dumps({"model": args.model, "text_file": args.text_file, **result}, indent=2))
+    vocab = model.get_input_embeddings().num_embeddings
+    if ids.numel() and int(ids.max()) >= vocab:
+        raise ValueError(
+            f"the tokenizer of {args.model!r} produces ids up to {int(ids.max())}, beyond the model's vocabulary "
+            f"of {vocab}; expected the tokenizer the model was trained with"
+        )
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if args.max_length is not None and positions and args.max_length > positions:
+        raise ValueError(f"--max-length {args.max_length} exceeds the model's {positions} positions")
+    max_length = args.max_length or min(positions or 1024, 1024)
+    stride = args.stride or max(max_length // 2, 1)
+    if stride > max_length:
+        raise ValueError(f"--stride {stride} exceeds the window of {max_length} tokens; expected at most that")
+    result = perplexity(model, ids, max_length=max_length, stride=stride)
+    from .convert.report import without_non_finite
+
+    result = without_non_finite({"model": args.model, "text_file": args.text_file, **result})  # inf -> null
+    print(json.dumps(result, indent=2, allow_nan=False))
     return 0
 
 

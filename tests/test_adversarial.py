@@ -155,3 +155,92 @@ def test_hostile_sources_fail_in_one_line_and_touch_nothing(name, family, damage
     assert message in err and "\n" not in err and "Traceback" not in err, err
     assert _files(src) == before_src and _files(dst) == before_dst
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"], "debris left beside DST"
+
+
+@pytest.fixture
+def gpt2_folder(tmp_path):
+    from hf_glu.data import builtin_corpus, train_bpe_tokenizer
+
+    folder = tmp_path / "src"
+    tokenizer = train_bpe_tokenizer(builtin_corpus(5_000), vocab_size=101)
+    tiny_gpt2(vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (tmp_path / "text.txt").write_text(builtin_corpus(3_000))
+    return folder
+
+
+# (options after `convert SRC DST --variant swiglu`, expected fragment of the one-line error)
+BAD_CONVERT_OPTIONS = [
+    (["--intermediate-size", "0", "--init", "random"], "--intermediate-size 0"),
+    (["--intermediate-size", "-3", "--init", "random"], "--intermediate-size -3"),
+    (["--eval-tokens", "0"], "--eval-tokens 0"),
+    (["--eval-tokens", "1"], "--eval-tokens 1"),
+    (["--max-shard-size", "lots"], "--max-shard-size 'lots'"),
+    (["--max-shard-size=-1GB"], "--max-shard-size '-1GB'"),
+    (["--eval-text", "no-such-file.txt"], "--eval-text 'no-such-file.txt'"),
+]
+
+
+@pytest.mark.parametrize("options, message", BAD_CONVERT_OPTIONS, ids=[" ".join(o) for o, _ in BAD_CONVERT_OPTIONS])
+def test_bad_convert_options_are_refused_before_any_work(options, message, gpt2_folder, tmp_path, capsys, monkeypatch):
+    import hf_glu.convert.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "load_source", lambda *a, **k: pytest.fail("the source was read"))
+    capsys.readouterr()
+    assert main(["convert", str(gpt2_folder), str(tmp_path / "out"), "--variant", "swiglu", *options]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_source_is_refused(tmp_path, capsys):
+    assert main(["convert", "", str(tmp_path / "out"), "--variant", "swiglu"]) == 2
+    assert "SRC is empty" in capsys.readouterr().err
+    with pytest.raises(ConversionError, match="is empty"):
+        convert_checkpoint("  ", "swiglu")
+
+
+def test_eval_text_without_a_tokenizer_is_refused(tmp_path):
+    tiny_gpt2().save_pretrained(tmp_path / "src")
+    with pytest.raises(ConversionError, match="no tokenizer"):
+        convert_checkpoint(tmp_path / "src", "swiglu", eval_text="some words to score")
+
+
+BAD_EVAL = [
+    (["--stride", "0"], "--stride 0"),
+    (["--max-tokens", "-5"], "--max-tokens -5"),
+    (["--max-length", "1"], "--max-length 1"),
+    (["--max-length", "4096"], "exceeds the model's 64 positions"),
+    (["--max-length", "16", "--stride", "32"], "--stride 32 exceeds the window"),
+]
+
+
+@pytest.mark.parametrize("options, message", BAD_EVAL, ids=[" ".join(o) for o, _ in BAD_EVAL])
+def test_bad_eval_options_end_in_one_line(options, message, gpt2_folder, tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["eval", str(gpt2_folder), "--text-file", str(tmp_path / "text.txt"), *options]) == 2
+    err = capsys.readouterr().err
+    ours = [line for line in err.splitlines() if line.startswith("hf-glu")]  # beside Transformers' progress bars
+    assert len(ours) == 1 and message in ours[0] and "Traceback" not in err
+
+
+def test_eval_refuses_a_tokenizer_larger_than_the_vocabulary(gpt2_folder, tmp_path, capsys):
+    config = json.loads((gpt2_folder / "config.json").read_text())
+    weights = gpt2_folder / "model.safetensors"
+    small = tiny_gpt2(vocab_size=50)
+    small.save_pretrained(gpt2_folder)
+    assert json.loads((gpt2_folder / "config.json").read_text())["vocab_size"] == 50 != config["vocab_size"]
+    capsys.readouterr()
+    assert main(["eval", str(gpt2_folder), "--text-file", str(tmp_path / "text.txt")]) == 2
+    assert "beyond the model's vocabulary of 50" in capsys.readouterr().err
+    assert weights.is_file()
+
+
+def test_eval_refuses_truncated_weights_in_one_line(gpt2_folder, tmp_path, capsys):
+    weights = gpt2_folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    capsys.readouterr()
+    assert main(["eval", str(gpt2_folder), "--text-file", str(tmp_path / "text.txt")]) == 2
+    err = capsys.readouterr().err
+    ours = [line for line in err.splitlines() if line.startswith("hf-glu")]
+    assert len(ours) == 1 and "cannot be loaded" in ours[0] and "Traceback" not in err

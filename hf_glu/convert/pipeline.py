@@ -109,11 +109,20 @@ def convert(
 ) -> Conversion:
     """Convert ``source`` and measure it; see :func:`hf_glu.convert.convert_gpt2` for the arguments."""
     dtype = parse_dtype(torch_dtype)
-    if not isinstance(eval_tokens, int) or eval_tokens < 2:
+    if isinstance(eval_tokens, bool) or not isinstance(eval_tokens, int) or eval_tokens < 2:
         raise ConversionError(f"eval_tokens={eval_tokens!r} is invalid; expected an integer >= 2")
+    if intermediate_size is not None and (
+        isinstance(intermediate_size, bool) or not isinstance(intermediate_size, int) or intermediate_size < 1
+    ):
+        raise ConversionError(f"intermediate_size={intermediate_size!r} is invalid; expected an integer >= 1")
     loaded = load_source(source)
     if tokenizer is not None:
         loaded.tokenizer = tokenizer
+    if eval_text is not None and loaded.tokenizer is None:
+        raise ConversionError(
+            "eval_text was given but the source has no tokenizer to read it with; add the tokenizer files to "
+            "the source folder (or pass tokenizer=), or leave eval_text out (random token ids are then used)"
+        )
     src = loaded.model
     model_type = src.config.model_type
     surgery = surgery_for(model_type)

@@ -106,6 +106,8 @@ def load_source(source: str | Path | PreTrainedModel) -> Source:
             f"source must be a GPT-2 model, a folder or a Hub id; got a {type(source).__name__} "
             f"(supported classes: {supported_classes_text()})"
         )
+    if not str(source).strip():
+        raise ConversionError(f"source {str(source)!r} is empty; expected a checkpoint folder or a Hub id")
     folder = Path(source)
     name = str(source)
     if not folder.exists():
