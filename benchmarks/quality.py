@@ -14,7 +14,8 @@
 
 Every arm of one seed sees the same batches in the same order; seeds change the order (and random
 inits). Writes ``quality.json`` (every number), ``quality.md`` (the tables) and ``quality.png`` into
-``--out``:
+``--out`` (default ``benchmarks/results`` for a full run; a ``--quick`` smoke run goes to the git-ignored
+``bench_results/quality-quick`` so it never overwrites the recorded results):
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py            # full, ~20 min on 2 CPU cores
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py --quick    # CI: tiny model, 1 seed
@@ -773,12 +774,22 @@ def run(settings: Settings, args: argparse.Namespace, device: torch.device, comm
     return results
 
 
+def default_out(quick: bool) -> Path:
+    """Where results go without ``--out``: the committed results folder only for a full run."""
+    if quick:
+        return Path(__file__).resolve().parents[1] / "bench_results" / "quality-quick"
+    return Path(__file__).resolve().parent / "results"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model, 1 seed, a few steps (CI)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda, which also scales the model up")
     parser.add_argument("--text-file", default=None, help="UTF-8 text to use instead of the built-in corpus")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="output folder")
+    parser.add_argument(
+        "--out", default=None, help="output folder (default: benchmarks/results for a full run; "
+        "bench_results/quality-quick, git-ignored, for --quick: a smoke run never overwrites recorded results)"
+    )
     # One thread by default: on two cores shared with other processes, two contended threads measured
     # 5-8x slower per step than one.
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (default: 1)")
@@ -797,6 +808,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.workers < 1 or args.threads < 1:
         parser.error(f"--workers {args.workers} / --threads {args.threads}: expected integers >= 1")
     torch.set_num_threads(args.threads)
+    args.out = args.out or str(default_out(args.quick))
     settings = QUICK if args.quick else GPU_FULL if device.type == "cuda" else FULL
     command = shlex.join(["python", "benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])])
     results = run(settings, args, device, command)

@@ -56,3 +56,20 @@ def test_quick_mode_reports_every_arm_with_finite_numbers(tmp_path):
     assert all(f"| {variant} | preserve |" in table for variant in VARIANTS)
     assert all(f"| {name} |" in table for name in ABLATION_ARMS)
     assert (tmp_path / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_runs_never_write_over_the_recorded_results():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality", REPO / "benchmarks" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    sys.modules["quality"] = quality  # its dataclasses look their module up
+    try:
+        spec.loader.exec_module(quality)
+    finally:
+        del sys.modules["quality"]
+    recorded = (REPO / "benchmarks" / "results").resolve()
+    assert quality.default_out(quick=False) == recorded
+    quick = quality.default_out(quick=True)
+    assert recorded not in quick.parents and quick != recorded
+    assert quick.parent.name == "bench_results"  # git-ignored
