@@ -1,5 +1,7 @@
 """GPT-2 → GLU surgery in memory: config carried over, weights mapped, each init scheme within its bound."""
 
+import math
+
 import pytest
 import torch
 from conftest import TINY_FIELDS
@@ -105,7 +107,12 @@ def test_conv1d_weights_are_transposed_and_c_attn_split():
     assert converted.lm_head.weight is converted.transformer.wte.weight
 
 
-@pytest.mark.parametrize("variant", ["geglu", "reglu", "swiglu", "glu", "swiglu_oai", "bilinear"])
+# |perplexity ratio - 1| each approximate scheme may cost before fine-tuning: the README's ≤ 1.01 for the
+# GELU-like maps, bilinear's fitted quadratic a little more, ReLU's missing negative lobe up to its +51%.
+PERPLEXITY_BOUNDS = {"geglu": 0.01, "swiglu": 0.01, "glu": 0.01, "swiglu_oai": 0.01, "bilinear": 0.05, "reglu": 0.6}
+
+
+@pytest.mark.parametrize("variant", sorted(PERPLEXITY_BOUNDS))
 def test_approximate_schemes_stay_inside_their_bound(variant):
     converted = convert_gpt2(tiny_gpt2(spread=0.3), variant, eval_tokens=128)
     report = converted.conversion_report
@@ -113,7 +120,8 @@ def test_approximate_schemes_stay_inside_their_bound(variant):
         assert layer["max_unit_error"] <= layer["unit_map"]["bound"] + 1e-5, layer
         if variant in DOCUMENTED_BOUNDS_GELU_NEW:
             assert layer["unit_map"]["bound"] <= DOCUMENTED_BOUNDS_GELU_NEW[variant]
-    assert report["perplexity"]["ratio"] < 1.2
+    ratio = report["perplexity"]["ratio"]
+    assert math.isfinite(ratio) and abs(ratio - 1) <= PERPLEXITY_BOUNDS[variant], ratio
 
 
 @pytest.mark.parametrize("variant", sorted(DOCUMENTED_BOUNDS_GELU_NEW))

@@ -251,7 +251,6 @@ def test_causal_lm_loss_shifts_labels():
 
 
 def test_triton_kernel_without_triton_fails_clearly(monkeypatch):
-    monkeypatch.setattr(hf_glu.modeling_glu, "fused_path_wanted", hf_glu.glu_triton.fused_path_wanted)
     monkeypatch.setattr(hf_glu.glu_triton, "TRITON_AVAILABLE", False)
     model = GluForCausalLM(tiny_config(glu_kernel="triton"))
     with pytest.raises(ImportError, match="needs triton"):
@@ -261,3 +260,38 @@ def test_triton_kernel_without_triton_fails_clearly(monkeypatch):
 def test_token_classification_ignores_a_requested_cache():
     model = GluForTokenClassification(tiny_config(num_labels=2))
     assert model(torch.randint(1, 101, (1, 4)), use_cache=True).logits.shape == (1, 4, 2)
+
+
+@pytest.mark.parametrize(
+    "kernel, cuda, dtype, triton, fused",
+    [
+        ("auto", True, torch.bfloat16, True, True),
+        ("auto", True, torch.float32, True, True),
+        ("auto", True, torch.float64, True, False),  # no kernel for float64: the eager reference
+        ("auto", False, torch.bfloat16, True, False),  # CPU tensors stay eager
+        ("auto", True, torch.bfloat16, False, False),  # no triton installed
+        ("eager", True, torch.bfloat16, True, False),
+    ],
+)
+def test_auto_dispatch_decision_without_cuda(monkeypatch, kernel, cuda, dtype, triton, fused):
+    monkeypatch.setattr(hf_glu.glu_triton, "on_cuda", lambda x: cuda)
+    monkeypatch.setattr(hf_glu.glu_triton, "TRITON_AVAILABLE", triton)
+    assert hf_glu.glu_triton.fused_path_wanted(kernel, torch.zeros(2, dtype=dtype)) is fused
+
+
+@pytest.mark.skipif(not hf_glu.glu_triton.TRITON_AVAILABLE, reason="needs triton (the interpreter runs it on CPU)")
+def test_auto_model_takes_the_fused_path_where_cuda_would_be(monkeypatch):
+    """With the device predicate standing in for CUDA, ``auto`` runs the fused op (in the Triton interpreter)
+    and the model's output is the eager one."""
+    model = GluForCausalLM(tiny_config(glu_kernel="auto")).eval()
+    ids = torch.randint(1, 101, (2, 6))
+    with torch.no_grad():
+        eager = model(ids).logits
+    calls = []
+    real = hf_glu.modeling_glu.fused_glu_mlp
+    monkeypatch.setattr(hf_glu.modeling_glu, "fused_glu_mlp", lambda mlp, x: calls.append(x.shape) or real(mlp, x))
+    monkeypatch.setattr(hf_glu.glu_triton, "on_cuda", lambda x: True)
+    with torch.no_grad():
+        fused = model(ids).logits
+    assert len(calls) == model.config.n_layer
+    torch.testing.assert_close(fused, eager, atol=1e-5, rtol=1e-5)
