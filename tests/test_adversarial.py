@@ -244,3 +244,30 @@ def test_eval_refuses_truncated_weights_in_one_line(gpt2_folder, tmp_path, capsy
     err = capsys.readouterr().err
     ours = [line for line in err.splitlines() if line.startswith("hf-glu")]
     assert len(ours) == 1 and "cannot be loaded" in ours[0] and "Traceback" not in err
+
+
+@pytest.mark.parametrize("head", ["lm", "base"])
+def test_the_fidelity_pass_memory_is_bounded_and_the_figures_unchanged(monkeypatch, head):
+    from transformers import GPT2Model
+
+    import hf_glu.convert.report as report_module
+
+    def make():
+        torch.manual_seed(0)  # the same source each time
+        return tiny_gpt2() if head == "lm" else tiny_gpt2(GPT2Model)
+
+    in_memory = convert_checkpoint(make(), "swiglu", eval_tokens=200).conversion_report
+    monkeypatch.setattr(report_module, "_OUTPUTS_IN_MEMORY", 0)  # every window's output waits on disk
+    spilled = []
+    real_append = report_module.WindowStore.append
+    monkeypatch.setattr(report_module.WindowStore, "append",
+                        lambda self, t: real_append(self, t) or spilled.append(self.spilled))  # fmt: skip
+    on_disk = convert_checkpoint(make(), "swiglu", eval_tokens=200).conversion_report
+    assert spilled and spilled[-1] == len(spilled) > 1
+    assert on_disk == in_memory
+
+    monkeypatch.setattr(report_module, "MLP_STATS_TOKENS", 20)
+    capped = convert_checkpoint(make(), "swiglu", eval_tokens=200).conversion_report
+    assert capped["mlp_stats_tokens"] == 20 and in_memory["mlp_stats_tokens"] >= 200  # windows overlap
+    assert capped["max_abs_output_diff"] == in_memory["max_abs_output_diff"]  # whole-model figures: every token
+    assert all(math.isfinite(layer["mlp_relative_error"]) for layer in capped["layers"])

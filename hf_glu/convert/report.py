@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import functools
 import math
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +34,44 @@ from .surgery import Surgery, surgery_for
 
 # Tokens per slice of logits: 128 × a 50257-word vocabulary is 26 MB per float32 copy.
 _LOGIT_ROWS = 128
+# Memory bounds, whatever the number of evaluation tokens: the per-layer MLP figures use each layer's first
+# MLP_STATS_TOKENS tokens (a 768-wide MLP's input and output: 12.6 MB per layer), and the source's per-window
+# outputs stay in memory up to _OUTPUTS_IN_MEMORY bytes, the rest waiting on disk until compared.
+MLP_STATS_TOKENS = 2048
+_OUTPUTS_IN_MEMORY = 256 << 20
+
+
+class WindowStore:
+    """One tensor per window, in memory up to a byte budget and in a temporary folder beyond it."""
+
+    def __init__(self, budget: int | None = None):
+        self.budget = _OUTPUTS_IN_MEMORY if budget is None else budget
+        self.held = 0
+        self.items: list[torch.Tensor | Path] = []
+        self._folder: tempfile.TemporaryDirectory | None = None
+
+    def append(self, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.held + nbytes <= self.budget:
+            self.items.append(tensor)
+            self.held += nbytes
+            return
+        if self._folder is None:
+            self._folder = tempfile.TemporaryDirectory(prefix="hf-glu-report-")
+        path = Path(self._folder.name) / f"{len(self.items)}.pt"
+        torch.save(tensor, path)
+        self.items.append(path)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        item = self.items[index]
+        return torch.load(item, weights_only=True) if isinstance(item, Path) else item
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def spilled(self) -> int:
+        return sum(isinstance(item, Path) for item in self.items)
 
 
 def is_causal_lm(model: PreTrainedModel) -> bool:
@@ -46,9 +86,10 @@ class SourceRecord:
     max_length: int
     stride: int
     # Per window: a language model's final hidden states, otherwise the model's output.
-    outputs: list[torch.Tensor] = field(default_factory=list)
-    # Per layer, per window: the MLP's input and output.
+    outputs: WindowStore = field(default_factory=WindowStore)
+    # Per layer, per window: the MLP's input and output, over the layer's first MLP_STATS_TOKENS tokens.
     mlp_io: list[list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
+    mlp_tokens: int = 0  # tokens the per-layer figures cover
     head: torch.nn.Module | None = None  # a language model's output layer (it shares the converted one's weight)
 
 
@@ -66,7 +107,13 @@ def record_source(
     record = SourceRecord(input_ids, max_length, stride, mlp_io=[[] for _ in layers])
 
     def recorder(io: list, act: Callable, proj_out: torch.nn.Module) -> Callable:
-        return lambda module, args, z: io.append((args[0], proj_out(act(z))))
+        def record(module: torch.nn.Module, args: tuple, z: torch.Tensor) -> None:
+            room = MLP_STATS_TOKENS - sum(x.shape[0] for x, _ in io)
+            if room > 0:  # rows are tokens (inline MLPs such as OPT's see [tokens, hidden] already)
+                x, z = args[0].reshape(-1, args[0].shape[-1])[:room], z.reshape(-1, z.shape[-1])[:room]
+                io.append((x, proj_out(act(z))))
+
+        return record
 
     hooks = []
     for io, layer in zip(record.mlp_io, layers, strict=True):
@@ -88,6 +135,7 @@ def record_source(
         for hook in hooks:
             hook.remove()
         source.train(was_training)
+    record.mlp_tokens = sum(x.shape[0] for x, _ in record.mlp_io[0]) if record.mlp_io else 0
     return record
 
 
@@ -175,9 +223,9 @@ def compare(
             tokens += max(n, 0)
             del hidden
         else:
-            out = _output(converted, ids).float()
-            finite = [finite[0] and _all_finite(record.outputs[index]), finite[1] and _all_finite(out)]
-            max_diff = _worst(max_diff, out.sub_(record.outputs[index]).abs_().max().item())
+            out, expected = _output(converted, ids).float(), record.outputs[index]
+            finite = [finite[0] and _all_finite(expected), finite[1] and _all_finite(out)]
+            max_diff = _worst(max_diff, out.sub_(expected).abs_().max().item())
 
     layers = []
     for i, s in enumerate(stats):
@@ -202,6 +250,7 @@ def compare(
         "eval_tokens": int(input_ids.shape[-1]),
         "window": {"max_length": max_length, "stride": stride},
         "compared_output": output_name,
+        "mlp_stats_tokens": record.mlp_tokens,  # window tokens behind the per-layer figures (overlaps count)
         "max_abs_output_diff": max_diff,
         "layers": layers,
         "max_mlp_relative_error": functools.reduce(_worst, (layer["mlp_relative_error"] for layer in layers), 0.0),
