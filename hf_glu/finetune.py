@@ -12,6 +12,8 @@ import hashlib
 import json
 import math
 import re
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -347,3 +349,15 @@ def check_finetune_args(parser: argparse.ArgumentParser, args: argparse.Namespac
 def lora_config(args: argparse.Namespace) -> LoraConfig:
     """A LoRA config without target_modules: PEFT takes hf_glu's registered defaults for model_type glu."""
     return LoraConfig(task_type="CAUSAL_LM", r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
+
+
+def run_recipe(main: Callable[[], None]) -> int:
+    """Run a recipe's ``main`` as the CLI runs its commands: bad input (a ``ValueError`` or ``OSError``: a missing
+    folder, an unknown variant, a source that cannot be converted) ends with one line on stderr and exit 2."""
+    try:
+        main()
+    except (OSError, ValueError) as e:
+        message = " ".join(str(e).split())
+        print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
+        return 2
+    return 0

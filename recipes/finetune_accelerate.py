@@ -33,6 +33,7 @@ from hf_glu.finetune import (
     load_teacher,
     lora_config,
     perplexity_from_loss,
+    run_recipe,
     save_final,
     token_loss_sums,
     weights_digest,
@@ -234,4 +235,4 @@ def finish(model, tokenizer, accelerator, args, results: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_recipe(main))

@@ -27,6 +27,7 @@ from hf_glu.finetune import (
     load_teacher,
     lora_config,
     perplexity_from_loss,
+    run_recipe,
     save_final,
     write_json,
 )
@@ -129,4 +130,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_recipe(main))

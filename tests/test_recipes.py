@@ -249,3 +249,12 @@ def test_recipe_pushes_the_final_folder(assets, tmp_path, monkeypatch, script):
     assert (create, repo, options["private"]) == ("create_repo", "me/tiny-glu", True)
     assert (upload, upload_repo) == ("upload_folder", "me/tiny-glu")
     assert Path(upload_options["folder_path"]) == tmp_path / "final"
+
+
+@pytest.mark.parametrize("script", ["finetune_trainer.py", "finetune_accelerate.py"])
+def test_recipes_answer_bad_input_in_one_line(assets, tmp_path, script):
+    command = recipe_command(script, assets, tmp_path / "out", "--model", str(tmp_path / "no-such-model"))
+    done = subprocess.run(command, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"{script}: error: ")
