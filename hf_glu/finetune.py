@@ -274,7 +274,10 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 
 def write_json(path: str | Path, data: dict) -> None:
-    Path(path).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    """Strict JSON: a diverged run's NaN or inf loss is written as null, never as a number."""
+    from .convert.report import without_non_finite
+
+    Path(path).write_text(json.dumps(without_non_finite(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
 
 def finetune_arg_parser(description: str) -> argparse.ArgumentParser:

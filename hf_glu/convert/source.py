@@ -28,6 +28,7 @@ from transformers import (
 )
 
 from ..configuration_glu_families import FAMILIES
+from .checkpoint_names import CheckpointNames
 from .errors import ConversionError
 from .safetensors_io import read_header, read_tensor
 
@@ -263,8 +264,32 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return {entry.name: read_tensor(f, entry) for entry in entries}
 
 
+def _check_safetensors_headers(model_cls: type[PreTrainedModel], folder: Path) -> None:
+    """Every safetensors header against the model the config builds (names, shapes, dtypes), one line per
+    problem, before Transformers reads a tensor (its own errors say only "look at the report above")."""
+    if (folder / "model.safetensors.index.json").is_file():
+        files = indexed_weight_files(folder / "model.safetensors.index.json")
+    elif (folder / "model.safetensors").is_file():
+        files = [folder / "model.safetensors"]
+    else:
+        return
+    config = AutoConfig.from_pretrained(folder)
+    names = CheckpointNames(build_skeleton(model_cls, config))
+    for path in files:
+        try:
+            entries = read_header(path)
+        except (OSError, ValueError) as e:
+            raise ConversionError(f"weight file {str(path)!r} is corrupt: {e}") from None
+        for entry in entries or []:
+            name = names.model_name(entry.name)
+            if name is not None:
+                names.check_entry(entry, name)
+    names.check_complete(config)
+
+
 def _from_pretrained(model_cls: type[PreTrainedModel], folder: Path) -> PreTrainedModel:
     """The family's own loader (it maps legacy weight names), refusing what it would only warn about."""
+    _check_safetensors_headers(model_cls, folder)
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (folder / index).is_file():
             indexed_weight_files(folder / index)  # refuses paths leaving the folder before Transformers reads any

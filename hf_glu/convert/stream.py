@@ -11,7 +11,6 @@ checkpoint's size.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ from transformers.dynamic_module_utils import get_relative_import_files
 from ..cards import render_conversion_card
 from ..configuration_glu_families import FAMILIES, mlp_attribute
 from ..modeling_glu_families import __file__ as MODELING_FILE
+from .checkpoint_names import CheckpointNames
 from .errors import ConversionError
 from .init_schemes import CALIBRATED_VARIANTS, UnitMap, fit_unit_map, preserved_projections
 from .safetensors_io import Entry, Planned, read_header, read_tensor, write_streamed
@@ -132,14 +132,11 @@ def _source_shards(folder: Path) -> list[Path]:
     )
 
 
-class _TensorNames:
-    """Maps the checkpoint's tensor names onto the model's, and says which are MLP projections."""
+class _TensorNames(CheckpointNames):
+    """The checkpoint's names mapped onto the model's, and which of them are MLP projections."""
 
     def __init__(self, skeleton: torch.nn.Module, surgery: FamilySurgery):
-        self.expected = dict(skeleton.state_dict())
-        self.prefix = skeleton.base_model_prefix
-        self.ignored = [re.compile(p) for p in getattr(skeleton, "_keys_to_ignore_on_load_unexpected", None) or []]
-        self.renamings = _renamings(skeleton)
+        super().__init__(skeleton)
         module_names = {id(m): name for name, m in skeleton.named_modules()}
         layers = surgery.source_layers(skeleton)
         self.num_layers = len(layers)
@@ -151,47 +148,6 @@ class _TensorNames:
             for role, module in (("in", proj_in), ("out", proj_out)):
                 for kind in ("weight", "bias"):
                     self.mlp[f"{module_names[id(module)]}.{kind}"] = (i, role, kind, glu)
-        self.seen: set[str] = set()
-
-    def model_name(self, key: str) -> str | None:
-        """The model's name for the checkpoint's ``key``; ``None`` for keys the family ignores on load."""
-        for pattern, replacement in self.renamings:
-            key = pattern.sub(replacement, key)
-        for candidate in (key, f"{self.prefix}.{key}", key.removeprefix(f"{self.prefix}.")):
-            if candidate in self.expected:
-                self.seen.add(candidate)
-                return candidate
-        if any(p.search(key) for p in self.ignored):
-            return None
-        raise ConversionError(f"the checkpoint holds {key!r}, which the model does not have")
-
-    def check_complete(self, config) -> None:
-        tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-        missing = sorted(set(self.expected) - self.seen - tied)
-        if missing:
-            more = " …" if len(missing) > 5 else ""
-            raise ConversionError(f"weights missing from the checkpoint: {missing[:5]}{more}")
-
-
-def _renamings(model: torch.nn.Module) -> list[tuple[re.Pattern, str]]:
-    """The plain renamings Transformers applies when loading this class's checkpoints (legacy names such as
-    GPT-NeoX's ``embed_out``); checkpoints needing more than renaming are refused."""
-    try:
-        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-    except ImportError:
-        return []
-    transforms = get_checkpoint_conversion_mapping(type(model).__name__)
-    if transforms is None:
-        transforms = get_checkpoint_conversion_mapping(model.config.model_type) or []
-    renamings = []
-    for t in transforms:
-        sources, targets = getattr(t, "source_patterns", None), getattr(t, "target_patterns", None)
-        if type(t).__name__ != "WeightRenaming" or sources is None or targets is None:
-            raise ConversionError(f"{type(model).__name__} checkpoints need weight conversions beyond renaming")
-        sources = [sources] if isinstance(sources, str) else sources
-        targets = [targets] * len(sources) if isinstance(targets, str) else targets
-        renamings += [(re.compile(s), t) for s, t in zip(sources, targets, strict=True)]
-    return renamings
 
 
 def _plan_shard(
@@ -203,6 +159,7 @@ def _plan_shard(
         name = names.model_name(entry.name)
         if name is None:
             continue
+        names.check_entry(entry, name)
         read: Callable[[], torch.Tensor] = lambda entry=entry: read_tensor(f, entry)  # noqa: E731
         if name not in names.mlp:
             planned.append(Planned(name, entry.shape, entry.dtype, read))
