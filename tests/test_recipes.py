@@ -240,7 +240,9 @@ def test_recipe_pushes_the_final_folder(assets, tmp_path, monkeypatch, script):
     args = ["--model", str(assets / "glu"), "--max-steps", "2", "--save-steps", "2", "--push-to-hub", "me/tiny-glu"]
     monkeypatch.setattr(sys, "argv", recipe_command(script, assets, tmp_path, *args, "--private", launcher=()))
     try:
-        runpy.run_path(str(RECIPES / script), run_name="__main__")
+        with pytest.raises(SystemExit) as exit_info:  # the recipe ends with its exit status, as from a shell
+            runpy.run_path(str(RECIPES / script), run_name="__main__")
+        assert exit_info.value.code == 0
     finally:  # the recipe ran in this process: leave no Accelerate singletons behind for later tests
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
