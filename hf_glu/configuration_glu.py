@@ -73,6 +73,30 @@ class GluConfig(PretrainedConfig):
 
     model_type = "glu_gpt2"
     keys_to_ignore_at_inference = ["past_key_values", "cache"]
+    # Tensor parallelism (Transformers' vocabulary): q/k/v and gate/up split by output features, o/down by input
+    # features, so attention heads and GLU units stay whole on one rank and each block needs one all-reduce per
+    # projection pair. The token embedding is split by vocabulary like the (tied) head.
+    base_model_tp_plan = {
+        "wte": "embedding_rowwise",
+        "h.*.attn.q_proj": "colwise",
+        "h.*.attn.k_proj": "colwise",
+        "h.*.attn.v_proj": "colwise",
+        "h.*.attn.o_proj": "rowwise",
+        "h.*.mlp.gate_proj": "colwise",
+        "h.*.mlp.up_proj": "colwise",
+        "h.*.mlp.down_proj": "rowwise",
+    }
+    # FSDP2: every block its own unit; embeddings sharded, the final norm kept whole, as Transformers does for
+    # Llama (which regroups a tied embedding with the head itself).
+    base_model_fsdp_plan = {
+        "wte": "free_full_weight",
+        "wpe": "free_full_weight",
+        "h.*": "free_full_weight",
+        "ln_f": "keep_full_weight",
+    }
+    # No pipeline plan: positions are added inside forward, so a later stage fed `inputs_embeds` would add them
+    # again; Transformers refuses pipeline parallelism for a config without a plan.
+    base_model_pp_plan = None
     attribute_map = {
         "hidden_size": "n_embd",
         "max_position_embeddings": "n_positions",

@@ -531,8 +531,16 @@ def glu_mlp_fused(
 
 
 def _is_plain_linear(module: nn.Module) -> bool:
-    # Subclasses (quantised layers), wrappers (PEFT LoRA) and hooked layers must run their own forward.
-    return type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
+    # Subclasses (quantised layers), wrappers (PEFT LoRA) and hooked layers must run their own forward, and so
+    # must layers that tensor parallelism sharded: Transformers replaces their `forward` on the instance (no
+    # hook) and turns their weights into DTensors, which only that forward knows how to combine.
+    return (
+        type(module) is nn.Linear
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+        and "forward" not in vars(module)
+        and all(type(p) is nn.Parameter and type(p.data) is torch.Tensor for p in module.parameters(recurse=False))
+    )
 
 
 def fused_path_wanted(glu_kernel: str, x: torch.Tensor) -> bool:

@@ -334,6 +334,8 @@ class GluModel(GluPreTrainedModel):
 
 class GluForCausalLM(GluPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}  # vocabulary-split like the embedding it is tied to
+    _fsdp_plan = {"lm_head": "keep_full_weight"}  # as Transformers' Llama (see the README on tied heads)
 
     def __init__(self, config: GluConfig):
         super().__init__(config)

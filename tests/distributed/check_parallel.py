@@ -1,0 +1,88 @@
+"""Run by tests/test_distributed.py under `torchrun --nproc_per_node 2` (CPU, gloo): loads the prepared
+checkpoints with Transformers' tensor parallelism (mode `tp`) or FSDP2 (mode `fsdp`) and writes what each rank
+saw to <mode>-rank<N>.json."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
+from transformers import AutoModelForCausalLM, DistributedConfig
+
+import hf_glu  # noqa: F401  (registers the GLU classes)
+
+
+def local_bytes(model: torch.nn.Module) -> int:
+    """Parameter bytes this rank holds (a sharded parameter counts its local shard only)."""
+    total = 0
+    for p in model.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        total += local.numel() * local.element_size()
+    return total
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def tensor_parallel(root: Path, ids: torch.Tensor) -> dict:
+    report = {}
+    for name, folder, kernel in (("glu_eager", "glu", "eager"), ("glu_triton", "glu", "triton"),
+                                 ("neox_eager", "neox", "eager")):  # fmt: skip
+        model = AutoModelForCausalLM.from_pretrained(
+            root / folder, distributed_config=DistributedConfig(tp_size=2), glu_kernel=kernel,
+            attn_implementation="eager",
+        )  # fmt: skip
+        model.eval()
+        with torch.no_grad():
+            logits = model(ids).logits
+        expected = torch.load(root / folder / "logits.pt")
+        entry = {"max_abs_diff": (logits - expected).abs().max().item(), "param_bytes": local_bytes(model)}
+        if folder == "glu":
+            entry["gate_weight_is_dtensor"] = hasattr(model.transformer.h[0].mlp.gate_proj.weight, "to_local")
+            model.train()
+            model(ids, labels=ids).loss.backward()
+            grad = full(model.transformer.h[0].mlp.gate_proj.weight.grad)
+            entry["grad_max_abs_diff"] = (grad - torch.load(root / "glu" / "gate_grad.pt")).abs().max().item()
+        report[f"tp_{name}"] = entry
+    return report
+
+
+def fully_sharded(root: Path, ids: torch.Tensor) -> dict:
+    model = AutoModelForCausalLM.from_pretrained(
+        root / "glu", distributed_config=DistributedConfig(fsdp_size=2), attn_implementation="eager"
+    )
+    units = [n for n, m in model.named_modules() if isinstance(m, FSDPModule)]
+    # The optimizer first: a forward leaves the "keep_full_weight" units unsharded, and parameters() would then
+    # hand it the unsharded copies, which the next reshard discards (FSDP2's rule, not ours).
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.eval()
+    with torch.no_grad():
+        logits = model(ids).logits
+    expected = torch.load(root / "glu" / "logits.pt")
+    fsdp = {"units": units, "max_abs_diff": (logits - expected).abs().max().item(), "param_bytes": local_bytes(model)}
+    model.train()
+    losses = []
+    for _ in range(3):  # every rank takes the same batch: the averaged gradient is the single-process one
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    fsdp["losses"] = losses
+    return {"fsdp": fsdp}
+
+
+def main() -> None:
+    """One mode per process group: a model sharded one way must not meet the device mesh of another."""
+    root, mode = Path(sys.argv[1]), sys.argv[2]
+    ids = torch.load(root / "ids.pt")
+    report = tensor_parallel(root, ids) if mode == "tp" else fully_sharded(root, ids)
+    (root / f"{mode}-rank{dist.get_rank()}.json").write_text(json.dumps(report))
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
