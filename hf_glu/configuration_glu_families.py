@@ -270,6 +270,15 @@ def _glu_tp_plan(plan: dict[str, str] | None, family: Family) -> dict[str, str] 
     return glu_plan
 
 
+def _glu_fsdp_plan(base: type[transformers.PretrainedConfig], family: Family) -> dict[str, str] | None:
+    """The family's FSDP2 plan; where it has none of its own (Transformers' default names Llama's modules,
+    which match nothing here), every decoder layer is its own unit."""
+    plan = getattr(base, "base_model_fsdp_plan", None)
+    if plan is getattr(transformers.PretrainedConfig, "base_model_fsdp_plan", None):
+        return {f"{family.layers}.*": "free_full_weight"}
+    return plan
+
+
 def _class_name(family: Family) -> str:
     return "Glu" + family.config
 
@@ -282,6 +291,7 @@ def _glu_config_class(family: Family) -> type[transformers.PretrainedConfig]:
         "__doc__": f"{family.config} with a GLU MLP: the GLU fields are documented in {__name__}.",
         "model_type": family.glu_model_type,
         "base_model_tp_plan": _glu_tp_plan(getattr(base, "base_model_tp_plan", None), family),
+        "base_model_fsdp_plan": _glu_fsdp_plan(base, family),
         "__annotations__": {name: kind for name, (kind, _) in _GLU_FIELDS.items()},
         **{name: default for name, (_, default) in _GLU_FIELDS.items()},
     }

@@ -57,7 +57,7 @@ def results(tmp_path_factory):
     return ranks, losses, one_process_bytes
 
 
-@pytest.mark.parametrize("run", ["tp_glu_eager", "tp_glu_triton", "tp_neox_eager", "fsdp"])
+@pytest.mark.parametrize("run", ["tp_glu_eager", "tp_glu_triton", "tp_neox_eager", "fsdp", "fsdp_neox"])
 def test_two_processes_give_the_single_process_logits(results, run):
     ranks, _, _ = results
     for rank in ranks:
@@ -80,6 +80,7 @@ def test_fsdp2_shards_every_block_and_trains_as_one_process(results):
         units = rank["fsdp"]["units"]
         assert {"transformer.h.0", "transformer.h.1"} <= set(units)
         assert rank["fsdp"]["losses"] == pytest.approx(losses, abs=1e-5)
+        assert {"gpt_neox.layers.0", "gpt_neox.layers.1"} <= set(rank["fsdp_neox"]["units"])
 
 
 def test_each_rank_holds_about_half_the_parameters(results):

@@ -72,7 +72,18 @@ def fully_sharded(root: Path, ids: torch.Tensor) -> dict:
         optimizer.zero_grad()
         losses.append(loss.item())
     fsdp["losses"] = losses
-    return {"fsdp": fsdp}
+    neox = AutoModelForCausalLM.from_pretrained(
+        root / "neox", distributed_config=DistributedConfig(fsdp_size=2), attn_implementation="eager"
+    ).eval()
+    with torch.no_grad():
+        logits = neox(ids).logits
+    return {
+        "fsdp": fsdp,
+        "fsdp_neox": {
+            "units": [n for n, m in neox.named_modules() if isinstance(m, FSDPModule)],
+            "max_abs_diff": (logits - torch.load(root / "neox" / "logits.pt")).abs().max().item(),
+        },
+    }
 
 
 def main() -> None:
