@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -44,6 +45,13 @@ _OUTPUT_CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_
 def _pick_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
     if cache is not None and past_key_values is not None and cache is not past_key_values:
         raise ValueError("pass the KV cache once, as `cache` or as `past_key_values`, not both")
+    if past_key_values is not None and _MASK_CACHE_ARG == "cache":
+        # As Transformers' own models do where `cache` is the name; where `past_key_values` still is, stay silent.
+        warnings.warn(
+            "`past_key_values` is deprecated in favour of `cache`: pass the KV cache as `cache=`",
+            FutureWarning,
+            stacklevel=3,
+        )
     return cache if cache is not None else past_key_values
 
 

@@ -295,3 +295,21 @@ def test_auto_model_takes_the_fused_path_where_cuda_would_be(monkeypatch):
         fused = model(ids).logits
     assert len(calls) == model.config.n_layer
     torch.testing.assert_close(fused, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_past_key_values_warns_only_where_cache_is_the_name():
+    import warnings
+
+    from transformers.cache_utils import DynamicCache
+
+    model = GluForCausalLM(tiny_config()).eval()
+    ids = torch.randint(1, 101, (1, 4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(ids, past_key_values=DynamicCache(config=model.config))
+        model(ids, cache=DynamicCache(config=model.config))
+    deprecations = [w for w in caught if issubclass(w.category, FutureWarning) and "past_key_values" in str(w.message)]
+    if hf_glu.modeling_glu._MASK_CACHE_ARG == "cache":
+        assert len(deprecations) == 1 and "cache=" in str(deprecations[0].message)
+    else:
+        assert deprecations == []
