@@ -54,12 +54,12 @@ def results(tmp_path_factory):
         for r in (0, 1):
             ranks[r].update(json.loads((root / f"{mode}-rank{r}.json").read_text()))
     one_process_bytes = sum(p.numel() * p.element_size() for p in glu.parameters())
-    return ranks, losses, one_process_bytes
+    return ranks, losses, one_process_bytes, root
 
 
 @pytest.mark.parametrize("run", ["tp_glu_eager", "tp_glu_triton", "tp_neox_eager", "fsdp", "fsdp_neox"])
 def test_two_processes_give_the_single_process_logits(results, run):
-    ranks, _, _ = results
+    ranks, *_ = results
     for rank in ranks:
         assert rank[run]["max_abs_diff"] <= 1e-5, rank[run]
 
@@ -67,7 +67,7 @@ def test_two_processes_give_the_single_process_logits(results, run):
 def test_tensor_parallel_fused_path_leaves_sharded_layers_to_their_wrapper(results):
     """The fused path under TP: gate/up/down hold DTensors; handing those to the whole-MLP op fails
     ("mixed torch.Tensor and DTensor"), so the run only passes if the fused path left them to TP's forward."""
-    ranks, _, _ = results
+    ranks, *_ = results
     for rank in ranks:
         assert rank["tp_glu_triton"]["gate_weight_is_dtensor"]
         assert rank["tp_glu_triton"]["grad_max_abs_diff"] <= 1e-5
@@ -75,7 +75,7 @@ def test_tensor_parallel_fused_path_leaves_sharded_layers_to_their_wrapper(resul
 
 
 def test_fsdp2_shards_every_block_and_trains_as_one_process(results):
-    ranks, losses, _ = results
+    ranks, losses, *_ = results
     for rank in ranks:
         units = rank["fsdp"]["units"]
         assert {"transformer.h.0", "transformer.h.1"} <= set(units)
@@ -84,8 +84,19 @@ def test_fsdp2_shards_every_block_and_trains_as_one_process(results):
 
 
 def test_each_rank_holds_about_half_the_parameters(results):
-    ranks, _, whole = results
+    ranks, _, whole, _ = results
     for run in ("tp_glu_eager", "fsdp"):
         share = [rank[run]["param_bytes"] / whole for rank in ranks]
         print(run, "per-rank parameter bytes / one process:", share)
         assert all(0.45 <= s <= 0.75 for s in share), (run, share)
+
+
+def test_fsdp2_sharded_checkpoint_resumes_and_the_final_folder_loads_in_one_process(results):
+    ranks, losses, _, root = results
+    for rank in ranks:
+        assert rank["fsdp"]["third_loss"] == pytest.approx(losses[2], abs=1e-5)
+        assert rank["fsdp"]["resumed_third_loss"] == pytest.approx(rank["fsdp"]["third_loss"], abs=1e-6)
+    final = GluForCausalLM.from_pretrained(root / "final", attn_implementation="eager").eval()
+    with torch.no_grad():
+        logits = final(torch.load(root / "ids.pt")).logits
+    torch.testing.assert_close(logits, torch.load(root / "final-logits-rank0.pt"), atol=1e-5, rtol=0)

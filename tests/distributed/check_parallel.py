@@ -8,6 +8,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 from torch.distributed.fsdp import FSDPModule
 from transformers import AutoModelForCausalLM, DistributedConfig
 
@@ -72,6 +80,7 @@ def fully_sharded(root: Path, ids: torch.Tensor) -> dict:
         optimizer.zero_grad()
         losses.append(loss.item())
     fsdp["losses"] = losses
+    fsdp.update(resume_from_sharded_checkpoint(root, ids))
     neox = AutoModelForCausalLM.from_pretrained(
         root / "neox", distributed_config=DistributedConfig(fsdp_size=2), attn_implementation="eager"
     ).eval()
@@ -84,6 +93,54 @@ def fully_sharded(root: Path, ids: torch.Tensor) -> dict:
             "max_abs_diff": (logits - torch.load(root / "neox" / "logits.pt")).abs().max().item(),
         },
     }
+
+
+def _fsdp_model_and_optimizer(root: Path):
+    model = AutoModelForCausalLM.from_pretrained(
+        root / "glu", distributed_config=DistributedConfig(fsdp_size=2), attn_implementation="eager"
+    ).train()
+    return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+def _step(model, optimizer, ids) -> float:
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss.item()
+
+
+def resume_from_sharded_checkpoint(root: Path, ids: torch.Tensor) -> dict:
+    """Two steps, a sharded checkpoint (torch.distributed.checkpoint: each rank writes its shards), a third
+    step; then a fresh model and optimizer resume from the checkpoint and take the third step again. The
+    final weights are gathered into a normal `save_pretrained` folder that one process loads."""
+    model, optimizer = _fsdp_model_and_optimizer(root)
+    _step(model, optimizer, ids)
+    _step(model, optimizer, ids)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(root / "step2"))
+    third = _step(model, optimizer, ids)
+
+    resumed, resumed_optimizer = _fsdp_model_and_optimizer(root)
+    model_state, optimizer_state = get_state_dict(resumed, resumed_optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(root / "step2"))
+    set_state_dict(resumed, resumed_optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    resumed_third = _step(resumed, resumed_optimizer, ids)
+
+    # Every rank takes part in gathering the full weights; rank 0 alone writes them as a from_pretrained folder
+    # (config + safetensors), without touching the sharded model, whose methods may start collectives.
+    full = get_model_state_dict(resumed, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() == 0:
+        resumed.config.save_pretrained(root / "final")
+        save_file({k: v.contiguous() for k, v in full.items()}, root / "final" / "model.safetensors",
+                  metadata={"format": "pt"})  # fmt: skip
+    resumed.eval()
+    with torch.no_grad():
+        logits = resumed(ids).logits
+    torch.save(logits, root / f"final-logits-rank{dist.get_rank()}.pt")
+    dist.barrier()
+    return {"third_loss": third, "resumed_third_loss": resumed_third}
 
 
 def main() -> None:
