@@ -84,6 +84,18 @@ def one_sgd_step_args(output_dir, batch: int, accumulation: int) -> TrainingArgu
     )
 
 
+def train_steps(model, optimizer, ids: torch.Tensor, steps: int) -> list[float]:
+    """``steps`` optimizer steps of causal-LM loss on the batch ``ids``; the loss before each step."""
+    losses = []
+    for _ in range(steps):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_FIELDS
+from conftest import TINY_FIELDS, train_steps
 from transformers import (
     GPT2Config,
     GPT2DoubleHeadsModel,
@@ -144,15 +144,8 @@ def test_swiglu_preserve_uses_the_minimax_scale_and_a_plain_swiglu():
 def test_converted_model_trains_and_the_up_weights_move():
     converted = convert_gpt2(tiny_gpt2(), "swiglu", eval_tokens=16)
     converted.train()
-    optimizer = torch.optim.AdamW(converted.parameters(), lr=1e-3)
     ids = torch.randint(1, 101, (4, 32))
-    losses = []
-    for _ in range(5):
-        loss = converted(ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(converted, torch.optim.AdamW(converted.parameters(), lr=1e-3), ids, 5)
     assert losses[-1] < losses[0]
     assert torch.count_nonzero(converted.transformer.h[0].mlp.up_proj.weight) > 0
 

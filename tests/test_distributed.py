@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import tiny_config, train_steps
 from families import tiny_source
 
 from hf_glu import GluForCausalLM, convert_checkpoint
@@ -37,14 +37,7 @@ def results(tmp_path_factory):
     glu(ids, labels=ids).loss.backward()
     torch.save(glu.transformer.h[0].mlp.gate_proj.weight.grad, root / "glu" / "gate_grad.pt")
     glu.zero_grad()
-    optimizer = torch.optim.SGD(glu.parameters(), lr=0.1)
-    losses = []
-    for _ in range(3):
-        loss = glu(ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(glu, torch.optim.SGD(glu.parameters(), lr=0.1), ids, 3)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     ranks = [{}, {}]
     for mode in ("tp", "fsdp"):
