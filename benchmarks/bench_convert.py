@@ -83,7 +83,7 @@ def main() -> None:
         "max_abs_logit_diff": report["max_abs_logit_diff"],
     }
     print(json.dumps(result, indent=2))
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
 
 
 def _timed(command: list[str], size: int) -> dict:

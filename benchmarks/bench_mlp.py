@@ -33,6 +33,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from hf_glu import GluConfig, GluMLP, glu_triton  # noqa: E402
+from hf_glu.convert.report import without_non_finite
 
 
 @dataclass(frozen=True)
@@ -477,7 +478,7 @@ def main(argv: list[str] | None = None) -> None:
         payload["goals"] = {
             s.name: [dict(zip(("goal", "measured", "met"), g, strict=False)) for g in goals(s, rows)] for s in shapes
         }
-        args.json.write_text(json.dumps(payload, indent=2))
+        args.json.write_text(json.dumps(without_non_finite(payload), indent=2, allow_nan=False))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from hf_glu import VARIANTS, convert_gpt2
+from hf_glu.convert.report import without_non_finite
 from hf_glu.data import builtin_corpus, split_train_eval, train_bpe_tokenizer
 
 
@@ -62,7 +63,7 @@ def main() -> None:
             "max_unit_bound": max(layer["unit_map"]["bound"] for layer in report["layers"]),
         }
         print(variant, json.dumps(results["variants"][variant]), flush=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps(without_non_finite(results), indent=2, allow_nan=False) + "\n")
 
 
 if __name__ == "__main__":

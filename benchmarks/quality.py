@@ -46,6 +46,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTraine
 
 from hf_glu import VARIANTS, GluConfig, GluForCausalLM, convert_gpt2
 from hf_glu.convert.perplexity import perplexity
+from hf_glu.convert.report import without_non_finite
 from hf_glu.data import builtin_corpus, pack_token_blocks, read_text, split_train_eval, train_bpe_tokenizer
 from hf_glu.finetune import distillation_loss
 
@@ -768,7 +769,8 @@ def run(settings: Settings, args: argparse.Namespace, device: torch.device, comm
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "quality.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    strict = json.dumps(without_non_finite(results), indent=2, allow_nan=False)  # a diverged arm: null, not NaN
+    (out / "quality.json").write_text(strict + "\n", encoding="utf-8")
     (out / "quality.md").write_text(markdown(results, settings), encoding="utf-8")
     plot(results, out / "quality.png")
     return results

@@ -43,6 +43,7 @@ from transformers.trainer_callback import ProgressCallback
 
 from .convert import convert_to_folder
 from .convert.perplexity import perplexity
+from .convert.report import without_non_finite
 from .data import builtin_corpus, pack_token_blocks, read_text, split_train_eval, train_bpe_tokenizer
 from .glu import VARIANTS
 
@@ -529,7 +530,8 @@ def _run_stages(
         "stage_seconds": stages.seconds,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    (out / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    strict = json.dumps(without_non_finite(results), indent=2, allow_nan=False)  # a diverged run: null, not NaN
+    (out / RESULTS_FILE).write_text(strict + "\n", encoding="utf-8")
     print("\n" + format_table(rows, finetune_tokens))
     print(f"\nwrote {out}/ (models, {RESULTS_FILE}, {PLOT_FILE}) in {results['wall_seconds']:.0f} s")
     return results
