@@ -16,10 +16,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from .configuration_glu_families import FAMILIES
+from .convert.surgery import SUPPORTED_MODEL_TYPES
 from .glu import VARIANTS
-
-SUPPORTED_MODEL_TYPES = ("gpt2", *FAMILIES)
 
 EXIT_BAD_INPUT = 2
 

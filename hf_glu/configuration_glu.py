@@ -53,7 +53,16 @@ def check_glu_fields(glu_variant: str, glu_beta: float, glu_alpha: float, glu_li
         raise ValueError(f"glu_kernel={glu_kernel!r} is invalid; expected one of {list(GLU_KERNELS)}")
 
 
-class GluConfig(PretrainedConfig):
+class GluParamsMixin:
+    """``glu_params`` of any config holding ``glu_beta``, ``glu_alpha`` and ``glu_limit`` (GluConfig, the families')."""
+
+    @property
+    def glu_params(self) -> GluParams:
+        """The variant's scalar parameters as one value."""
+        return GluParams(beta=self.glu_beta, alpha=self.glu_alpha, limit=self.glu_limit)
+
+
+class GluConfig(GluParamsMixin, PretrainedConfig):
     """Configuration of a GPT-2 style decoder whose MLP is ``down(act(gate(x)) * up(x))``.
 
     The GPT-2 fields keep GPT-2's names and defaults so a GPT-2 config maps onto this one field for
@@ -194,10 +203,6 @@ class GluConfig(PretrainedConfig):
         """The GLU MLP's width (every GLU config answers to this name)."""
         return self.n_inner
 
-    @property
-    def glu_params(self) -> GluParams:
-        """The variant's scalar parameters as one value."""
-        return GluParams(beta=self.glu_beta, alpha=self.glu_alpha, limit=self.glu_limit)
 
 
-__all__ = ["GluConfig", "GLU_KERNELS", "AUTO_MAP", "check_glu_fields"]
+__all__ = ["GluConfig", "GluParamsMixin", "GLU_KERNELS", "AUTO_MAP", "check_glu_fields"]

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import transformers
 
-from .configuration_glu import check_glu_fields, require_bool, require_positive_int
-from .glu import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_LIMIT, GluParams
+from .configuration_glu import GluParamsMixin, check_glu_fields, require_bool, require_positive_int
+from .glu import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_LIMIT
 
 
 @dataclass(frozen=True)
@@ -204,7 +204,7 @@ def family_of(config: transformers.PretrainedConfig) -> Family:
     return FAMILIES[config.model_type.removeprefix("glu_")]
 
 
-class GluFamilyConfigMixin:
+class GluFamilyConfigMixin(GluParamsMixin):
     """The GLU fields' validation and accessors, shared by every generated ``Glu<Family>Config``."""
 
     def __post_init__(self, **kwargs):
@@ -215,10 +215,6 @@ class GluFamilyConfigMixin:
             if getattr(self, field) is not None:
                 require_bool(field, getattr(self, field))
         super().__post_init__(**kwargs)
-
-    @property
-    def glu_params(self) -> GluParams:
-        return GluParams(beta=self.glu_beta, alpha=self.glu_alpha, limit=self.glu_limit)
 
     @property
     def glu_width(self) -> int:

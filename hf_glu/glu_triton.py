@@ -539,7 +539,7 @@ def _is_plain_linear(module: nn.Module) -> bool:
         and not module._forward_hooks
         and not module._forward_pre_hooks
         and "forward" not in vars(module)
-        and all(type(p) is nn.Parameter and type(p.data) is torch.Tensor for p in module.parameters(recurse=False))
+        and all(type(p) is nn.Parameter for p in module.parameters(recurse=False))  # a DTensor's type is DTensor
     )
 
 

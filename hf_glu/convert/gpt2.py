@@ -13,7 +13,6 @@ import torch
 from transformers import GPT2Config, PreTrainedModel
 
 from ..configuration_glu import GluConfig
-from ..glu import get_variant
 from ..modeling_glu import (
     GluForCausalLM,
     GluForSequenceClassification,
@@ -22,7 +21,7 @@ from ..modeling_glu import (
     GluPreTrainedModel,
 )
 from .errors import ConversionError
-from .init_schemes import UnitMap, check_activation, preserved_projections
+from .init_schemes import UnitMap, check_scheme, preserved_projections
 
 TARGET_CLASSES: dict[str, type[GluPreTrainedModel]] = {
     "GPT2LMHeadModel": GluForCausalLM,
@@ -30,7 +29,6 @@ TARGET_CLASSES: dict[str, type[GluPreTrainedModel]] = {
     "GPT2ForSequenceClassification": GluForSequenceClassification,
     "GPT2ForTokenClassification": GluForTokenClassification,
 }
-INIT_SCHEMES = ("preserve", "random")
 
 # GPT-2 fields with no GLU counterpart: the activation is replaced by the variant, and the summary_*
 # fields belong to GPT2DoubleHeadsModel, which we do not convert. n_ctx is a pre-2020 alias of n_positions.
@@ -61,23 +59,12 @@ def target_class(source: PreTrainedModel) -> type[GluPreTrainedModel]:
 def convert_config(source: PreTrainedModel, variant: str, init: str, intermediate_size: int | None) -> GluConfig:
     """The GluConfig equal to ``source.config`` in every GPT-2 field, with the GLU MLP chosen."""
     src: GPT2Config = source.config
-    try:
-        get_variant(variant)
-    except ValueError as e:
-        raise ConversionError(str(e)) from None
-    if init not in INIT_SCHEMES:
-        raise ConversionError(f"init={init!r} is not a known init scheme; expected one of {list(INIT_SCHEMES)}")
     if getattr(src, "add_cross_attention", False):
         raise ConversionError(
             "add_cross_attention=True is not supported: GLU models are decoder-only, without cross-attention"
         )
-    check_activation(src.activation_function)
     source_inner = src.n_inner if src.n_inner is not None else 4 * src.n_embd
-    if init == "preserve" and intermediate_size not in (None, source_inner):
-        raise ConversionError(
-            f"intermediate_size={intermediate_size} cannot be used with init='preserve', which keeps the source's "
-            f"{source_inner}; use init='random' for another size"
-        )
+    check_scheme(variant, init, src.activation_function, intermediate_size, source_inner)
     values = {k: v for k, v in src.to_dict().items() if k not in _DROPPED_FIELDS}
     target = target_class(source)
     values.update(

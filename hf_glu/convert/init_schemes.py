@@ -42,6 +42,7 @@ from transformers.activations import ACT2FN
 from ..glu import GluParams, get_variant
 from .errors import ConversionError
 
+INIT_SCHEMES = ("preserve", "random")
 # Source activations we can reproduce, and for each variant the sources it matches exactly.
 SUPPORTED_ACTIVATIONS = (
     "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "quick_gelu", "relu", "silu", "swish", "relu2"
@@ -84,6 +85,23 @@ def check_activation(activation: str) -> None:
     if activation not in SUPPORTED_ACTIVATIONS:
         raise ConversionError(
             f"activation_function={activation!r} is not supported; expected one of {list(SUPPORTED_ACTIVATIONS)}"
+        )
+
+
+def check_scheme(variant: str, init: str, activation: str, width: int | None, source_width: int) -> None:
+    """The choices every conversion checks against its source (variant, init scheme, the source's activation,
+    the GLU width); each refusal names what is accepted."""
+    try:
+        get_variant(variant)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
+    if init not in INIT_SCHEMES:
+        raise ConversionError(f"init={init!r} is not a known init scheme; expected one of {list(INIT_SCHEMES)}")
+    check_activation(activation)
+    if init == "preserve" and width not in (None, source_width):
+        raise ConversionError(
+            f"intermediate_size={width} cannot be used with init='preserve', which keeps the source's "
+            f"{source_width}; use init='random' for another size"
         )
 
 

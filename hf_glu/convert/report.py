@@ -14,12 +14,11 @@ Two passes, so the two models need never be whole in memory at once:
 
 from __future__ import annotations
 
-import functools
 import math
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
+from functools import partial, reduce
 from pathlib import Path
 
 import torch
@@ -30,6 +29,7 @@ from ..glu import GluParams, get_variant, glu_activation
 from .errors import ConversionError
 from .init_schemes import UnitMap
 from .perplexity import windows
+from .source import all_finite
 from .surgery import Surgery, surgery_for
 
 # Tokens per slice of logits: 128 × a 50257-word vocabulary is 26 MB per float32 copy.
@@ -210,7 +210,7 @@ def compare(
             for row in range(0, ids.shape[-1], _LOGIT_ROWS):
                 rows = slice(row, min(row + _LOGIT_ROWS, ids.shape[-1]))
                 logits = [head(h[:, rows]).float() for head, h in heads]
-                finite = [f and _all_finite(chunk) for f, chunk in zip(finite, logits, strict=True)]
+                finite = [f and all_finite(chunk) for f, chunk in zip(finite, logits, strict=True)]
                 lo, hi = max(rows.start, first_scored), min(rows.stop, ids.shape[-1] - 1)
                 if hi > lo:
                     targets = ids[0, lo + 1 : hi + 1]
@@ -224,7 +224,7 @@ def compare(
             del hidden
         else:
             out, expected = _output(converted, ids).float(), record.outputs[index]
-            finite = [finite[0] and _all_finite(expected), finite[1] and _all_finite(out)]
+            finite = [finite[0] and all_finite(expected), finite[1] and all_finite(out)]
             max_diff = _worst(max_diff, out.sub_(expected).abs_().max().item())
 
     layers = []
@@ -253,7 +253,7 @@ def compare(
         "mlp_stats_tokens": record.mlp_tokens,  # window tokens behind the per-layer figures (overlaps count)
         "max_abs_output_diff": max_diff,
         "layers": layers,
-        "max_mlp_relative_error": functools.reduce(_worst, (layer["mlp_relative_error"] for layer in layers), 0.0),
+        "max_mlp_relative_error": reduce(_worst, (layer["mlp_relative_error"] for layer in layers), 0.0),
     }
     if output_name == "logits":
         report["max_abs_logit_diff"] = max_diff
@@ -271,11 +271,6 @@ def compare(
         )
         report = without_non_finite(report)
     return report
-
-
-def _all_finite(tensor: torch.Tensor) -> bool:
-    low, high = torch.aminmax(tensor)  # both propagate NaN and show ±inf, without an |x| copy
-    return bool(torch.isfinite(low) and torch.isfinite(high))
 
 
 def _worst(a: float, b: float) -> float:

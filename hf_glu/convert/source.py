@@ -30,7 +30,8 @@ from transformers import (
 from ..configuration_glu_families import FAMILIES
 from .checkpoint_names import CheckpointNames
 from .errors import ConversionError
-from .safetensors_io import read_header, read_tensor
+from .safetensors_io import Entry, read_header, read_tensor
+from .surgery import SUPPORTED_MODEL_TYPES
 
 GPT2_CLASSES: dict[str, type[PreTrainedModel]] = {
     cls.__name__: cls for cls in (GPT2LMHeadModel, GPT2Model, GPT2ForSequenceClassification, GPT2ForTokenClassification)
@@ -40,7 +41,6 @@ SOURCE_CLASSES: dict[str, type[PreTrainedModel]] = {
     **GPT2_CLASSES,
     **{name: getattr(transformers, name) for family in FAMILIES.values() for name in family.heads.values()},
 }
-SUPPORTED_MODEL_TYPES = ("gpt2", *FAMILIES)
 # Buffers that old GPT-2 checkpoints saved (the causal mask and its fill value); today's models build
 # the mask on the fly, so these are dropped rather than treated as unexpected weights.
 _LEGACY_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".crossattention.bias", ".crossattention.masked_bias")
@@ -82,11 +82,11 @@ def check_source_model(model: object) -> None:
 
 def check_finite(state_dict: dict[str, torch.Tensor]) -> None:
     for key, tensor in state_dict.items():
-        if tensor.is_floating_point() and tensor.numel() and not _finite(tensor.detach()):
+        if tensor.is_floating_point() and tensor.numel() and not all_finite(tensor.detach()):
             raise ConversionError(f"weight {key!r} holds non-finite values (NaN or inf); expected finite weights")
 
 
-def _finite(tensor: torch.Tensor) -> bool:
+def all_finite(tensor: torch.Tensor) -> bool:
     # min and max propagate NaN and show ±inf: one pass, no temporaries (isfinite() builds |x| and
     # masks the size of the input, 300 MB for GPT-2's embedding).
     low, high = torch.aminmax(tensor)
@@ -107,21 +107,26 @@ def load_source(source: str | Path | PreTrainedModel) -> Source:
             f"source must be a GPT-2 model, a folder or a Hub id; got a {type(source).__name__} "
             f"(supported classes: {supported_classes_text()})"
         )
-    if not str(source).strip():
-        raise ConversionError(f"source {str(source)!r} is empty; expected a checkpoint folder or a Hub id")
-    folder = Path(source)
-    name = str(source)
-    if not folder.exists():
-        folder = download(name)
-    if not folder.is_dir():
-        raise ConversionError(f"source {name!r} is not a folder; expected a checkpoint folder or a Hub id")
+    folder = source_folder(source)
     config, model_cls = read_config(folder)
     if config.model_type == "gpt2":
         model = _build(model_cls, config, _read_weights(folder))
     else:
-        model = _from_pretrained(model_cls, folder)
+        model = _from_pretrained(model_cls, config, folder)
     tokenizer, generation_config = read_tokenizer(folder), read_generation_config(folder)
-    return Source(model=model, name=name, tokenizer=tokenizer, generation_config=generation_config)
+    return Source(model=model, name=str(source), tokenizer=tokenizer, generation_config=generation_config)
+
+
+def source_folder(source: str | Path) -> Path:
+    """The checkpoint folder ``source`` names: a local folder, or the snapshot of a Hub id."""
+    if not str(source).strip():
+        raise ConversionError(f"source {str(source)!r} is empty; expected a checkpoint folder or a Hub id")
+    folder = Path(source)
+    if not folder.exists():
+        folder = download(str(source))
+    if not folder.is_dir():
+        raise ConversionError(f"source {str(source)!r} is not a folder; expected a checkpoint folder or a Hub id")
+    return folder
 
 
 def download(repo_id: str) -> Path:
@@ -264,35 +269,44 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return {entry.name: read_tensor(f, entry) for entry in entries}
 
 
-def _check_safetensors_headers(model_cls: type[PreTrainedModel], folder: Path) -> None:
+def safetensors_files(folder: Path) -> list[Path]:
+    """The checkpoint's safetensors files in order (index paths checked to stay inside ``folder``); none
+    when its weights are not safetensors."""
+    if (folder / "model.safetensors.index.json").is_file():
+        return indexed_weight_files(folder / "model.safetensors.index.json")
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    return []
+
+
+def checked_header(path: Path) -> list[Entry] | None:
+    """``read_header`` of a checkpoint file, a corrupt one being bad input (one line naming the file)."""
+    try:
+        return read_header(path)
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"weight file {str(path)!r} is corrupt: {e}") from None
+
+
+def _check_safetensors_headers(model_cls: type[PreTrainedModel], config, files: list[Path]) -> None:
     """Every safetensors header against the model the config builds (names, shapes, dtypes), one line per
     problem, before Transformers reads a tensor (its own errors say only "look at the report above")."""
-    if (folder / "model.safetensors.index.json").is_file():
-        files = indexed_weight_files(folder / "model.safetensors.index.json")
-    elif (folder / "model.safetensors").is_file():
-        files = [folder / "model.safetensors"]
-    else:
-        return
-    config = AutoConfig.from_pretrained(folder)
     names = CheckpointNames(build_skeleton(model_cls, config))
     for path in files:
-        try:
-            entries = read_header(path)
-        except (OSError, ValueError) as e:
-            raise ConversionError(f"weight file {str(path)!r} is corrupt: {e}") from None
-        for entry in entries or []:
+        for entry in checked_header(path) or []:
             name = names.model_name(entry.name)
             if name is not None:
                 names.check_entry(entry, name)
     names.check_complete(config)
 
 
-def _from_pretrained(model_cls: type[PreTrainedModel], folder: Path) -> PreTrainedModel:
+def _from_pretrained(model_cls: type[PreTrainedModel], config, folder: Path) -> PreTrainedModel:
     """The family's own loader (it maps legacy weight names), refusing what it would only warn about."""
-    _check_safetensors_headers(model_cls, folder)
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (folder / index).is_file():
-            indexed_weight_files(folder / index)  # refuses paths leaving the folder before Transformers reads any
+    # Paths leaving the folder are refused before Transformers reads any file.
+    files = safetensors_files(folder)
+    if files:
+        _check_safetensors_headers(model_cls, config, files)
+    elif (folder / "pytorch_model.bin.index.json").is_file():
+        indexed_weight_files(folder / "pytorch_model.bin.index.json")
     try:
         model, info = model_cls.from_pretrained(folder, output_loading_info=True, dtype="auto")
     except Exception as e:  # corrupt or truncated files, bad shapes: all mean "cannot read this source"

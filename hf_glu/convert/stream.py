@@ -24,15 +24,16 @@ from ..modeling_glu_families import __file__ as MODELING_FILE
 from .checkpoint_names import CheckpointNames
 from .errors import ConversionError
 from .init_schemes import CALIBRATED_VARIANTS, UnitMap, fit_unit_map, preserved_projections
-from .safetensors_io import Entry, Planned, read_header, read_tensor, write_streamed
+from .safetensors_io import Entry, Planned, read_tensor, write_streamed
 from .save import atomic_folder, check_destination
 from .source import (
     build_skeleton,
-    download,
-    indexed_weight_files,
+    checked_header,
     read_config,
     read_generation_config,
     read_tokenizer,
+    safetensors_files,
+    source_folder,
 )
 from .surgery import FamilySurgery
 
@@ -45,9 +46,7 @@ def stream_convert(source: str | Path, dst: str | Path, variant: str, *, force: 
     time, without a fidelity pass; returns the report written beside the weights. ``dst`` is replaced only
     once complete (a non-empty one only with ``force``)."""
     dst = check_destination(dst, force)
-    folder = Path(source)
-    if not folder.exists():
-        folder = download(str(source))
+    folder = source_folder(source)
     config, model_cls = read_config(folder)
     if config.model_type not in FAMILIES:
         raise ConversionError(
@@ -64,17 +63,18 @@ def stream_convert(source: str | Path, dst: str | Path, variant: str, *, force: 
     skeleton = build_skeleton(model_cls, config)  # names and shapes only: no memory
     glu_config = surgery.config(skeleton, variant, "preserve", None)
     unit_map = fit_unit_map(variant, surgery.activation(skeleton), glu_config.glu_params)
-    shards = _source_shards(folder)
+    shards = safetensors_files(folder)
+    if not shards:
+        raise ConversionError(
+            f"no safetensors weights in {str(folder)!r}; --no-eval streams model.safetensors or its sharded index"
+        )
     names = _TensorNames(skeleton, surgery)
 
     with atomic_folder(dst, force) as tmp:
         weight_map: dict[str, str] = {}
         total_size, dtypes = 0, set()
         for index, shard in enumerate(shards):
-            try:
-                entries = read_header(shard)
-            except (OSError, ValueError) as e:
-                raise ConversionError(f"weight file {str(shard)!r} is corrupt: {e}") from None
+            entries = checked_header(shard)
             if entries is None:
                 raise ConversionError(f"{str(shard)!r} holds dtypes this streaming reader does not handle")
             out_name = _SINGLE if len(shards) == 1 else f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -118,18 +118,6 @@ def stream_convert(source: str | Path, dst: str | Path, variant: str, *, force: 
         (tmp / "conversion_report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
         render_conversion_card(report, model_name=dst.name).save(tmp / "README.md")
     return report
-
-
-def _source_shards(folder: Path) -> list[Path]:
-    """The checkpoint's safetensors files, in order; every path must stay inside ``folder``."""
-    index = folder / _INDEX
-    if index.is_file():
-        return indexed_weight_files(index)
-    if (folder / _SINGLE).is_file():
-        return [folder / _SINGLE]
-    raise ConversionError(
-        f"no safetensors weights in {str(folder)!r}; --no-eval streams model.safetensors or its sharded index"
-    )
 
 
 class _TensorNames(CheckpointNames):

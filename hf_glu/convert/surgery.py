@@ -18,11 +18,13 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..configuration_glu_families import FAMILIES, GLU_FAMILY_CONFIGS, Family, mlp_attribute
-from ..glu import get_variant
 from ..modeling_glu_families import GLU_FAMILY_MODELS
 from . import gpt2
 from .errors import ConversionError
-from .init_schemes import UnitMap, check_activation, preserved_projections
+from .init_schemes import UnitMap, check_scheme, preserved_projections
+
+# The source model types a conversion accepts: GPT-2 (rebuilt as GluFor*) and every family row.
+SUPPORTED_MODEL_TYPES = ("gpt2", *FAMILIES)
 
 # Called with each layer's index, the source layer and its GLU MLP tensors (named as in the MLP, e.g.
 # `gate_proj.weight`) while the source layer still exists.
@@ -117,21 +119,8 @@ class FamilySurgery(Surgery):
 
     def config(self, source, variant, init, width):
         src = source.config
-        try:
-            get_variant(variant)
-        except ValueError as e:
-            raise ConversionError(str(e)) from None
-        if init not in gpt2.INIT_SCHEMES:
-            known = list(gpt2.INIT_SCHEMES)
-            raise ConversionError(f"init={init!r} is not a known init scheme; expected one of {known}")
-        activation = self.activation(source)
-        check_activation(activation)
         source_width = self.family.width(src)
-        if init == "preserve" and width not in (None, source_width):
-            raise ConversionError(
-                f"intermediate_size={width} cannot be used with init='preserve', which keeps the source's "
-                f"{source_width}; use init='random' for another size"
-            )
+        check_scheme(variant, init, self.activation(source), width, source_width)
         source_bias = self.family.bias(src)
         values = {k: v for k, v in src.to_dict().items() if k not in _DROPPED_FIELDS}
         values.update(
@@ -204,9 +193,6 @@ class FamilySurgery(Surgery):
                 if dropped is not None and torch.count_nonzero(dropped):
                     raise ConversionError(f"this init map needs {name}, which the bias-free source MLP does not have")
         return glu
-
-
-SUPPORTED_MODEL_TYPES = ("gpt2", *FAMILIES)
 
 
 def surgery_for(model_type: str) -> Surgery:
