@@ -1,11 +1,13 @@
 """Text sources and tokenizer helpers: a built-in English corpus that needs no download, text files,
-and a byte-level BPE tokenizer trained on the spot.
+in-memory packing of token blocks, and a byte-level BPE tokenizer trained on the spot (the `datasets`
+pipeline for training data is ``training_data``).
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 # Standard-library modules whose docstrings make the built-in corpus: plain English prose about
@@ -107,52 +109,30 @@ def train_bpe_tokenizer(text: str, vocab_size: int = 4096):
     )
 
 
-def load_texts(
-    text_file: str | Path | None = None,
-    dataset: str | None = None,
-    dataset_config: str | None = None,
-    split: str = "train",
-    text_column: str = "text",
-) -> list[str]:
-    """Documents from a ``.txt`` file (paragraphs), a ``.jsonl`` file (``text_column`` of each line), a
-    ``datasets`` dataset name, or, when none is given, the built-in corpus."""
-    if text_file is not None and dataset is not None:
-        raise ValueError("pass either a text file or a dataset name, not both")
-    if dataset is not None:
-        import datasets
-
-        rows = datasets.load_dataset(dataset, dataset_config, split=split)
-        if text_column not in rows.column_names:
-            raise ValueError(f"dataset {dataset!r} has no column {text_column!r}; columns: {rows.column_names}")
-        return [t for t in rows[text_column] if t and t.strip()]
-    if text_file is not None and str(text_file).endswith(".jsonl"):
-        import json
-
-        docs = []
-        for number, line in enumerate(read_text(text_file).splitlines(), 1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if text_column not in record:
-                raise ValueError(f"{text_file}:{number} has no {text_column!r} field; expected JSON lines with it")
-            docs.append(record[text_column])
-        return docs
-    text = read_text(text_file) if text_file is not None else builtin_corpus()
-    return [p for p in text.split("\n\n") if p.strip()]
+def iter_token_blocks(documents: Iterable[list[int]], block_size: int) -> Iterator[list[int]]:
+    """Consecutive full blocks of ``block_size`` tokens from the documents' token ids joined in order;
+    the last, partial block is dropped. Holds at most one block plus one document in memory."""
+    if block_size < 2:
+        raise ValueError(f"block_size={block_size} is invalid; expected an integer >= 2")
+    pending: list[int] = []
+    for ids in documents:
+        pending.extend(ids)
+        if len(pending) >= block_size:
+            full = len(pending) - len(pending) % block_size
+            for start in range(0, full, block_size):
+                yield pending[start : start + block_size]
+            pending = pending[full:]
 
 
 def pack_token_blocks(texts: list[str], tokenizer, block_size: int) -> list[list[int]]:
     """Tokenise documents, join them with the EOS token and cut the stream into full blocks of
     ``block_size`` tokens (the remainder is dropped), the usual packing for causal-LM training."""
-    if block_size < 2:
-        raise ValueError(f"block_size={block_size} is invalid; expected an integer >= 2")
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token to separate packed documents")
-    stream: list[int] = []
-    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        stream.extend(ids)
-        stream.append(tokenizer.eos_token_id)
-    usable = len(stream) - len(stream) % block_size
-    if usable == 0:
-        raise ValueError(f"the text makes {len(stream)} tokens, fewer than one block of {block_size}")
-    return [stream[i : i + block_size] for i in range(0, usable, block_size)]
+    eos = tokenizer.eos_token_id
+    documents = [ids + [eos] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    blocks = list(iter_token_blocks(documents, block_size))
+    if not blocks:
+        tokens = sum(len(ids) for ids in documents)
+        raise ValueError(f"the text makes {tokens} tokens, fewer than one block of {block_size}")
+    return blocks

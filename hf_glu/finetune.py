@@ -21,25 +21,11 @@ import torch.nn.functional as F
 from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
-from .data import load_texts, pack_token_blocks, split_train_eval
 from .glu import VARIANTS
+from .training_data import build_block_datasets
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 IGNORE_INDEX = -100
-
-
-class BlockDataset(torch.utils.data.Dataset):
-    """Packed token blocks as causal-LM examples; labels are the inputs (the loss shifts them)."""
-
-    def __init__(self, blocks: list[list[int]]):
-        self.blocks = torch.tensor(blocks, dtype=torch.long)
-
-    def __len__(self) -> int:
-        return self.blocks.shape[0]
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        block = self.blocks[index]
-        return {"input_ids": block, "labels": block.clone()}
 
 
 def load_model_and_tokenizer(
@@ -86,28 +72,13 @@ def load_teacher(source: str | Path, student: PreTrainedModel) -> PreTrainedMode
     return teacher
 
 
-def build_datasets(
-    tokenizer: PreTrainedTokenizerBase,
-    block_size: int,
-    *,
-    train_file: str | Path | None = None,
-    dataset: str | None = None,
-    dataset_config: str | None = None,
-    text_column: str = "text",
-    eval_fraction: float = 0.1,
-) -> tuple[BlockDataset, BlockDataset]:
-    """Packed train and held-out eval blocks from a .txt/.jsonl file, a ``datasets`` name or (default)
-    the built-in corpus; the eval part is the tail of the text, so no block is in both."""
-    texts = load_texts(train_file, dataset, dataset_config, text_column=text_column)
-    train_text, eval_text = split_train_eval("\n\n".join(texts), eval_fraction)
-    return _blocks(train_text, tokenizer, block_size, "train"), _blocks(eval_text, tokenizer, block_size, "eval")
+def build_datasets_from_args(tokenizer: PreTrainedTokenizerBase, args: argparse.Namespace):
+    """Packed train and held-out blocks (``training_data.build_block_datasets``) as the data options of
+    ``finetune_arg_parser``'s command line describe them.
 
-
-def build_datasets_from_args(
-    tokenizer: PreTrainedTokenizerBase, args: argparse.Namespace
-) -> tuple[BlockDataset, BlockDataset]:
-    """``build_datasets`` with the data options of ``finetune_arg_parser``'s command line."""
-    return build_datasets(
+    A streamed training set is not split between processes here: the recipes hand it to Accelerate, which
+    gives each process its own part (by file shard, else by batch) when batches are not dispatched."""
+    return build_block_datasets(
         tokenizer,
         args.block_size,
         train_file=args.train_file,
@@ -115,14 +86,11 @@ def build_datasets_from_args(
         dataset_config=args.dataset_config,
         text_column=args.text_column,
         eval_fraction=args.eval_fraction,
+        streaming=args.streaming,
+        eval_documents=args.eval_documents,
+        num_proc=args.preprocessing_workers,
+        cache_dir=args.data_cache_dir,
     )
-
-
-def _blocks(text: str, tokenizer: PreTrainedTokenizerBase, block_size: int, part: str) -> BlockDataset:
-    try:
-        return BlockDataset(pack_token_blocks(text.split("\n\n"), tokenizer, block_size))
-    except ValueError as error:
-        raise ValueError(f"the {part} split is too small: {error}; use more text or a smaller --block-size") from error
 
 
 def distillation_loss(
@@ -297,6 +265,14 @@ def finetune_arg_parser(description: str) -> argparse.ArgumentParser:
     data.add_argument("--dataset-config", help="the dataset's config name")
     data.add_argument("--text-column", default="text")
     data.add_argument("--eval-fraction", type=float, default=0.1, help="tail of the text held out for evaluation")
+    data.add_argument(
+        "--streaming", action="store_true", help="read the training data lazily (corpora larger than memory)"
+    )
+    data.add_argument(
+        "--eval-documents", type=int, default=100, help="with --streaming: the first N documents are held out"
+    )
+    data.add_argument("--preprocessing-workers", type=int, help="processes that tokenize (map-style data)")
+    data.add_argument("--data-cache-dir", help="where `datasets` caches tokenized blocks (default: its own cache)")
     data.add_argument("--block-size", type=int, default=512, help="tokens per packed training example")
 
     train = parser.add_argument_group("training")
@@ -340,9 +316,11 @@ def check_finetune_args(parser: argparse.ArgumentParser, args: argparse.Namespac
         parser.error("pass exactly one of --model DIR or --convert-from SOURCE_DIR")
     if args.train_file and args.dataset:
         parser.error("pass either --train-file or --dataset, not both")
-    for name in ("max_steps", "batch_size", "grad_accum", "save_steps", "logging_steps"):
+    for name in ("max_steps", "batch_size", "grad_accum", "save_steps", "logging_steps", "eval_documents"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid; expected an integer >= 1")
+    if args.preprocessing_workers is not None and args.preprocessing_workers < 1:
+        parser.error(f"--preprocessing-workers={args.preprocessing_workers} is invalid; expected an integer >= 1")
     if not 0.0 <= args.kd_alpha <= 1.0:
         parser.error(f"--kd-alpha={args.kd_alpha} is invalid; expected a number in [0, 1]")
     if args.kd_temperature <= 0:

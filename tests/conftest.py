@@ -1,9 +1,12 @@
 """Shared test setup: offline Hub, deterministic seeds, tiny configs."""
 
 import os
+import tempfile
 import textwrap
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tokenized and packed blocks go to a fresh cache (set before `datasets` is imported), never the user's.
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="hf_glu-test-datasets-"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402

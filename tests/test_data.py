@@ -1,10 +1,8 @@
 """Text sources and packing."""
 
-import json
-
 import pytest
 
-from hf_glu.data import builtin_corpus, load_texts, pack_token_blocks, split_train_eval, train_bpe_tokenizer
+from hf_glu.data import builtin_corpus, pack_token_blocks, split_train_eval, train_bpe_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -41,18 +39,6 @@ def test_packing_makes_full_blocks_separated_by_eos(tokenizer):
     for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
         expected += ids + [tokenizer.eos_token_id]
     assert stream == expected[: len(stream)] and len(expected) - len(stream) < 4
-
-
-def test_load_texts_reads_txt_and_jsonl(tmp_path):
-    (tmp_path / "a.txt").write_text("para one\n\npara two\n")
-    assert load_texts(tmp_path / "a.txt") == ["para one", "para two\n"]
-    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "x y"}) + "\n" + json.dumps({"text": "z"}) + "\n")
-    assert load_texts(tmp_path / "b.jsonl") == ["x y", "z"]
-    (tmp_path / "c.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
-    with pytest.raises(ValueError, match="has no 'text' field"):
-        load_texts(tmp_path / "c.jsonl")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_texts(tmp_path / "missing.txt")
 
 
 def test_packing_refuses_text_shorter_than_a_block(tokenizer):

@@ -6,10 +6,8 @@ from conftest import one_sgd_step_args, ragged_rows, tiny_config
 from transformers import TrainingArguments, default_data_collator
 
 from hf_glu import GluForCausalLM
-from hf_glu.data import builtin_corpus, train_bpe_tokenizer
 from hf_glu.finetune import (
     DistillationTrainer,
-    build_datasets,
     checkpoint_step,
     distillation_loss,
     latest_checkpoint,
@@ -138,29 +136,6 @@ def test_token_loss_sums_match_the_mean_loss():
     sums, counts = token_loss_sums(out.logits, batch["labels"])
     assert (sums.sum() / counts.sum()).item() == pytest.approx(out.loss.item(), rel=1e-5)
     assert perplexity_from_loss(1e6) == float("inf")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_bpe_tokenizer(builtin_corpus(max_chars=20_000), vocab_size=300)
-
-
-def test_build_datasets_packs_disjoint_train_and_eval_blocks(tmp_path, tokenizer):
-    text_file = tmp_path / "train.txt"
-    text_file.write_text(builtin_corpus(max_chars=20_000), encoding="utf-8")
-    train, evaluation = build_datasets(tokenizer, 32, train_file=text_file, eval_fraction=0.2)
-    assert len(train) > 3 * len(evaluation) > 0
-    example = train[0]
-    assert example["input_ids"].shape == (32,) and torch.equal(example["input_ids"], example["labels"])
-    train_rows = {tuple(b.tolist()) for b in train.blocks}
-    assert not train_rows & {tuple(b.tolist()) for b in evaluation.blocks}
-
-
-def test_build_datasets_names_a_too_small_split(tmp_path, tokenizer):
-    text_file = tmp_path / "tiny.txt"
-    text_file.write_text("A few words.\n\nAnd a few more.", encoding="utf-8")
-    with pytest.raises(ValueError, match="split is too small.*--block-size"):
-        build_datasets(tokenizer, 512, train_file=text_file)
 
 
 def test_latest_checkpoint_skips_incomplete_folders(tmp_path):

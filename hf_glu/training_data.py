@@ -1,0 +1,230 @@
+"""Packed causal-LM training blocks on `datasets`: documents from a file, a dataset name or the built-in
+corpus; a deterministic held-out split; tokenization with ``Dataset.map`` (batched, parallel, cached);
+blocks of ``block_size`` tokens packed across documents; ``streaming`` for corpora larger than memory,
+each process reading its own part (``split_dataset_by_node``).
+
+Map-style data is cached by `datasets` (tokenized documents and packed blocks), so a second run on the
+same file and tokenizer reads them back instead of tokenizing again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow.compute as pc
+import torch
+from accelerate import PartialState
+from datasets.distributed import split_dataset_by_node
+from datasets.exceptions import DatasetGenerationError
+from transformers import PreTrainedTokenizerBase
+
+from .data import builtin_corpus, iter_token_blocks
+
+# File suffix -> the `datasets` builder that reads it. Text files are split into paragraphs (blank lines).
+_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+TEXT = "text"
+_BLOCK_FEATURES = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
+
+Documents = datasets.Dataset | datasets.IterableDataset
+
+
+def load_documents(
+    train_file: str | Path | None = None,
+    dataset: str | None = None,
+    dataset_config: str | None = None,
+    *,
+    split: str = "train",
+    text_column: str = TEXT,
+    streaming: bool = False,
+    cache_dir: str | Path | None = None,
+) -> Documents:
+    """Documents with one column, ``text``: the paragraphs of a .txt file, the ``text_column`` of a
+    .json/.jsonl/.csv/.parquet file or of a `datasets` dataset (a Hub name or a local folder), or, when
+    neither is given, the paragraphs of the built-in corpus. ``streaming`` returns an ``IterableDataset``
+    that reads lazily."""
+    if train_file is not None and dataset is not None:
+        raise ValueError("pass either a training file or a dataset name, not both")
+    cache = str(cache_dir) if cache_dir is not None else None
+    if dataset is not None:
+        documents = datasets.load_dataset(dataset, dataset_config, split=split, streaming=streaming, cache_dir=cache)
+        source = f"dataset {dataset!r}"
+    elif train_file is not None:
+        path = Path(train_file)
+        builder = _builder_for(path)
+        options = {"sample_by": "paragraph"} if builder == "text" else {}
+        try:
+            documents = datasets.load_dataset(
+                builder, data_files=str(path), split="train", streaming=streaming, cache_dir=cache, **options
+            )
+        except DatasetGenerationError as error:  # e.g. bytes that are not UTF-8, a malformed JSON line
+            reason = error.__cause__
+            raise ValueError(f"training file {str(path)!r} could not be read as {builder}: {reason}") from error
+        source = str(path)
+    else:
+        paragraphs = [p for p in builtin_corpus().split("\n\n") if p.strip()]
+        documents = datasets.Dataset.from_dict({TEXT: paragraphs})
+        return documents.to_iterable_dataset() if streaming else documents
+    return _only_text_column(documents, text_column, source)
+
+
+def _builder_for(path: Path) -> str:
+    if not path.is_file():
+        raise FileNotFoundError(f"training file {str(path)!r} does not exist")
+    builder = _BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise ValueError(f"training file {str(path)!r} has an unknown type; expected one of {sorted(_BUILDERS)}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"training file {str(path)!r} is empty; expected some text")
+    return builder
+
+
+def _only_text_column(documents: Documents, text_column: str, source: str) -> Documents:
+    columns = documents.column_names
+    if columns is not None and text_column not in columns:  # a stream may not know its columns yet
+        raise ValueError(f"{source} has no column {text_column!r}; its columns: {columns} (pick one: --text-column)")
+    documents = documents.select_columns([text_column])
+    return documents.rename_column(text_column, TEXT) if text_column != TEXT else documents
+
+
+def split_held_out(documents: datasets.Dataset, eval_fraction: float) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Leading documents for training, the rest held out: the cut is the last document boundary within
+    the first ``1 - eval_fraction`` of the characters (``data.split_train_eval`` on the documents joined
+    by blank lines), so no document is in both and the split never changes between runs."""
+    if not 0.0 < eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction={eval_fraction!r} is invalid; expected a number in (0, 1)")
+    documents = documents.filter(_has_text, batched=True)
+    lengths = np.concatenate(
+        [pc.utf8_length(batch[TEXT]).to_numpy() for batch in documents.with_format("arrow").iter(batch_size=10_000)]
+        or [np.zeros(0, dtype=np.int64)]
+    )
+    separator = 2  # the blank line that joins two documents
+    separator_ends = np.cumsum(lengths + separator)[:-1]  # where the blank line after document i ends
+    total = int(lengths.sum()) + separator * max(len(lengths) - 1, 0)
+    cut = int(total * (1 - eval_fraction))
+    n_train = int(np.searchsorted(separator_ends, cut, side="right"))
+    if n_train == 0 or n_train == len(lengths):
+        raise ValueError(
+            f"cannot hold out {eval_fraction:.0%} of {len(lengths)} document(s) at a document boundary; "
+            "use more text or another --eval-fraction"
+        )
+    return documents.select(range(n_train)), documents.select(range(n_train, len(lengths)))
+
+
+def split_held_out_stream(
+    documents: datasets.IterableDataset, eval_documents: int
+) -> tuple[datasets.IterableDataset, datasets.Dataset]:
+    """A stream's first ``eval_documents`` non-empty documents held out (read into memory), the rest for
+    training: a stream's length is unknown, so its tail cannot be held out without reading it all."""
+    if eval_documents < 1:
+        raise ValueError(f"eval_documents={eval_documents!r} is invalid; expected an integer >= 1")
+    documents = documents.filter(_has_text, batched=True)
+    held_out = list(documents.take(eval_documents))
+    if not held_out:
+        raise ValueError("the stream has no document to hold out for evaluation; expected some text")
+    return documents.skip(eval_documents), datasets.Dataset.from_list(held_out)
+
+
+def _has_text(batch: dict[str, list]) -> list[bool]:
+    return [bool(text and text.strip()) for text in batch[TEXT]]
+
+
+def tokenize_documents(
+    documents: Documents, tokenizer: PreTrainedTokenizerBase, *, num_proc: int | None = None
+) -> Documents:
+    """Token ids of every document with the EOS token appended, the separator of packed documents."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token to separate packed documents")
+    eos = tokenizer.eos_token_id
+
+    def tokenize(batch: dict[str, list]) -> dict[str, list]:
+        ids = tokenizer(batch[TEXT], add_special_tokens=False)["input_ids"]
+        return {"input_ids": [row + [eos] for row in ids]}
+
+    options = {"num_proc": num_proc, "desc": "tokenizing"} if isinstance(documents, datasets.Dataset) else {}
+    return documents.map(tokenize, batched=True, remove_columns=[TEXT], **options)
+
+
+def _packed_rows(tokenized: Iterable[dict], block_size: int) -> Iterator[dict[str, list[int]]]:
+    rows = (row["input_ids"] for row in tokenized)
+    for block in iter_token_blocks(rows, block_size):
+        yield {"input_ids": block}
+
+
+def pack_blocks(tokenized: Documents, block_size: int, cache_dir: str | Path | None = None) -> Documents:
+    """Full blocks of ``block_size`` tokens cut from the documents' tokens in order (the last, partial
+    block dropped), as ``data.pack_token_blocks`` does in memory. Map-style blocks are written to (and
+    on a second run read from) the `datasets` cache; a stream packs lazily as it is read."""
+    if block_size < 2:
+        raise ValueError(f"block_size={block_size} is invalid; expected an integer >= 2")
+    kwargs = {"tokenized": tokenized, "block_size": block_size}
+    if isinstance(tokenized, datasets.IterableDataset):
+        stream = datasets.IterableDataset.from_generator(_packed_rows, features=_BLOCK_FEATURES, gen_kwargs=kwargs)
+        return stream.map(_with_labels, batched=True)
+    blocks = datasets.Dataset.from_generator(
+        _packed_rows, features=_BLOCK_FEATURES, gen_kwargs=kwargs, cache_dir=str(cache_dir) if cache_dir else None
+    )
+    if len(blocks) == 0:
+        raise ValueError(f"the text makes fewer tokens than one block of {block_size}")
+    # Labels are made when a row is read, not stored: the cache holds each token once.
+    return blocks.with_transform(_causal_lm_tensors)
+
+
+def _with_labels(batch: dict[str, list]) -> dict[str, list]:
+    return {"input_ids": batch["input_ids"], "labels": batch["input_ids"]}
+
+
+def _causal_lm_tensors(batch: dict[str, list]) -> dict[str, torch.Tensor]:
+    input_ids = torch.tensor(batch["input_ids"], dtype=torch.long)
+    return {"input_ids": input_ids, "labels": input_ids.clone()}
+
+
+def build_block_datasets(
+    tokenizer: PreTrainedTokenizerBase,
+    block_size: int,
+    *,
+    train_file: str | Path | None = None,
+    dataset: str | None = None,
+    dataset_config: str | None = None,
+    text_column: str = TEXT,
+    eval_fraction: float = 0.1,
+    streaming: bool = False,
+    eval_documents: int = 100,
+    rank: int = 0,
+    world_size: int = 1,
+    num_proc: int | None = None,
+    cache_dir: str | Path | None = None,
+) -> tuple[Documents, datasets.Dataset]:
+    """Train and held-out causal-LM examples (``input_ids`` and ``labels``, the same tokens: the model's
+    loss shifts them), ready for ``default_data_collator``. Map-style: the tail ``eval_fraction`` of the
+    text is held out, tokenized and packed once, by the main process first (the others then read the
+    cache). ``streaming``: the first ``eval_documents`` are held out and the
+    training stream is split between processes before packing (``rank`` of ``world_size``), so no two
+    processes ever see the same document, nor a block made from one."""
+    documents = load_documents(
+        train_file, dataset, dataset_config, text_column=text_column, streaming=streaming, cache_dir=cache_dir
+    )
+    if streaming:
+        train_docs, eval_docs = split_held_out_stream(documents, eval_documents)
+        if world_size > 1:
+            train_docs = split_dataset_by_node(train_docs, rank=rank, world_size=world_size)
+        train = pack_blocks(tokenize_documents(train_docs, tokenizer), block_size)
+        return train, _packed_part(tokenize_documents(eval_docs, tokenizer), block_size, cache_dir, "eval")
+    with PartialState().main_process_first():
+        train_docs, eval_docs = split_held_out(documents, eval_fraction)
+        parts = {}
+        for part, docs in (("train", train_docs), ("eval", eval_docs)):
+            tokenized = tokenize_documents(docs, tokenizer, num_proc=num_proc)
+            parts[part] = _packed_part(tokenized, block_size, cache_dir, part)
+    return parts["train"], parts["eval"]
+
+
+def _packed_part(
+    tokenized: datasets.Dataset, block_size: int, cache_dir: str | Path | None, part: str
+) -> datasets.Dataset:
+    try:
+        return pack_blocks(tokenized, block_size, cache_dir)
+    except ValueError as error:
+        raise ValueError(f"the {part} split is too small: {error}; use more text or a smaller --block-size") from error
