@@ -55,6 +55,11 @@ DEFAULT_PARAMS = GluParams()
 # latency, small enough for registers. benchmarks/bench_mlp.py --sweep times the alternatives on a GPU.
 _BLOCK_ELEMENTS = 4096
 _NUM_WARPS = 4
+# Row tiles one backward program walks when it also sums the bias gradients: at 4 rows a tile (intermediate
+# >= 1024) a program covers 64 rows, so the partial sums are 1/64 of [tokens, intermediate] in fp32 and
+# their reduction is small, while 8192 tokens still give 128 programs per column block. Provisional: not
+# yet timed on a GPU against other values.
+_BIAS_ROW_TILES = 16
 
 if TRITON_AVAILABLE:
 
@@ -163,25 +168,41 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _glu_bwd_kernel(
-        DOUT, GATE, UP, DGATE, DUP, OUT, M, N,
+        DOUT, GATE, UP, DGATE, DUP, OUT, BIAS_PARTIAL, M, N,
         s_dom, s_don, s_gm, s_gn, s_um, s_un, s_dgm, s_dgn, s_dum, s_dun, s_om, s_on,
         beta, alpha, limit,
-        VARIANT: tl.constexpr, STORE_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        VARIANT: tl.constexpr, STORE_OUT: tl.constexpr, BIAS_GRADS: tl.constexpr, ROW_TILES: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
         # Every element is loaded before any is stored, so DGATE/DUP/OUT may alias GATE/UP/DOUT (the in-place form).
-        r, c, mask = _tile(tl.program_id(0), tl.program_id(1), M, N, BLOCK_M, BLOCK_N)
-        do = tl.load(DOUT + r * s_dom + c * s_don, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(GATE + r * s_gm + c * s_gn, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(UP + r * s_um + c * s_un, mask=mask, other=0.0).to(tl.float32)
-        h = _up_term(u, VARIANT, limit)
-        act, dg = _gate_act_and_grad(g, do * h, VARIANT, beta, alpha, limit)
-        du = do * act
-        if VARIANT == 6:  # clamp(up): the gradient passes inside the closed range only
-            du = tl.where((u >= -limit) & (u <= limit), du, 0.0)
-        tl.store(DGATE + r * s_dgm + c * s_dgn, dg.to(DGATE.dtype.element_ty), mask=mask)
-        tl.store(DUP + r * s_dum + c * s_dun, du.to(DUP.dtype.element_ty), mask=mask)
-        if STORE_OUT:
-            tl.store(OUT + r * s_om + c * s_on, (act * h).to(OUT.dtype.element_ty), mask=mask)
+        # A program walks ROW_TILES row tiles of one column block. With BIAS_GRADS it also sums d(gate) and d(up)
+        # over its rows in fp32 and writes the two partial sums to row pid_m of BIAS_PARTIAL [2, programs, N]:
+        # the bias gradients without another pass over [tokens, intermediate], in a fixed order (deterministic).
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        sum_g = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        sum_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for tile in range(ROW_TILES):
+            r, c, mask = _tile(pid_m * ROW_TILES + tile, pid_n, M, N, BLOCK_M, BLOCK_N)
+            do = tl.load(DOUT + r * s_dom + c * s_don, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(GATE + r * s_gm + c * s_gn, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(UP + r * s_um + c * s_un, mask=mask, other=0.0).to(tl.float32)
+            h = _up_term(u, VARIANT, limit)
+            act, dg = _gate_act_and_grad(g, do * h, VARIANT, beta, alpha, limit)
+            du = do * act
+            if VARIANT == 6:  # clamp(up): the gradient passes inside the closed range only
+                du = tl.where((u >= -limit) & (u <= limit), du, 0.0)
+            tl.store(DGATE + r * s_dgm + c * s_dgn, dg.to(DGATE.dtype.element_ty), mask=mask)
+            tl.store(DUP + r * s_dum + c * s_dun, du.to(DUP.dtype.element_ty), mask=mask)
+            if STORE_OUT:
+                tl.store(OUT + r * s_om + c * s_on, (act * h).to(OUT.dtype.element_ty), mask=mask)
+            if BIAS_GRADS:  # select, not multiply: a NaN or inf outside the tensor must not enter the sum
+                sum_g += tl.sum(tl.where(mask, dg, 0.0), axis=0)
+                sum_u += tl.sum(tl.where(mask, du, 0.0), axis=0)
+        if BIAS_GRADS:
+            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            offsets = pid_m.to(tl.int64) * N + cols
+            tl.store(BIAS_PARTIAL + offsets, sum_g, mask=cols < N)
+            tl.store(BIAS_PARTIAL + tl.num_programs(0).to(tl.int64) * N + offsets, sum_u, mask=cols < N)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -247,17 +268,26 @@ def _launch_backward(
     out: torch.Tensor | None,
     variant: str,
     p: GluParams,
-) -> None:
+    bias_grads: bool = False,
+) -> torch.Tensor | None:
+    """Runs the backward kernel; with ``bias_grads``, returns the column sums of d(gate) and d(up) as one
+    fp32 ``[2, columns]`` tensor (the bias gradients), else None."""
     do, g, u, dg, du = (_as_rows(t) for t in (grad, gate, up, dgate, dup))
     o = do if out is None else _as_rows(out)  # unused when STORE_OUT is off
+    rows, cols = g.shape
     if g.numel() == 0:
-        return
-    grid, block_m, block_n = _launch_config(*g.shape)
+        return torch.zeros(2, cols, dtype=torch.float32, device=g.device) if bias_grads else None
+    (row_blocks, col_blocks), block_m, block_n = _launch_config(rows, cols)
+    row_tiles = min(_BIAS_ROW_TILES, row_blocks) if bias_grads else 1
+    grid = (triton.cdiv(rows, block_m * row_tiles), col_blocks)
+    # One fp32 row of partial sums per row program, for gate and for up; unused (and tiny) without bias_grads.
+    partial = torch.empty((2, grid[0] if bias_grads else 1, cols), dtype=torch.float32, device=g.device)
     _glu_bwd_kernel[grid](
-        do, g, u, dg, du, o, *g.shape, *_strides(do, g, u, dg, du, o), p.beta, p.alpha, p.limit,
-        VARIANT=KERNEL_VARIANTS[variant], STORE_OUT=out is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=_NUM_WARPS,
+        do, g, u, dg, du, o, partial, rows, cols, *_strides(do, g, u, dg, du, o), p.beta, p.alpha, p.limit,
+        VARIANT=KERNEL_VARIANTS[variant], STORE_OUT=out is not None, BIAS_GRADS=bias_grads, ROW_TILES=row_tiles,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_NUM_WARPS,
     )  # fmt: skip
+    return partial.sum(1) if bias_grads else None
 
 
 def _check_rows_view(name: str, t: torch.Tensor) -> None:
@@ -339,22 +369,36 @@ _glu_act_op.register_autograd(_glu_act_backward, setup_context=_glu_act_setup)
 
 
 def _act_backward_inplace(
-    grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, variant: str, beta: float, alpha: float, limit: float
-) -> None:
-    """Overwrites gate with d(gate), up with d(up) and grad with the activation output."""
+    grad: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    variant: str,
+    beta: float,
+    alpha: float,
+    limit: float,
+    bias_grads: bool,
+) -> torch.Tensor:
+    """Overwrites gate with d(gate), up with d(up) and grad with the activation output.
+
+    Returns the column sums of d(gate) and d(up) (the gate and up bias gradients) as one ``[2, columns]``
+    tensor in the gate's dtype when ``bias_grads``, else an empty ``[0, columns]`` one (an op's output
+    cannot be None).
+    """
     _check_launchable("gate", gate)
     _check_same(gate, up=up, grad=grad)
     for name, t in (("grad", grad), ("gate", gate), ("up", up)):
         _check_rows_view(name, t)
-    _launch_backward(grad, gate, up, gate, up, grad, variant, GluParams(beta, alpha, limit))
+    sums = _launch_backward(grad, gate, up, gate, up, grad, variant, GluParams(beta, alpha, limit), bias_grads)
+    return gate.new_empty((0, gate.shape[-1])) if sums is None else sums.to(gate.dtype)
 
 
-def _act_backward_inplace_eager(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, *act_args) -> None:
+def _act_backward_inplace_eager(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, *args) -> torch.Tensor:
     """``_act_backward_inplace`` without the custom op's dispatch cost, bumping the version counters as the
     op would, so a second backward through the overwritten tensors is refused rather than silently wrong."""
-    _act_backward_inplace(grad, gate, up, *act_args)
+    sums = _act_backward_inplace(grad, gate, up, *args)
     for t in (grad, gate, up):
         torch.autograd.graph.increment_version(t)
+    return sums
 
 
 # A graph node for the in-place kernel: traced backward graphs must see the mutation.
@@ -364,8 +408,8 @@ _glu_act_backward_inplace_op = torch.library.custom_op(
 
 
 @_glu_act_backward_inplace_op.register_fake
-def _(grad, gate, up, variant, beta, alpha, limit):
-    return None
+def _(grad, gate, up, variant, beta, alpha, limit, bias_grads):
+    return gate.new_empty((2 if bias_grads else 0, gate.shape[-1]))
 
 
 def _glu_mlp_forward(
@@ -399,26 +443,27 @@ def _save_for_mlp_backward(ctx, inputs: tuple, gate: torch.Tensor, up: torch.Ten
     ctx.act_args = act_args
 
 
-def _glu_mlp_grads(ctx, grad_out: torch.Tensor, act_backward_inplace: Callable[..., None]) -> tuple:
+def _glu_mlp_grads(ctx, grad_out: torch.Tensor, act_backward_inplace: Callable[..., torch.Tensor]) -> tuple:
     """Gradients of ``_glu_mlp_forward``'s inputs (None for the four scalars) from what
     ``_save_for_mlp_backward`` kept; overwrites the saved gate and up.
 
     Ordered for the smallest peak: the activation (re-emitted over its own gradient) is consumed by the
-    down projection's weight gradient and freed before the other weight gradients are allocated.
+    down projection's weight gradient and freed before the other weight gradients are allocated. The gate
+    and up bias gradients come out of the same kernel, not from two more passes over [tokens, intermediate].
     """
     x, gate_weight, up_weight, down_weight, gate, up = ctx.saved_tensors
     needs, act_args = ctx.needs_input_grad, ctx.act_args
     rows, grad_rows = _as_rows(x), _as_rows(grad_out)
     act = grad_rows @ down_weight
     # One kernel: gate and up become their gradients, the activation's gradient becomes the activation.
-    act_backward_inplace(act, gate, up, *act_args)
+    bias_sums = act_backward_inplace(act, gate, up, *act_args, needs[2] or needs[4])
     dgate, dup = gate, up
     grad_down_weight = grad_rows.t() @ act if needs[5] else None
     del act
     grads = [None] * 7
     grads[5], grads[6] = grad_down_weight, grad_rows.sum(0) if needs[6] else None
-    grads[1], grads[2] = dgate.t() @ rows if needs[1] else None, dgate.sum(0) if needs[2] else None
-    grads[3], grads[4] = dup.t() @ rows if needs[3] else None, dup.sum(0) if needs[4] else None
+    grads[1], grads[2] = dgate.t() @ rows if needs[1] else None, bias_sums[0] if needs[2] else None
+    grads[3], grads[4] = dup.t() @ rows if needs[3] else None, bias_sums[1] if needs[4] else None
     if needs[0]:  # addmm_ in place: the out-of-place addmm would first copy the [tokens, hidden] product
         grads[0] = (dgate @ gate_weight).addmm_(dup, up_weight).view(x.shape)
     return (*grads, None, None, None, None)
@@ -543,11 +588,20 @@ def _is_plain_linear(module: nn.Module) -> bool:
     )
 
 
+# Below this many tokens, a forward without autograd (generation, evaluation) runs eager under "auto": at
+# decode sizes the GEMMs take microseconds and the fused path's host-side work per call (checks, launch
+# configuration, the Triton launch) can cost more than the eager elementwise kernels it replaces.
+# Provisional: not yet measured on a GPU; benchmarks/bench_mlp.py's inference table reports the crossover.
+INFERENCE_EAGER_BELOW_TOKENS = 64
+
+
 def fused_path_wanted(glu_kernel: str, x: torch.Tensor) -> bool:
     """Whether a GLU MLP given ``glu_kernel`` should run the fused path on input ``x``.
 
-    ``"auto"`` fuses CUDA inputs of a supported dtype when triton imports; ``"triton"`` always fuses (on
-    CPU tensors this needs ``TRITON_INTERPRET=1``); ``"eager"`` never does.
+    ``"auto"`` fuses CUDA inputs of a supported dtype when triton imports, except forwards without autograd
+    of fewer than ``INFERENCE_EAGER_BELOW_TOKENS`` tokens; ``"triton"`` always fuses (on CPU tensors this
+    needs ``TRITON_INTERPRET=1``); ``"eager"`` never does. Decided from shapes, dtypes and modes only, never
+    from tensor values, so ``torch.compile`` and CUDA graphs see no data-dependent branch.
     """
     if glu_kernel == "eager":
         return False
@@ -555,7 +609,10 @@ def fused_path_wanted(glu_kernel: str, x: torch.Tensor) -> bool:
         if not TRITON_AVAILABLE:
             raise ImportError("glu_kernel='triton' needs triton; install it with `pip install 'hf-glu[gpu]'`")
         return True
-    return TRITON_AVAILABLE and on_cuda(x) and x.dtype in SUPPORTED_DTYPES
+    if not (TRITON_AVAILABLE and on_cuda(x) and x.dtype in SUPPORTED_DTYPES):
+        return False
+    small = x.numel() < INFERENCE_EAGER_BELOW_TOKENS * x.shape[-1]
+    return torch.is_grad_enabled() or not small
 
 
 def on_cuda(x: torch.Tensor) -> bool:

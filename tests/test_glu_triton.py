@@ -19,6 +19,7 @@ from conftest import tiny_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_glu import GluForCausalLM, GluMLP
 from hf_glu import glu_triton as gt
@@ -183,12 +184,18 @@ def test_empty_inputs():
     assert x.grad.shape == x.shape and not mlp.down_proj.weight.grad.any()
 
 
-def test_in_place_backward_overwrites_gate_up_and_grad():
+@pytest.mark.parametrize("bias_grads", [False, True], ids=["no_sums", "sums"])
+def test_in_place_backward_overwrites_gate_up_and_grad(bias_grads):
     gate, up, grad = random_inputs(9, 21, torch.float32)
     expected_out = gt.glu_activation_fused(gate, up, "swiglu_oai", PARAMS)
     expected_dgate, expected_dup = torch.ops.hf_glu.glu_act_backward(grad, gate, up, "swiglu_oai", *_params())
-    torch.ops.hf_glu.glu_act_backward_(grad, gate, up, "swiglu_oai", *_params())
+    sums = torch.ops.hf_glu.glu_act_backward_(grad, gate, up, "swiglu_oai", *_params(), bias_grads)
     assert torch.equal(gate, expected_dgate) and torch.equal(up, expected_dup) and torch.equal(grad, expected_out)
+    if bias_grads:
+        expected_sums = torch.stack([expected_dgate.double().sum(0), expected_dup.double().sum(0)])
+        torch.testing.assert_close(sums.double(), expected_sums, rtol=1e-5, atol=1e-6)
+    else:
+        assert sums.shape == (0, 21)
 
 
 def _params(p=PARAMS):
@@ -230,6 +237,61 @@ def test_fused_mlp_matches_float64_eager(variant, bias):
     for a, e in zip(actual, expected, strict=True):
         # GEMM rounding in fp32 adds to the kernel's: compare normwise against float64.
         torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-5 * float(e.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_bias_gradients_summed_in_the_kernel_match_float64(variant, dtype, monkeypatch):
+    # Small blocks and two row tiles a program: 37 rows make 19 row programs, the last one half outside the
+    # tensor, and 70 columns two column blocks, so the partial sums and their reduction are all exercised.
+    monkeypatch.setattr(gt, "_BLOCK_ELEMENTS", 64)
+    monkeypatch.setattr(gt, "_BIAS_ROW_TILES", 2)
+    gate, up, grad = random_inputs(37, 70, dtype)
+    _, ref_dgate, ref_dup = reference(gate, up, grad, variant)
+    sums = torch.ops.hf_glu.glu_act_backward_(grad.clone(), gate.clone(), up.clone(), variant, *_params(), True)
+    assert sums.dtype == dtype and sums.shape == (2, 70)
+    for actual, expected in zip(sums, (ref_dgate.sum(0), ref_dup.sum(0)), strict=True):
+        # fp32 sums of unrounded terms, rounded once to the dtype; cancellation bounded by the terms' sizes.
+        bound = float(expected.abs().max()) + 1.0
+        rtol = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
+        torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=1e-5 * bound)
+
+
+def test_an_up_bias_alone_gets_its_gradient():
+    # Exact conversions of bias-free MLPs give up_proj a bias and gate_proj none.
+    config = tiny_config(glu_variant="geglu_tanh", n_embd=24, n_inner=40, glu_kernel="triton")
+    mlp = GluMLP(config, bias=False, up_bias=True).to(DEVICE)
+    x, grad = torch.randn(11, 24, device=DEVICE), torch.randn(11, 24, device=DEVICE)
+    actual = run_mlp(mlp, x, grad, "triton")
+    expected = run_mlp(mlp.double(), x.double(), grad.double(), "eager")
+    assert len(actual) == 6  # output, input, gate weight, up weight and bias, down weight
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-5 * float(e.abs().max()))
+
+
+class _AtenCalls(TorchDispatchMode):
+    """Records every aten call with its tensor arguments' shapes; raises on a host sync."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        syncs = (torch.ops.aten._local_scalar_dense, torch.ops.aten.nonzero, torch.ops.aten.is_nonzero)
+        if func.overloadpacket in syncs:
+            raise AssertionError(f"{func} waits for the device: no CUDA graph can hold it")
+        self.calls.append((func.overloadpacket, [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]))
+        return func(*args, **(kwargs or {}))
+
+
+def test_backward_takes_no_extra_pass_over_the_pre_activations_and_never_syncs():
+    mlp = make_mlp("geglu_tanh", bias=True, hidden=24, inner=40)
+    x = torch.randn(14, 24, device=DEVICE, requires_grad=True)
+    with _AtenCalls() as calls:
+        mlp(x).sum().backward()
+    reductions = [shapes for op, shapes in calls.calls if op is torch.ops.aten.sum]
+    assert (14, 40) not in {shape for shapes in reductions for shape in shapes}, reductions
+    assert mlp.gate_proj.bias.grad is not None and mlp.up_proj.bias.grad is not None
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -335,7 +397,9 @@ def test_opcheck_passes():
     act_args = ("swiglu_oai", *_params())
     torch.library.opcheck(torch.ops.hf_glu.glu_act, (_leaf(gate), _leaf(up), *act_args))
     torch.library.opcheck(torch.ops.hf_glu.glu_act_backward, (grad, gate, up, *act_args))
-    torch.library.opcheck(torch.ops.hf_glu.glu_act_backward_, (grad.clone(), gate.clone(), up.clone(), *act_args))
+    for bias_grads in (False, True):
+        inplace_args = (grad.clone(), gate.clone(), up.clone(), *act_args, bias_grads)
+        torch.library.opcheck(torch.ops.hf_glu.glu_act_backward_, inplace_args)
     # glu_mlp hands its saved pre-activations out as outputs that its backward overwrites; the
     # aot_dispatch check returns them to the caller, which no user of glu_mlp_fused can do, so that
     # one check runs instead through torch.compile in test_compile_* below.
@@ -384,10 +448,13 @@ def test_compile_matches_eager(backend):
     x, grad = torch.randn(2, 5, 24, device=DEVICE), torch.randn(2, 5, 24, device=DEVICE)
     expected = run_mlp(mlp, x, grad, "triton")
     torch._dynamo.reset()
-    compiled = torch.compile(mlp, backend=backend, fullgraph=True, dynamic=True)
-    x_leaf = _leaf(x)
-    out = compiled(x_leaf)
-    actual = (out.detach(), *torch.autograd.grad(out, (x_leaf, *mlp.parameters()), grad))
+    # Inductor's on-disk caches key on the traced forward graph, not on the op's registered backward: an
+    # entry written by an older version of the op would be replayed with its old schema.
+    with torch.compiler.config.patch(force_disable_caches=True):
+        compiled = torch.compile(mlp, backend=backend, fullgraph=True, dynamic=True)
+        x_leaf = _leaf(x)
+        out = compiled(x_leaf)
+        actual = (out.detach(), *torch.autograd.grad(out, (x_leaf, *mlp.parameters()), grad))
     for a, e in zip(actual, expected, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
 
@@ -407,6 +474,57 @@ def test_dispatch(monkeypatch):
     assert not gt.fused_path_wanted("auto", x)
     with pytest.raises(ImportError, match="glu_kernel='triton' needs triton"):
         gt.fused_path_wanted("triton", x)
+
+
+@pytest.mark.parametrize("no_grad", [torch.no_grad, torch.inference_mode])
+def test_auto_runs_small_inference_calls_eager_and_larger_ones_fused(no_grad, monkeypatch):
+    import hf_glu.modeling_glu
+
+    monkeypatch.setattr(gt, "on_cuda", lambda x: True)  # stands in for CUDA: auto would fuse
+    ran_fused = []
+    real = hf_glu.modeling_glu.fused_glu_mlp
+    monkeypatch.setattr(hf_glu.modeling_glu, "fused_glu_mlp", lambda mlp, x: ran_fused.append(x.shape) or real(mlp, x))
+    mlp = make_mlp("geglu_tanh", kernel="auto")
+    threshold = gt.INFERENCE_EAGER_BELOW_TOKENS
+    for tokens, fused_expected in ((1, False), (threshold - 1, False), (threshold, True)):
+        x = torch.randn(1, tokens, 24, device=DEVICE)
+        ran_fused.clear()
+        with no_grad():
+            out = mlp(x)
+        assert bool(ran_fused) is fused_expected, tokens
+        mlp.config.glu_kernel = "eager"
+        with no_grad():
+            torch.testing.assert_close(out, mlp(x), rtol=1e-5, atol=1e-6)
+        mlp.config.glu_kernel = "auto"
+    # With autograd on (training), even one token takes the fused path.
+    ran_fused.clear()
+    mlp(torch.randn(1, 1, 24, device=DEVICE))
+    assert ran_fused == [(1, 1, 24)]
+
+
+def test_a_model_on_the_fused_op_compiles_to_one_graph():
+    # What CUDA graphs (mode="reduce-overhead") need from us: no graph break anywhere in the model, the MLP
+    # one opaque node. The capture itself needs a GPU (benchmarks/gpu_check.sh).
+    model = GluForCausalLM(tiny_config(glu_kernel="triton")).to(DEVICE)
+    ids = torch.randint(0, 101, (2, 9), device=DEVICE)
+    expected = _causal_lm_logits_and_grads(model, ids, "triton")
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=capture, fullgraph=True)
+    model.zero_grad()
+    out = compiled(input_ids=ids, labels=ids)
+    out.loss.backward()
+    (graph,) = graphs
+    targets = [n.target for n in graph.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.hf_glu.glu_mlp.default) == model.config.n_layer
+    torch.testing.assert_close(out.logits, expected[0], rtol=1e-5, atol=1e-5)
+    for name, grad in expected[1].items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_inputs_raise_errors_naming_them():

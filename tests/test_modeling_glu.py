@@ -291,6 +291,8 @@ def test_auto_model_takes_the_fused_path_where_cuda_would_be(monkeypatch):
     real = hf_glu.modeling_glu.fused_glu_mlp
     monkeypatch.setattr(hf_glu.modeling_glu, "fused_glu_mlp", lambda mlp, x: calls.append(x.shape) or real(mlp, x))
     monkeypatch.setattr(hf_glu.glu_triton, "on_cuda", lambda x: True)
+    # The device decision only: small no-grad calls falling back to eager is tested in test_glu_triton.
+    monkeypatch.setattr(hf_glu.glu_triton, "INFERENCE_EAGER_BELOW_TOKENS", 0)
     with torch.no_grad():
         fused = model(ids).logits
     assert len(calls) == model.config.n_layer
