@@ -22,6 +22,7 @@ from hf_glu.finetune import (
     check_finetune_args,
     checkpoint_step,
     finetune_arg_parser,
+    is_sharded,
     latest_checkpoint,
     load_model_and_tokenizer,
     load_teacher,
@@ -41,6 +42,13 @@ def parse_args():
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
     args = parser.parse_args()
     check_finetune_args(parser, args)
+    if is_sharded(args):
+        # Transformers' Trainer keeps no resumable checkpoint of a model sharded at load time, and its TP needs
+        # Accelerate's ParallelismConfig, which refuses CPU processes; the Accelerate recipe does both.
+        parser.error(
+            "--tp-size/--fsdp-size are taken by recipes/finetune_accelerate.py (under torchrun); for the Trainer "
+            "use accelerate launch --config_file recipes/accelerate_configs/fsdp2.yaml"
+        )
     return args
 
 

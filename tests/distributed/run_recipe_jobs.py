@@ -1,0 +1,63 @@
+"""Run by tests/test_recipes_distributed.py: several runs of recipes/finetune_accelerate.py in one process, so
+one launch (python, or `torchrun --nproc_per_node 2` for the sharded runs) pays the start-up cost once.
+
+    run_recipe_jobs.py JOBS.json
+
+JOBS.json holds {"ids": path of token ids, "jobs": [{"argv": [...], "tag": name}, ...]}. After each run rank 0
+renames OUTPUT/results.json to OUTPUT/results-<tag>.json; a sharded run also leaves the logits of the trained,
+still sharded model on the ids in OUTPUT/sharded-logits-<tag>.pt, for comparison with final/."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from accelerate.state import AcceleratorState
+
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "finetune_accelerate.py"
+
+
+def load_recipe():
+    spec = importlib.util.spec_from_file_location("finetune_accelerate", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def record_sharded_logits(recipe, ids: torch.Tensor, tag: str) -> None:
+    """Wrap the recipe's final save: every rank runs the sharded model on ``ids`` first (a collective forward)."""
+    original = recipe.finish_sharded
+
+    def finish(model, tokenizer, args, results):
+        model.eval()
+        with torch.no_grad():
+            logits = model(ids).logits
+        if dist.get_rank() == 0:
+            torch.save(logits, Path(args.output_dir) / f"sharded-logits-{tag}.pt")
+        original(model, tokenizer, args, results)
+
+    recipe.finish_sharded = finish
+
+
+def main() -> None:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    ids = torch.load(spec["ids"])
+    for job in spec["jobs"]:
+        recipe = load_recipe()
+        record_sharded_logits(recipe, ids, job["tag"])
+        sys.argv = [str(RECIPE), *job["argv"]]
+        recipe.main()
+        AcceleratorState._reset_state(reset_partial_state=True)  # the next unsharded run builds its own
+        output_dir = Path(job["argv"][job["argv"].index("--output-dir") + 1])
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            (output_dir / "results.json").rename(output_dir / f"results-{job['tag']}.json")
+        if dist.is_initialized():
+            dist.barrier()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
