@@ -633,3 +633,18 @@ def test_benchmark_smoke_mode_runs(tmp_path):
     assert all(rows[impl]["spread"] is not None for impl in ("gemms", "eager", "fused"))
     assert rows["liger"]["spread"] is None and rows["liger"]["fwd_bwd_ms"] is None
     assert "| impl |" in result.stdout
+    # The smoke shape has biases: the fused gradients (bias sums from the kernel) ran; the goals are the
+    # biased shapes' ones, measured against the fastest peer.
+    assert shape["bias"] and rows["fused"]["fwd_bwd_ms"] is not None
+    goals = {g["goal"]: g for g in report["goals"][shape["name"]]}
+    assert "fwd+bwd >= 1.00x the fastest peer" in goals and goals["saved for backward = x + 2 x [tokens, inner]"]["met"]
+    # The inference table: every implementation timed at every size, auto's choice and the crossover reported.
+    inference = {(r["tokens"], r["impl"]): r for r in report["inference"]}
+    sizes = sorted({tokens for tokens, _ in inference})
+    assert len(sizes) >= 2 and all(
+        inference[t, impl]["fwd_ms"] > 0 for t in sizes for impl in ("eager", "fused", "auto")
+    )
+    assert all(inference[t, "auto"]["note"] == "picks eager" for t in sizes)  # CPU tensors: auto is eager
+    assert report["inference_eager_below_tokens"] == gt.INFERENCE_EAGER_BELOW_TOKENS
+    assert shape["name"] in report["inference_crossover"] and "inference: auto >= 1.00x eager at every size" in goals
+    assert "Forward under torch.inference_mode" in result.stdout
