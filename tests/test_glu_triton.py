@@ -648,3 +648,20 @@ def test_benchmark_smoke_mode_runs(tmp_path):
     assert report["inference_eager_below_tokens"] == gt.INFERENCE_EAGER_BELOW_TOKENS
     assert shape["name"] in report["inference_crossover"] and "inference: auto >= 1.00x eager at every size" in goals
     assert "Forward under torch.inference_mode" in result.stdout
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA the benchmark runs in full from benchmarks/gpu_check.sh")
+def test_training_benchmark_smoke_mode_runs(tmp_path):
+    out = tmp_path / "train.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_train.py"), "--smoke", "--threads", "1", "--json", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())  # strict JSON: json.loads would take NaN, the writer refuses it
+    train = {(r["model"], r["kernel"]): r for r in report["train"]}
+    assert train.keys() == {("glu", "triton"), ("glu", "eager"), ("gpt2 dense", None)}
+    assert all(r["tokens_per_s"] > 0 and math.isfinite(r["loss"]) for r in train.values())
+    generate = {(r["model"], r["kernel"], r["batch"]) for r in report["generate"]}
+    batches = tuple(report["setup"]["gen_batches"])
+    assert generate == {(m, k, b) for m, k in train for b in batches} and len(batches) == 2
+    assert [g["goal"] for g in report["goals"]][0] == "training step: fused >= 1.15x eager tokens/s"
+    assert "| glu_kernel |" in result.stdout
