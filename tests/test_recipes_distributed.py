@@ -5,9 +5,9 @@ the trained sharded model. One python launch runs the one-process references, on
 
 Tolerances: the sharded runs do the one-process arithmetic in another order (TP all-reduces partial matmul
 sums, FSDP2 reduce-scatters the gradients of two half-batches), which moves fp32 results by ~1e-7 relative;
-three AdamW steps on that stay within 1e-5 of the one-process losses. A resumed run repeats the same sharded
-arithmetic from restored state, so its step-3 loss must match to 1e-6. final/ holds the gathered weights
-exactly: its logits match the sharded model's to 1e-5 (sharded vs plain matmul order only)."""
+four AdamW steps on that stay within 1e-5 of the one-process losses. A resumed run repeats the same sharded
+arithmetic from restored state, so its step-3 and step-4 losses and its final eval loss must match to 1e-6. final/
+holds the gathered weights exactly: its logits match the sharded model's to 1e-5 (matmul order only)."""
 
 import json
 import os
@@ -61,7 +61,7 @@ def assets(tmp_path_factory):
 
 def recipe_argv(assets: Path, model: str, output_dir: Path, batch: int, *extra: str) -> list[str]:
     return ["--model", str(assets / model), "--train-file", str(assets / "train.txt"), "--block-size", "32",
-            "--eval-fraction", "0.2", "--lr", "3e-3", "--batch-size", str(batch), "--max-steps", "3",
+            "--eval-fraction", "0.2", "--lr", "3e-3", "--batch-size", str(batch), "--max-steps", "4",
             "--save-steps", "2", "--logging-steps", "1", "--output-dir", str(output_dir), *extra]  # fmt: skip
 
 
@@ -76,7 +76,7 @@ def launch(launcher: list[str], assets: Path, jobs: list[dict], name: str) -> No
 def runs(assets):
     """One-process references (the Accelerate path: TP=2 sees BATCH per step, FSDP2=2 sees 2 * BATCH, and the
     seeded sampler orders the blocks as the two-process DistributedSampler does), then every sharded run and its
-    resume from checkpoint-2 in one torchrun launch."""
+    resume from checkpoint-2 (checkpoint-4 deleted first) in one torchrun launch."""
     references, sharded = [], []
     for model in ("glu", "neox"):
         for mode, flags in MODES.items():
@@ -84,7 +84,8 @@ def runs(assets):
             references.append({"argv": recipe_argv(assets, model, assets / f"one-{model}-{mode}", batch), "tag": "run"})
             out = assets / f"{model}-{mode}"
             sharded.append({"argv": recipe_argv(assets, model, out, BATCH, *flags), "tag": "run"})
-            sharded.append({"argv": recipe_argv(assets, model, out, BATCH, *flags, "--resume"), "tag": "resumed"})
+            resume = recipe_argv(assets, model, out, BATCH, *flags, "--resume")
+            sharded.append({"argv": resume, "tag": "resumed", "remove": [str(out / "checkpoint-4")]})
     launch([sys.executable], assets, references, "references")
     launch([TORCHRUN, "--nproc_per_node", "2"], assets, sharded, "sharded")
     return assets
@@ -98,7 +99,7 @@ def losses(results_file: Path) -> list[float]:
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_sharded_recipe_trains_as_one_process(runs, model, mode):
     sharded = json.loads((runs / f"{model}-{mode}" / "results-run.json").read_text())
-    assert sharded["num_processes"] == 2 and sharded["global_step"] == 3
+    assert sharded["num_processes"] == 2 and sharded["global_step"] == 4
     one = runs / f"one-{model}-{mode}" / "results-run.json"
     assert losses(runs / f"{model}-{mode}" / "results-run.json") == pytest.approx(losses(one), abs=1e-5)
 
@@ -116,6 +117,10 @@ def test_sharded_checkpoint_resumes_to_the_same_third_step(runs, model, mode):
     resumed = json.loads((out / "results-resumed.json").read_text())
     assert resumed["resumed_from_step"] == 2
     assert losses(out / "results-resumed.json") == pytest.approx(losses(out / "results-run.json")[2:], abs=1e-6)
+    # The step-3 loss depends on the restored weights alone, the step-4 loss also on the optimizer moments (and
+    # the learning rate, which the optimizer state holds), the eval loss after step 4 also on the scheduler.
+    first = json.loads((out / "results-run.json").read_text())
+    assert resumed["eval_loss"] == pytest.approx(first["eval_loss"], abs=1e-6)
 
 
 @pytest.mark.parametrize("model", ["glu", "neox"])

@@ -3,12 +3,14 @@ one launch (python, or `torchrun --nproc_per_node 2` for the sharded runs) pays 
 
     run_recipe_jobs.py JOBS.json
 
-JOBS.json holds {"ids": path of token ids, "jobs": [{"argv": [...], "tag": name}, ...]}. After each run rank 0
+JOBS.json holds {"ids": path of token ids, "jobs": [{"argv": [...], "tag": name, "remove": [folders]}, ...]}; rank
+0 deletes a job's "remove" folders (e.g. a later checkpoint, to resume from an earlier one) first. After each run rank 0
 renames OUTPUT/results.json to OUTPUT/results-<tag>.json; a sharded run also leaves the logits of the trained,
 still sharded model on the ids in OUTPUT/sharded-logits-<tag>.pt, for comparison with final/."""
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -45,6 +47,11 @@ def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     ids = torch.load(spec["ids"])
     for job in spec["jobs"]:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            for folder in job.get("remove", []):
+                shutil.rmtree(folder)
+        if dist.is_initialized():
+            dist.barrier()
         recipe = load_recipe()
         record_sharded_logits(recipe, ids, job["tag"])
         sys.argv = [str(RECIPE), *job["argv"]]
