@@ -242,14 +242,15 @@ def test_fused_mlp_matches_float64_eager(variant, bias):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_bias_gradients_summed_in_the_kernel_match_float64(variant, dtype, monkeypatch):
-    # Small blocks and two row tiles a program: 37 rows make 19 row programs, the last one half outside the
-    # tensor, and 70 columns two column blocks, so the partial sums and their reduction are all exercised.
-    monkeypatch.setattr(gt, "_BLOCK_ELEMENTS", 64)
+    # Tiles of 2 x 1024 and two of them a program: 37 rows make 10 row programs, the last one partly outside
+    # the tensor, and 1030 columns two column blocks, so the partial sums and their reduction are all exercised.
+    monkeypatch.setattr(gt, "_BLOCK_ELEMENTS", 2048)
     monkeypatch.setattr(gt, "_BIAS_ROW_TILES", 2)
-    gate, up, grad = random_inputs(37, 70, dtype)
+    assert gt._launch_config(37, 1030) == ((19, 2), 2, 1024)
+    gate, up, grad = random_inputs(37, 1030, dtype)
     _, ref_dgate, ref_dup = reference(gate, up, grad, variant)
     sums = torch.ops.hf_glu.glu_act_backward_(grad.clone(), gate.clone(), up.clone(), variant, *_params(), True)
-    assert sums.dtype == dtype and sums.shape == (2, 70)
+    assert sums.dtype == dtype and sums.shape == (2, 1030)
     for actual, expected in zip(sums, (ref_dgate.sum(0), ref_dup.sum(0)), strict=True):
         # fp32 sums of unrounded terms, rounded once to the dtype; cancellation bounded by the terms' sizes.
         bound = float(expected.abs().max()) + 1.0
