@@ -26,6 +26,9 @@ from .data import builtin_corpus, iter_token_blocks
 # File suffix -> the `datasets` builder that reads it. Text files are split into paragraphs (blank lines).
 _BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 TEXT = "text"
+# A stream reads its text file this many bytes at a time (the reader's default, 10 MiB, is three to four
+# times that in Python strings and Arrow buffers, held for as long as the chunk is being trained on).
+_STREAM_CHUNK_BYTES = 1 << 20
 _BLOCK_FEATURES = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
 
 Documents = datasets.Dataset | datasets.IterableDataset
@@ -55,6 +58,8 @@ def load_documents(
         path = Path(train_file)
         builder = _builder_for(path)
         options = {"sample_by": "paragraph"} if builder == "text" else {}
+        if builder == "text" and streaming:
+            options["chunksize"] = _STREAM_CHUNK_BYTES
         try:
             documents = datasets.load_dataset(
                 builder, data_files=str(path), split="train", streaming=streaming, cache_dir=cache, **options
