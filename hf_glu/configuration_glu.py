@@ -75,8 +75,9 @@ class GluConfig(GluParamsMixin, PretrainedConfig):
         glu_alpha: α of ``swiglu_oai`` (gpt-oss uses 1.702).
         glu_limit: clamp limit of ``swiglu_oai`` (gpt-oss uses 7.0).
         mlp_bias: whether gate, up and down projections have biases (GPT-2's MLP has them).
-        glu_kernel: ``"auto"`` (fused Triton path on CUDA when triton imports, else eager), ``"eager"``
-            or ``"triton"`` (force the fused path; fails clearly if triton is missing).
+        glu_kernel: ``"auto"`` (fused Triton path on CUDA when triton imports, else eager; forwards without
+            autograd under ``glu_triton.INFERENCE_EAGER_BELOW_TOKENS`` tokens, e.g. decoding, stay eager),
+            ``"eager"`` or ``"triton"`` (force the fused path; fails clearly if triton is missing).
         n_inner: the MLP's intermediate size; ``None`` means GPT-2's ``4 * n_embd``.
     """
 
