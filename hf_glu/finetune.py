@@ -11,6 +11,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -19,7 +20,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Trainer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DistributedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+)
 
 from .glu import VARIANTS
 from .training_data import build_block_datasets
@@ -33,14 +41,21 @@ def load_model_and_tokenizer(
     convert_from: str | Path | None = None,
     variant: str = "swiglu",
     init: str = "preserve",
+    distributed_config: DistributedConfig | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A causal LM and its tokenizer: from the checkpoint folder ``model``, or by converting the GPT-2-style
     checkpoint ``convert_from`` (any supported family) to ``variant`` (its tokenizer is used). Exactly one
-    must be given."""
+    must be given. ``distributed_config`` shards ``model`` at load time (tensor parallel and/or FSDP2, under
+    torchrun); a conversion happens in one process's memory, so it cannot be sharded that way."""
     if (model is None) == (convert_from is None):
         raise ValueError("pass exactly one of a GLU checkpoint (--model) or a GPT-2-style source (--convert-from)")
     if model is not None:
-        return AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32), _tokenizer(model)
+        loaded = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, distributed_config=distributed_config)
+        return loaded, _tokenizer(model)
+    if distributed_config is not None:
+        raise ValueError(
+            "a conversion (--convert-from) cannot be sharded at load time; convert first, then pass --model"
+        )
     from .convert import convert_checkpoint
 
     tokenizer = _tokenizer(convert_from)
@@ -304,6 +319,12 @@ def finetune_arg_parser(description: str) -> argparse.ArgumentParser:
     kd.add_argument("--kd-alpha", type=float, default=0.5, help="weight of the KL term: (1-A)·CE + A·T²·KL")
     kd.add_argument("--kd-temperature", type=float, default=1.0)
 
+    sharding = parser.add_argument_group(
+        "sharding (under torchrun, one process per device; tp-size x fsdp-size must equal the process count)"
+    )
+    sharding.add_argument("--tp-size", type=int, default=1, help="tensor-parallel degree (Transformers' TP plan)")
+    sharding.add_argument("--fsdp-size", type=int, default=1, help="FSDP2 degree: parameters sharded over N processes")
+
     hub = parser.add_argument_group("Hub")
     hub.add_argument("--push-to-hub", metavar="REPO", help="push the final folder to this Hub repo id")
     hub.add_argument("--private", action="store_true", help="create the Hub repo private")
@@ -325,6 +346,39 @@ def check_finetune_args(parser: argparse.ArgumentParser, args: argparse.Namespac
         parser.error(f"--kd-alpha={args.kd_alpha} is invalid; expected a number in [0, 1]")
     if args.kd_temperature <= 0:
         parser.error(f"--kd-temperature={args.kd_temperature} is invalid; expected a number > 0")
+    _check_sharding_args(parser, args)
+
+
+def _check_sharding_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for name in ("tp_size", "fsdp_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid; expected an integer >= 1")
+    if not is_sharded(args):
+        return
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.tp_size * args.fsdp_size != world_size:
+        parser.error(
+            f"--tp-size={args.tp_size} x --fsdp-size={args.fsdp_size} must equal the number of processes "
+            f"({world_size}); launch with torchrun --nproc_per_node {args.tp_size * args.fsdp_size}"
+        )
+    # Not shown to work on a model sharded at load time (and the adapter merge needs full weights).
+    unsupported = {"--convert-from": args.convert_from, "--lora": args.lora, "--distill-from": args.distill_from,
+                   "--streaming": args.streaming}  # fmt: skip
+    for flag, value in unsupported.items():
+        if value:
+            parser.error(f"{flag} is not supported with --tp-size/--fsdp-size; accepted: --model DIR, map-style data")
+
+
+def is_sharded(args: argparse.Namespace) -> bool:
+    """Whether the command line asks for a model sharded at load time (``--tp-size``/``--fsdp-size`` above 1)."""
+    return args.tp_size > 1 or args.fsdp_size > 1
+
+
+def distributed_config_from_args(args: argparse.Namespace) -> DistributedConfig | None:
+    """Transformers' load-time sharding for ``--tp-size``/``--fsdp-size``; None for an unsharded run."""
+    if not is_sharded(args):
+        return None
+    return DistributedConfig(tp_size=args.tp_size, fsdp_size=args.fsdp_size)
 
 
 def lora_config(args: argparse.Namespace) -> LoraConfig:
