@@ -87,12 +87,15 @@ def load_teacher(source: str | Path, student: PreTrainedModel) -> PreTrainedMode
     return teacher
 
 
-def build_datasets_from_args(tokenizer: PreTrainedTokenizerBase, args: argparse.Namespace):
+def build_datasets_from_args(
+    tokenizer: PreTrainedTokenizerBase, args: argparse.Namespace, *, rank: int = 0, world_size: int = 1
+):
     """Packed train and held-out blocks (``training_data.build_block_datasets``) as the data options of
     ``finetune_arg_parser``'s command line describe them.
 
-    A streamed training set is not split between processes here: the recipes hand it to Accelerate, which
-    gives each process its own part (by file shard, else by batch) when batches are not dispatched."""
+    A stream is split into ``world_size`` parts, this process reading part ``rank``. Under Accelerate leave
+    it whole: Accelerate gives each process its own part (by file shard, else by batch) when batches are not
+    dispatched."""
     return build_block_datasets(
         tokenizer,
         args.block_size,
@@ -103,6 +106,8 @@ def build_datasets_from_args(tokenizer: PreTrainedTokenizerBase, args: argparse.
         eval_fraction=args.eval_fraction,
         streaming=args.streaming,
         eval_documents=args.eval_documents,
+        rank=rank,
+        world_size=world_size,
         num_proc=args.preprocessing_workers,
         cache_dir=args.data_cache_dir,
     )
@@ -362,11 +367,10 @@ def _check_sharding_args(parser: argparse.ArgumentParser, args: argparse.Namespa
             f"({world_size}); launch with torchrun --nproc_per_node {args.tp_size * args.fsdp_size}"
         )
     # Not shown to work on a model sharded at load time (and the adapter merge needs full weights).
-    unsupported = {"--convert-from": args.convert_from, "--lora": args.lora, "--distill-from": args.distill_from,
-                   "--streaming": args.streaming}  # fmt: skip
+    unsupported = {"--convert-from": args.convert_from, "--lora": args.lora, "--distill-from": args.distill_from}
     for flag, value in unsupported.items():
         if value:
-            parser.error(f"{flag} is not supported with --tp-size/--fsdp-size; accepted: --model DIR, map-style data")
+            parser.error(f"{flag} is not supported with --tp-size/--fsdp-size; accepted: --model DIR")
 
 
 def is_sharded(args: argparse.Namespace) -> bool:

@@ -29,7 +29,10 @@ TEXT = "text"
 # A stream reads its text file this many bytes at a time (the reader's default, 10 MiB, is three to four
 # times that in Python strings and Arrow buffers, held for as long as the chunk is being trained on).
 _STREAM_CHUNK_BYTES = 1 << 20
+# Stored blocks hold int32 token ids (half the cache); a stream's are never stored and come out as int64
+# tensors, the dtype embeddings and the loss take.
 _BLOCK_FEATURES = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
+_STREAM_FEATURES = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int64"))})
 
 Documents = datasets.Dataset | datasets.IterableDataset
 
@@ -166,8 +169,8 @@ def pack_blocks(tokenized: Documents, block_size: int, cache_dir: str | Path | N
         raise ValueError(f"block_size={block_size} is invalid; expected an integer >= 2")
     kwargs = {"tokenized": tokenized, "block_size": block_size}
     if isinstance(tokenized, datasets.IterableDataset):
-        stream = datasets.IterableDataset.from_generator(_packed_rows, features=_BLOCK_FEATURES, gen_kwargs=kwargs)
-        return stream.map(_with_labels, batched=True)
+        stream = datasets.IterableDataset.from_generator(_packed_rows, features=_STREAM_FEATURES, gen_kwargs=kwargs)
+        return stream.map(_with_labels, batched=True).with_format("torch")
     blocks = datasets.Dataset.from_generator(
         _packed_rows, features=_BLOCK_FEATURES, gen_kwargs=kwargs, cache_dir=str(cache_dir) if cache_dir else None
     )

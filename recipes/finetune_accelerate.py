@@ -135,7 +135,12 @@ def main() -> None:
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=args.grad_accum, sync_with_dataloader=False),
         # a seeded sampler makes each epoch's order a function of (seed, epoch), so a resumed run
         # sees the batches the killed one would have
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        dataloader_config=DataLoaderConfiguration(
+            use_seedable_sampler=True,
+            # A stream is read by every process, each keeping its own part (by file shard, else by batch),
+            # rather than read by the main process alone and sent out.
+            dispatch_batches=False if args.streaming else None,
+        ),
     )
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
@@ -151,7 +156,13 @@ def main() -> None:
         model = get_peft_model(model, lora_config(args))
     teacher = load_teacher(args.distill_from, model).to(accelerator.device) if args.distill_from else None
 
-    train_loader = DataLoader(train_data, batch_size=args.batch_size, shuffle=True, drop_last=True)
+    # A stream is read in its order (no index to shuffle); drop_last keeps the processes' parts disjoint, and its
+    # own generator keeps each pass's iterator from drawing a seed from the global RNG (which a resumed run has
+    # restored: a draw would shift its dropout masks).
+    stream_generator = torch.Generator().manual_seed(args.seed) if args.streaming else None
+    train_loader = DataLoader(
+        train_data, batch_size=args.batch_size, shuffle=not args.streaming, drop_last=True, generator=stream_generator
+    )
     eval_loader = DataLoader(eval_data, batch_size=args.batch_size)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay
@@ -199,9 +210,12 @@ def train(model, teacher, optimizer, scheduler, train_loader, eval_loader, accel
     progress = tqdm(total=args.max_steps, initial=step, disable=not accelerator.is_local_main_process)
     model.train()
     while step < args.max_steps:
-        epoch, offset = divmod(micro_batches, len(train_loader))
-        train_loader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(train_loader, offset) if offset else train_loader
+        if args.streaming:
+            batches = stream_batches(train_loader, micro_batches)
+        else:
+            epoch, offset = divmod(micro_batches, len(train_loader))
+            train_loader.set_epoch(epoch)
+            batches = accelerator.skip_first_batches(train_loader, offset) if offset else train_loader
         for batch in batches:
             with accelerator.accumulate(model):
                 loss = training_loss(model, batch, teacher, args)
@@ -234,6 +248,23 @@ def train(model, teacher, optimizer, scheduler, train_loader, eval_loader, accel
                 break
     progress.close()
     return step, log_history
+
+
+def stream_batches(train_loader, skip: int):
+    """Pass after pass over a stream (its length is unknown), the first ``skip`` batches read and passed
+    over: a stream has no index to jump to, so a resumed run reads up to where its checkpoint stopped."""
+    for epoch in itertools.count():
+        # Accelerate's loader hands the epoch on to the dataset; a plain DataLoader has no set_epoch.
+        (train_loader if hasattr(train_loader, "set_epoch") else train_loader.dataset).set_epoch(epoch)
+        empty = True
+        for batch in train_loader:
+            empty = False
+            if skip:
+                skip -= 1
+                continue
+            yield batch
+        if empty:
+            raise ValueError("the training stream holds no full batch; use more text or a smaller --batch-size")
 
 
 def finish(model, tokenizer, accelerator, args, results: dict) -> None:
@@ -270,13 +301,15 @@ def sharded_main(args) -> None:
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
     model, tokenizer = load_model_and_tokenizer(args.model, distributed_config=distributed_config_from_args(args))
-    rank = dist.get_rank()
-    train_data, eval_data = build_datasets_from_args(tokenizer, args)
     # Transformers' mesh is (pp, dp_replicate, fsdp, tp), tp innermost: the processes of one TP group are
     # consecutive ranks and must see the same batch; only the FSDP dimension splits the data.
-    sampler = DistributedSampler(
-        train_data, num_replicas=args.fsdp_size, rank=rank // args.tp_size, seed=args.seed, drop_last=True
-    )
+    data_rank = dist.get_rank() // args.tp_size
+    train_data, eval_data = build_datasets_from_args(tokenizer, args, rank=data_rank, world_size=args.fsdp_size)
+    sampler = None
+    if not args.streaming:  # a stream was split above, before packing
+        sampler = DistributedSampler(
+            train_data, num_replicas=args.fsdp_size, rank=data_rank, seed=args.seed, drop_last=True
+        )
     # Its own generator: a new epoch's iterator then draws no seed from the global RNG, which a resumed run
     # restores to the saved state (dropout masks included).
     train_loader = DataLoader(
@@ -334,9 +367,13 @@ def train_sharded(model, optimizer, scheduler, train_loader, eval_loader, args, 
     progress = tqdm(total=args.max_steps, initial=step, disable=dist.get_rank() != 0)
     model.train()
     while step < args.max_steps:
-        epoch, offset = divmod(micro_batches, len(train_loader))
-        train_loader.sampler.set_epoch(epoch)
-        for batch in itertools.islice(train_loader, offset, None):
+        if args.streaming:
+            batches = stream_batches(train_loader, micro_batches)
+        else:
+            epoch, offset = divmod(micro_batches, len(train_loader))
+            train_loader.sampler.set_epoch(epoch)
+            batches = itertools.islice(train_loader, offset, None)
+        for batch in batches:
             loss = training_loss(model, batch, None, args)
             (loss / args.grad_accum).backward()
             micro_batches += 1

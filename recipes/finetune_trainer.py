@@ -74,6 +74,10 @@ def training_arguments(args) -> TrainingArguments:
         seed=args.seed,
         data_seed=args.seed,
         report_to=[],
+        # A stream (--streaming) is read by every process, each keeping its own part, rather than read by the
+        # main process and sent out; drop_last keeps the parts disjoint (no batch filled from the start).
+        accelerator_config={"dispatch_batches": False} if args.streaming else None,
+        dataloader_drop_last=args.streaming,
     )
 
 

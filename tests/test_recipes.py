@@ -7,6 +7,7 @@ import json
 import math
 import os
 import runpy
+import shutil
 import signal
 import subprocess
 import sys
@@ -130,6 +131,23 @@ def test_recipe_trains_and_resumes_after_sigkill(assets, tmp_path, script, marke
     assert report["perplexity"] == pytest.approx(math.exp(report["eval_loss"]))
     assert latest_checkpoint(tmp_path, marker) == tmp_path / f"checkpoint-{max_steps}"
     assert_final_folder_loads(tmp_path)
+
+
+@pytest.mark.parametrize("script", ["finetune_trainer.py", "finetune_accelerate.py"])
+def test_streaming_recipe_trains_and_resumes_to_the_same_losses(assets, tmp_path, script):
+    args = ["--model", str(assets / "glu"), "--streaming", "--eval-documents", "20", "--max-steps", "4"]
+    command = recipe_command(script, assets, tmp_path, *args, "--save-steps", "2", "--logging-steps", "1")
+    run(command)
+    first = results(tmp_path)
+    assert first["global_step"] == 4 and math.isfinite(first["eval_loss"])
+    shutil.rmtree(tmp_path / "checkpoint-4")
+    run([*command, "--resume"])
+    resumed = results(tmp_path)
+    assert resumed["resumed_from_step"] == 2
+    # The resumed run read the stream up to where checkpoint-2 stopped: its steps 3 and 4 are the same.
+    later = [h["loss"] for h in resumed["log_history"] if "loss" in h and h["step"] > 2]
+    assert later == pytest.approx(train_losses(first["log_history"])[2:], abs=1e-6)
+    assert resumed["eval_loss"] == pytest.approx(first["eval_loss"], abs=1e-6)
 
 
 def test_accelerate_recipe_two_process_ddp_keeps_ranks_identical(assets, tmp_path):

@@ -10,6 +10,7 @@ arithmetic from restored state, so its step-3 and step-4 losses and its final ev
 holds the gathered weights exactly: its logits match the sharded model's to 1e-5 (matmul order only)."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -86,6 +87,11 @@ def runs(assets):
             sharded.append({"argv": recipe_argv(assets, model, out, BATCH, *flags), "tag": "run"})
             resume = recipe_argv(assets, model, out, BATCH, *flags, "--resume")
             sharded.append({"argv": resume, "tag": "resumed", "remove": [str(out / "checkpoint-4")]})
+    # A stream under FSDP2: each process reads its own part of the documents (and a resume reads up to step 2).
+    out = assets / "glu-fsdp-stream"
+    stream = recipe_argv(assets, "glu", out, BATCH, *MODES["fsdp"], "--streaming", "--eval-documents", "20")
+    sharded.append({"argv": stream, "tag": "run", "record_blocks": True})
+    sharded.append({"argv": [*stream, "--resume"], "tag": "resumed", "remove": [str(out / "checkpoint-4")]})
     launch([sys.executable], assets, references, "references")
     launch([TORCHRUN, "--nproc_per_node", "2"], assets, sharded, "sharded")
     return assets
@@ -139,6 +145,18 @@ def test_final_folder_loads_in_one_process_with_the_sharded_logits(runs, model, 
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
 
 
+def test_streamed_fsdp_processes_train_on_disjoint_blocks_and_resume(runs):
+    out = runs / "glu-fsdp-stream"
+    blocks = [json.loads((out / f"blocks-run-rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert len(blocks[0]) == len(blocks[1]) == 4 * BATCH  # 4 steps of BATCH blocks on each process
+    assert not {tuple(b) for b in blocks[0]} & {tuple(b) for b in blocks[1]}
+    first = losses(out / "results-run.json")
+    assert len(first) == 4 and all(math.isfinite(loss) for loss in first)
+    resumed = json.loads((out / "results-resumed.json").read_text())
+    assert resumed["resumed_from_step"] == 2
+    assert losses(out / "results-resumed.json") == pytest.approx(first[2:], abs=1e-6)
+
+
 @pytest.mark.parametrize(
     ("world_size", "flags", "message"),
     [
@@ -146,7 +164,6 @@ def test_final_folder_loads_in_one_process_with_the_sharded_logits(runs, model, 
         ("1", ["--fsdp-size", "2"], "must equal the number of processes (1)"),
         ("4", ["--tp-size", "2", "--fsdp-size", "3"], "must equal the number of processes (4)"),
         ("2", ["--tp-size", "2", "--lora"], "--lora is not supported with --tp-size/--fsdp-size"),
-        ("2", ["--fsdp-size", "2", "--streaming"], "--streaming is not supported with --tp-size/--fsdp-size"),
     ],
 )
 def test_sharding_flags_are_checked(world_size, flags, message, capsys, monkeypatch):

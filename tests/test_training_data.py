@@ -72,7 +72,7 @@ def test_streaming_holds_out_the_first_documents_and_packs_the_rest_lazily(token
     assert _rows(held_out) == pack_token_blocks(docs[:40], tokenizer, BLOCK)
     rows = _rows(train)
     assert rows == pack_token_blocks(docs[40:], tokenizer, BLOCK)
-    assert next(iter(train))["labels"] == rows[0]
+    assert next(iter(train))["labels"].tolist() == rows[0]
 
 
 def test_streaming_reads_only_what_it_uses(tokenizer, tmp_path):

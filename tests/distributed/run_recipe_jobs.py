@@ -3,8 +3,10 @@ one launch (python, or `torchrun --nproc_per_node 2` for the sharded runs) pays 
 
     run_recipe_jobs.py JOBS.json
 
-JOBS.json holds {"ids": path of token ids, "jobs": [{"argv": [...], "tag": name, "remove": [folders]}, ...]}; rank
-0 deletes a job's "remove" folders (e.g. a later checkpoint, to resume from an earlier one) first. After each run rank 0
+JOBS.json holds {"ids": path of token ids, "jobs": [{"argv": [...], "tag": name, "remove": [folders],
+"record_blocks": bool}, ...]}; rank 0 deletes a job's "remove" folders (e.g. a later checkpoint, to resume from an
+earlier one) first; with "record_blocks" every rank of a sharded run writes the blocks it trained on to
+OUTPUT/blocks-<tag>-rank<R>.json. After each run rank 0
 renames OUTPUT/results.json to OUTPUT/results-<tag>.json; a sharded run also leaves the logits of the trained,
 still sharded model on the ids in OUTPUT/sharded-logits-<tag>.pt, for comparison with final/."""
 
@@ -43,6 +45,26 @@ def record_sharded_logits(recipe, ids: torch.Tensor, tag: str) -> None:
     recipe.finish_sharded = finish
 
 
+def record_training_blocks(recipe, output_dir: Path, tag: str) -> None:
+    """Wrap the recipe's loss: every process writes the token blocks it trained on to
+    OUTPUT/blocks-<tag>-rank<R>.json when the run ends."""
+    original, seen = recipe.training_loss, []
+
+    def training_loss(model, batch, teacher, args):
+        seen.extend(batch["input_ids"].tolist())
+        return original(model, batch, teacher, args)
+
+    recipe.training_loss = training_loss
+    original_finish = recipe.finish_sharded
+
+    def finish(model, tokenizer, args, results):
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        (output_dir / f"blocks-{tag}-rank{rank}.json").write_text(json.dumps(seen))
+        original_finish(model, tokenizer, args, results)
+
+    recipe.finish_sharded = finish
+
+
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     ids = torch.load(spec["ids"])
@@ -53,11 +75,13 @@ def main() -> None:
         if dist.is_initialized():
             dist.barrier()
         recipe = load_recipe()
+        output_dir = Path(job["argv"][job["argv"].index("--output-dir") + 1])
         record_sharded_logits(recipe, ids, job["tag"])
+        if job.get("record_blocks"):
+            record_training_blocks(recipe, output_dir, job["tag"])
         sys.argv = [str(RECIPE), *job["argv"]]
         recipe.main()
         AcceleratorState._reset_state(reset_partial_state=True)  # the next unsharded run builds its own
-        output_dir = Path(job["argv"][job["argv"].index("--output-dir") + 1])
         if not dist.is_initialized() or dist.get_rank() == 0:
             (output_dir / "results.json").rename(output_dir / f"results-{job['tag']}.json")
         if dist.is_initialized():
