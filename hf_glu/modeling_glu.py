@@ -221,7 +221,26 @@ class GluBlock(GradientCheckpointingLayer):
         return hidden_states, attn_weights
 
 
-class GluPreTrainedModel(PreTrainedModel):
+class TiedHeadShardingMixin:
+    """FSDP2 through Transformers' ``DistributedConfig`` that trains a tied output head as one process does."""
+
+    @classmethod
+    def maybe_distribute_model(cls, model: nn.Module, distributed_config, mesh, *args, **kwargs) -> nn.Module:
+        # Transformers (5.17-5.24) shards the model untied and ties the head only after loading: FSDP2 then
+        # holds the one tensor as two parameters, and on a rank whose share of an unevenly split vocabulary is
+        # padded, one of them gathers a private copy the optimizer never updates (training drifts from the
+        # second step). Tie first and leave the head in the embedding's unit: one parameter, shared by both.
+        fsdp_size = getattr(distributed_config, "fsdp_size", None) or 1
+        if mesh is not None and fsdp_size > 1 and model.all_tied_weights_keys:
+            model.tie_weights(recompute_mapping=False)
+            head = model.get_output_embeddings()
+            head_name = next(name for name, module in model.named_modules() if module is head)
+            plan = getattr(model, "_fsdp_plan", None) or {}
+            model._fsdp_plan = {name: style for name, style in plan.items() if name != head_name}  # this model's
+        return super().maybe_distribute_model(model, distributed_config, mesh, *args, **kwargs)
+
+
+class GluPreTrainedModel(TiedHeadShardingMixin, PreTrainedModel):
     config_class = GluConfig
     config: GluConfig
     base_model_prefix = "transformer"
@@ -343,7 +362,7 @@ class GluModel(GluPreTrainedModel):
 class GluForCausalLM(GluPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}  # vocabulary-split like the embedding it is tied to
-    _fsdp_plan = {"lm_head": "keep_full_weight"}  # as Transformers' Llama (see the README on tied heads)
+    _fsdp_plan = {"lm_head": "keep_full_weight"}  # as Transformers' Llama; a tied head shares the embedding's unit
 
     def __init__(self, config: GluConfig):
         super().__init__(config)

@@ -22,7 +22,7 @@ import transformers
 from torch import nn
 
 from .configuration_glu_families import FAMILIES, GLU_FAMILY_CONFIGS, Family, family_of, mlp_attribute
-from .modeling_glu import GluMLP
+from .modeling_glu import GluMLP, TiedHeadShardingMixin
 
 
 def glu_mlp(config: transformers.PretrainedConfig, family: Family) -> GluMLP:
@@ -64,8 +64,9 @@ def auto_map(family: Family) -> dict[str, str]:
     }
 
 
-class GluFamilyModelMixin:
-    """Builds the family's model, then swaps each layer's MLP for a GLU MLP; saves a complete auto_map."""
+class GluFamilyModelMixin(TiedHeadShardingMixin):
+    """Builds the family's model, then swaps each layer's MLP for a GLU MLP; saves a complete auto_map; shards
+    a tied head under FSDP2 as one parameter with the embedding."""
 
     def __init__(self, config: transformers.PretrainedConfig, *args, **kwargs):
         super().__init__(config, *args, **kwargs)

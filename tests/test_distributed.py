@@ -25,8 +25,7 @@ def results(tmp_path_factory):
     torch.manual_seed(0)
     ids = torch.randint(1, 101, (2, 10))
     torch.save(ids, root / "ids.pt")
-    # Untied head: with a tied one, FSDP2 through Transformers 5.24 trains differently from one process from the
-    # second step on (README "Scaling out"); TP is checked on the same model.
+    # Untied head here (tied heads: below); TP is checked on the same model.
     glu = GluForCausalLM(tiny_config(glu_variant="swiglu", tie_word_embeddings=False)).eval()
     neox = convert_checkpoint(tiny_source("gpt_neox"), "geglu", eval_tokens=16)
     for name, model in (("glu", glu), ("neox", neox)):
@@ -38,6 +37,15 @@ def results(tmp_path_factory):
     torch.save(glu.transformer.h[0].mlp.gate_proj.weight.grad, root / "glu" / "gate_grad.pt")
     glu.zero_grad()
     losses = train_steps(glu, torch.optim.SGD(glu.parameters(), lr=0.1), ids, 3)
+    # Tied heads over a vocabulary of 101 (51 + 50 rows on two ranks): a GLU GPT-2 and a converted GPT-Neo.
+    tied_losses = {}
+    tied = {"glu_tied": GluForCausalLM(tiny_config(glu_variant="swiglu")),
+            "gpt_neo_tied": convert_checkpoint(tiny_source("gpt_neo"), "geglu_tanh", eval_tokens=16)}  # fmt: skip
+    for name, model in tied.items():
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+        model.save_pretrained(root / name)
+        reloaded = type(model).from_pretrained(root / name, attn_implementation="eager").train()
+        tied_losses[name] = train_steps(reloaded, torch.optim.AdamW(reloaded.parameters(), lr=0.01), ids, 3)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     ranks = [{}, {}]
     for mode in ("tp", "fsdp"):
@@ -47,7 +55,7 @@ def results(tmp_path_factory):
         for r in (0, 1):
             ranks[r].update(json.loads((root / f"{mode}-rank{r}.json").read_text()))
     one_process_bytes = sum(p.numel() * p.element_size() for p in glu.parameters())
-    return ranks, losses, one_process_bytes, root
+    return ranks, losses, one_process_bytes, root, tied_losses
 
 
 @pytest.mark.parametrize("run", ["tp_glu_eager", "tp_glu_triton", "tp_neox_eager", "fsdp", "fsdp_neox"])
@@ -76,8 +84,19 @@ def test_fsdp2_shards_every_block_and_trains_as_one_process(results):
         assert {"gpt_neox.layers.0", "gpt_neox.layers.1"} <= set(rank["fsdp_neox"]["units"])
 
 
+@pytest.mark.parametrize("name", ["glu_tied", "gpt_neo_tied"])
+def test_fsdp2_trains_a_tied_head_as_one_process(results, name):
+    """Transformers shards untied and ties after loading; where the vocabulary splits unevenly, FSDP2 then
+    gathered a stale padded copy of the head on one rank and the losses drifted from the second step (by
+    0.1-0.3 before the fix). Tying before sharding keeps one parameter."""
+    ranks, *_, tied_losses = results
+    for rank in ranks:
+        assert rank["fsdp_tied"][name]["tied"]
+        assert rank["fsdp_tied"][name]["losses"] == pytest.approx(tied_losses[name], abs=1e-5)
+
+
 def test_each_rank_holds_about_half_the_parameters(results):
-    ranks, _, whole, _ = results
+    ranks, _, whole, *_ = results
     for run in ("tp_glu_eager", "fsdp"):
         share = [rank[run]["param_bytes"] / whole for rank in ranks]
         print(run, "per-rank parameter bytes / one process:", share)
@@ -85,7 +104,7 @@ def test_each_rank_holds_about_half_the_parameters(results):
 
 
 def test_fsdp2_sharded_checkpoint_resumes_and_the_final_folder_loads_in_one_process(results):
-    ranks, losses, _, root = results
+    ranks, losses, _, root, _ = results
     for rank in ranks:
         assert rank["fsdp"]["third_loss"] == pytest.approx(losses[2], abs=1e-5)
         assert rank["fsdp"]["resumed_third_loss"] == pytest.approx(rank["fsdp"]["third_loss"], abs=1e-6)

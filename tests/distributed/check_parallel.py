@@ -87,12 +87,25 @@ def fully_sharded(root: Path, ids: torch.Tensor) -> dict:
     with torch.no_grad():
         logits = neox(ids).logits
     return {
+        "fsdp_tied": {name: tied_head_training(root / name, ids) for name in ("glu_tied", "gpt_neo_tied")},
         "fsdp": fsdp,
         "fsdp_neox": {
             "units": [n for n, m in neox.named_modules() if isinstance(m, FSDPModule)],
             "max_abs_diff": (logits - torch.load(root / "neox" / "logits.pt")).abs().max().item(),
         },
     }
+
+
+def tied_head_training(folder: Path, ids: torch.Tensor) -> dict:
+    """Three AdamW steps of a model whose head is tied to its embedding, with a vocabulary that does not split
+    evenly over the two ranks (the case where an untied-then-tied shard went stale)."""
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, distributed_config=DistributedConfig(fsdp_size=2), attn_implementation="eager"
+    ).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    losses = [_step(model, optimizer, ids) for _ in range(3)]
+    head, embedding = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    return {"losses": losses, "tied": head is embedding}
 
 
 def _fsdp_model_and_optimizer(root: Path):
