@@ -34,21 +34,22 @@ MODES = {"tp": ["--tp-size", "2"], "fsdp": ["--fsdp-size", "2"]}
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    """A GLU GPT-2 and a GLU Pythia converted from a tiny GPT-NeoX, without dropout (as Pythia) and with untied
-    heads (FSDP2 of a tied head through Transformers 5.24 trains differently from one process, README "Scaling
-    out"), saved with one BPE tokenizer; a text file; token ids for the logits check."""
+    """A GLU GPT-2 with its head tied to the embedding (as GPT-2) and a GLU Pythia converted from a tiny GPT-NeoX
+    (untied, as Pythia), without dropout, saved with one BPE tokenizer; a text file; token ids for the logits
+    check."""
     root = tmp_path_factory.mktemp("sharded_recipe_assets")
     text = builtin_corpus(max_chars=20_000)
     (root / "train.txt").write_text(text, encoding="utf-8")
     tokenizer = train_bpe_tokenizer(text, vocab_size=300)
-    ids = dict(bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
+    ids = dict(bos_token_id=0, eos_token_id=0)
     no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # masks differ once activations are split
     torch.manual_seed(0)
     glu = hf_glu.GluConfig(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=4, n_inner=48,
-                           pad_token_id=0, **ids, **no_dropout)  # fmt: skip
+                           pad_token_id=0, tie_word_embeddings=True, **ids, **no_dropout)  # fmt: skip
     hf_glu.GluForCausalLM(glu).save_pretrained(root / "glu")
     neox = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=64, max_position_embeddings=64, rotary_pct=0.25, **ids)  # fmt: skip
+                         intermediate_size=64, max_position_embeddings=64, rotary_pct=0.25, tie_word_embeddings=False,
+                         **ids)  # fmt: skip
     GPTNeoXForCausalLM(neox).save_pretrained(root / "pythia")
     tokenizer.save_pretrained(root / "pythia")
     hf_glu.convert_checkpoint(root / "pythia", "geglu", eval_tokens=16, tokenizer=tokenizer).save_pretrained(
