@@ -264,21 +264,24 @@ class Signalled(BaseException):
         self.signum = signum
 
 
-def _raise_signalled(signum: int, frame) -> None:
-    raise Signalled(signum)
-
-
 @contextmanager
-def _signals_as_exceptions() -> Iterator[None]:
+def _signals_as_exceptions() -> Iterator[list[int]]:
     """SIGTERM and SIGHUP raise :class:`Signalled` (Python's default would end the process without any
-    ``finally``, leaving half-written folders behind); the previous handlers come back afterwards."""
+    ``finally``, leaving half-written folders behind); yields the signals received so far; the previous
+    handlers come back afterwards."""
+    received: list[int] = []
+
+    def raise_signalled(signum: int, frame) -> None:
+        received.append(signum)
+        raise Signalled(signum)
+
     caught = [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None]
     try:
-        previous = {s: signal.signal(s, _raise_signalled) for s in caught}
+        previous = {s: signal.signal(s, raise_signalled) for s in caught}
     except ValueError:  # not the main thread: leave signals alone
         previous = {}
     try:
-        yield
+        yield received
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -286,19 +289,26 @@ def _signals_as_exceptions() -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    received: list[int] = []
     try:
-        with _signals_as_exceptions():
+        with _signals_as_exceptions() as received:
             return args.run(args)
+    except Signalled as e:
+        return _stopped(args, e.signum)
     except (OSError, ValueError) as e:  # ConversionError is a ValueError; OSError covers missing files
+        if received:  # raised by clean-up the signal cut into (e.g. a descriptor closed twice): not bad input
+            return _stopped(args, received[0])
         message = " ".join(str(e).split())  # one line, whatever the library's formatting
         print(f"hf-glu {args.command}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"hf-glu {args.command}: interrupted", file=sys.stderr)
         return 130
-    except Signalled as e:
-        print(f"hf-glu {args.command}: stopped by {signal.Signals(e.signum).name}", file=sys.stderr)
-        return 128 + e.signum
+
+
+def _stopped(args: argparse.Namespace, signum: int) -> int:
+    print(f"hf-glu {args.command}: stopped by {signal.Signals(signum).name}", file=sys.stderr)
+    return 128 + signum
 
 
 if __name__ == "__main__":

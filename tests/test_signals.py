@@ -1,6 +1,7 @@
 """A conversion stopped by a signal at any point leaves DST as it was and nothing beside it; a SIGKILLed one
 leaves a temporary folder that the next run removes."""
 
+import errno
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from hf_glu import cli
 from hf_glu.convert.save import atomic_folder, stale_siblings
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -110,3 +112,20 @@ def test_replacing_dst_is_one_atomic_exchange(tmp_path, monkeypatch):
     assert sorted(p.name for p in dst.iterdir()) == ["new.txt"]
     assert renames == [], "the exchange needs no rename that could leave DST missing"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
+
+
+def test_an_error_from_clean_up_the_signal_cut_into_still_reports_the_signal(monkeypatch, capsys):
+    # A signal can land inside a library's clean-up, whose own error (here EBADF, as a descriptor closed twice)
+    # then surfaces instead of the signal: still a stop by SIGTERM, never "bad input".
+    def interrupted(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises here
+        finally:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(cli, "SUBCOMMANDS", ((cli.add_demo, interrupted),))
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["demo"]) == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is put back
