@@ -221,8 +221,9 @@ class GluBlock(GradientCheckpointingLayer):
         return hidden_states, attn_weights
 
 
-class TiedHeadShardingMixin:
-    """FSDP2 through Transformers' ``DistributedConfig`` that trains a tied output head as one process does."""
+class ShardedModelMixin:
+    """What FSDP2 needs from a model with its own code: a tied output head that trains as in one process, and
+    ``save_pretrained`` of a sharded model that still writes this model's code and ``auto_map``."""
 
     @classmethod
     def maybe_distribute_model(cls, model: nn.Module, distributed_config, mesh, *args, **kwargs) -> nn.Module:
@@ -239,8 +240,19 @@ class TiedHeadShardingMixin:
             model._fsdp_plan = {name: style for name, style in plan.items() if name != head_name}  # this model's
         return super().maybe_distribute_model(model, distributed_config, mesh, *args, **kwargs)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # fully_shard swaps the instance's class for a subclass it generates (FSDP<Name>, defined in torch):
+        # saved as it is, auto_map would name that class and torch's _fsdp_*.py files would be copied in place
+        # of ours. Save as our own class; FSDP2's hooks live on the instance, not the class.
+        sharded_class = type(self)
+        self.__class__ = next(c for c in sharded_class.__mro__ if not c.__module__.startswith("torch.distributed"))
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.__class__ = sharded_class
 
-class GluPreTrainedModel(TiedHeadShardingMixin, PreTrainedModel):
+
+class GluPreTrainedModel(ShardedModelMixin, PreTrainedModel):
     config_class = GluConfig
     config: GluConfig
     base_model_prefix = "transformer"

@@ -22,7 +22,7 @@ import transformers
 from torch import nn
 
 from .configuration_glu_families import FAMILIES, GLU_FAMILY_CONFIGS, Family, family_of, mlp_attribute
-from .modeling_glu import GluMLP, TiedHeadShardingMixin
+from .modeling_glu import GluMLP, ShardedModelMixin
 
 
 def glu_mlp(config: transformers.PretrainedConfig, family: Family) -> GluMLP:
@@ -64,9 +64,9 @@ def auto_map(family: Family) -> dict[str, str]:
     }
 
 
-class GluFamilyModelMixin(TiedHeadShardingMixin):
-    """Builds the family's model, then swaps each layer's MLP for a GLU MLP; saves a complete auto_map; shards
-    a tied head under FSDP2 as one parameter with the embedding."""
+class GluFamilyModelMixin(ShardedModelMixin):
+    """Builds the family's model, then swaps each layer's MLP for a GLU MLP; saves a complete auto_map; works
+    under FSDP2 (see ``ShardedModelMixin``)."""
 
     def __init__(self, config: transformers.PretrainedConfig, *args, **kwargs):
         super().__init__(config, *args, **kwargs)

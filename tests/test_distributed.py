@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import tiny_config, train_steps
 from families import tiny_source
+from transformers import AutoModelForCausalLM
 
 from hf_glu import GluForCausalLM, convert_checkpoint
 
@@ -93,6 +94,23 @@ def test_fsdp2_trains_a_tied_head_as_one_process(results, name):
     for rank in ranks:
         assert rank["fsdp_tied"][name]["tied"]
         assert rank["fsdp_tied"][name]["losses"] == pytest.approx(tied_losses[name], abs=1e-5)
+
+
+@pytest.mark.parametrize("name", ["glu", "neox"])
+def test_save_pretrained_of_an_fsdp2_model_writes_our_code(results, name):
+    """fully_shard swaps in a generated class (FSDP<Name>, defined in torch): saved as it is, auto_map named it
+    and torch's _fsdp_*.py files were copied instead of ours, so trust_remote_code could not load the folder."""
+    *_, root, _ = results
+    folder = root / f"{name}_fsdp_saved"
+    files = {p.name for p in folder.iterdir()}
+    assert not {f for f in files if f.startswith("_fsdp")}
+    auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
+    assert not any("FSDP" in target for target in auto_map.values())
+    assert {target.split(".")[0] + ".py" for target in auto_map.values()} <= files  # every named module is there
+    loaded = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    with torch.no_grad():
+        logits = loaded(torch.load(root / "ids.pt")).logits
+    torch.testing.assert_close(logits, torch.load(root / name / "logits.pt"), atol=1e-5, rtol=0)
 
 
 def test_each_rank_holds_about_half_the_parameters(results):

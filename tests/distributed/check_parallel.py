@@ -71,6 +71,7 @@ def fully_sharded(root: Path, ids: torch.Tensor) -> dict:
         logits = model(ids).logits
     expected = torch.load(root / "glu" / "logits.pt")
     fsdp = {"units": units, "max_abs_diff": (logits - expected).abs().max().item(), "param_bytes": local_bytes(model)}
+    model.save_pretrained(root / "glu_fsdp_saved")  # Transformers' own save of a sharded model: every rank calls it
     model.train()
     losses = []
     for _ in range(3):  # every rank takes the same batch: the averaged gradient is the single-process one
@@ -86,6 +87,7 @@ def fully_sharded(root: Path, ids: torch.Tensor) -> dict:
     ).eval()
     with torch.no_grad():
         logits = neox(ids).logits
+    neox.save_pretrained(root / "neox_fsdp_saved")
     return {
         "fsdp_tied": {name: tied_head_training(root / name, ids) for name in ("glu_tied", "gpt_neo_tied")},
         "fsdp": fsdp,
