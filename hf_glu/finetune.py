@@ -106,6 +106,8 @@ def build_datasets_from_args(
         eval_fraction=args.eval_fraction,
         streaming=args.streaming,
         eval_documents=args.eval_documents,
+        shuffle_buffer=args.shuffle_buffer,
+        seed=args.seed,
         rank=rank,
         world_size=world_size,
         num_proc=args.preprocessing_workers,
@@ -291,6 +293,9 @@ def finetune_arg_parser(description: str) -> argparse.ArgumentParser:
     data.add_argument(
         "--eval-documents", type=int, default=100, help="with --streaming: the first N documents are held out"
     )
+    data.add_argument(
+        "--shuffle-buffer", type=int, default=0, help="with --streaming: draw blocks at random from N (0: in order)"
+    )
     data.add_argument("--preprocessing-workers", type=int, help="processes that tokenize (map-style data)")
     data.add_argument("--data-cache-dir", help="where `datasets` caches tokenized blocks (default: its own cache)")
     data.add_argument("--block-size", type=int, default=512, help="tokens per packed training example")
@@ -345,6 +350,8 @@ def check_finetune_args(parser: argparse.ArgumentParser, args: argparse.Namespac
     for name in ("max_steps", "batch_size", "grad_accum", "save_steps", "logging_steps", "eval_documents"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid; expected an integer >= 1")
+    if args.shuffle_buffer < 0:
+        parser.error(f"--shuffle-buffer={args.shuffle_buffer} is invalid; expected 0 (in order) or a number of blocks")
     if args.preprocessing_workers is not None and args.preprocessing_workers < 1:
         parser.error(f"--preprocessing-workers={args.preprocessing_workers} is invalid; expected an integer >= 1")
     if not 0.0 <= args.kd_alpha <= 1.0:

@@ -200,6 +200,8 @@ def build_block_datasets(
     eval_fraction: float = 0.1,
     streaming: bool = False,
     eval_documents: int = 100,
+    shuffle_buffer: int = 0,
+    seed: int = 0,
     rank: int = 0,
     world_size: int = 1,
     num_proc: int | None = None,
@@ -208,9 +210,12 @@ def build_block_datasets(
     """Train and held-out causal-LM examples (``input_ids`` and ``labels``, the same tokens: the model's
     loss shifts them), ready for ``default_data_collator``. Map-style: the tail ``eval_fraction`` of the
     text is held out, tokenized and packed once, by the main process first (the others then read the
-    cache). ``streaming``: the first ``eval_documents`` are held out and the
-    training stream is split between processes before packing (``rank`` of ``world_size``), so no two
-    processes ever see the same document, nor a block made from one."""
+    cache). ``streaming``: the first ``eval_documents`` are held out and the training stream is split between
+    processes before packing (``rank`` of ``world_size``), so no two processes ever see the same document, nor
+    a block made from one; ``shuffle_buffer`` > 0 draws blocks at random from a buffer of that many (seeded by
+    ``seed`` and the epoch, so a resumed run sees the same order)."""
+    if shuffle_buffer < 0:
+        raise ValueError(f"shuffle_buffer={shuffle_buffer!r} is invalid; expected 0 (off) or a number of blocks")
     documents = load_documents(
         train_file, dataset, dataset_config, text_column=text_column, streaming=streaming, cache_dir=cache_dir
     )
@@ -219,6 +224,8 @@ def build_block_datasets(
         if world_size > 1:
             train_docs = split_dataset_by_node(train_docs, rank=rank, world_size=world_size)
         train = pack_blocks(tokenize_documents(train_docs, tokenizer), block_size)
+        if shuffle_buffer:
+            train = train.shuffle(seed=seed, buffer_size=shuffle_buffer)
         return train, _packed_part(tokenize_documents(eval_docs, tokenizer), block_size, cache_dir, "eval")
     with PartialState().main_process_first():
         train_docs, eval_docs = split_held_out(documents, eval_fraction)

@@ -135,7 +135,8 @@ def test_recipe_trains_and_resumes_after_sigkill(assets, tmp_path, script, marke
 
 @pytest.mark.parametrize("script", ["finetune_trainer.py", "finetune_accelerate.py"])
 def test_streaming_recipe_trains_and_resumes_to_the_same_losses(assets, tmp_path, script):
-    args = ["--model", str(assets / "glu"), "--streaming", "--eval-documents", "20", "--max-steps", "4"]
+    args = ["--model", str(assets / "glu"), "--streaming", "--eval-documents", "20", "--shuffle-buffer", "8"]
+    args += ["--max-steps", "4"]
     command = recipe_command(script, assets, tmp_path, *args, "--save-steps", "2", "--logging-steps", "1")
     run(command)
     first = results(tmp_path)

@@ -75,6 +75,19 @@ def test_streaming_holds_out_the_first_documents_and_packs_the_rest_lazily(token
     assert next(iter(train))["labels"].tolist() == rows[0]
 
 
+def test_a_shuffled_stream_holds_the_same_blocks_in_a_seeded_order(tokenizer, numbered_text):
+    def stream(seed: int) -> list[list[int]]:
+        train, _ = build_block_datasets(tokenizer, BLOCK, train_file=numbered_text, streaming=True,
+                                        eval_documents=40, shuffle_buffer=16, seed=seed)  # fmt: skip
+        return _rows(train)
+
+    in_order = _rows(build_block_datasets(tokenizer, BLOCK, train_file=numbered_text, streaming=True,
+                                          eval_documents=40)[0])  # fmt: skip
+    shuffled = stream(seed=0)
+    assert shuffled != in_order and sorted(shuffled) == sorted(in_order)
+    assert stream(seed=0) == shuffled and stream(seed=1) != shuffled
+
+
 def test_streaming_reads_only_what_it_uses(tokenizer, tmp_path):
     # Past the stream's first 1 MiB chunk this file is not UTF-8: reading it all fails, a stream's first
     # blocks do not.
