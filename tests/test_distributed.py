@@ -76,6 +76,12 @@ def test_tensor_parallel_fused_path_leaves_sharded_layers_to_their_wrapper(resul
         assert rank["tp_glu_eager"]["grad_max_abs_diff"] <= 1e-5
 
 
+def test_torch_compile_of_the_tensor_parallel_model_gives_its_logits(results):
+    ranks, *_ = results
+    for rank in ranks:
+        assert rank["tp_glu_triton"]["compiled_max_abs_diff"] <= 1e-5
+
+
 def test_fsdp2_shards_every_block_and_trains_as_one_process(results):
     ranks, losses, *_ = results
     for rank in ranks:

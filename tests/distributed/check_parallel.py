@@ -48,6 +48,10 @@ def tensor_parallel(root: Path, ids: torch.Tensor) -> dict:
             logits = model(ids).logits
         expected = torch.load(root / folder / "logits.pt")
         entry = {"max_abs_diff": (logits - expected).abs().max().item(), "param_bytes": local_bytes(model)}
+        if kernel == "triton":  # torch.compile of the sharded model, fused elementwise part included
+            with torch.no_grad():
+                compiled = torch.compile(model, backend="aot_eager")(ids).logits
+            entry["compiled_max_abs_diff"] = (compiled - expected).abs().max().item()
         if folder == "glu":
             entry["gate_weight_is_dtensor"] = hasattr(model.transformer.h[0].mlp.gate_proj.weight, "to_local")
             model.train()
