@@ -59,7 +59,7 @@ def results(tmp_path_factory):
     return ranks, losses, one_process_bytes, root, tied_losses
 
 
-@pytest.mark.parametrize("run", ["tp_glu_eager", "tp_glu_triton", "tp_neox_eager", "fsdp", "fsdp_neox"])
+@pytest.mark.parametrize("run", ["tp_glu_eager", "tp_glu_triton", "tp_neox_eager", "fsdp", "fsdp_fused", "fsdp_neox"])
 def test_two_processes_give_the_single_process_logits(results, run):
     ranks, *_ = results
     for rank in ranks:
@@ -74,6 +74,12 @@ def test_tensor_parallel_fused_path_leaves_sharded_layers_to_their_wrapper(resul
         assert rank["tp_glu_triton"]["gate_weight_is_dtensor"]
         assert rank["tp_glu_triton"]["grad_max_abs_diff"] <= 1e-5
         assert rank["tp_glu_eager"]["grad_max_abs_diff"] <= 1e-5
+
+
+def test_fsdp2_trains_through_the_fused_kernels_as_one_process(results):
+    ranks, losses, *_ = results
+    for rank in ranks:
+        assert rank["fsdp_fused"]["losses"] == pytest.approx(losses[:2], abs=1e-5)
 
 
 def test_torch_compile_of_the_tensor_parallel_model_gives_its_logits(results):

@@ -86,6 +86,7 @@ def fully_sharded(root: Path, ids: torch.Tensor) -> dict:
         losses.append(loss.item())
     fsdp["losses"] = losses
     fsdp.update(resume_from_sharded_checkpoint(root, ids))
+    fsdp_fused = fused_under_fsdp(root, ids)
     neox = AutoModelForCausalLM.from_pretrained(
         root / "neox", distributed_config=DistributedConfig(fsdp_size=2), attn_implementation="eager"
     ).eval()
@@ -93,6 +94,7 @@ def fully_sharded(root: Path, ids: torch.Tensor) -> dict:
         logits = neox(ids).logits
     neox.save_pretrained(root / "neox_fsdp_saved")
     return {
+        "fsdp_fused": fsdp_fused,
         "fsdp_tied": {name: tied_head_training(root / name, ids) for name in ("glu_tied", "gpt_neo_tied")},
         "fsdp": fsdp,
         "fsdp_neox": {
@@ -100,6 +102,22 @@ def fully_sharded(root: Path, ids: torch.Tensor) -> dict:
             "max_abs_diff": (logits - torch.load(root / "neox" / "logits.pt")).abs().max().item(),
         },
     }
+
+
+def fused_under_fsdp(root: Path, ids: torch.Tensor) -> dict:
+    """The fused kernels (Triton interpreter) inside FSDP2 units: FSDP2 hands each unit's forward unsharded plain
+    weights, so the whole-MLP op runs there; the same logits and two SGD steps' losses as one process."""
+    model = AutoModelForCausalLM.from_pretrained(
+        root / "glu", distributed_config=DistributedConfig(fsdp_size=2), attn_implementation="eager",
+        glu_kernel="triton",
+    )  # fmt: skip
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.eval()
+    with torch.no_grad():
+        logits = model(ids).logits
+    model.train()
+    losses = [_step(model, optimizer, ids) for _ in range(2)]
+    return {"max_abs_diff": (logits - torch.load(root / "glu" / "logits.pt")).abs().max().item(), "losses": losses}
 
 
 def tied_head_training(folder: Path, ids: torch.Tensor) -> dict:
