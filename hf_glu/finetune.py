@@ -93,9 +93,9 @@ def build_datasets_from_args(
     """Packed train and held-out blocks (``training_data.build_block_datasets``) as the data options of
     ``finetune_arg_parser``'s command line describe them.
 
-    A stream is split into ``world_size`` parts, this process reading part ``rank``. Under Accelerate leave
-    it whole: Accelerate gives each process its own part (by file shard, else by batch) when batches are not
-    dispatched."""
+    A stream never ends (``training_data.endless_stream``): a run is one pass that ``--max-steps`` ends. It is
+    split into ``world_size`` parts, this process reading part ``rank``; under Accelerate leave it whole:
+    Accelerate gives each process its own batches when they are not dispatched."""
     return build_block_datasets(
         tokenizer,
         args.block_size,
@@ -108,6 +108,7 @@ def build_datasets_from_args(
         eval_documents=args.eval_documents,
         shuffle_buffer=args.shuffle_buffer,
         seed=args.seed,
+        endless=True,
         rank=rank,
         world_size=world_size,
         num_proc=args.preprocessing_workers,

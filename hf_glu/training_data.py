@@ -1,7 +1,7 @@
 """Packed causal-LM training blocks on `datasets`: documents from a file, a dataset name or the built-in
 corpus; a deterministic held-out split; tokenization with ``Dataset.map`` (batched, parallel, cached);
 blocks of ``block_size`` tokens packed across documents; ``streaming`` for corpora larger than memory,
-each process reading its own part (``split_dataset_by_node``).
+each process training on its own part (``split_dataset_by_node``).
 
 Map-style data is cached by `datasets` (tokenized documents and packed blocks), so a second run on the
 same file and tokenizer reads them back instead of tokenizing again.
@@ -9,6 +9,7 @@ same file and tokenizer reads them back instead of tokenizing again.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -132,10 +133,18 @@ def split_held_out_stream(
     held_out = list(documents.take(eval_documents))
     if not held_out:
         raise ValueError("the stream has no document to hold out for evaluation; expected some text")
-    return documents.skip(eval_documents), datasets.Dataset.from_list(held_out)
+    # Left out by content, not with skip(N): split between processes by file, a stream would apply the skip to
+    # each process's own files (about N / processes each) instead of to the N documents held out. (A copy of a
+    # held-out document elsewhere in the corpus is left out too, which keeps the evaluation honest.)
+    held_out_texts = {row[TEXT] for row in held_out}
+    rest = documents.filter(lambda batch: [text not in held_out_texts for text in batch[TEXT]], batched=True)
+    return rest, datasets.Dataset.from_list(held_out)
 
 
 def _has_text(batch: dict[str, list]) -> list[bool]:
+    for text in batch[TEXT]:
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"a document's text is a {type(text).__name__} ({text!r:.40}); expected a string")
     return [bool(text and text.strip()) for text in batch[TEXT]]
 
 
@@ -202,6 +211,7 @@ def build_block_datasets(
     eval_documents: int = 100,
     shuffle_buffer: int = 0,
     seed: int = 0,
+    endless: bool = False,
     rank: int = 0,
     world_size: int = 1,
     num_proc: int | None = None,
@@ -213,7 +223,8 @@ def build_block_datasets(
     cache). ``streaming``: the first ``eval_documents`` are held out and the training stream is split between
     processes before packing (``rank`` of ``world_size``), so no two processes ever see the same document, nor
     a block made from one; ``shuffle_buffer`` > 0 draws blocks at random from a buffer of that many (seeded by
-    ``seed`` and the epoch, so a resumed run sees the same order)."""
+    ``seed`` and the epoch, so a resumed run sees the same order); ``endless`` makes the stream start over
+    when it ends (``endless_stream``)."""
     if shuffle_buffer < 0:
         raise ValueError(f"shuffle_buffer={shuffle_buffer!r} is invalid; expected 0 (off) or a number of blocks")
     documents = load_documents(
@@ -226,6 +237,8 @@ def build_block_datasets(
         train = pack_blocks(tokenize_documents(train_docs, tokenizer), block_size)
         if shuffle_buffer:
             train = train.shuffle(seed=seed, buffer_size=shuffle_buffer)
+        if endless:
+            train = endless_stream(train, f"after the first {eval_documents} documents held out")
         return train, _packed_part(tokenize_documents(eval_docs, tokenizer), block_size, cache_dir, "eval")
     with PartialState().main_process_first():
         train_docs, eval_docs = split_held_out(documents, eval_fraction)
@@ -234,6 +247,28 @@ def build_block_datasets(
             tokenized = tokenize_documents(docs, tokenizer, num_proc=num_proc)
             parts[part] = _packed_part(tokenized, block_size, cache_dir, part)
     return parts["train"], parts["eval"]
+
+
+def endless_stream(stream: datasets.IterableDataset, what: str = "") -> datasets.IterableDataset:
+    """A stream of blocks (as ``pack_blocks`` makes them) pass after pass, never ending (epoch 0, 1, … for its
+    shuffle): a run is then one pass that ``max_steps`` ends, so its step count alone says where in the data it
+    is (a resumed Trainer skips that many batches within one pass), and no last, partial group of batches is
+    ever topped up with earlier blocks. ``what`` completes the error raised when a pass is empty."""
+    passes = datasets.IterableDataset.from_generator(
+        _passes, gen_kwargs={"stream": stream.with_format(None), "what": what}
+    )
+    return passes.with_format("torch")  # as pack_blocks' streams
+
+
+def _passes(stream: datasets.IterableDataset, what: str) -> Iterator[dict]:
+    for epoch in itertools.count():
+        stream.set_epoch(epoch)
+        empty = True
+        for row in stream:
+            empty = False
+            yield row
+        if empty:
+            raise ValueError(f"the training stream makes no full block {what}; use more text or a smaller block size")
 
 
 def _packed_part(

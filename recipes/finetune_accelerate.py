@@ -122,6 +122,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int) -> None
 
 def main() -> None:
     args = parse_args()
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)  # per-rank files are written before final/
     if is_sharded(args):
         sharded_main(args)
         return
@@ -137,7 +138,7 @@ def main() -> None:
         # sees the batches the killed one would have
         dataloader_config=DataLoaderConfiguration(
             use_seedable_sampler=True,
-            # A stream is read by every process, each keeping its own part (by file shard, else by batch),
+            # A stream is read by every process, each keeping its own batches,
             # rather than read by the main process alone and sent out.
             dispatch_batches=False if args.streaming else None,
         ),
@@ -156,9 +157,9 @@ def main() -> None:
         model = get_peft_model(model, lora_config(args))
     teacher = load_teacher(args.distill_from, model).to(accelerator.device) if args.distill_from else None
 
-    # A stream is read in its order (no index to shuffle); drop_last keeps the processes' parts disjoint, and its
-    # own generator keeps each pass's iterator from drawing a seed from the global RNG (which a resumed run has
-    # restored: a draw would shift its dropout masks).
+    # A stream is read in its order (no index to shuffle; --shuffle-buffer shuffles it), and its own generator
+    # keeps the iterator from drawing a seed from the global RNG (which a resumed run has restored: a draw would
+    # shift its dropout masks).
     stream_generator = torch.Generator().manual_seed(args.seed) if args.streaming else None
     train_loader = DataLoader(
         train_data, batch_size=args.batch_size, shuffle=not args.streaming, drop_last=True, generator=stream_generator
@@ -211,7 +212,7 @@ def train(model, teacher, optimizer, scheduler, train_loader, eval_loader, accel
     model.train()
     while step < args.max_steps:
         if args.streaming:
-            batches = stream_batches(train_loader, micro_batches)
+            batches = itertools.islice(train_loader, micro_batches, None)  # a stream never ends: one pass
         else:
             epoch, offset = divmod(micro_batches, len(train_loader))
             train_loader.set_epoch(epoch)
@@ -248,23 +249,6 @@ def train(model, teacher, optimizer, scheduler, train_loader, eval_loader, accel
                 break
     progress.close()
     return step, log_history
-
-
-def stream_batches(train_loader, skip: int):
-    """Pass after pass over a stream (its length is unknown), the first ``skip`` batches read and passed
-    over: a stream has no index to jump to, so a resumed run reads up to where its checkpoint stopped."""
-    for epoch in itertools.count():
-        # Accelerate's loader hands the epoch on to the dataset; a plain DataLoader has no set_epoch.
-        (train_loader if hasattr(train_loader, "set_epoch") else train_loader.dataset).set_epoch(epoch)
-        empty = True
-        for batch in train_loader:
-            empty = False
-            if skip:
-                skip -= 1
-                continue
-            yield batch
-        if empty:
-            raise ValueError("the training stream holds no full batch; use more text or a smaller --batch-size")
 
 
 def finish(model, tokenizer, accelerator, args, results: dict) -> None:
@@ -368,7 +352,7 @@ def train_sharded(model, optimizer, scheduler, train_loader, eval_loader, args, 
     model.train()
     while step < args.max_steps:
         if args.streaming:
-            batches = stream_batches(train_loader, micro_batches)
+            batches = itertools.islice(train_loader, micro_batches, None)  # a stream never ends: one pass
         else:
             epoch, offset = divmod(micro_batches, len(train_loader))
             train_loader.sampler.set_epoch(epoch)

@@ -75,9 +75,8 @@ def training_arguments(args) -> TrainingArguments:
         data_seed=args.seed,
         report_to=[],
         # A stream (--streaming) is read by every process, each keeping its own part, rather than read by the
-        # main process and sent out; drop_last keeps the parts disjoint (no batch filled from the start).
+        # main process and sent out (it never ends: no last round to top up with earlier blocks).
         accelerator_config={"dispatch_batches": False} if args.streaming else None,
-        dataloader_drop_last=args.streaming,
     )
 
 

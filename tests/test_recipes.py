@@ -133,22 +133,43 @@ def test_recipe_trains_and_resumes_after_sigkill(assets, tmp_path, script, marke
     assert_final_folder_loads(tmp_path)
 
 
+def streaming_command(script: str, assets: Path, output_dir: Path, text: Path, *args: str) -> list[str]:
+    command = recipe_command(script, assets, output_dir, "--model", str(assets / "glu"), "--streaming", *args)
+    command[command.index("--train-file") + 1] = str(text)
+    return command
+
+
 @pytest.mark.parametrize("script", ["finetune_trainer.py", "finetune_accelerate.py"])
 def test_streaming_recipe_trains_and_resumes_to_the_same_losses(assets, tmp_path, script):
-    args = ["--model", str(assets / "glu"), "--streaming", "--eval-documents", "20", "--shuffle-buffer", "8"]
-    args += ["--max-steps", "4"]
-    command = recipe_command(script, assets, tmp_path, *args, "--save-steps", "2", "--logging-steps", "1")
+    # A stream of 23 blocks (under 6 batches), 8 steps: the run goes round it, and the resumed run must find its
+    # place again in the second pass (the Trainer skips batches within one "epoch": the recipes' stream never ends).
+    text = tmp_path / "short.txt"
+    text.write_text(builtin_corpus(max_chars=1_500), encoding="utf-8")
+    out = tmp_path / "out"
+    args = ["--eval-documents", "2", "--shuffle-buffer", "8", "--max-steps", "8", "--save-steps", "3"]
+    command = streaming_command(script, assets, out, text, *args, "--logging-steps", "1", "--save-total-limit", "5")
     run(command)
-    first = results(tmp_path)
-    assert first["global_step"] == 4 and math.isfinite(first["eval_loss"])
-    shutil.rmtree(tmp_path / "checkpoint-4")
+    first = results(out)
+    assert first["global_step"] == 8 and math.isfinite(first["eval_loss"])
+    for later_checkpoint in out.glob("checkpoint-*"):
+        if checkpoint_step(later_checkpoint) > 3:
+            shutil.rmtree(later_checkpoint)
     run([*command, "--resume"])
-    resumed = results(tmp_path)
-    assert resumed["resumed_from_step"] == 2
-    # The resumed run read the stream up to where checkpoint-2 stopped: its steps 3 and 4 are the same.
-    later = [h["loss"] for h in resumed["log_history"] if "loss" in h and h["step"] > 2]
-    assert later == pytest.approx(train_losses(first["log_history"])[2:], abs=1e-6)
+    resumed = results(out)
+    assert resumed["resumed_from_step"] == 3
+    later = [h["loss"] for h in resumed["log_history"] if "loss" in h and h["step"] > 3]
+    assert later == pytest.approx(train_losses(first["log_history"])[3:], abs=1e-6)
     assert resumed["eval_loss"] == pytest.approx(first["eval_loss"], abs=1e-6)
+
+
+@pytest.mark.parametrize("script", ["finetune_trainer.py", "finetune_accelerate.py"])
+def test_a_stream_held_out_entirely_is_refused_in_one_line(assets, tmp_path, script):
+    command = streaming_command(script, assets, tmp_path / "out", assets / "train.txt", "--eval-documents", "100000")
+    done = subprocess.run(command, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert f"{script}: error: the training stream makes no full block after the first 100000 documents" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "out" / "final").exists()
 
 
 def test_accelerate_recipe_two_process_ddp_keeps_ranks_identical(assets, tmp_path):

@@ -117,6 +117,39 @@ def test_two_ranks_never_see_the_same_document(tokenizer, numbered_text):
     assert len(seen[0] | seen[1]) >= len(everything) - 4  # each rank drops at most its last partial block
 
 
+def test_a_multi_file_stream_split_between_ranks_never_trains_on_held_out_documents(tokenizer, tmp_path):
+    # Two files over two ranks: split by file, the skip past the held-out documents would land on each rank's
+    # own file (3 + 3) instead of on the 6 documents held out from the first file.
+    folder = tmp_path / "two_files"
+    folder.mkdir()
+    for f in (1, 2):
+        rows = [json.dumps({"text": f"Document {f}{i:03d} says number {f}{i:03d} twice."}) for i in range(60)]
+        (folder / f"part{f}.jsonl").write_text("\n".join(rows) + "\n")
+    held_out = set()
+    seen = []
+    for rank in (0, 1):
+        train, evaluation = build_block_datasets(tokenizer, BLOCK, dataset=str(folder), streaming=True,
+                                                 eval_documents=6, rank=rank, world_size=2)  # fmt: skip
+        held_out = _doc_numbers(tokenizer, evaluation) | held_out
+        seen.append(_doc_numbers(tokenizer, train))
+    assert held_out and held_out <= {f"1{i:03d}" for i in range(6)}
+    assert not (seen[0] | seen[1]) & held_out and not seen[0] & seen[1]
+    assert {"1006", "2000", "2001", "2002"} <= seen[0] | seen[1]  # no document skipped in their place
+    assert {n[0] for n in seen[0]} == {"1"} and {n[0] for n in seen[1]} == {"2"}  # each rank reads its own file
+
+
+def test_an_endless_stream_starts_over_and_names_an_empty_one(tokenizer, numbered_text):
+    one_pass, _ = build_block_datasets(tokenizer, BLOCK, train_file=numbered_text, streaming=True, eval_documents=40)
+    rows = _rows(one_pass)
+    endless, _ = build_block_datasets(tokenizer, BLOCK, train_file=numbered_text, streaming=True,
+                                      eval_documents=40, endless=True)  # fmt: skip
+    assert _rows(itertools.islice(endless, 2 * len(rows) + 1)) == rows + rows + rows[:1]
+    empty, _ = build_block_datasets(tokenizer, BLOCK, train_file=numbered_text, streaming=True,
+                                    eval_documents=10_000, endless=True)  # fmt: skip
+    with pytest.raises(ValueError, match="no full block after the first 10000 documents held out"):
+        next(iter(empty))
+
+
 def test_accelerate_gives_each_process_its_own_part_of_a_stream(tokenizer, numbered_text):
     # The recipes' path: one unsplit stream, Accelerate shards it per process (batches not dispatched). With
     # drop_last, as the recipes set it; without, Accelerate would even out the last round with the first blocks.
@@ -189,5 +222,10 @@ def test_bad_input_names_what_is_wrong(tokenizer, tmp_path):
         build_block_datasets(tokenizer, 512, train_file=tmp_path / "tiny.txt", cache_dir=tmp_path / "c")
     with pytest.raises(ValueError, match=r"eval_fraction=1.5 is invalid.*\(0, 1\)"):
         build_block_datasets(tokenizer, BLOCK, eval_fraction=1.5)
+    (tmp_path / "numbers.jsonl").write_text(json.dumps({"text": 7}) + "\n")
+    for streaming in (False, True):
+        with pytest.raises(ValueError, match="a document's text is a int.*expected a string"):
+            build_block_datasets(tokenizer, BLOCK, train_file=tmp_path / "numbers.jsonl", streaming=streaming,
+                                 cache_dir=tmp_path / "c")  # fmt: skip
     with pytest.raises(ValueError, match="either a training file or a dataset"):
         load_documents(tmp_path / "tiny.txt", dataset="wikitext")
