@@ -162,6 +162,14 @@ def test_streaming_recipe_trains_and_resumes_to_the_same_losses(assets, tmp_path
     assert resumed["eval_loss"] == pytest.approx(first["eval_loss"], abs=1e-6)
 
 
+def test_accelerate_recipe_without_a_checkpoint_saves_into_a_new_output_dir(assets, tmp_path):
+    out = tmp_path / "new" / "run"  # does not exist yet, and no checkpoint will create it
+    run(recipe_command("finetune_accelerate.py", assets, out, "--model", str(assets / "glu"), "--max-steps", "2",
+                       "--save-steps", "100"))  # fmt: skip
+    assert not list(out.glob("checkpoint-*")) and results(out)["global_step"] == 2
+    assert_final_folder_loads(out)
+
+
 @pytest.mark.parametrize("script", ["finetune_trainer.py", "finetune_accelerate.py"])
 def test_a_stream_held_out_entirely_is_refused_in_one_line(assets, tmp_path, script):
     command = streaming_command(script, assets, tmp_path / "out", assets / "train.txt", "--eval-documents", "100000")
