@@ -33,6 +33,7 @@ from .glu import VARIANTS
 from .training_data import build_block_datasets
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+STREAM_EVAL_DOCUMENTS = 100  # documents held out of a stream when --eval-documents is not given
 IGNORE_INDEX = -100
 
 
@@ -105,8 +106,8 @@ def build_datasets_from_args(
         text_column=args.text_column,
         eval_fraction=args.eval_fraction,
         streaming=args.streaming,
-        eval_documents=args.eval_documents,
-        shuffle_buffer=args.shuffle_buffer,
+        eval_documents=args.eval_documents or STREAM_EVAL_DOCUMENTS,
+        shuffle_buffer=args.shuffle_buffer or 0,
         seed=args.seed,
         endless=True,
         rank=rank,
@@ -292,10 +293,10 @@ def finetune_arg_parser(description: str) -> argparse.ArgumentParser:
         "--streaming", action="store_true", help="read the training data lazily (corpora larger than memory)"
     )
     data.add_argument(
-        "--eval-documents", type=int, default=100, help="with --streaming: the first N documents are held out"
+        "--eval-documents", type=int, help="with --streaming: the first N documents are held out (default 100)"
     )
     data.add_argument(
-        "--shuffle-buffer", type=int, default=0, help="with --streaming: draw blocks at random from N (0: in order)"
+        "--shuffle-buffer", type=int, help="with --streaming: draw blocks at random from N (default: in order)"
     )
     data.add_argument("--preprocessing-workers", type=int, help="processes that tokenize (map-style data)")
     data.add_argument("--data-cache-dir", help="where `datasets` caches tokenized blocks (default: its own cache)")
@@ -348,11 +349,15 @@ def check_finetune_args(parser: argparse.ArgumentParser, args: argparse.Namespac
         parser.error("pass exactly one of --model DIR or --convert-from SOURCE_DIR")
     if args.train_file and args.dataset:
         parser.error("pass either --train-file or --dataset, not both")
-    for name in ("max_steps", "batch_size", "grad_accum", "save_steps", "logging_steps", "eval_documents"):
+    for name in ("max_steps", "batch_size", "grad_accum", "save_steps", "logging_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid; expected an integer >= 1")
-    if args.shuffle_buffer < 0:
-        parser.error(f"--shuffle-buffer={args.shuffle_buffer} is invalid; expected 0 (in order) or a number of blocks")
+    for name in ("eval_documents", "shuffle_buffer"):  # stream options: a map-style run would ignore them
+        value, flag = getattr(args, name), f"--{name.replace('_', '-')}"
+        if value is not None and not args.streaming:
+            parser.error(f"{flag} applies to --streaming only (map-style data: --eval-fraction, shuffled each epoch)")
+        if value is not None and value < 1:
+            parser.error(f"{flag}={value} is invalid; expected an integer >= 1")
     if args.preprocessing_workers is not None and args.preprocessing_workers < 1:
         parser.error(f"--preprocessing-workers={args.preprocessing_workers} is invalid; expected an integer >= 1")
     if not 0.0 <= args.kd_alpha <= 1.0:

@@ -5,11 +5,14 @@ import torch
 from conftest import one_sgd_step_args, ragged_rows, tiny_config
 from transformers import TrainingArguments, default_data_collator
 
-from hf_glu import GluForCausalLM
+from hf_glu import GluForCausalLM, finetune
 from hf_glu.finetune import (
     DistillationTrainer,
+    build_datasets_from_args,
+    check_finetune_args,
     checkpoint_step,
     distillation_loss,
+    finetune_arg_parser,
     latest_checkpoint,
     load_model_and_tokenizer,
     perplexity_from_loss,
@@ -157,3 +160,32 @@ def test_latest_checkpoint_skips_incomplete_folders(tmp_path):
 def test_load_model_and_tokenizer_needs_exactly_one_source(sources):
     with pytest.raises(ValueError, match="exactly one"):
         load_model_and_tokenizer(**sources)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--shuffle-buffer", "8"], "--shuffle-buffer applies to --streaming only"),
+        (["--eval-documents", "5"], "--eval-documents applies to --streaming only"),
+        (["--streaming", "--eval-documents", "0"], "--eval-documents=0 is invalid; expected an integer >= 1"),
+        (["--streaming", "--shuffle-buffer", "-1"], "--shuffle-buffer=-1 is invalid"),
+        (["--preprocessing-workers", "0"], "--preprocessing-workers=0 is invalid"),
+    ],
+)
+def test_data_flags_are_checked(flags, message, capsys):
+    parser = finetune_arg_parser("test")
+    args = parser.parse_args(["--model", "m", "--output-dir", "o", *flags])
+    with pytest.raises(SystemExit):
+        check_finetune_args(parser, args)
+    assert message in capsys.readouterr().err
+
+
+def test_stream_flags_reach_the_data_pipeline(monkeypatch):
+    parser = finetune_arg_parser("test")
+    seen = {}
+    monkeypatch.setattr(finetune, "build_block_datasets", lambda tokenizer, block_size, **kwargs: seen.update(kwargs))
+    build_datasets_from_args(None, parser.parse_args(["--model", "m", "--output-dir", "o", "--streaming"]))
+    assert seen["streaming"] and seen["eval_documents"] == 100 and seen["shuffle_buffer"] == 0 and seen["endless"]
+    args = parser.parse_args(["--model", "m", "--output-dir", "o", "--streaming", "--shuffle-buffer", "8"])
+    build_datasets_from_args(None, args, rank=1, world_size=2)
+    assert (seen["shuffle_buffer"], seen["rank"], seen["world_size"]) == (8, 1, 2)
