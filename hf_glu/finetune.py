@@ -30,10 +30,9 @@ from transformers import (
 )
 
 from .glu import VARIANTS
-from .training_data import build_block_datasets
+from .training_data import STREAM_EVAL_DOCUMENTS, build_block_datasets
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-STREAM_EVAL_DOCUMENTS = 100  # documents held out of a stream when --eval-documents is not given
 IGNORE_INDEX = -100
 
 
@@ -293,7 +292,9 @@ def finetune_arg_parser(description: str) -> argparse.ArgumentParser:
         "--streaming", action="store_true", help="read the training data lazily (corpora larger than memory)"
     )
     data.add_argument(
-        "--eval-documents", type=int, help="with --streaming: the first N documents are held out (default 100)"
+        "--eval-documents",
+        type=int,
+        help=f"with --streaming: the first N documents are held out (default {STREAM_EVAL_DOCUMENTS})",
     )
     data.add_argument(
         "--shuffle-buffer", type=int, help="with --streaming: draw blocks at random from N (default: in order)"

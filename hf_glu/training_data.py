@@ -27,6 +27,7 @@ from .data import builtin_corpus, iter_token_blocks
 # File suffix -> the `datasets` builder that reads it. Text files are split into paragraphs (blank lines).
 _BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 TEXT = "text"
+STREAM_EVAL_DOCUMENTS = 100  # documents held out of a stream unless told otherwise
 # A stream reads its text file this many bytes at a time (the reader's default, 10 MiB, is three to four
 # times that in Python strings and Arrow buffers, held for as long as the chunk is being trained on).
 _STREAM_CHUNK_BYTES = 1 << 20
@@ -208,7 +209,7 @@ def build_block_datasets(
     text_column: str = TEXT,
     eval_fraction: float = 0.1,
     streaming: bool = False,
-    eval_documents: int = 100,
+    eval_documents: int = STREAM_EVAL_DOCUMENTS,
     shuffle_buffer: int = 0,
     seed: int = 0,
     endless: bool = False,
