@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from operator import attrgetter
 
+import torch
 import transformers
 from torch import nn
 
@@ -42,10 +43,13 @@ def decoder_layers(model: transformers.PreTrainedModel, family: Family) -> nn.Mo
     return attrgetter(family.layers)(model.base_model)
 
 
-def _swap_in_glu_mlps(model: transformers.PreTrainedModel, family: Family) -> None:
+def _swap_in_glu_mlps(model: transformers.PreTrainedModel, family: Family) -> type[nn.Module] | None:
+    """Replaces every layer's MLP with a GLU MLP; returns the family's MLP class (``None`` when inline)."""
+    family_mlp_class = None
     for layer in decoder_layers(model, family):
         mlp = glu_mlp(model.config, family)
         if family.mlp is not None:
+            family_mlp_class = type(getattr(layer, family.mlp))
             setattr(layer, family.mlp, mlp)
             continue
         # Inline MLP: the layer keeps calling proj_in, act, proj_out; proj_in now runs the whole GLU MLP.
@@ -54,6 +58,17 @@ def _swap_in_glu_mlps(model: transformers.PreTrainedModel, family: Family) -> No
         object.__setattr__(layer, family.proj_in, mlp.__call__)  # a plain callable: no second registration
         setattr(layer, family.act, nn.Identity())
         setattr(layer, family.proj_out, nn.Identity())
+    return family_mlp_class
+
+
+def _family_mlp_stand_in(family_mlp_class: type[nn.Module], family: Family, proj_in: nn.Module, proj_out: nn.Module):
+    """An instance of the family's MLP class holding GLU projections under the family's names: what the
+    family's ``_init_weights`` recognises and initialises (GPT-BigCode scales its MLP's ``c_proj``)."""
+    stand_in = family_mlp_class.__new__(family_mlp_class)
+    nn.Module.__init__(stand_in)
+    stand_in.add_module(family.proj_in, proj_in)
+    stand_in.add_module(family.proj_out, proj_out)
+    return stand_in
 
 
 def auto_map(family: Family) -> dict[str, str]:
@@ -70,8 +85,32 @@ class GluFamilyModelMixin(ShardedModelMixin):
 
     def __init__(self, config: transformers.PretrainedConfig, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
-        _swap_in_glu_mlps(self, family_of(config))
+        self._family_mlp_class = _swap_in_glu_mlps(self, family_of(config))
         self.post_init()  # initialises the new projections only; the rest is initialised already
+
+    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
+        # Transformers treats classes outside its package as custom code and then marks parameter-less
+        # modules initialised without running _init_weights on them (their parameters live in children). The
+        # _init_weights here is the family's own, written with transformers.initialization (which leaves
+        # loaded tensors alone): run it as Transformers runs it for the family's own classes, or the family's
+        # rules on container modules (GPT-BigCode's scaled attention c_proj) are lost.
+        super()._initialize_weights(module, is_custom_code=False)
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        super().initialize_weights()
+        family_mlp_class = getattr(self, "_family_mlp_class", None)  # unset while the family builds itself
+        if family_mlp_class is None:
+            return
+        # The GLU MLP takes the family MLP's place: apply the family's rule for its MLP (GPT-BigCode scales
+        # c_proj) to both input projections and the output projection. Run from the top model because the
+        # base model inside a head is the family's own class, whose init does not know GLU MLPs. Loaded
+        # tensors are left alone (transformers.initialization skips them).
+        family = family_of(self.config)
+        for module in self.modules():
+            if isinstance(module, GluMLP):
+                for proj_in in (module.gate_proj, module.up_proj):
+                    self._init_weights(_family_mlp_stand_in(family_mlp_class, family, proj_in, module.down_proj))
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         if self._auto_class is not None:  # the code files travel with the weights: name every head
