@@ -56,8 +56,13 @@ class Specialization:
     constants: tuple[tuple[str, Any], ...]
     divisible: tuple[str, ...]  # arguments with Triton's divisibility-by-16 attribute
     num_warps: int
-    # Where it came from (the first recorded launch): variant, dtype, layout, mode, shape. Not part of identity.
-    origin: dict = field(default_factory=dict, compare=False, hash=False)
+    # The recorded launches (variant, dtype, layout, mode, shape) that compile to it; not part of its identity.
+    origins: list[dict] = field(default_factory=list, compare=False, hash=False)
+
+    @property
+    def origin(self) -> dict:
+        """The first launch recorded for it (empty for one built by hand)."""
+        return self.origins[0] if self.origins else {}
 
     def label(self) -> str:
         consts = ",".join(f"{k}={v}" for k, v in self.constants)
@@ -78,7 +83,7 @@ class Result:
     stack_bytes: int | None = None
     shared_bytes: int | None = None
     error: str | None = None
-    origin: dict = field(default_factory=dict)
+    origins: list[dict] = field(default_factory=list)
 
     def problem(self) -> str | None:
         """Why this result fails the check, naming kernel, specialization and target; None if it passes."""
@@ -113,10 +118,10 @@ SCOPES = ("sample", "full", "exhaustive")
 def scenarios(scope: str) -> list[tuple[str, Any, str, int, int, tuple[str, ...]]]:
     """(variant, dtype, layout, rows, columns, modes) to launch for ``scope``.
 
-    ``sample`` (CI, about a minute): per variant one dtype (rotating over the variants), contiguous tensors,
-    the production shape, the forward and the in-place backward with bias sums (the training path's two
-    kernels). ``full``: every variant x dtype x layout x mode at the production shape, plus every block config
-    and row-tile count of the sweep for each variant in one dtype (bf16) with contiguous tensors.
+    ``sample`` (CI, under a minute): per variant one dtype and one of the training path's two kernels (the
+    forward, the in-place backward with bias sums), rotating so every dtype meets both kernels; contiguous
+    tensors, the production shape. ``full``: every variant x dtype x layout x mode at the production shape,
+    plus every block config and row-tile count of the sweep for each variant in bf16 with contiguous tensors.
     ``exhaustive``: every combination of the exhaustive rows, columns, variants, dtypes, layouts and modes.
     """
     import torch
@@ -125,10 +130,13 @@ def scenarios(scope: str) -> list[tuple[str, Any, str, int, int, tuple[str, ...]
 
     variants, dtypes, modes = list(glu_triton.KERNEL_VARIANTS), glu_triton.SUPPORTED_DTYPES, MODES
     if scope == "sample":
-        return [(v, dtypes[i % len(dtypes)], "contiguous", *_PRODUCTION, ("forward", "backward_inplace_bias"))
+        kernels = ("forward", "backward_inplace_bias")
+        return [(v, dtypes[i % len(dtypes)], "contiguous", *_PRODUCTION, (kernels[i % 2],))
                 for i, v in enumerate(variants)]  # fmt: skip
     if scope == "full":
-        cross = [(v, d, lay, *_PRODUCTION, modes) for v in variants for d in dtypes for lay in _LAYOUTS]
+        # bf16 (the training dtype) first, then layout by layout: a run cut short has the cases that matter most.
+        ordered = sorted(dtypes, key=lambda d: d != torch.bfloat16)
+        cross = [(v, d, lay, *_PRODUCTION, modes) for d in ordered for lay in _LAYOUTS for v in variants]
         blocks = [(v, torch.bfloat16, "contiguous", r, c, modes) for v in variants for r, c in _BLOCK_SWEEP]
         return cross + blocks
     if scope == "exhaustive":
@@ -195,7 +203,7 @@ def specialize_launch(fn: Any, args: Sequence[Any], kwargs: dict, origin: dict) 
         else:
             raise TypeError(f"{fn.__name__} argument {name} is {type(value).__name__}; no Triton type known for it")
     return Specialization(
-        fn.__name__, tuple(signature), tuple(constants), tuple(divisible), int(options.get("num_warps", 4)), origin
+        fn.__name__, tuple(signature), tuple(constants), tuple(divisible), int(options.get("num_warps", 4)), [origin]
     )
 
 
@@ -263,9 +271,12 @@ def enumerate_specializations(scope: str = "sample") -> list[Specialization]:
     finally:
         for name, fn in saved.items():
             setattr(glu_triton, name, fn)
-    unique: dict[Specialization, None] = {}
+    unique: dict[Specialization, Specialization] = {}
     for fn, args, kwargs, origin in calls:
-        unique.setdefault(specialize_launch(fn, args, kwargs, origin), None)
+        spec = specialize_launch(fn, args, kwargs, origin)
+        first = unique.setdefault(spec, spec)
+        if first is not spec:
+            first.origins.extend(spec.origins)
     never = set(kernels) - {s.kernel for s in unique}
     if never:  # a kernel the sweep never reaches would silently escape the check
         raise RuntimeError(f"kernels {sorted(never)} were never launched by the sweep; extend gpu_compile's modes")
@@ -330,12 +341,12 @@ def compile_specialization(fn: Any, spec: Specialization, target: int) -> Result
     except Exception as e:  # the check reports every failure, whatever triton raises
         message = f"{type(e).__name__}: {e}".strip().splitlines()
         return Result(spec.kernel, spec.label(), target, False, time.perf_counter() - start,
-                      error=" | ".join(message[-6:]), origin=spec.origin)  # fmt: skip
+                      error=" | ".join(message[-6:]), origins=spec.origins)  # fmt: skip
     report = parse_ptxas_log(log.getvalue())
     if "spill_stores" not in report:
         report = parse_ptxas_log(_ptxas_report(kernel.asm["ptx"], target))
     return Result(spec.kernel, spec.label(), target, True, time.perf_counter() - start,
-                  shared_bytes=int(kernel.metadata.shared), origin=spec.origin, **report)  # fmt: skip
+                  shared_bytes=int(kernel.metadata.shared), origins=spec.origins, **report)  # fmt: skip
 
 
 def _configure_triton() -> None:
@@ -354,16 +365,20 @@ def run_check(
     specs: Sequence[Specialization],
     targets: Sequence[int],
     functions: dict[str, Any],
-    progress: Callable[[str], None] = lambda line: None,
+    progress: Callable[[str, list[Result]], None] = lambda line, results: None,
 ) -> list[Result]:
-    """Compiles each specialization for each target; ``functions`` maps kernel names to JIT functions."""
+    """Compiles each specialization for each target; ``functions`` maps kernel names to JIT functions.
+
+    Specialization by specialization (all targets of one before the next), calling ``progress`` with a line
+    and the results so far after each: a run cut short has every target for what it reached.
+    """
     _configure_triton()
-    results = []
-    for target in targets:
-        for spec in specs:
+    results: list[Result] = []
+    for spec in specs:
+        for target in targets:
             result = compile_specialization(functions[spec.kernel], spec, target)
             results.append(result)
-            progress(result.problem() or f"ok sm_{target} {spec.label()} regs={result.registers}")
+            progress(result.problem() or f"ok sm_{target} {spec.label()} regs={result.registers}", results)
     return results
 
 
@@ -371,7 +386,8 @@ def summary(results: Sequence[Result]) -> list[dict]:
     """Per kernel, mode and target: specialization count, worst registers, spills, stack and shared memory."""
     groups: dict[tuple, list[Result]] = {}
     for r in results:
-        groups.setdefault((r.kernel, r.origin.get("mode", "-"), r.origin.get("layout", "-"), r.target), []).append(r)
+        first = r.origins[0] if r.origins else {}
+        groups.setdefault((r.kernel, first.get("mode", "-"), first.get("layout", "-"), r.target), []).append(r)
     rows = []
     for (kernel, mode, layout, target), rs in sorted(groups.items()):
         ok = [r for r in rs if r.ok]
@@ -429,20 +445,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     specs = enumerate_specializations(args.scope)
     print(f"{len(specs)} specializations x {len(targets)} targets ({args.scope})", flush=True)
     functions = {name: getattr(glu_triton, name) for name in launched_kernels()}
-    results = run_check(specs, targets, functions, progress=lambda line: args.quiet or print(line, flush=True))
-    elapsed = time.perf_counter() - start
-    problems = [p for r in results if (p := r.problem())]
-    rows = summary(results)
-    print("\n| " + " | ".join(SUMMARY_COLUMNS) + " |\n|" + "---|" * len(SUMMARY_COLUMNS))
-    for r in rows:
-        print("| " + " | ".join(str(v) for v in r.values()) + " |")
-    print(f"\n{len(results)} compiles in {elapsed:.0f} s; {len(problems)} problems")
+
+    def write(results: list[Result], complete: bool) -> None:
+        if args.out:
+            report = dict(environment=_environment(), scope=args.scope, targets=targets, complete=complete,
+                          planned=len(specs) * len(targets), seconds=round(time.perf_counter() - start, 1),
+                          problems=[p for r in results if (p := r.problem())], summary=summary(results),
+                          results=[asdict(r) for r in results])  # fmt: skip
+            args.out.write_text(json.dumps(report, indent=1) + "\n")
+
+    def progress(line: str, results: list[Result]) -> None:
+        if not args.quiet:
+            print(line, flush=True)
+        if len(results) % len(targets) == 0:  # the file follows the run: a run cut short keeps what it measured
+            write(results, complete=False)
+
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        report = dict(environment=_environment(), scope=args.scope, targets=targets,
-                      seconds=round(elapsed, 1), problems=problems, summary=rows,
-                      results=[asdict(r) for r in results])  # fmt: skip
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+    results = run_check(specs, targets, functions, progress)
+    write(results, complete=True)
+    problems = [p for r in results if (p := r.problem())]
+    print("\n| " + " | ".join(SUMMARY_COLUMNS) + " |\n|" + "---|" * len(SUMMARY_COLUMNS))
+    for row in summary(results):
+        print("| " + " | ".join(str(v) for v in row.values()) + " |")
+    print(f"\n{len(results)} compiles in {time.perf_counter() - start:.0f} s; {len(problems)} problems")
     for p in problems:
         print("FAIL:", p, file=sys.stderr)
     return 1 if problems else 0
