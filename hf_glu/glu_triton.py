@@ -31,7 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .glu import GluParams, GluVariant, get_variant
+from .glu import GluParams, GluVariant, get_variant, glu_activation
+
+try:  # torch builds without distributed support have no DTensor, and then no input can be one
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:
+    _DTensor = None
 
 try:
     import triton
@@ -578,14 +583,24 @@ def glu_mlp_fused(
 def _is_plain_linear(module: nn.Module) -> bool:
     # Subclasses (quantised layers), wrappers (PEFT LoRA) and hooked layers must run their own forward, and so
     # must layers that tensor parallelism sharded: Transformers replaces their `forward` on the instance (no
-    # hook) and turns their weights into DTensors, which only that forward knows how to combine.
+    # hook) and turns their weights into DTensors, which only that forward knows how to combine. Hooks of any
+    # kind count, backward ones and those registered for every module (torch.nn.modules.module's global
+    # hooks) included: the one-op path never calls the module, so none of them would fire.
     return (
         type(module) is nn.Linear
         and not module._forward_hooks
         and not module._forward_pre_hooks
+        and not module._backward_hooks
+        and not module._backward_pre_hooks
+        and not torch.nn.modules.module._has_any_global_hook()
         and "forward" not in vars(module)
         and all(type(p) is nn.Parameter for p in module.parameters(recurse=False))  # a DTensor's type is DTensor
     )
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    # A DTensor's is_cuda is its local shard's, but its data pointer is not one the kernels can read.
+    return _DTensor is not None and isinstance(t, _DTensor)
 
 
 # Below this many tokens, a forward without autograd (generation, evaluation) runs eager under "auto": at
@@ -627,8 +642,11 @@ def fused_glu_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     called as a module and only the elementwise part is fused, so nothing the module does is skipped.
     """
     projections = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-    if all(_is_plain_linear(p) for p in projections):
+    if not _is_dtensor(x) and all(_is_plain_linear(p) for p in projections):
         weights = [t for p in projections for t in (p.weight, p.bias)]
         return glu_mlp_fused(x, *weights, mlp.variant, mlp.params)
-    activated = glu_activation_fused(mlp.gate_proj(x), mlp.up_proj(x), mlp.variant, mlp.params)
-    return mlp.down_proj(activated)
+    gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+    # Projections that keep their outputs distributed (tensor parallelism with use_local_output=False) hand
+    # over DTensors: only the eager maths, dispatched by DTensor, combines them correctly.
+    activate = glu_activation if _is_dtensor(gate) or _is_dtensor(up) else glu_activation_fused
+    return mlp.down_proj(activate(gate, up, mlp.variant, mlp.params))

@@ -572,6 +572,108 @@ def test_forward_hooks_on_projections_still_fire():
     assert seen == [torch.Size([3, 40])]
 
 
+def _register_backward_hook(module, seen):
+    return module.register_full_backward_hook(lambda m, grad_in, grad_out: seen.append(m))
+
+
+def _register_backward_pre_hook(module, seen):
+    return module.register_full_backward_pre_hook(lambda m, grad_out: seen.append(m))
+
+
+def _register_global_forward_hook(module, seen):
+    return torch.nn.modules.module.register_module_forward_hook(lambda m, args, out: seen.append(m))
+
+
+def _register_global_forward_pre_hook(module, seen):
+    return torch.nn.modules.module.register_module_forward_pre_hook(lambda m, args: seen.append(m))
+
+
+def _register_global_backward_hook(module, seen):
+    return torch.nn.modules.module.register_module_full_backward_hook(lambda m, grad_in, grad_out: seen.append(m))
+
+
+def _register_global_backward_pre_hook(module, seen):
+    return torch.nn.modules.module.register_module_full_backward_pre_hook(lambda m, grad_out: seen.append(m))
+
+
+@pytest.mark.parametrize(
+    "register",
+    [
+        _register_backward_hook,
+        _register_backward_pre_hook,
+        _register_global_forward_hook,
+        _register_global_forward_pre_hook,
+        _register_global_backward_hook,
+        _register_global_backward_pre_hook,
+    ],
+    ids=lambda f: f.__name__.removeprefix("_register_"),
+)
+def test_backward_and_global_hooks_on_projections_fire_and_gradients_match_eager(register):
+    mlp = make_mlp()
+    x, grad = torch.randn(3, 24, device=DEVICE), torch.randn(3, 24, device=DEVICE)
+    expected = run_mlp(mlp, x, grad, "eager")
+    seen = []
+    handle = register(mlp.gate_proj, seen)
+    try:
+        actual = run_mlp(mlp, x, grad, "triton")
+    finally:
+        handle.remove()
+    assert mlp.gate_proj in seen
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def one_process_mesh(tmp_path_factory):
+    """A one-rank gloo process group and CPU device mesh, torn down after this module's tests."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed and no process group of its own")
+    store = dist.FileStore(str(tmp_path_factory.mktemp("store") / "file"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        yield torch.distributed.device_mesh.init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+class DTensorOutputLinear(nn.Linear):
+    """A projection sharded by tensor parallelism with ``use_local_output=False``: it returns DTensors."""
+
+    mesh = None
+
+    def forward(self, x):
+        from torch.distributed.tensor import DTensor, Replicate
+
+        local = x.to_local() if isinstance(x, DTensor) else x
+        return DTensor.from_local(super().forward(local), self.mesh, [Replicate()])
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the one-rank mesh is a CPU (gloo) one")
+def test_dtensor_projection_outputs_never_reach_the_kernels(one_process_mesh, monkeypatch):
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mlp = make_mlp("swiglu_oai")
+    x = torch.randn(3, 24, device=DEVICE)
+    expected = mlp(x)  # "triton" on plain tensors: the kernels run
+    launches = []
+    for name in ("_launch_forward", "_launch_backward"):
+        real = getattr(gt, name)
+        monkeypatch.setattr(gt, name, lambda *a, real=real, **k: launches.append(a) or real(*a, **k))
+    DTensorOutputLinear.mesh = one_process_mesh
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        projection = DTensorOutputLinear(*reversed(getattr(mlp, name).weight.shape)).to(DEVICE)
+        projection.load_state_dict(getattr(mlp, name).state_dict())
+        setattr(mlp, name, projection)
+    out = mlp(x)
+    assert isinstance(out, DTensor) and not launches
+    torch.testing.assert_close(out.full_tensor(), expected, rtol=1e-5, atol=1e-6)
+    # A DTensor input with plain projections is not handed to the one-op path either.
+    distributed_x = DTensor.from_local(x, one_process_mesh, [Replicate()])
+    assert not gt._is_plain_linear(DTensorOutputLinear(2, 2)) and gt._is_dtensor(distributed_x)
+    assert not gt._is_dtensor(x)
+
+
 def _causal_lm_logits_and_grads(model, input_ids, kernel):
     model.config.glu_kernel = kernel
     model.zero_grad()
