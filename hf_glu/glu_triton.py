@@ -22,6 +22,8 @@ imported) the same kernels run on CPU tensors; that is how CI tests them.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 import re
@@ -249,6 +251,13 @@ def _launch_config(rows: int, cols: int) -> tuple[tuple[int, int], int, int]:
     return (triton.cdiv(rows, block_m), triton.cdiv(cols, block_n)), block_m, block_n
 
 
+def _device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """Makes ``device`` the current CUDA device for a launch: Triton launches on the current device and its
+    stream, not the tensors', so a model spread over GPUs (``device_map="auto"``) would otherwise run the
+    kernel on another GPU's memory. CPU tensors (the interpreter) need no guard."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _strides(*tensors: torch.Tensor) -> list[int]:
     return [s for t in tensors for s in t.stride()]
 
@@ -258,10 +267,11 @@ def _launch_forward(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor, var
     if g.numel() == 0:  # an empty grid is not a valid CUDA launch
         return
     grid, block_m, block_n = _launch_config(*g.shape)
-    _glu_fwd_kernel[grid](
-        g, u, o, *g.shape, *_strides(g, u, o), p.beta, p.alpha, p.limit,
-        VARIANT=KERNEL_VARIANTS[variant], BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_NUM_WARPS,
-    )  # fmt: skip
+    with _device_guard(g.device):
+        _glu_fwd_kernel[grid](
+            g, u, o, *g.shape, *_strides(g, u, o), p.beta, p.alpha, p.limit,
+            VARIANT=KERNEL_VARIANTS[variant], BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_NUM_WARPS,
+        )  # fmt: skip
 
 
 def _launch_backward(
@@ -287,11 +297,12 @@ def _launch_backward(
     grid = (triton.cdiv(rows, block_m * row_tiles), col_blocks)
     # One fp32 row of partial sums per row program, for gate and for up; unused (and tiny) without bias_grads.
     partial = torch.empty((2, grid[0] if bias_grads else 1, cols), dtype=torch.float32, device=g.device)
-    _glu_bwd_kernel[grid](
-        do, g, u, dg, du, o, partial, rows, cols, *_strides(do, g, u, dg, du, o), p.beta, p.alpha, p.limit,
-        VARIANT=KERNEL_VARIANTS[variant], STORE_OUT=out is not None, BIAS_GRADS=bias_grads, ROW_TILES=row_tiles,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_NUM_WARPS,
-    )  # fmt: skip
+    with _device_guard(g.device):
+        _glu_bwd_kernel[grid](
+            do, g, u, dg, du, o, partial, rows, cols, *_strides(do, g, u, dg, du, o), p.beta, p.alpha, p.limit,
+            VARIANT=KERNEL_VARIANTS[variant], STORE_OUT=out is not None, BIAS_GRADS=bias_grads,
+            ROW_TILES=row_tiles, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_NUM_WARPS,
+        )  # fmt: skip
     return partial.sum(1) if bias_grads else None
 
 
@@ -306,6 +317,27 @@ def _check_rows_view(name: str, t: torch.Tensor) -> None:
 # Python dispatch costs more than the GPU work at small sizes, and the GPU waits for it) and through a
 # torch.library custom op under torch.compile, which needs one opaque graph node. Variant and parameters
 # travel as plain str/float so the schema stays simple.
+
+
+def _first_order_only(backward: Callable) -> Callable:
+    """Refuses a backward that would build a graph (``create_graph=True``): the kernels' gradients are not
+    themselves differentiable, so a second-order gradient through them would be silently wrong.
+
+    Raised at once rather than deferred as ``torch.autograd.function.once_differentiable`` does: its deferred
+    error sits off the path to the weights, so ``torch.autograd.grad(..., weights)`` would drop this MLP's
+    second-order terms without a word. The engine enables grad mode in a backward only for create_graph.
+    """
+
+    @functools.wraps(backward)
+    def checked(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "the fused GLU kernels have no second-order gradient: a backward with create_graph=True (double "
+                "backward) through this MLP needs glu_kernel='eager'"
+            )
+        return backward(ctx, *grads)
+
+    return checked
 
 
 def _empty(t: torch.Tensor) -> torch.Tensor:
@@ -346,6 +378,7 @@ class _GluActFunction(torch.autograd.Function):
     setup_context = staticmethod(_glu_act_setup)
 
     @staticmethod
+    @_first_order_only
     def backward(ctx, grad):
         return (*_act_backward(grad, *ctx.saved_tensors, *ctx.act_args), None, None, None, None)
 
@@ -366,6 +399,7 @@ def _(grad, gate, up, variant, beta, alpha, limit):
     return _empty(gate), _empty(up)
 
 
+@_first_order_only
 def _glu_act_backward(ctx, grad):
     return (*_glu_act_backward_op(grad, *ctx.saved_tensors, *ctx.act_args), None, None, None, None)
 
@@ -485,6 +519,7 @@ class _GluMlpFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_first_order_only
     def backward(ctx, grad_out):
         return _glu_mlp_grads(ctx, grad_out, _act_backward_inplace_eager)
 
@@ -507,6 +542,7 @@ def _glu_mlp_setup(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)
 
 
+@_first_order_only
 def _glu_mlp_backward(ctx, grad_out, _grad_gate, _grad_up):
     return _glu_mlp_grads(ctx, grad_out, _glu_act_backward_inplace_op)
 

@@ -366,6 +366,77 @@ def test_a_second_backward_through_overwritten_activations_is_refused():
         out.sum().backward()
 
 
+def _double_backward_entries():
+    gate, up = (_leaf(torch.randn(3, 24, device=DEVICE)) for _ in range(2))
+    activation = ("activation", lambda: (gt.glu_activation_fused(gate, up, "swiglu", PARAMS), gate, gate))
+    mlp = make_mlp("swiglu")
+    x = _leaf(torch.randn(3, 24, device=DEVICE))
+    whole = ("mlp", lambda: (mlp(x), x, mlp.gate_proj.weight))
+    args = (*(p for n in ("gate", "up", "down") for p in getattr(mlp, f"{n}_proj").parameters()), "swiglu", *_params())
+    # The custom op (what torch.compile sees) called directly: its registered backward is also once-only.
+    op = ("mlp_op", lambda: (torch.ops.hf_glu.glu_mlp(x, *args)[0], x, mlp.gate_proj.weight))
+    return [activation, whole, op]
+
+
+@pytest.mark.parametrize("entry", range(3), ids=["activation", "mlp", "mlp_op"])
+def test_double_backward_raises_instead_of_a_wrong_second_order_gradient(entry):
+    _, build = _double_backward_entries()[entry]
+    out, first, second = build()  # the input whose gradient is built, and a weight a second order would reach
+    # Before any second-order gradient is asked for: the graph it would come from is already wrong.
+    with pytest.raises(RuntimeError, match="no second-order gradient.*create_graph=True.*glu_kernel='eager'"):
+        torch.autograd.grad(out.square().sum(), first, create_graph=True)
+    # A first-order backward of the same graph is unaffected.
+    assert torch.autograd.grad(out.square().sum(), second)[0].shape == second.shape
+
+
+class _StandInCudaDevice:
+    """Stands in for ``torch.cuda.device``: records which device each launch ran under."""
+
+    current = "cuda:0"  # the process's current device, which a launch must not fall back to
+
+    def __init__(self, device):
+        self.device, self.previous = device, None
+
+    def __enter__(self):
+        self.previous, _StandInCudaDevice.current = _StandInCudaDevice.current, self.device
+        return self
+
+    def __exit__(self, *exc):
+        _StandInCudaDevice.current = self.previous
+
+
+class _RecordingKernel:
+    def __init__(self, kernel, launches):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((_StandInCudaDevice.current, args[0].device))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def test_device_guard_makes_the_tensors_device_current(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device", _StandInCudaDevice)
+    with gt._device_guard(torch.device("cuda", 1)):
+        assert _StandInCudaDevice.current == torch.device("cuda", 1)
+    assert _StandInCudaDevice.current == "cuda:0"
+
+
+def test_every_launch_runs_under_its_tensors_device(monkeypatch):
+    launches = []
+    monkeypatch.setattr(gt, "_device_guard", _StandInCudaDevice)
+    for name in ("_glu_fwd_kernel", "_glu_bwd_kernel"):
+        monkeypatch.setattr(gt, name, _RecordingKernel(getattr(gt, name), launches))
+    mlp = make_mlp("geglu", bias=True)
+    mlp(torch.randn(3, 24, device=DEVICE, requires_grad=True)).sum().backward()
+    gate, up = (_leaf(torch.randn(3, 24, device=DEVICE)) for _ in range(2))
+    gt.glu_activation_fused(gate, up, "geglu", PARAMS).sum().backward()
+    assert len(launches) == 4  # forward and backward of the MLP op and of the activation op
+    assert all(current == device for current, device in launches), launches
+
+
 def test_autocast_runs_the_fused_mlp_in_the_autocast_dtype():
     mlp = make_mlp()
     x = torch.randn(3, 24, device=DEVICE, requires_grad=True)
