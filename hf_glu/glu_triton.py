@@ -6,7 +6,8 @@ activation, the down GEMM. Eager calls enter it through an ``autograd.Function``
 backward only the MLP input and the gate and up pre-activations; its backward runs one Triton kernel
 that reads the activation's gradient and the saved pre-activations, writes d(gate) and d(up) over them
 in place and re-emits the activation output (over its own gradient) for the down projection's weight
-gradient.
+gradient. Under ``torch.compile`` that kernel writes new tensors instead (``<ns>::glu_mlp_act_backward``):
+Inductor would clone saved tensors before letting an op write over them.
 
 Projections that are not plain ``nn.Linear`` (PEFT LoRA, quantised layers, hooked modules) are called
 as modules, and only the elementwise part runs fused (``<ns>::glu_act``), so adapters are never skipped.
@@ -420,8 +421,7 @@ def _act_backward_inplace(
     """Overwrites gate with d(gate), up with d(up) and grad with the activation output.
 
     Returns the column sums of d(gate) and d(up) (the gate and up bias gradients) as one ``[2, columns]``
-    tensor in the gate's dtype when ``bias_grads``, else an empty ``[0, columns]`` one (an op's output
-    cannot be None).
+    tensor in the gate's dtype when ``bias_grads``, else an empty ``[0, columns]`` one.
     """
     _check_launchable("gate", gate)
     _check_same(gate, up=up, grad=grad)
@@ -431,24 +431,49 @@ def _act_backward_inplace(
     return gate.new_empty((0, gate.shape[-1])) if sums is None else sums.to(gate.dtype)
 
 
-def _act_backward_inplace_eager(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, *args) -> torch.Tensor:
-    """``_act_backward_inplace`` without the custom op's dispatch cost, bumping the version counters as the
-    op would, so a second backward through the overwritten tensors is refused rather than silently wrong."""
+def _act_backward_inplace_eager(
+    grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, *args
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The eager MLP backward's kernel call: ``_act_backward_inplace``, returning (d(gate), d(up), activation,
+    bias sums), the first three over its inputs. Bumps the version counters as a mutating op would, so a
+    second backward through the overwritten tensors is refused rather than silently wrong."""
     sums = _act_backward_inplace(grad, gate, up, *args)
     for t in (grad, gate, up):
         torch.autograd.graph.increment_version(t)
-    return sums
+    return gate, up, grad, sums
 
 
-# A graph node for the in-place kernel: traced backward graphs must see the mutation.
-_glu_act_backward_inplace_op = torch.library.custom_op(
-    f"{NAMESPACE}::glu_act_backward_", mutates_args=("grad", "gate", "up")
-)(_act_backward_inplace)
+def _mlp_act_backward(
+    grad: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    variant: str,
+    beta: float,
+    alpha: float,
+    limit: float,
+    bias_grads: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_act_backward_inplace_eager``'s results in new tensors: the traced (torch.compile) MLP backward's node.
+
+    Functional because Inductor never writes over a backward graph's inputs (the tensors saved by forward):
+    a mutating op there becomes a clone of each [tokens, intermediate] input first, two extra passes over
+    memory. Writing fresh outputs costs the same allocations and no copies; the saved tensors die after it.
+    """
+    _check_launchable("gate", gate)
+    _check_same(gate, up=up, grad=grad)
+    dgate, dup, act = _empty(gate), _empty(up), _empty(grad)
+    sums = _launch_backward(grad, gate, up, dgate, dup, act, variant, GluParams(beta, alpha, limit), bias_grads)
+    return dgate, dup, act, gate.new_empty((0, gate.shape[-1])) if sums is None else sums.to(gate.dtype)
 
 
-@_glu_act_backward_inplace_op.register_fake
+_glu_mlp_act_backward_op = torch.library.custom_op(f"{NAMESPACE}::glu_mlp_act_backward", mutates_args=())(
+    _mlp_act_backward
+)
+
+
+@_glu_mlp_act_backward_op.register_fake
 def _(grad, gate, up, variant, beta, alpha, limit, bias_grads):
-    return gate.new_empty((2 if bias_grads else 0, gate.shape[-1]))
+    return _empty(gate), _empty(up), _empty(grad), gate.new_empty((2 if bias_grads else 0, gate.shape[-1]))
 
 
 def _glu_mlp_forward(
@@ -482,9 +507,10 @@ def _save_for_mlp_backward(ctx, inputs: tuple, gate: torch.Tensor, up: torch.Ten
     ctx.act_args = act_args
 
 
-def _glu_mlp_grads(ctx, grad_out: torch.Tensor, act_backward_inplace: Callable[..., torch.Tensor]) -> tuple:
+def _glu_mlp_grads(ctx, grad_out: torch.Tensor, act_backward: Callable[..., tuple[torch.Tensor, ...]]) -> tuple:
     """Gradients of ``_glu_mlp_forward``'s inputs (None for the four scalars) from what
-    ``_save_for_mlp_backward`` kept; overwrites the saved gate and up.
+    ``_save_for_mlp_backward`` kept; ``act_backward`` is ``_act_backward_inplace_eager`` (eager: overwrites the
+    saved gate and up) or the functional ``<ns>::glu_mlp_act_backward`` (traced graphs).
 
     Ordered for the smallest peak: the activation (re-emitted over its own gradient) is consumed by the
     down projection's weight gradient and freed before the other weight gradients are allocated. The gate
@@ -494,9 +520,8 @@ def _glu_mlp_grads(ctx, grad_out: torch.Tensor, act_backward_inplace: Callable[.
     needs, act_args = ctx.needs_input_grad, ctx.act_args
     rows, grad_rows = _as_rows(x), _as_rows(grad_out)
     act = grad_rows @ down_weight
-    # One kernel: gate and up become their gradients, the activation's gradient becomes the activation.
-    bias_sums = act_backward_inplace(act, gate, up, *act_args, needs[2] or needs[4])
-    dgate, dup = gate, up
+    # One kernel: the gradients of gate and up, the activation (its gradient's place in eager) and bias sums.
+    dgate, dup, act, bias_sums = act_backward(act, gate, up, *act_args, needs[2] or needs[4])
     grad_down_weight = grad_rows.t() @ act if needs[5] else None
     del act
     grads = [None] * 7
@@ -544,7 +569,7 @@ def _glu_mlp_setup(ctx, inputs, output) -> None:
 
 @_first_order_only
 def _glu_mlp_backward(ctx, grad_out, _grad_gate, _grad_up):
-    return _glu_mlp_grads(ctx, grad_out, _glu_act_backward_inplace_op)
+    return _glu_mlp_grads(ctx, grad_out, _glu_mlp_act_backward_op)
 
 
 _glu_mlp_op.register_autograd(_glu_mlp_backward, setup_context=_glu_mlp_setup)

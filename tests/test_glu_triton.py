@@ -189,8 +189,12 @@ def test_in_place_backward_overwrites_gate_up_and_grad(bias_grads):
     gate, up, grad = random_inputs(9, 21, torch.float32)
     expected_out = gt.glu_activation_fused(gate, up, "swiglu_oai", PARAMS)
     expected_dgate, expected_dup = torch.ops.hf_glu.glu_act_backward(grad, gate, up, "swiglu_oai", *_params())
-    sums = torch.ops.hf_glu.glu_act_backward_(grad, gate, up, "swiglu_oai", *_params(), bias_grads)
+    functional = torch.ops.hf_glu.glu_mlp_act_backward(grad, gate, up, "swiglu_oai", *_params(), bias_grads)
+    sums = gt._act_backward_inplace(grad, gate, up, "swiglu_oai", *_params(), bias_grads)
     assert torch.equal(gate, expected_dgate) and torch.equal(up, expected_dup) and torch.equal(grad, expected_out)
+    # The traced graphs' functional form computes the same, bit for bit.
+    for a, e in zip(functional, (gate, up, grad, sums), strict=True):
+        assert torch.equal(a, e)
     if bias_grads:
         expected_sums = torch.stack([expected_dgate.double().sum(0), expected_dup.double().sum(0)])
         torch.testing.assert_close(sums.double(), expected_sums, rtol=1e-5, atol=1e-6)
@@ -249,7 +253,7 @@ def test_bias_gradients_summed_in_the_kernel_match_float64(variant, dtype, monke
     assert gt._launch_config(37, 1030) == ((19, 2), 2, 1024)
     gate, up, grad = random_inputs(37, 1030, dtype)
     _, ref_dgate, ref_dup = reference(gate, up, grad, variant)
-    sums = torch.ops.hf_glu.glu_act_backward_(grad.clone(), gate.clone(), up.clone(), variant, *_params(), True)
+    sums = gt._act_backward_inplace(grad.clone(), gate.clone(), up.clone(), variant, *_params(), True)
     assert sums.dtype == dtype and sums.shape == (2, 1030)
     for actual, expected in zip(sums, (ref_dgate.sum(0), ref_dup.sum(0)), strict=True):
         # fp32 sums of unrounded terms, rounded once to the dtype; cancellation bounded by the terms' sizes.
@@ -470,8 +474,7 @@ def test_opcheck_passes():
     torch.library.opcheck(torch.ops.hf_glu.glu_act, (_leaf(gate), _leaf(up), *act_args))
     torch.library.opcheck(torch.ops.hf_glu.glu_act_backward, (grad, gate, up, *act_args))
     for bias_grads in (False, True):
-        inplace_args = (grad.clone(), gate.clone(), up.clone(), *act_args, bias_grads)
-        torch.library.opcheck(torch.ops.hf_glu.glu_act_backward_, inplace_args)
+        torch.library.opcheck(torch.ops.hf_glu.glu_mlp_act_backward, (grad, gate, up, *act_args, bias_grads))
     # glu_mlp hands its saved pre-activations out as outputs that its backward overwrites; the
     # aot_dispatch check returns them to the caller, which no user of glu_mlp_fused can do, so that
     # one check runs instead through torch.compile in test_compile_* below.
@@ -528,6 +531,40 @@ def test_compile_matches_eager(backend):
         out = compiled(x_leaf)
         actual = (out.detach(), *torch.autograd.grad(out, (x_leaf, *mlp.parameters()), grad))
     for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+def test_inductor_backward_copies_no_tokens_by_intermediate_tensor(monkeypatch):
+    # Inductor cannot write over a tensor saved from forward (a backward graph input): an op that mutates the
+    # saved pre-activations becomes a clone of each first. Count copies in the graphs after the post-grad
+    # passes (where those clones are made), forward and backward.
+    import torch._inductor.compile_fx as compile_fx
+
+    tokens, inner = 10, 40
+    copies = []
+    real = compile_fx.post_grad_passes
+
+    def record(gm, is_inference):
+        real(gm, is_inference)
+        for node in gm.graph.nodes:
+            value = node.meta.get("val")
+            # By size: Inductor clones the flat storage ([tokens * intermediate]), not the 2-D view.
+            if node.op == "call_function" and isinstance(value, torch.Tensor) and value.numel() == tokens * inner:
+                name = str(node.target)
+                if "clone" in name or "copy" in name:
+                    copies.append(name)
+
+    monkeypatch.setattr(compile_fx, "post_grad_passes", record)
+    mlp = make_mlp("swiglu", bias=True, inner=inner)
+    x = torch.randn(2, tokens // 2, 24, device=DEVICE, requires_grad=True)
+    expected = run_mlp(mlp, x, torch.ones(2, tokens // 2, 24, device=DEVICE), "triton")
+    torch._dynamo.reset()
+    with torch.compiler.config.patch(force_disable_caches=True):
+        compiled = torch.compile(mlp, backend="inductor", fullgraph=True)
+        out = compiled(x)
+        out.sum().backward()
+    assert copies == []
+    for a, e in zip((out, x.grad, *(p.grad for p in mlp.parameters())), expected, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
 
 
