@@ -63,11 +63,17 @@ DEFAULT_PARAMS = GluParams()
 # latency, small enough for registers. benchmarks/bench_mlp.py --sweep times the alternatives on a GPU.
 _BLOCK_ELEMENTS = 4096
 _NUM_WARPS = 4
-# Row tiles one backward program walks when it also sums the bias gradients: at 4 rows a tile (intermediate
-# >= 1024) a program covers 64 rows, so the partial sums are 1/64 of [tokens, intermediate] in fp32 and
-# their reduction is small, while 8192 tokens still give 128 programs per column block. Provisional: not
-# yet timed on a GPU against other values.
+# Row tiles one backward program walks when it also sums the bias gradients, at most: at 4 rows a tile
+# (intermediate >= 1024) a program covers 64 rows, so the partial sums are 1/64 of [tokens, intermediate] in
+# fp32 and their reduction is small. Fewer tokens get fewer tiles a program (_bias_row_tiles), halving down to
+# 1, so the kernel compiles for these few ROW_TILES values only (the AOT compile check enumerates them).
+# Provisional: not yet timed on a GPU against other values.
 _BIAS_ROW_TILES = 16
+BIAS_ROW_TILE_CHOICES = tuple(1 << i for i in range(_BIAS_ROW_TILES.bit_length()))
+# Programs the bias-summing backward aims for: two per SM keeps every SM busy (one waits on memory while the
+# other computes). Devices that cannot be asked (the interpreter, ahead-of-time checks) count as an H100's 132.
+_PROGRAMS_PER_SM = 2
+_DEFAULT_SM_COUNT = 132
 
 if TRITON_AVAILABLE:
 
@@ -252,6 +258,27 @@ def _launch_config(rows: int, cols: int) -> tuple[tuple[int, int], int, int]:
     return (triton.cdiv(rows, block_m), triton.cdiv(cols, block_n)), block_m, block_n
 
 
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _DEFAULT_SM_COUNT
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _bias_row_tiles(row_blocks: int, col_blocks: int, target_programs: int) -> int:
+    """Row tiles per program for the bias-summing backward: the most (fewest partial sums) of
+    ``BIAS_ROW_TILE_CHOICES`` that still give ``target_programs`` programs, else 1 (the most programs the work
+    allows). Powers of two, so each token count does not compile a kernel of its own."""
+    tiles = _BIAS_ROW_TILES
+    while tiles > 1 and triton.cdiv(row_blocks, tiles) * col_blocks < target_programs:
+        tiles //= 2
+    return tiles
+
+
 def _device_guard(device: torch.device) -> contextlib.AbstractContextManager:
     """Makes ``device`` the current CUDA device for a launch: Triton launches on the current device and its
     stream, not the tensors', so a model spread over GPUs (``device_map="auto"``) would otherwise run the
@@ -294,7 +321,8 @@ def _launch_backward(
     if g.numel() == 0:
         return torch.zeros(2, cols, dtype=torch.float32, device=g.device) if bias_grads else None
     (row_blocks, col_blocks), block_m, block_n = _launch_config(rows, cols)
-    row_tiles = min(_BIAS_ROW_TILES, row_blocks) if bias_grads else 1
+    target = _PROGRAMS_PER_SM * _sm_count(g.device)
+    row_tiles = _bias_row_tiles(row_blocks, col_blocks, target) if bias_grads else 1
     grid = (triton.cdiv(rows, block_m * row_tiles), col_blocks)
     # One fp32 row of partial sums per row program, for gate and for up; unused (and tiny) without bias_grads.
     partial = torch.empty((2, grid[0] if bias_grads else 1, cols), dtype=torch.float32, device=g.device)

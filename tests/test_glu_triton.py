@@ -250,6 +250,7 @@ def test_bias_gradients_summed_in_the_kernel_match_float64(variant, dtype, monke
     # the tensor, and 1030 columns two column blocks, so the partial sums and their reduction are all exercised.
     monkeypatch.setattr(gt, "_BLOCK_ELEMENTS", 2048)
     monkeypatch.setattr(gt, "_BIAS_ROW_TILES", 2)
+    monkeypatch.setattr(gt, "_PROGRAMS_PER_SM", 0)  # no program count to reach: the most tiles a program
     assert gt._launch_config(37, 1030) == ((19, 2), 2, 1024)
     gate, up, grad = random_inputs(37, 1030, dtype)
     _, ref_dgate, ref_dup = reference(gate, up, grad, variant)
@@ -260,6 +261,41 @@ def test_bias_gradients_summed_in_the_kernel_match_float64(variant, dtype, monke
         bound = float(expected.abs().max()) + 1.0
         rtol = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
         torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=1e-5 * bound)
+
+
+class _GridOnlyKernel:
+    """Stands in for the backward kernel: records grid and ROW_TILES, launches nothing (shapes too big to run)."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((grid, kwargs["ROW_TILES"]))
+
+
+@pytest.mark.parametrize("tokens", [256, 1024, 2048, 4096, 8192])
+def test_bias_summing_backward_fills_the_gpu_and_compiles_few_variants(tokens, monkeypatch):
+    # gpt2-small's GLU width (3072 columns: 3 column blocks of 4 x 1024) on a 132-SM device.
+    kernel = _GridOnlyKernel()
+    monkeypatch.setattr(gt, "_glu_bwd_kernel", kernel)
+    monkeypatch.setattr(gt, "_sm_count", lambda device: 132, raising=False)
+    gate = torch.empty(tokens, 3072, device=DEVICE)
+    gt._launch_backward(gate, gate, gate, gate, gate, gate, "swiglu", PARAMS, bias_grads=True)
+    ((grid, row_tiles),) = kernel.launches
+    (row_blocks, col_blocks), block_m, _ = gt._launch_config(tokens, 3072)
+    assert row_tiles in gt.BIAS_ROW_TILE_CHOICES and grid == (math.ceil(row_blocks / row_tiles), col_blocks)
+    programs = grid[0] * grid[1]
+    # At least two programs an SM where the work allows it (one a row block), and no smaller partial-sum
+    # buffer (more tiles a program) would still reach that.
+    assert programs >= min(2 * 132, row_blocks * col_blocks)
+    if row_tiles < gt._BIAS_ROW_TILES:
+        assert math.ceil(row_blocks / (2 * row_tiles)) * col_blocks < 2 * 132
+
+
+def test_bias_row_tiles_take_few_values_over_all_token_counts():
+    # Each ROW_TILES value is one more compile of the backward kernel: token counts must share them.
+    chosen = {gt._bias_row_tiles(row_blocks, 3, 264) for row_blocks in range(1, 5000)}
+    assert chosen == set(gt.BIAS_ROW_TILE_CHOICES) == {1, 2, 4, 8, 16}
 
 
 def test_an_up_bias_alone_gets_its_gradient():
