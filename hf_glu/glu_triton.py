@@ -6,7 +6,8 @@ activation, the down GEMM. Eager calls enter it through an ``autograd.Function``
 backward only the MLP input and the gate and up pre-activations; its backward runs one Triton kernel
 that reads the activation's gradient and the saved pre-activations, writes d(gate) and d(up) over them
 in place and re-emits the activation output (over its own gradient) for the down projection's weight
-gradient.
+gradient. Under ``torch.compile`` that kernel writes new tensors instead (``<ns>::glu_mlp_act_backward``):
+Inductor would clone saved tensors before letting an op write over them.
 
 Projections that are not plain ``nn.Linear`` (PEFT LoRA, quantised layers, hooked modules) are called
 as modules, and only the elementwise part runs fused (``<ns>::glu_act``), so adapters are never skipped.
@@ -22,6 +23,8 @@ imported) the same kernels run on CPU tensors; that is how CI tests them.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 import re
@@ -31,7 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .glu import GluParams, GluVariant, get_variant
+from .glu import GluParams, GluVariant, get_variant, glu_activation
+
+try:  # torch builds without distributed support have no DTensor, and then no input can be one
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:
+    _DTensor = None
 
 try:
     import triton
@@ -55,11 +63,17 @@ DEFAULT_PARAMS = GluParams()
 # latency, small enough for registers. benchmarks/bench_mlp.py --sweep times the alternatives on a GPU.
 _BLOCK_ELEMENTS = 4096
 _NUM_WARPS = 4
-# Row tiles one backward program walks when it also sums the bias gradients: at 4 rows a tile (intermediate
-# >= 1024) a program covers 64 rows, so the partial sums are 1/64 of [tokens, intermediate] in fp32 and
-# their reduction is small, while 8192 tokens still give 128 programs per column block. Provisional: not
-# yet timed on a GPU against other values.
+# Row tiles one backward program walks when it also sums the bias gradients, at most: at 4 rows a tile
+# (intermediate >= 1024) a program covers 64 rows, so the partial sums are 1/64 of [tokens, intermediate] in
+# fp32 and their reduction is small. Fewer tokens get fewer tiles a program (_bias_row_tiles), halving down to
+# 1, so the kernel compiles for these few ROW_TILES values only (the AOT compile check enumerates them).
+# Provisional: not yet timed on a GPU against other values.
 _BIAS_ROW_TILES = 16
+BIAS_ROW_TILE_CHOICES = tuple(1 << i for i in range(_BIAS_ROW_TILES.bit_length()))
+# Programs the bias-summing backward aims for: two per SM keeps every SM busy (one waits on memory while the
+# other computes). Devices that cannot be asked (the interpreter, ahead-of-time checks) count as an H100's 132.
+_PROGRAMS_PER_SM = 2
+_DEFAULT_SM_COUNT = 132
 
 if TRITON_AVAILABLE:
 
@@ -244,6 +258,34 @@ def _launch_config(rows: int, cols: int) -> tuple[tuple[int, int], int, int]:
     return (triton.cdiv(rows, block_m), triton.cdiv(cols, block_n)), block_m, block_n
 
 
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _DEFAULT_SM_COUNT
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _bias_row_tiles(row_blocks: int, col_blocks: int, target_programs: int) -> int:
+    """Row tiles per program for the bias-summing backward: the most (fewest partial sums) of
+    ``BIAS_ROW_TILE_CHOICES`` that still give ``target_programs`` programs, else 1 (the most programs the work
+    allows). Powers of two, so each token count does not compile a kernel of its own."""
+    tiles = _BIAS_ROW_TILES
+    while tiles > 1 and triton.cdiv(row_blocks, tiles) * col_blocks < target_programs:
+        tiles //= 2
+    return tiles
+
+
+def _device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """Makes ``device`` the current CUDA device for a launch: Triton launches on the current device and its
+    stream, not the tensors', so a model spread over GPUs (``device_map="auto"``) would otherwise run the
+    kernel on another GPU's memory. CPU tensors (the interpreter) need no guard."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _strides(*tensors: torch.Tensor) -> list[int]:
     return [s for t in tensors for s in t.stride()]
 
@@ -253,10 +295,11 @@ def _launch_forward(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor, var
     if g.numel() == 0:  # an empty grid is not a valid CUDA launch
         return
     grid, block_m, block_n = _launch_config(*g.shape)
-    _glu_fwd_kernel[grid](
-        g, u, o, *g.shape, *_strides(g, u, o), p.beta, p.alpha, p.limit,
-        VARIANT=KERNEL_VARIANTS[variant], BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_NUM_WARPS,
-    )  # fmt: skip
+    with _device_guard(g.device):
+        _glu_fwd_kernel[grid](
+            g, u, o, *g.shape, *_strides(g, u, o), p.beta, p.alpha, p.limit,
+            VARIANT=KERNEL_VARIANTS[variant], BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_NUM_WARPS,
+        )  # fmt: skip
 
 
 def _launch_backward(
@@ -278,15 +321,17 @@ def _launch_backward(
     if g.numel() == 0:
         return torch.zeros(2, cols, dtype=torch.float32, device=g.device) if bias_grads else None
     (row_blocks, col_blocks), block_m, block_n = _launch_config(rows, cols)
-    row_tiles = min(_BIAS_ROW_TILES, row_blocks) if bias_grads else 1
+    target = _PROGRAMS_PER_SM * _sm_count(g.device)
+    row_tiles = _bias_row_tiles(row_blocks, col_blocks, target) if bias_grads else 1
     grid = (triton.cdiv(rows, block_m * row_tiles), col_blocks)
     # One fp32 row of partial sums per row program, for gate and for up; unused (and tiny) without bias_grads.
     partial = torch.empty((2, grid[0] if bias_grads else 1, cols), dtype=torch.float32, device=g.device)
-    _glu_bwd_kernel[grid](
-        do, g, u, dg, du, o, partial, rows, cols, *_strides(do, g, u, dg, du, o), p.beta, p.alpha, p.limit,
-        VARIANT=KERNEL_VARIANTS[variant], STORE_OUT=out is not None, BIAS_GRADS=bias_grads, ROW_TILES=row_tiles,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_NUM_WARPS,
-    )  # fmt: skip
+    with _device_guard(g.device):
+        _glu_bwd_kernel[grid](
+            do, g, u, dg, du, o, partial, rows, cols, *_strides(do, g, u, dg, du, o), p.beta, p.alpha, p.limit,
+            VARIANT=KERNEL_VARIANTS[variant], STORE_OUT=out is not None, BIAS_GRADS=bias_grads,
+            ROW_TILES=row_tiles, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_NUM_WARPS,
+        )  # fmt: skip
     return partial.sum(1) if bias_grads else None
 
 
@@ -301,6 +346,27 @@ def _check_rows_view(name: str, t: torch.Tensor) -> None:
 # Python dispatch costs more than the GPU work at small sizes, and the GPU waits for it) and through a
 # torch.library custom op under torch.compile, which needs one opaque graph node. Variant and parameters
 # travel as plain str/float so the schema stays simple.
+
+
+def _first_order_only(backward: Callable) -> Callable:
+    """Refuses a backward that would build a graph (``create_graph=True``): the kernels' gradients are not
+    themselves differentiable, so a second-order gradient through them would be silently wrong.
+
+    Raised at once rather than deferred as ``torch.autograd.function.once_differentiable`` does: its deferred
+    error sits off the path to the weights, so ``torch.autograd.grad(..., weights)`` would drop this MLP's
+    second-order terms without a word. The engine enables grad mode in a backward only for create_graph.
+    """
+
+    @functools.wraps(backward)
+    def checked(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "the fused GLU kernels have no second-order gradient: a backward with create_graph=True (double "
+                "backward) through this MLP needs glu_kernel='eager'"
+            )
+        return backward(ctx, *grads)
+
+    return checked
 
 
 def _empty(t: torch.Tensor) -> torch.Tensor:
@@ -341,6 +407,7 @@ class _GluActFunction(torch.autograd.Function):
     setup_context = staticmethod(_glu_act_setup)
 
     @staticmethod
+    @_first_order_only
     def backward(ctx, grad):
         return (*_act_backward(grad, *ctx.saved_tensors, *ctx.act_args), None, None, None, None)
 
@@ -361,6 +428,7 @@ def _(grad, gate, up, variant, beta, alpha, limit):
     return _empty(gate), _empty(up)
 
 
+@_first_order_only
 def _glu_act_backward(ctx, grad):
     return (*_glu_act_backward_op(grad, *ctx.saved_tensors, *ctx.act_args), None, None, None, None)
 
@@ -381,8 +449,7 @@ def _act_backward_inplace(
     """Overwrites gate with d(gate), up with d(up) and grad with the activation output.
 
     Returns the column sums of d(gate) and d(up) (the gate and up bias gradients) as one ``[2, columns]``
-    tensor in the gate's dtype when ``bias_grads``, else an empty ``[0, columns]`` one (an op's output
-    cannot be None).
+    tensor in the gate's dtype when ``bias_grads``, else an empty ``[0, columns]`` one.
     """
     _check_launchable("gate", gate)
     _check_same(gate, up=up, grad=grad)
@@ -392,24 +459,49 @@ def _act_backward_inplace(
     return gate.new_empty((0, gate.shape[-1])) if sums is None else sums.to(gate.dtype)
 
 
-def _act_backward_inplace_eager(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, *args) -> torch.Tensor:
-    """``_act_backward_inplace`` without the custom op's dispatch cost, bumping the version counters as the
-    op would, so a second backward through the overwritten tensors is refused rather than silently wrong."""
+def _act_backward_inplace_eager(
+    grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, *args
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The eager MLP backward's kernel call: ``_act_backward_inplace``, returning (d(gate), d(up), activation,
+    bias sums), the first three over its inputs. Bumps the version counters as a mutating op would, so a
+    second backward through the overwritten tensors is refused rather than silently wrong."""
     sums = _act_backward_inplace(grad, gate, up, *args)
     for t in (grad, gate, up):
         torch.autograd.graph.increment_version(t)
-    return sums
+    return gate, up, grad, sums
 
 
-# A graph node for the in-place kernel: traced backward graphs must see the mutation.
-_glu_act_backward_inplace_op = torch.library.custom_op(
-    f"{NAMESPACE}::glu_act_backward_", mutates_args=("grad", "gate", "up")
-)(_act_backward_inplace)
+def _mlp_act_backward(
+    grad: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    variant: str,
+    beta: float,
+    alpha: float,
+    limit: float,
+    bias_grads: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_act_backward_inplace_eager``'s results in new tensors: the traced (torch.compile) MLP backward's node.
+
+    Functional because Inductor never writes over a backward graph's inputs (the tensors saved by forward):
+    a mutating op there becomes a clone of each [tokens, intermediate] input first, two extra passes over
+    memory. Writing fresh outputs costs the same allocations and no copies; the saved tensors die after it.
+    """
+    _check_launchable("gate", gate)
+    _check_same(gate, up=up, grad=grad)
+    dgate, dup, act = _empty(gate), _empty(up), _empty(grad)
+    sums = _launch_backward(grad, gate, up, dgate, dup, act, variant, GluParams(beta, alpha, limit), bias_grads)
+    return dgate, dup, act, gate.new_empty((0, gate.shape[-1])) if sums is None else sums.to(gate.dtype)
 
 
-@_glu_act_backward_inplace_op.register_fake
+_glu_mlp_act_backward_op = torch.library.custom_op(f"{NAMESPACE}::glu_mlp_act_backward", mutates_args=())(
+    _mlp_act_backward
+)
+
+
+@_glu_mlp_act_backward_op.register_fake
 def _(grad, gate, up, variant, beta, alpha, limit, bias_grads):
-    return gate.new_empty((2 if bias_grads else 0, gate.shape[-1]))
+    return _empty(gate), _empty(up), _empty(grad), gate.new_empty((2 if bias_grads else 0, gate.shape[-1]))
 
 
 def _glu_mlp_forward(
@@ -443,9 +535,10 @@ def _save_for_mlp_backward(ctx, inputs: tuple, gate: torch.Tensor, up: torch.Ten
     ctx.act_args = act_args
 
 
-def _glu_mlp_grads(ctx, grad_out: torch.Tensor, act_backward_inplace: Callable[..., torch.Tensor]) -> tuple:
+def _glu_mlp_grads(ctx, grad_out: torch.Tensor, act_backward: Callable[..., tuple[torch.Tensor, ...]]) -> tuple:
     """Gradients of ``_glu_mlp_forward``'s inputs (None for the four scalars) from what
-    ``_save_for_mlp_backward`` kept; overwrites the saved gate and up.
+    ``_save_for_mlp_backward`` kept; ``act_backward`` is ``_act_backward_inplace_eager`` (eager: overwrites the
+    saved gate and up) or the functional ``<ns>::glu_mlp_act_backward`` (traced graphs).
 
     Ordered for the smallest peak: the activation (re-emitted over its own gradient) is consumed by the
     down projection's weight gradient and freed before the other weight gradients are allocated. The gate
@@ -455,9 +548,8 @@ def _glu_mlp_grads(ctx, grad_out: torch.Tensor, act_backward_inplace: Callable[.
     needs, act_args = ctx.needs_input_grad, ctx.act_args
     rows, grad_rows = _as_rows(x), _as_rows(grad_out)
     act = grad_rows @ down_weight
-    # One kernel: gate and up become their gradients, the activation's gradient becomes the activation.
-    bias_sums = act_backward_inplace(act, gate, up, *act_args, needs[2] or needs[4])
-    dgate, dup = gate, up
+    # One kernel: the gradients of gate and up, the activation (its gradient's place in eager) and bias sums.
+    dgate, dup, act, bias_sums = act_backward(act, gate, up, *act_args, needs[2] or needs[4])
     grad_down_weight = grad_rows.t() @ act if needs[5] else None
     del act
     grads = [None] * 7
@@ -480,6 +572,7 @@ class _GluMlpFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_first_order_only
     def backward(ctx, grad_out):
         return _glu_mlp_grads(ctx, grad_out, _act_backward_inplace_eager)
 
@@ -502,8 +595,9 @@ def _glu_mlp_setup(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)
 
 
+@_first_order_only
 def _glu_mlp_backward(ctx, grad_out, _grad_gate, _grad_up):
-    return _glu_mlp_grads(ctx, grad_out, _glu_act_backward_inplace_op)
+    return _glu_mlp_grads(ctx, grad_out, _glu_mlp_act_backward_op)
 
 
 _glu_mlp_op.register_autograd(_glu_mlp_backward, setup_context=_glu_mlp_setup)
@@ -578,14 +672,24 @@ def glu_mlp_fused(
 def _is_plain_linear(module: nn.Module) -> bool:
     # Subclasses (quantised layers), wrappers (PEFT LoRA) and hooked layers must run their own forward, and so
     # must layers that tensor parallelism sharded: Transformers replaces their `forward` on the instance (no
-    # hook) and turns their weights into DTensors, which only that forward knows how to combine.
+    # hook) and turns their weights into DTensors, which only that forward knows how to combine. Hooks of any
+    # kind count, backward ones and those registered for every module (torch.nn.modules.module's global
+    # hooks) included: the one-op path never calls the module, so none of them would fire.
     return (
         type(module) is nn.Linear
         and not module._forward_hooks
         and not module._forward_pre_hooks
+        and not module._backward_hooks
+        and not module._backward_pre_hooks
+        and not torch.nn.modules.module._has_any_global_hook()
         and "forward" not in vars(module)
         and all(type(p) is nn.Parameter for p in module.parameters(recurse=False))  # a DTensor's type is DTensor
     )
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    # A DTensor's is_cuda is its local shard's, but its data pointer is not one the kernels can read.
+    return _DTensor is not None and isinstance(t, _DTensor)
 
 
 # Below this many tokens, a forward without autograd (generation, evaluation) runs eager under "auto": at
@@ -627,8 +731,11 @@ def fused_glu_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     called as a module and only the elementwise part is fused, so nothing the module does is skipped.
     """
     projections = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-    if all(_is_plain_linear(p) for p in projections):
+    if not _is_dtensor(x) and all(_is_plain_linear(p) for p in projections):
         weights = [t for p in projections for t in (p.weight, p.bias)]
         return glu_mlp_fused(x, *weights, mlp.variant, mlp.params)
-    activated = glu_activation_fused(mlp.gate_proj(x), mlp.up_proj(x), mlp.variant, mlp.params)
-    return mlp.down_proj(activated)
+    gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+    # Projections that keep their outputs distributed (tensor parallelism with use_local_output=False) hand
+    # over DTensors: only the eager maths, dispatched by DTensor, combines them correctly.
+    activate = glu_activation if _is_dtensor(gate) or _is_dtensor(up) else glu_activation_fused
+    return mlp.down_proj(activate(gate, up, mlp.variant, mlp.params))

@@ -189,8 +189,12 @@ def test_in_place_backward_overwrites_gate_up_and_grad(bias_grads):
     gate, up, grad = random_inputs(9, 21, torch.float32)
     expected_out = gt.glu_activation_fused(gate, up, "swiglu_oai", PARAMS)
     expected_dgate, expected_dup = torch.ops.hf_glu.glu_act_backward(grad, gate, up, "swiglu_oai", *_params())
-    sums = torch.ops.hf_glu.glu_act_backward_(grad, gate, up, "swiglu_oai", *_params(), bias_grads)
+    functional = torch.ops.hf_glu.glu_mlp_act_backward(grad, gate, up, "swiglu_oai", *_params(), bias_grads)
+    sums = gt._act_backward_inplace(grad, gate, up, "swiglu_oai", *_params(), bias_grads)
     assert torch.equal(gate, expected_dgate) and torch.equal(up, expected_dup) and torch.equal(grad, expected_out)
+    # The traced graphs' functional form computes the same, bit for bit.
+    for a, e in zip(functional, (gate, up, grad, sums), strict=True):
+        assert torch.equal(a, e)
     if bias_grads:
         expected_sums = torch.stack([expected_dgate.double().sum(0), expected_dup.double().sum(0)])
         torch.testing.assert_close(sums.double(), expected_sums, rtol=1e-5, atol=1e-6)
@@ -246,16 +250,52 @@ def test_bias_gradients_summed_in_the_kernel_match_float64(variant, dtype, monke
     # the tensor, and 1030 columns two column blocks, so the partial sums and their reduction are all exercised.
     monkeypatch.setattr(gt, "_BLOCK_ELEMENTS", 2048)
     monkeypatch.setattr(gt, "_BIAS_ROW_TILES", 2)
+    monkeypatch.setattr(gt, "_PROGRAMS_PER_SM", 0)  # no program count to reach: the most tiles a program
     assert gt._launch_config(37, 1030) == ((19, 2), 2, 1024)
     gate, up, grad = random_inputs(37, 1030, dtype)
     _, ref_dgate, ref_dup = reference(gate, up, grad, variant)
-    sums = torch.ops.hf_glu.glu_act_backward_(grad.clone(), gate.clone(), up.clone(), variant, *_params(), True)
+    sums = gt._act_backward_inplace(grad.clone(), gate.clone(), up.clone(), variant, *_params(), True)
     assert sums.dtype == dtype and sums.shape == (2, 1030)
     for actual, expected in zip(sums, (ref_dgate.sum(0), ref_dup.sum(0)), strict=True):
         # fp32 sums of unrounded terms, rounded once to the dtype; cancellation bounded by the terms' sizes.
         bound = float(expected.abs().max()) + 1.0
         rtol = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
         torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=1e-5 * bound)
+
+
+class _GridOnlyKernel:
+    """Stands in for the backward kernel: records grid and ROW_TILES, launches nothing (shapes too big to run)."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((grid, kwargs["ROW_TILES"]))
+
+
+@pytest.mark.parametrize("tokens", [256, 1024, 2048, 4096, 8192])
+def test_bias_summing_backward_fills_the_gpu_and_compiles_few_variants(tokens, monkeypatch):
+    # gpt2-small's GLU width (3072 columns: 3 column blocks of 4 x 1024) on a 132-SM device.
+    kernel = _GridOnlyKernel()
+    monkeypatch.setattr(gt, "_glu_bwd_kernel", kernel)
+    monkeypatch.setattr(gt, "_sm_count", lambda device: 132, raising=False)
+    gate = torch.empty(tokens, 3072, device=DEVICE)
+    gt._launch_backward(gate, gate, gate, gate, gate, gate, "swiglu", PARAMS, bias_grads=True)
+    ((grid, row_tiles),) = kernel.launches
+    (row_blocks, col_blocks), block_m, _ = gt._launch_config(tokens, 3072)
+    assert row_tiles in gt.BIAS_ROW_TILE_CHOICES and grid == (math.ceil(row_blocks / row_tiles), col_blocks)
+    programs = grid[0] * grid[1]
+    # At least two programs an SM where the work allows it (one a row block), and no smaller partial-sum
+    # buffer (more tiles a program) would still reach that.
+    assert programs >= min(2 * 132, row_blocks * col_blocks)
+    if row_tiles < gt._BIAS_ROW_TILES:
+        assert math.ceil(row_blocks / (2 * row_tiles)) * col_blocks < 2 * 132
+
+
+def test_bias_row_tiles_take_few_values_over_all_token_counts():
+    # Each ROW_TILES value is one more compile of the backward kernel: token counts must share them.
+    chosen = {gt._bias_row_tiles(row_blocks, 3, 264) for row_blocks in range(1, 5000)}
+    assert chosen == set(gt.BIAS_ROW_TILE_CHOICES) == {1, 2, 4, 8, 16}
 
 
 def test_an_up_bias_alone_gets_its_gradient():
@@ -366,6 +406,77 @@ def test_a_second_backward_through_overwritten_activations_is_refused():
         out.sum().backward()
 
 
+def _double_backward_entries():
+    gate, up = (_leaf(torch.randn(3, 24, device=DEVICE)) for _ in range(2))
+    activation = ("activation", lambda: (gt.glu_activation_fused(gate, up, "swiglu", PARAMS), gate, gate))
+    mlp = make_mlp("swiglu")
+    x = _leaf(torch.randn(3, 24, device=DEVICE))
+    whole = ("mlp", lambda: (mlp(x), x, mlp.gate_proj.weight))
+    args = (*(p for n in ("gate", "up", "down") for p in getattr(mlp, f"{n}_proj").parameters()), "swiglu", *_params())
+    # The custom op (what torch.compile sees) called directly: its registered backward is also once-only.
+    op = ("mlp_op", lambda: (torch.ops.hf_glu.glu_mlp(x, *args)[0], x, mlp.gate_proj.weight))
+    return [activation, whole, op]
+
+
+@pytest.mark.parametrize("entry", range(3), ids=["activation", "mlp", "mlp_op"])
+def test_double_backward_raises_instead_of_a_wrong_second_order_gradient(entry):
+    _, build = _double_backward_entries()[entry]
+    out, first, second = build()  # the input whose gradient is built, and a weight a second order would reach
+    # Before any second-order gradient is asked for: the graph it would come from is already wrong.
+    with pytest.raises(RuntimeError, match="no second-order gradient.*create_graph=True.*glu_kernel='eager'"):
+        torch.autograd.grad(out.square().sum(), first, create_graph=True)
+    # A first-order backward of the same graph is unaffected.
+    assert torch.autograd.grad(out.square().sum(), second)[0].shape == second.shape
+
+
+class _StandInCudaDevice:
+    """Stands in for ``torch.cuda.device``: records which device each launch ran under."""
+
+    current = "cuda:0"  # the process's current device, which a launch must not fall back to
+
+    def __init__(self, device):
+        self.device, self.previous = device, None
+
+    def __enter__(self):
+        self.previous, _StandInCudaDevice.current = _StandInCudaDevice.current, self.device
+        return self
+
+    def __exit__(self, *exc):
+        _StandInCudaDevice.current = self.previous
+
+
+class _RecordingKernel:
+    def __init__(self, kernel, launches):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((_StandInCudaDevice.current, args[0].device))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def test_device_guard_makes_the_tensors_device_current(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device", _StandInCudaDevice)
+    with gt._device_guard(torch.device("cuda", 1)):
+        assert _StandInCudaDevice.current == torch.device("cuda", 1)
+    assert _StandInCudaDevice.current == "cuda:0"
+
+
+def test_every_launch_runs_under_its_tensors_device(monkeypatch):
+    launches = []
+    monkeypatch.setattr(gt, "_device_guard", _StandInCudaDevice)
+    for name in ("_glu_fwd_kernel", "_glu_bwd_kernel"):
+        monkeypatch.setattr(gt, name, _RecordingKernel(getattr(gt, name), launches))
+    mlp = make_mlp("geglu", bias=True)
+    mlp(torch.randn(3, 24, device=DEVICE, requires_grad=True)).sum().backward()
+    gate, up = (_leaf(torch.randn(3, 24, device=DEVICE)) for _ in range(2))
+    gt.glu_activation_fused(gate, up, "geglu", PARAMS).sum().backward()
+    assert len(launches) == 4  # forward and backward of the MLP op and of the activation op
+    assert all(current == device for current, device in launches), launches
+
+
 def test_autocast_runs_the_fused_mlp_in_the_autocast_dtype():
     mlp = make_mlp()
     x = torch.randn(3, 24, device=DEVICE, requires_grad=True)
@@ -399,8 +510,7 @@ def test_opcheck_passes():
     torch.library.opcheck(torch.ops.hf_glu.glu_act, (_leaf(gate), _leaf(up), *act_args))
     torch.library.opcheck(torch.ops.hf_glu.glu_act_backward, (grad, gate, up, *act_args))
     for bias_grads in (False, True):
-        inplace_args = (grad.clone(), gate.clone(), up.clone(), *act_args, bias_grads)
-        torch.library.opcheck(torch.ops.hf_glu.glu_act_backward_, inplace_args)
+        torch.library.opcheck(torch.ops.hf_glu.glu_mlp_act_backward, (grad, gate, up, *act_args, bias_grads))
     # glu_mlp hands its saved pre-activations out as outputs that its backward overwrites; the
     # aot_dispatch check returns them to the caller, which no user of glu_mlp_fused can do, so that
     # one check runs instead through torch.compile in test_compile_* below.
@@ -457,6 +567,40 @@ def test_compile_matches_eager(backend):
         out = compiled(x_leaf)
         actual = (out.detach(), *torch.autograd.grad(out, (x_leaf, *mlp.parameters()), grad))
     for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+def test_inductor_backward_copies_no_tokens_by_intermediate_tensor(monkeypatch):
+    # Inductor cannot write over a tensor saved from forward (a backward graph input): an op that mutates the
+    # saved pre-activations becomes a clone of each first. Count copies in the graphs after the post-grad
+    # passes (where those clones are made), forward and backward.
+    import torch._inductor.compile_fx as compile_fx
+
+    tokens, inner = 10, 40
+    copies = []
+    real = compile_fx.post_grad_passes
+
+    def record(gm, is_inference):
+        real(gm, is_inference)
+        for node in gm.graph.nodes:
+            value = node.meta.get("val")
+            # By size: Inductor clones the flat storage ([tokens * intermediate]), not the 2-D view.
+            if node.op == "call_function" and isinstance(value, torch.Tensor) and value.numel() == tokens * inner:
+                name = str(node.target)
+                if "clone" in name or "copy" in name:
+                    copies.append(name)
+
+    monkeypatch.setattr(compile_fx, "post_grad_passes", record)
+    mlp = make_mlp("swiglu", bias=True, inner=inner)
+    x = torch.randn(2, tokens // 2, 24, device=DEVICE, requires_grad=True)
+    expected = run_mlp(mlp, x, torch.ones(2, tokens // 2, 24, device=DEVICE), "triton")
+    torch._dynamo.reset()
+    with torch.compiler.config.patch(force_disable_caches=True):
+        compiled = torch.compile(mlp, backend="inductor", fullgraph=True)
+        out = compiled(x)
+        out.sum().backward()
+    assert copies == []
+    for a, e in zip((out, x.grad, *(p.grad for p in mlp.parameters())), expected, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
 
 
@@ -570,6 +714,108 @@ def test_forward_hooks_on_projections_still_fire():
     mlp.gate_proj.register_forward_hook(lambda module, args, out: seen.append(out.shape))
     mlp(torch.randn(3, 24, device=DEVICE))
     assert seen == [torch.Size([3, 40])]
+
+
+def _register_backward_hook(module, seen):
+    return module.register_full_backward_hook(lambda m, grad_in, grad_out: seen.append(m))
+
+
+def _register_backward_pre_hook(module, seen):
+    return module.register_full_backward_pre_hook(lambda m, grad_out: seen.append(m))
+
+
+def _register_global_forward_hook(module, seen):
+    return torch.nn.modules.module.register_module_forward_hook(lambda m, args, out: seen.append(m))
+
+
+def _register_global_forward_pre_hook(module, seen):
+    return torch.nn.modules.module.register_module_forward_pre_hook(lambda m, args: seen.append(m))
+
+
+def _register_global_backward_hook(module, seen):
+    return torch.nn.modules.module.register_module_full_backward_hook(lambda m, grad_in, grad_out: seen.append(m))
+
+
+def _register_global_backward_pre_hook(module, seen):
+    return torch.nn.modules.module.register_module_full_backward_pre_hook(lambda m, grad_out: seen.append(m))
+
+
+@pytest.mark.parametrize(
+    "register",
+    [
+        _register_backward_hook,
+        _register_backward_pre_hook,
+        _register_global_forward_hook,
+        _register_global_forward_pre_hook,
+        _register_global_backward_hook,
+        _register_global_backward_pre_hook,
+    ],
+    ids=lambda f: f.__name__.removeprefix("_register_"),
+)
+def test_backward_and_global_hooks_on_projections_fire_and_gradients_match_eager(register):
+    mlp = make_mlp()
+    x, grad = torch.randn(3, 24, device=DEVICE), torch.randn(3, 24, device=DEVICE)
+    expected = run_mlp(mlp, x, grad, "eager")
+    seen = []
+    handle = register(mlp.gate_proj, seen)
+    try:
+        actual = run_mlp(mlp, x, grad, "triton")
+    finally:
+        handle.remove()
+    assert mlp.gate_proj in seen
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def one_process_mesh(tmp_path_factory):
+    """A one-rank gloo process group and CPU device mesh, torn down after this module's tests."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed and no process group of its own")
+    store = dist.FileStore(str(tmp_path_factory.mktemp("store") / "file"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        yield torch.distributed.device_mesh.init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+class DTensorOutputLinear(nn.Linear):
+    """A projection sharded by tensor parallelism with ``use_local_output=False``: it returns DTensors."""
+
+    mesh = None
+
+    def forward(self, x):
+        from torch.distributed.tensor import DTensor, Replicate
+
+        local = x.to_local() if isinstance(x, DTensor) else x
+        return DTensor.from_local(super().forward(local), self.mesh, [Replicate()])
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the one-rank mesh is a CPU (gloo) one")
+def test_dtensor_projection_outputs_never_reach_the_kernels(one_process_mesh, monkeypatch):
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mlp = make_mlp("swiglu_oai")
+    x = torch.randn(3, 24, device=DEVICE)
+    expected = mlp(x)  # "triton" on plain tensors: the kernels run
+    launches = []
+    for name in ("_launch_forward", "_launch_backward"):
+        real = getattr(gt, name)
+        monkeypatch.setattr(gt, name, lambda *a, real=real, **k: launches.append(a) or real(*a, **k))
+    DTensorOutputLinear.mesh = one_process_mesh
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        projection = DTensorOutputLinear(*reversed(getattr(mlp, name).weight.shape)).to(DEVICE)
+        projection.load_state_dict(getattr(mlp, name).state_dict())
+        setattr(mlp, name, projection)
+    out = mlp(x)
+    assert isinstance(out, DTensor) and not launches
+    torch.testing.assert_close(out.full_tensor(), expected, rtol=1e-5, atol=1e-6)
+    # A DTensor input with plain projections is not handed to the one-op path either.
+    distributed_x = DTensor.from_local(x, one_process_mesh, [Replicate()])
+    assert not gt._is_plain_linear(DTensorOutputLinear(2, 2)) and gt._is_dtensor(distributed_x)
+    assert not gt._is_dtensor(x)
 
 
 def _causal_lm_logits_and_grads(model, input_ids, kernel):
