@@ -89,10 +89,13 @@ def _mapped_hub_layers() -> list[object] | None:
 
 
 def hub_kernel_matches(mlp: nn.Module) -> bool:
-    """Whether every hub layer mapped to ``GluMLP`` computes ``mlp``'s variant (the kernels ``condition``)."""
+    """Whether hub layers are mapped to ``GluMLP`` and every one computes ``mlp``'s variant (the kernels
+    ``condition``, checked by ``kernelize`` for each GLU MLP before it swaps the forward)."""
     repos = _mapped_hub_layers()
     trusted = hub_layer_names(mlp.variant.name)
-    return repos is not None and all(getattr(repo, "layer_name", None) in trusted for repo in repos)
+    # Nothing mapped is a "no" too: Transformers kernelizes every model it loads (`use_kernels` defaults on),
+    # and kernels warns for each layer it finds no mapping for; declining first keeps such loads quiet.
+    return bool(repos) and all(getattr(repo, "layer_name", None) in trusted for repo in repos)
 
 
 @use_kernel_forward_from_hub(HUB_KERNEL_NAME, condition=hub_kernel_matches)
@@ -589,6 +592,17 @@ class GluForTokenClassification(GluPreTrainedModel):
         )
         return output if return_dict else output.to_tuple()
 
+
+# Saved checkpoints carry this file and name these heads in `auto_map` (trust_remote_code users need no hf_glu).
+# Here rather than in hf_glu/__init__.py, which builds no model class until one is used.
+for _auto_name, _head in (
+    ("AutoModel", GluModel),
+    ("AutoModelForCausalLM", GluForCausalLM),
+    ("AutoModelForSequenceClassification", GluForSequenceClassification),
+    ("AutoModelForTokenClassification", GluForTokenClassification),
+):
+    _head.register_for_auto_class(_auto_name)
+del _auto_name, _head
 
 __all__ = [
     "GluMLP",

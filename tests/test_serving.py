@@ -163,6 +163,18 @@ def test_hub_guard_refuses_when_the_mapping_cannot_be_read(monkeypatch):
     import hf_glu.modeling_glu as modeling
 
     mlp = GluMLP(tiny_config(glu_variant="swiglu"))
-    assert GluMLP.kernel_layer_name == "GluMLP" and GluMLP.kernel_condition(mlp)  # nothing mapped: no objection
+    assert GluMLP.kernel_layer_name == "GluMLP"
+    monkeypatch.setattr(modeling, "_mapped_hub_layers", lambda: [_StandInRepository("GluMLP_swiglu")])
+    assert GluMLP.kernel_condition(mlp)
     monkeypatch.setattr(modeling, "_mapped_hub_layers", lambda: None)
     assert not GluMLP.kernel_condition(mlp)
+
+
+def test_loading_with_no_hub_mapping_keeps_the_forward_without_a_warning(tmp_path, caplog):
+    from hf_glu import GluForCausalLM
+
+    GluForCausalLM(tiny_config()).save_pretrained(tmp_path)
+    with caplog.at_level("WARNING"):
+        model = GluForCausalLM.from_pretrained(tmp_path, use_kernels=True)  # 5.25's default; explicit for 5.17
+    assert "No kernel mapping found for layer `GluMLP`" not in caplog.text
+    assert "forward" not in vars(model.transformer.h[0].mlp)  # kernels swapped nothing in
