@@ -2,65 +2,188 @@
 
 Importing the package registers the GLU configs and every model head, the GPT-2-style ``GluFor*`` and
 each family's ``Glu<FamilyClass>``, with the Auto classes (so ``AutoModelForCausalLM.from_pretrained``
-finds them), marks them to save their code into checkpoints (so ``trust_remote_code=True`` users load
-them without hf_glu), and tells PEFT which modules LoRA targets by default.
+finds them), and tells PEFT which modules LoRA targets by default. The model classes save their code into
+checkpoints (so ``trust_remote_code=True`` users load them without hf_glu).
+
+The import is lazy: the configs are registered at once (Auto registration needs the config class), but the
+model classes are registered by name and built on first use, as Transformers' own Auto mappings do; the
+public names below resolve on first access; the conversion code loads only when used. A process that only
+loads a GLU checkpoint never imports the other families' modeling code or ``hf_glu.convert``.
 """
 
-import transformers
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
-)
+from __future__ import annotations
 
-from .configuration_glu import GluConfig
-from .configuration_glu_families import FAMILIES, GLU_FAMILY_CONFIGS
-from .convert import convert_checkpoint, convert_gpt2
-from .glu import VARIANTS, GluParams, get_variant, glu_activation
-from .modeling_glu import (
-    GluForCausalLM,
-    GluForSequenceClassification,
-    GluForTokenClassification,
-    GluMLP,
-    GluModel,
-    GluPreTrainedModel,
-)
-from .modeling_glu_families import GLU_FAMILY_MODELS
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GLU_PROJECTIONS = ["gate_proj", "up_proj", "down_proj"]
 
-_AUTO_CLASSES = (
-    (AutoModel, GluModel),
-    (AutoModelForCausalLM, GluForCausalLM),
-    (AutoModelForSequenceClassification, GluForSequenceClassification),
-    (AutoModelForTokenClassification, GluForTokenClassification),
-)
+# public name -> the submodule defining it, imported on first access
+_PUBLIC = {
+    "GluConfig": "configuration_glu",
+    "FAMILIES": "configuration_glu_families",
+    "GLU_FAMILY_CONFIGS": "configuration_glu_families",
+    "VARIANTS": "glu",
+    "GluParams": "glu",
+    "get_variant": "glu",
+    "glu_activation": "glu",
+    "GluModel": "modeling_glu",
+    "GluForCausalLM": "modeling_glu",
+    "GluForSequenceClassification": "modeling_glu",
+    "GluForTokenClassification": "modeling_glu",
+    "GluMLP": "modeling_glu",
+    "GluPreTrainedModel": "modeling_glu",
+    "GLU_FAMILY_MODELS": "modeling_glu_families",
+    "convert_gpt2": "convert",
+    "convert_checkpoint": "convert",
+}
+
+# Auto class -> head of the GPT-2-style GLU model
+_GLU_HEADS = {
+    "AutoModel": "GluModel",
+    "AutoModelForCausalLM": "GluForCausalLM",
+    "AutoModelForSequenceClassification": "GluForSequenceClassification",
+    "AutoModelForTokenClassification": "GluForTokenClassification",
+}
+
+if TYPE_CHECKING:
+    from .configuration_glu import GluConfig
+    from .configuration_glu_families import FAMILIES, GLU_FAMILY_CONFIGS
+    from .convert import convert_checkpoint, convert_gpt2
+    from .glu import VARIANTS, GluParams, get_variant, glu_activation
+    from .modeling_glu import (
+        GluForCausalLM,
+        GluForSequenceClassification,
+        GluForTokenClassification,
+        GluMLP,
+        GluModel,
+        GluPreTrainedModel,
+    )
+    from .modeling_glu_families import GLU_FAMILY_MODELS
 
 
-def _register() -> None:
-    AutoConfig.register(GluConfig.model_type, GluConfig, exist_ok=True)
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    elif importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a submodule: hf_glu.glu_triton…
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC})
+
+
+class _ModelClassByName:
+    """Stands in an Auto mapping for a model class not built yet: the class is imported on first use.
+
+    Transformers' Auto mappings hold (config class → model class); building a family's GLU classes imports
+    that family's modeling code, so the mapping holds this stand-in. ``config_class`` answers at once (the
+    Auto classes check it on registration); any other attribute, or a call, builds the class and defers to it.
+    """
+
+    _OWN_FIELDS = frozenset({"config_class", "_module", "_resolve", "_auto_name", "_model_class"})
+
+    def __init__(self, config_class: type, module: str, resolve: str, auto_name: str):
+        self.config_class = config_class
+        self._module, self._resolve, self._auto_name = module, resolve, auto_name
+        self._model_class: type | None = None
+
+    def resolved(self) -> type:
+        if self._model_class is None:
+            namespace = importlib.import_module(f".{self._module}", __name__)
+            if self._resolve == "family":  # GLU_FAMILY_MODELS[source model_type][auto class name]
+                glu_type = self.config_class.model_type
+                family = next(f for f in namespace.FAMILIES.values() if f.glu_model_type == glu_type)
+                self._model_class = namespace.GLU_FAMILY_MODELS[family.model_type][self._auto_name]
+            else:
+                self._model_class = getattr(namespace, self._resolve)
+        return self._model_class
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _ModelClassByName._OWN_FIELDS:  # read before __init__ ran (copy, pickle): never recurse
+            raise AttributeError(name)
+        return getattr(self.resolved(), name)
+
+    def __call__(self, *args, **kwargs):
+        return self.resolved()(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<{self._auto_name} model for {self.config_class.__name__}, built on first use>"
+
+
+def _register_auto_classes() -> None:
+    import transformers
+
+    from .configuration_glu import GluConfig
+    from .configuration_glu_families import FAMILIES, GLU_FAMILY_CONFIGS
+
+    transformers.AutoConfig.register(GluConfig.model_type, GluConfig, exist_ok=True)
     GluConfig.register_for_auto_class()
-    for auto_class, model_class in _AUTO_CLASSES:
-        auto_class.register(GluConfig, model_class, exist_ok=True)
-        model_class.register_for_auto_class(auto_class.__name__)
+    for auto_name, head in _GLU_HEADS.items():
+        stand_in = _ModelClassByName(GluConfig, "modeling_glu", head, auto_name)
+        getattr(transformers, auto_name).register(GluConfig, stand_in, exist_ok=True)
+    for family in FAMILIES.values():
+        config_class = GLU_FAMILY_CONFIGS[family.model_type]
+        transformers.AutoConfig.register(family.glu_model_type, config_class, exist_ok=True)
+        config_class.register_for_auto_class()
+        for auto_name in family.heads:
+            stand_in = _ModelClassByName(config_class, "modeling_glu_families", "family", auto_name)
+            getattr(transformers, auto_name).register(config_class, stand_in, exist_ok=True)
+
+
+def _register_lora_targets() -> None:
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    from .configuration_glu import GluConfig
+    from .configuration_glu_families import FAMILIES
 
     TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.setdefault(GluConfig.model_type, LORA_TARGET_MODULES)
     for family in FAMILIES.values():
-        config_class = GLU_FAMILY_CONFIGS[family.model_type]
-        AutoConfig.register(family.glu_model_type, config_class, exist_ok=True)
-        config_class.register_for_auto_class()
-        for auto_name, model_class in GLU_FAMILY_MODELS[family.model_type].items():
-            getattr(transformers, auto_name).register(config_class, model_class, exist_ok=True)
-            model_class.register_for_auto_class(auto_name)
         TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.setdefault(
             family.glu_model_type, [*family.attention, *GLU_PROJECTIONS]
         )
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs ``callback`` once ``module`` has been imported, whoever imports it (PEFT costs seconds to import,
+    and PEFT reads its default LoRA targets only when it builds an adapter)."""
+
+    def __init__(self, module: str, callback):
+        self.module, self.callback = module, callback
+
+    def find_spec(self, name, path=None, target=None):
+        if name != self.module:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_register(module):
+            exec_module(module)
+            self.callback()
+
+        spec.loader.exec_module = exec_then_register
+        return spec
+
+
+def _register() -> None:
+    _register_auto_classes()
+    if "peft.utils.constants" in sys.modules:
+        _register_lora_targets()
+    elif importlib.util.find_spec("peft") is not None:
+        sys.meta_path.insert(0, _AfterImport("peft.utils.constants", _register_lora_targets))
 
 
 _register()

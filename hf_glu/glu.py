@@ -16,9 +16,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 DEFAULT_BETA = 1.0
 DEFAULT_ALPHA = 1.702  # gpt-oss's sigmoid scale
@@ -39,36 +41,39 @@ class GluVariant:
     """One GLU variant: its name, the paper or model it comes from, and its eager elementwise maths.
 
     ``fn(gate, up, params)`` receives tensors already in the compute dtype (fp32 or float64).
+    ``gate_act(gate, params)``: the activation applied to the gate alone, for the variants that are
+    ``gate_act(gate) * up``; ``None`` for a variant that also transforms ``up`` (gpt-oss's clamped SwiGLU).
     """
 
     name: str
     formula: str
     origin: str
     fn: Callable[[torch.Tensor, torch.Tensor, GluParams], torch.Tensor]
+    gate_act: Callable[[torch.Tensor, GluParams], torch.Tensor] | None = None
 
 
-def _glu(gate: torch.Tensor, up: torch.Tensor, p: GluParams) -> torch.Tensor:
-    return up * torch.sigmoid(gate)
+def _sigmoid(gate: torch.Tensor, p: GluParams) -> torch.Tensor:
+    return torch.sigmoid(gate)
 
 
-def _bilinear(gate: torch.Tensor, up: torch.Tensor, p: GluParams) -> torch.Tensor:
-    return up * gate
+def _identity(gate: torch.Tensor, p: GluParams) -> torch.Tensor:
+    return gate
 
 
-def _reglu(gate: torch.Tensor, up: torch.Tensor, p: GluParams) -> torch.Tensor:
-    return up * torch.relu(gate)
+def _relu(gate: torch.Tensor, p: GluParams) -> torch.Tensor:
+    return torch.relu(gate)
 
 
-def _geglu(gate: torch.Tensor, up: torch.Tensor, p: GluParams) -> torch.Tensor:
-    return up * F.gelu(gate)
+def _gelu(gate: torch.Tensor, p: GluParams) -> torch.Tensor:
+    return F.gelu(gate)
 
 
-def _geglu_tanh(gate: torch.Tensor, up: torch.Tensor, p: GluParams) -> torch.Tensor:
-    return up * F.gelu(gate, approximate="tanh")
+def _gelu_tanh(gate: torch.Tensor, p: GluParams) -> torch.Tensor:
+    return F.gelu(gate, approximate="tanh")
 
 
-def _swiglu(gate: torch.Tensor, up: torch.Tensor, p: GluParams) -> torch.Tensor:
-    return up * (gate * torch.sigmoid(p.beta * gate))
+def _swish(gate: torch.Tensor, p: GluParams) -> torch.Tensor:
+    return gate * torch.sigmoid(p.beta * gate)
 
 
 def _swiglu_oai(gate: torch.Tensor, up: torch.Tensor, p: GluParams) -> torch.Tensor:
@@ -77,15 +82,29 @@ def _swiglu_oai(gate: torch.Tensor, up: torch.Tensor, p: GluParams) -> torch.Ten
     return (up + 1) * (gate * torch.sigmoid(p.alpha * gate))
 
 
+def _gated(
+    name: str, formula: str, origin: str, gate_act: Callable[[torch.Tensor, GluParams], torch.Tensor]
+) -> GluVariant:
+    """A variant of the form ``gate_act(gate) * up``: its ``fn`` is derived from ``gate_act``, never restated."""
+    return GluVariant(name, formula, origin, partial(_times_up, gate_act), gate_act)
+
+
+def _times_up(
+    gate_act: Callable[[torch.Tensor, GluParams], torch.Tensor], gate: torch.Tensor, up: torch.Tensor, p: GluParams
+) -> torch.Tensor:
+    # A module-level function under functools.partial, not a lambda: models holding a variant stay picklable.
+    return up * gate_act(gate, p)
+
+
 VARIANTS: dict[str, GluVariant] = {
     v.name: v
     for v in (
-        GluVariant("glu", "up * sigmoid(gate)", "Dauphin et al. 2017", _glu),
-        GluVariant("bilinear", "up * gate", "Shazeer 2020", _bilinear),
-        GluVariant("reglu", "up * relu(gate)", "Shazeer 2020", _reglu),
-        GluVariant("geglu", "up * gelu_erf(gate)", "Shazeer 2020", _geglu),
-        GluVariant("geglu_tanh", "up * gelu_tanh(gate)", "GPT-2 gelu_new, Gemma gelu_pytorch_tanh", _geglu_tanh),
-        GluVariant("swiglu", "up * gate * sigmoid(beta * gate)", "Shazeer 2020; Llama", _swiglu),
+        _gated("glu", "up * sigmoid(gate)", "Dauphin et al. 2017", _sigmoid),
+        _gated("bilinear", "up * gate", "Shazeer 2020", _identity),
+        _gated("reglu", "up * relu(gate)", "Shazeer 2020", _relu),
+        _gated("geglu", "up * gelu_erf(gate)", "Shazeer 2020", _gelu),
+        _gated("geglu_tanh", "up * gelu_tanh(gate)", "GPT-2 gelu_new, Gemma gelu_pytorch_tanh", _gelu_tanh),
+        _gated("swiglu", "up * gate * sigmoid(beta * gate)", "Shazeer 2020; Llama", _swish),
         GluVariant(
             "swiglu_oai",
             "(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)",
@@ -135,3 +154,97 @@ def glu_activation(
         raise ValueError(f"gate and up must share a dtype, got {gate.dtype} and {up.dtype}")
     work = compute_dtype(gate.dtype)
     return spec.fn(gate.to(work), up.to(work), params).to(gate.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The activation as a module, for the GLU MLP's eager form ``down(act_fn(gate(x)) * up(x))``.
+#
+# Serving engines (vLLM's Transformers backend, kernel hubs) recognise that form by the activation module's
+# class and fuse it into their own ``SiluAndMul``/``GeluAndMul``-style kernels. So each class says exactly what
+# it computes: the standard activations subclass torch's own (an engine testing ``isinstance(act, nn.SiLU)``
+# or the class name finds them), and every other variant gets a class of its own name that matches no
+# standard pattern (tanh GELU is not ``nn.GELU``; SwiGLU with beta != 1 is not ``SiLU``; gpt-oss's clamped
+# SwiGLU takes ``up`` too, so its MLP is not even ``act(gate) * up``). The maths is the variant table's.
+
+
+class _TableActivation(nn.Module):
+    """``gate_act(gate)`` of one variant, computed in fp32 (float64 stays float64) and cast back once."""
+
+    def __init__(self, variant: GluVariant, params: GluParams):
+        super().__init__()
+        self.variant = variant
+        self.params = params
+
+    def forward(self, gate: torch.Tensor) -> torch.Tensor:
+        return self.variant.gate_act(gate.to(compute_dtype(gate.dtype)), self.params).to(gate.dtype)
+
+    def extra_repr(self) -> str:
+        return self.variant.formula
+
+
+class Sigmoid(_TableActivation, nn.Sigmoid):
+    """``sigmoid(gate)``: the ``glu`` variant."""
+
+
+class Identity(_TableActivation, nn.Identity):
+    """``gate``: the ``bilinear`` variant."""
+
+
+class ReLU(_TableActivation, nn.ReLU):
+    """``relu(gate)``: the ``reglu`` variant."""
+
+
+class GELU(_TableActivation, nn.GELU):
+    """The erf GELU: the ``geglu`` variant (``nn.GELU(approximate="none")``)."""
+
+
+class GELUTanh(_TableActivation):
+    """The tanh GELU (GPT-2's ``gelu_new``): the ``geglu_tanh`` variant. Deliberately not an ``nn.GELU``, whose
+    pattern engines fuse as the erf GELU."""
+
+
+class SiLU(_TableActivation, nn.SiLU):
+    """``gate * sigmoid(gate)``: the ``swiglu`` variant with beta = 1, Llama's activation."""
+
+
+class Swish(_TableActivation):
+    """``gate * sigmoid(beta * gate)``: the ``swiglu`` variant with beta != 1. Deliberately not an ``nn.SiLU``."""
+
+    def extra_repr(self) -> str:
+        return f"{self.variant.formula}, beta={self.params.beta}"
+
+
+class ClampedSwiGLU(nn.Module):
+    """gpt-oss's clamped SwiGLU of ``(gate, up)``: ``up`` is clamped and shifted too, so it is no ``act(gate)``."""
+
+    def __init__(self, variant: GluVariant, params: GluParams):
+        super().__init__()
+        self.variant = variant
+        self.params = params
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return glu_activation(gate, up, self.variant, self.params)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.params.alpha}, limit={self.params.limit}"
+
+
+_ACTIVATION_MODULES: dict[str, type[nn.Module]] = {
+    "glu": Sigmoid,
+    "bilinear": Identity,
+    "reglu": ReLU,
+    "geglu": GELU,
+    "geglu_tanh": GELUTanh,
+    "swiglu": SiLU,
+    "swiglu_oai": ClampedSwiGLU,
+}
+
+
+def activation_module(variant: str | GluVariant, params: GluParams = GluParams()) -> nn.Module:
+    """The activation module of ``variant``: called as ``act(gate)``, or ``act(gate, up)`` where the variant's
+    ``gate_act`` is ``None``."""
+    spec = variant if isinstance(variant, GluVariant) else get_variant(variant)
+    cls = _ACTIVATION_MODULES[spec.name]
+    if cls is SiLU and params.beta != 1.0:
+        cls = Swish
+    return cls(spec, params)

@@ -21,6 +21,7 @@ from transformers import PretrainedConfig
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
+from transformers.integrations.hub_kernels import use_kernel_forward_from_hub
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -32,7 +33,7 @@ from transformers.modeling_outputs import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 
 from .configuration_glu import AUTO_MAP, GluConfig
-from .glu import get_variant, glu_activation
+from .glu import activation_module, get_variant
 from .glu_triton import fused_glu_mlp, fused_path_wanted
 
 # Transformers renamed the KV cache from `past_key_values` to `cache` during 5.x (argument of
@@ -59,6 +60,45 @@ def _with_cache(cache: Cache | None) -> dict:
     return {_OUTPUT_CACHE_FIELD: cache}
 
 
+# The kernels-hub name of the GLU MLP: `KernelConfig(kernel_mapping={"GluMLP": "org/repo:Layer"})` with
+# `use_kernels=True` (or the kernels library's own `kernelize`) swaps its forward for the hub layer's.
+HUB_KERNEL_NAME = "GluMLP"
+
+
+def hub_layer_names(variant: str) -> frozenset[str]:
+    """The hub layer names trusted to compute ``variant``: ``GluMLP``, a build of this package's kernels that
+    reads ``self.variant`` and ``self.params`` as ``fused_glu_mlp`` does, and ``GluMLP_<variant>``, a build of
+    that one variant (e.g. ``GluMLP_swiglu``). A layer named for a fixed activation (``SwiGLUMLP``…) is never
+    trusted: it would silently compute another function for the other variants."""
+    return frozenset({HUB_KERNEL_NAME, f"{HUB_KERNEL_NAME}_{variant}"})
+
+
+def _mapped_hub_layers() -> list[object] | None:
+    """Every repository the current kernels mapping names for ``GluMLP``, on any device and mode; ``None`` when
+    the mapping cannot be read."""
+    try:
+        # The kernels library offers `condition` with the module only, not the layer it would swap in; the
+        # layer is read from the mapping `kernelize` consults. Its layout is kernels' own (0.19), so any
+        # change there reads as "unknown" and the guard refuses the swap rather than guess.
+        from kernels._internals.layer.globals import _KERNEL_MAPPING
+
+        devices = _KERNEL_MAPPING.get().get(HUB_KERNEL_NAME) or {}
+        return [repo for repos in devices.values() for repo in (repos.repos_for_device(None) or {}).values()]
+    except (ImportError, AttributeError, TypeError):
+        return None
+
+
+def hub_kernel_matches(mlp: nn.Module) -> bool:
+    """Whether hub layers are mapped to ``GluMLP`` and every one computes ``mlp``'s variant (the kernels
+    ``condition``, checked by ``kernelize`` for each GLU MLP before it swaps the forward)."""
+    repos = _mapped_hub_layers()
+    trusted = hub_layer_names(mlp.variant.name)
+    # Nothing mapped is a "no" too: Transformers kernelizes every model it loads (`use_kernels` defaults on),
+    # and kernels warns for each layer it finds no mapping for; declining first keeps such loads quiet.
+    return bool(repos) and all(getattr(repo, "layer_name", None) in trusted for repo in repos)
+
+
+@use_kernel_forward_from_hub(HUB_KERNEL_NAME, condition=hub_kernel_matches)
 class GluMLP(nn.Module):
     """``down(act(gate(x)) * up(x))`` with the variant named by ``config.glu_variant``.
 
@@ -97,24 +137,35 @@ class GluMLP(nn.Module):
         self.up_proj = nn.Linear(hidden, inner, bias=bias if up_bias is None else up_bias)
         self.down_proj = nn.Linear(inner, hidden, bias=bias)
         self.down_proj.writes_residual = True  # read by _init_weights
+        # A parameter-free submodule, so checkpoints keep exactly gate_proj/up_proj/down_proj.
+        self.act_fn = activation_module(self.variant, self.params)
         self.dropout = nn.Dropout(config.resid_pdrop if dropout is None else dropout)
         self.adds_residual = adds_residual
 
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        # The single dispatch point between the fused kernels and the eager reference.
-        if fused_path_wanted(self.config.glu_kernel, hidden_states):
+        if self.use_fused_path(hidden_states):
             out = fused_glu_mlp(self, hidden_states)
+        elif self.variant.gate_act is None:  # gpt-oss's clamped SwiGLU transforms up too: not act(gate) * up
+            out = self.down_proj(self.act_fn(self.gate_proj(hidden_states), self.up_proj(hidden_states)))
         else:
-            activated = glu_activation(
-                self.gate_proj(hidden_states), self.up_proj(hidden_states), self.variant, self.params
-            )
-            out = self.down_proj(activated)
+            out = self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
         out = self.dropout(out)
         if self.adds_residual:
             if residual is None:
                 raise ValueError("this GLU MLP adds the residual itself: call it as mlp(hidden_states, residual)")
             out = residual + out
         return out
+
+    def use_fused_path(self, hidden_states: torch.Tensor) -> bool:
+        """The single dispatch point between the fused kernels and the eager form.
+
+        Symbolic tracing (``torch.fx``, as vLLM's Transformers backend does) always records the eager form:
+        that is the graph engines pattern-match to put in their own fused kernels, and a traced input has no
+        device or dtype to decide on.
+        """
+        if isinstance(hidden_states, torch.fx.Proxy):
+            return False
+        return fused_path_wanted(self.config.glu_kernel, hidden_states)
 
     def extra_repr(self) -> str:
         return f"variant={self.variant.name}, params={self.params}"
@@ -541,6 +592,17 @@ class GluForTokenClassification(GluPreTrainedModel):
         )
         return output if return_dict else output.to_tuple()
 
+
+# Saved checkpoints carry this file and name these heads in `auto_map` (trust_remote_code users need no hf_glu).
+# Here rather than in hf_glu/__init__.py, which builds no model class until one is used.
+for _auto_name, _head in (
+    ("AutoModel", GluModel),
+    ("AutoModelForCausalLM", GluForCausalLM),
+    ("AutoModelForSequenceClassification", GluForSequenceClassification),
+    ("AutoModelForTokenClassification", GluForTokenClassification),
+):
+    _head.register_for_auto_class(_auto_name)
+del _auto_name, _head
 
 __all__ = [
     "GluMLP",

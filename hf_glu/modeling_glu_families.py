@@ -137,6 +137,7 @@ for _family in FAMILIES.values():
     GLU_FAMILY_MODELS[_family.model_type] = {}
     for _auto, _base_name in _family.heads.items():
         _cls = _glu_model_class(_family, _base_name)
+        _cls.register_for_auto_class(_auto)  # checkpoints carry this file and name the head in auto_map
         GLU_FAMILY_MODELS[_family.model_type][_auto] = globals()[_cls.__name__] = _cls
 del _family, _auto, _base_name, _cls
 
