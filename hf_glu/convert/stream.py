@@ -45,7 +45,7 @@ def stream_convert(source: str | Path, dst: str | Path, variant: str, *, force: 
     """Convert the family checkpoint ``source`` (folder or Hub id) to ``variant`` into ``dst``, one tensor at a
     time, without a fidelity pass; returns the report written beside the weights. ``dst`` is replaced only
     once complete (a non-empty one only with ``force``)."""
-    dst = check_destination(dst, force)
+    dst = check_destination(dst, force, source)  # before the work, so a refusal costs nothing
     folder = source_folder(source)
     config, model_cls = read_config(folder)
     if config.model_type not in FAMILIES:
@@ -70,7 +70,7 @@ def stream_convert(source: str | Path, dst: str | Path, variant: str, *, force: 
         )
     names = _TensorNames(skeleton, surgery)
 
-    with atomic_folder(dst, force) as tmp:
+    with atomic_folder(dst, force, source) as tmp:
         weight_map: dict[str, str] = {}
         total_size, dtypes = 0, set()
         for index, shard in enumerate(shards):
