@@ -296,7 +296,7 @@ def _check_safetensors_headers(model_cls: type[PreTrainedModel], config, files: 
             name = names.model_name(entry.name)
             if name is not None:
                 names.check_entry(entry, name)
-    names.check_complete(config)
+    names.check_complete()
 
 
 def _from_pretrained(model_cls: type[PreTrainedModel], config, folder: Path) -> PreTrainedModel:
@@ -348,6 +348,11 @@ def _build(model_cls: type[PreTrainedModel], config: GPT2Config, loaded: dict[st
                 f"{'floating-point' if expected[target].is_floating_point() else 'non-floating'} dtype"
             )
         state_dict[target] = tensor
+    head, embedding = state_dict.get("lm_head.weight"), state_dict.get("transformer.wte.weight")
+    if head is not None and embedding is not None and not torch.equal(head, embedding):
+        # As Transformers loads it: a file whose head differs from the embedding is untied, whatever the
+        # config says; the converted config then says so too.
+        config.tie_word_embeddings = False
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", True) else set()
     missing = sorted(set(expected) - set(state_dict) - tied)
     if missing:

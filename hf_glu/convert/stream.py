@@ -69,6 +69,9 @@ def stream_convert(source: str | Path, dst: str | Path, variant: str, *, force: 
             f"no safetensors weights in {str(folder)!r}; --no-eval streams model.safetensors or its sharded index"
         )
     names = _TensorNames(skeleton, surgery)
+    if _head_differs(shards, names):  # as Transformers loads it: untied, whatever the config says
+        glu_config.tie_word_embeddings = False
+        names.tied = {}
 
     with atomic_folder(dst, force, source) as tmp:
         weight_map: dict[str, str] = {}
@@ -85,7 +88,7 @@ def stream_convert(source: str | Path, dst: str | Path, variant: str, *, force: 
                 weight_map[t.name] = out_name
                 total_size += t.nbytes
                 dtypes.add(t.dtype)
-        names.check_complete(glu_config)
+        names.check_complete()
         if len(shards) > 1:
             index_json = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / _INDEX).write_text(json.dumps(index_json, indent=2) + "\n")
@@ -118,6 +121,28 @@ def stream_convert(source: str | Path, dst: str | Path, variant: str, *, force: 
         (tmp / "conversion_report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
         render_conversion_card(report, model_name=dst.name).save(tmp / "README.md")
     return report
+
+
+def _head_differs(shards: list[Path], names: CheckpointNames) -> bool:
+    """Whether the checkpoint holds a tied head of its own whose values differ from the embedding's (read
+    one pair of tensors at a time: the only step that holds two tensors)."""
+    where: dict[str, tuple[Path, Entry]] = {}
+    wanted = {*names.tied, *names.tied.values()}
+    for shard in shards:
+        for entry in checked_header(shard) or []:
+            name = names.model_name(entry.name)
+            if name in wanted:
+                names.check_entry(entry, name)
+                where[name] = (shard, entry)
+    for head, embedding in names.tied.items():
+        if head in where and embedding in where:
+            tensors = []
+            for shard, entry in (where[head], where[embedding]):
+                with open(shard, "rb") as f:
+                    tensors.append(read_tensor(f, entry))
+            if not torch.equal(*tensors):
+                return True
+    return False
 
 
 class _TensorNames(CheckpointNames):

@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 from ..configuration_glu_families import FAMILIES, GLU_FAMILY_CONFIGS, Family, mlp_attribute
 from ..modeling_glu_families import GLU_FAMILY_MODELS
 from . import gpt2
+from .checkpoint_names import head_is_tied
 from .errors import ConversionError
 from .init_schemes import UnitMap, check_scheme, preserved_projections
 
@@ -131,6 +132,7 @@ class FamilySurgery(Surgery):
             # bias can hold it. gate_proj keeps the source's (absent) bias; down_proj is the source's.
             glu_up_bias=True if init == "preserve" else source_bias,
             architectures=[self.target_class(source).__name__],
+            tie_word_embeddings=head_is_tied(source),  # as loaded, not as the config says
         )
         try:
             config = GLU_FAMILY_CONFIGS[self.family.model_type](**values)
