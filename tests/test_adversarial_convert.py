@@ -155,3 +155,90 @@ def test_a_destination_under_a_file_is_refused_before_any_work(tmp_path, capsys,
     (tmp_path / "file").write_text("not a folder")
     dst = tmp_path / "file" / "out"
     _refused(["convert", str(src), str(dst), "--variant", "geglu"], tmp_path, capsys, str(dst), "is a file")
+
+
+# --- 3. what the streamed route must refuse as the in-memory one does -------------------------------------
+
+
+def _poison(folder) -> None:
+    """A NaN in one weight that the conversion carries over unchanged (not an MLP projection)."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(folder / "model.safetensors")
+    name = next(k for k in weights if "layernorm" in k and k.endswith("weight"))
+    weights[name][0] = float("nan")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def _share_offsets(folder) -> None:
+    """Point one tensor's data_offsets at another's bytes (same shape): two names, one storage."""
+    path = folder / "model.safetensors"
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    same = [k for k, v in header.items() if k != "__metadata__" and "layernorm.weight" in k]
+    header[same[1]]["data_offsets"] = header[same[0]]["data_offsets"]
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + raw[8 + n :])
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("damage, message", [(_poison, "non-finite"), (_share_offsets, "overlap")],
+                         ids=["NaN weight", "shared data_offsets"])  # fmt: skip
+def test_non_finite_weights_and_shared_offsets_are_refused_on_both_routes(damage, message, route, tmp_path, capsys):
+    src = _family_folder(tmp_path / "src")
+    damage(src)
+    dst = tmp_path / "new" / "deeper" / "out"  # its parents must not be left behind either
+    _refused(["convert", str(src), str(dst), "--variant", "geglu", *ROUTES[route]], tmp_path, capsys, message,
+             "model.safetensors" if message == "overlap" else "expected finite")  # fmt: skip
+
+
+# --- 4. BLOOM's slow_but_exact tensor-parallel path ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_bloom_slow_but_exact_is_refused_not_called_exact(route, tmp_path, capsys):
+    src = _family_folder(tmp_path / "src", "bloom", pretraining_tp=2, slow_but_exact=True)
+    args = ["convert", str(src), str(tmp_path / "out"), "--variant", "geglu_tanh", *ROUTES[route]]
+    _refused(args, tmp_path, capsys, "slow_but_exact", "pretraining_tp=2")
+
+
+# --- 6. tracebacks that must be one line ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("value", [5, "GPTNeoXForCausalLM", [7]], ids=["int", "str", "[int]"])
+def test_architectures_not_a_list_of_names_is_refused(value, route, tmp_path, capsys):
+    src = _family_folder(tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "architectures": value}))
+    args = ["convert", str(src), str(tmp_path / "out"), "--variant", "geglu", *ROUTES[route]]
+    _refused(args, tmp_path, capsys, "architectures", "expected a list")
+
+
+@pytest.mark.parametrize("error", ["SafetensorError", "OSError"])
+def test_disk_full_during_the_in_memory_write_is_one_line(error, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        if error == "OSError":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    src = _family_folder(tmp_path / "src")
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
+    dst = tmp_path / "out"
+    _refused(["convert", str(src), str(dst), "--variant", "geglu", "--eval-tokens", "16"], tmp_path, capsys,
+             str(dst), "cannot be written")  # fmt: skip
+
+
+def test_an_unsupported_activation_names_the_family_field(tmp_path, capsys):
+    src = _family_folder(tmp_path / "src", hidden_act="tanh")
+    for route in ROUTES.values():
+        message = _refused(["convert", str(src), str(tmp_path / "out"), "--variant", "geglu", *route], tmp_path, capsys,
+                           "hidden_act='tanh'")  # fmt: skip
+        assert "activation_function" not in message

@@ -74,6 +74,21 @@ def _check_apart(given: str, dst: Path, src: Path) -> None:
     raise ConversionError(f"destination {given!r} {relation}; expected a folder outside SRC that does not contain it")
 
 
+@contextmanager
+def writing_to(dst: Path) -> Iterator[None]:
+    """Turn a failed write (disk full, quota, I/O error; safetensors reports these as SafetensorError) into
+    one line naming the destination."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        raise ConversionError(
+            f"destination {str(dst)!r} cannot be written ({type(e).__name__}: {e}); expected a folder with room "
+            "for the checkpoint and write permission"
+        ) from None
+
+
 def stale_siblings(dst: Path) -> list[Path]:
     """Temporary folders beside ``dst`` left by conversions whose process is gone."""
     pattern = re.compile(rf"^\.{re.escape(dst.name)}\.(tmp|old)-(\d+)-")

@@ -156,7 +156,15 @@ def read_config(folder: Path) -> tuple[GPT2Config, type[PreTrainedModel]]:
         )
     heads = GPT2_CLASSES if model_type == "gpt2" else FAMILIES[model_type].heads.values()
     default = "GPT2LMHeadModel" if model_type == "gpt2" else FAMILIES[model_type].heads["AutoModelForCausalLM"]
-    architecture = (raw.get("architectures") or [default])[0]
+    architectures = raw.get("architectures")
+    if architectures is not None and (
+        not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures)
+    ):
+        raise ConversionError(
+            f"architectures={architectures!r} in {str(path)!r} is invalid; expected a list of class names "
+            f"such as [{default!r}]"
+        )
+    architecture = (architectures or [default])[0]
     if architecture not in heads:
         raise ConversionError(
             f"architecture {architecture!r} is not supported for model_type={model_type!r}; "

@@ -25,8 +25,9 @@ from .checkpoint_names import CheckpointNames
 from .errors import ConversionError
 from .init_schemes import CALIBRATED_VARIANTS, UnitMap, fit_unit_map, preserved_projections
 from .safetensors_io import Entry, Planned, read_tensor, write_streamed
-from .save import atomic_folder, check_destination
+from .save import atomic_folder, check_destination, writing_to
 from .source import (
+    all_finite,
     build_skeleton,
     checked_header,
     read_config,
@@ -73,6 +74,7 @@ def stream_convert(source: str | Path, dst: str | Path, variant: str, *, force: 
         glu_config.tie_word_embeddings = False
         names.tied = {}
 
+    tokenizer, generation = read_tokenizer(folder), read_generation_config(folder)  # refused before any write
     with atomic_folder(dst, force, source) as tmp:
         weight_map: dict[str, str] = {}
         total_size, dtypes = 0, set()
@@ -83,7 +85,8 @@ def stream_convert(source: str | Path, dst: str | Path, variant: str, *, force: 
             out_name = _SINGLE if len(shards) == 1 else f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
             with open(shard, "rb") as f:
                 planned = _plan_shard(f, entries, names, unit_map, glu_config, family.conv1d)
-                write_streamed(tmp / out_name, planned, metadata={"format": "pt"})
+                with writing_to(dst):
+                    write_streamed(tmp / out_name, planned, metadata={"format": "pt"})
             for t in planned:
                 weight_map[t.name] = out_name
                 total_size += t.nbytes
@@ -91,17 +94,12 @@ def stream_convert(source: str | Path, dst: str | Path, variant: str, *, force: 
         names.check_complete()
         if len(shards) > 1:
             index_json = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / _INDEX).write_text(json.dumps(index_json, indent=2) + "\n")
+            with writing_to(dst):
+                (tmp / _INDEX).write_text(json.dumps(index_json, indent=2) + "\n")
         target = surgery.target_class(skeleton)
         floating = [d for d in dtypes if d.is_floating_point]
         glu_config.dtype = max(floating, key=lambda d: torch.empty((), dtype=d).element_size()) if floating else None
         glu_config.architectures = [target.__name__]
-        _write_config_and_code(glu_config, tmp)
-        tokenizer, generation = read_tokenizer(folder), read_generation_config(folder)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if generation is not None:
-            generation.save_pretrained(tmp)
         report = {
             "source": str(source),
             "source_class": model_cls.__name__,
@@ -118,8 +116,14 @@ def stream_convert(source: str | Path, dst: str | Path, variant: str, *, force: 
             "the model was never built or run",
             "layers": [{"layer": i, "unit_map": unit_map.to_dict()} for i in range(names.num_layers)],
         }
-        (tmp / "conversion_report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-        render_conversion_card(report, model_name=dst.name).save(tmp / "README.md")
+        with writing_to(dst):
+            _write_config_and_code(glu_config, tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            if generation is not None:
+                generation.save_pretrained(tmp)
+            (tmp / "conversion_report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+            render_conversion_card(report, model_name=dst.name).save(tmp / "README.md")
     return report
 
 
@@ -173,7 +177,7 @@ def _plan_shard(
         if name is None:
             continue
         names.check_entry(entry, name)
-        read: Callable[[], torch.Tensor] = lambda entry=entry: read_tensor(f, entry)  # noqa: E731
+        read: Callable[[], torch.Tensor] = lambda entry=entry: _finite(read_tensor(f, entry), entry)  # noqa: E731
         if name not in names.mlp:
             planned.append(Planned(name, entry.shape, entry.dtype, read))
             continue
@@ -193,6 +197,13 @@ def _plan_shard(
             zeros = lambda n=shape[0], dtype=entry.dtype: torch.zeros(n, dtype=dtype)  # noqa: E731
             planned.append(Planned(f"{glu}.up_proj.bias", shape[:1], entry.dtype, _mapped(zeros, "bias", "up_proj", m)))
     return planned
+
+
+def _finite(tensor: torch.Tensor, entry: Entry) -> torch.Tensor:
+    """``tensor``, refused as the in-memory route refuses it when it holds NaN or inf."""
+    if tensor.is_floating_point() and tensor.numel() and not all_finite(tensor):
+        raise ConversionError(f"weight {entry.name!r} holds non-finite values (NaN or inf); expected finite weights")
+    return tensor
 
 
 def _mapped(read: Callable[[], torch.Tensor], kind: str, proj: str, m: UnitMap) -> Callable[[], torch.Tensor]:

@@ -31,6 +31,17 @@ SUPPORTED_MODEL_TYPES = ("gpt2", *FAMILIES)
 # `gate_proj.weight`) while the source layer still exists.
 LayerDone = Callable[[int, nn.Module, dict[str, torch.Tensor]], None]
 
+def _bloom_unsupported(config) -> str | None:
+    if getattr(config, "pretraining_tp", 1) > 1 and getattr(config, "slow_but_exact", False):
+        return (f"slow_but_exact=true with pretraining_tp={config.pretraining_tp} is not supported: that path "
+                "computes the MLP's dense_4h_to_h in slices without its bias, which the GLU down_proj keeps, so "
+                "the conversion could not reproduce it; expected slow_but_exact=false or pretraining_tp=1")  # fmt: skip
+    return None
+
+
+# Source options a family's GLU classes cannot reproduce: model_type -> the refusal's message, or None.
+_UNSUPPORTED_OPTIONS: dict[str, Callable[[object], str | None]] = {"bloom": _bloom_unsupported}
+
 # Config fields that describe the source file rather than the model, or that the GLU class sets itself.
 _DROPPED_FIELDS = ("model_type", "architectures", "transformers_version", "_name_or_path", "auto_map", "dtype",
                    "torch_dtype")  # fmt: skip
@@ -121,7 +132,10 @@ class FamilySurgery(Surgery):
     def config(self, source, variant, init, width):
         src = source.config
         source_width = self.family.width(src)
-        check_scheme(variant, init, self.activation(source), width, source_width)
+        check_scheme(variant, init, self.activation(source), width, source_width, self.activation_field(src))
+        unsupported = _UNSUPPORTED_OPTIONS.get(self.family.model_type)
+        if unsupported is not None and (problem := unsupported(src)):
+            raise ConversionError(problem)
         source_bias = self.family.bias(src)
         values = {k: v for k, v in src.to_dict().items() if k not in _DROPPED_FIELDS}
         values.update(
@@ -147,6 +161,19 @@ class FamilySurgery(Surgery):
 
     def activation(self, source):
         return self.family.activation(source.config)
+
+    def activation_field(self, config) -> str:
+        """The config field the family reads its activation from (for messages): the one field the
+        family's ``activation`` reads, found by watching it read."""
+        reads: list[str] = []
+
+        class Watched:
+            def __getattr__(self, name: str):
+                reads.append(name)
+                return getattr(config, name)
+
+        self.family.activation(Watched())
+        return reads[-1] if reads else "the activation"
 
     def source_layers(self, model):
         return attrgetter(self.family.layers)(model.base_model)
