@@ -56,7 +56,7 @@ def run_convert(args: argparse.Namespace) -> int:
     from .data import read_text
 
     _check_convert_options(args)  # refuse before the slow part
-    check_destination(args.dst, args.force)
+    check_destination(args.dst, args.force, args.src)
     _release_freed_memory()
     if args.no_eval:
         return _run_streamed_convert(args)

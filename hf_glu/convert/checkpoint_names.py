@@ -25,6 +25,9 @@ class CheckpointNames:
         self.ignored = [re.compile(p) for p in getattr(skeleton, "_keys_to_ignore_on_load_unexpected", None) or []]
         self.renamings = _renamings(skeleton)
         self.seen: set[str] = set()
+        # The heads a tied model takes from its embedding (GPT-2's lm_head, BioGPT's output_projection,
+        # GPT-NeoX-Japanese's embed_out): a checkpoint saved tied leaves them out.
+        self.tied = tied_targets(skeleton)
 
     def model_name(self, key: str) -> str | None:
         """The model's name for the checkpoint's ``key``; ``None`` for keys the family ignores on load."""
@@ -48,12 +51,28 @@ class CheckpointNames:
                 f"of shape {tuple(expected.shape)}"
             )
 
-    def check_complete(self, config) -> None:
-        tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-        missing = sorted(set(self.expected) - self.seen - tied)
+    def check_complete(self) -> None:
+        missing = sorted(set(self.expected) - self.seen - set(self.tied))
         if missing:
             more = " …" if len(missing) > 5 else ""
             raise ConversionError(f"weights missing from the checkpoint: {missing[:5]}{more}")
+
+
+def tied_targets(model: torch.nn.Module) -> dict[str, str]:
+    """``{head weight: embedding weight}`` for the weights ``model`` ties (none when its config unties them)."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return {}
+    return dict(getattr(model, "_tied_weights_keys", None) or {})
+
+
+def head_is_tied(model: torch.nn.Module) -> bool:
+    """Whether ``model`` as it is now computes its logits with its input embedding (one shared tensor):
+    the tying a conversion keeps, whatever the config says (Transformers unties a checkpoint whose file
+    holds a head that differs from the embedding)."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embedding is None:
+        return bool(getattr(model.config, "tie_word_embeddings", False))
+    return head.weight is embedding.weight or head.weight.data_ptr() == embedding.weight.data_ptr()
 
 
 def _renamings(model: torch.nn.Module) -> list[tuple[re.Pattern, str]]:

@@ -20,6 +20,7 @@ from ..modeling_glu import (
     GluModel,
     GluPreTrainedModel,
 )
+from .checkpoint_names import head_is_tied
 from .errors import ConversionError
 from .init_schemes import UnitMap, check_scheme, preserved_projections
 
@@ -72,6 +73,7 @@ def convert_config(source: PreTrainedModel, variant: str, init: str, intermediat
         glu_variant=variant,
         mlp_bias=True,  # GPT-2's MLP has biases, and the preserve scheme puts constants in them
         architectures=[target.__name__],
+        tie_word_embeddings=head_is_tied(source),  # as loaded, not as the config says
     )
     if target is GluForTokenClassification:
         # GPT2ForTokenClassification's dropout falls back to hidden_dropout, then 0.1; ours to resid_pdrop.

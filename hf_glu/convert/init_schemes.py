@@ -80,24 +80,27 @@ class UnitMap:
         return asdict(self)
 
 
-def check_activation(activation: str) -> None:
-    """Raise ConversionError unless the source MLP activation is one we can convert from."""
+def check_activation(activation: str, field: str = "activation_function") -> None:
+    """Raise ConversionError unless the source MLP activation is one we can convert from; ``field`` is the
+    config field that holds it (``hidden_act`` in most families), named in the message."""
     if activation not in SUPPORTED_ACTIVATIONS:
         raise ConversionError(
-            f"activation_function={activation!r} is not supported; expected one of {list(SUPPORTED_ACTIVATIONS)}"
+            f"{field}={activation!r} is not supported; expected one of {list(SUPPORTED_ACTIVATIONS)}"
         )
 
 
-def check_scheme(variant: str, init: str, activation: str, width: int | None, source_width: int) -> None:
+def check_scheme(
+    variant: str, init: str, activation: str, width: int | None, source_width: int, field: str = "activation_function"
+) -> None:
     """The choices every conversion checks against its source (variant, init scheme, the source's activation,
-    the GLU width); each refusal names what is accepted."""
+    held in the config's ``field``, the GLU width); each refusal names what is accepted."""
     try:
         get_variant(variant)
     except ValueError as e:
         raise ConversionError(str(e)) from None
     if init not in INIT_SCHEMES:
         raise ConversionError(f"init={init!r} is not a known init scheme; expected one of {list(INIT_SCHEMES)}")
-    check_activation(activation)
+    check_activation(activation, field)
     if init == "preserve" and width not in (None, source_width):
         raise ConversionError(
             f"intermediate_size={width} cannot be used with init='preserve', which keeps the source's "

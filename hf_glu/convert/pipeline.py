@@ -16,7 +16,7 @@ from ..data import builtin_corpus, split_train_eval
 from .errors import ConversionError
 from .init_schemes import CALIBRATED_VARIANTS, UnitMap, fit_unit_map
 from .report import LayerStats, compare, mlp_weights, record_source
-from .save import atomic_folder, check_destination
+from .save import atomic_folder, check_destination, writing_to
 from .source import Source, load_source
 from .surgery import Surgery, build_model, surgery_for
 
@@ -287,11 +287,12 @@ def convert_to_folder(
 ) -> Conversion:
     """Convert ``source`` and write the checkpoint to ``dst`` atomically: ``dst`` is replaced only once
     everything is written (a non-empty ``dst`` only with ``force``); any failure leaves it untouched."""
-    dst = check_destination(dst, force)  # before the work, so a refusal costs nothing
+    local = source if isinstance(source, (str, Path)) else None  # a folder (or a Hub id, which overlaps nothing)
+    dst = check_destination(dst, force, local)  # before the work, so a refusal costs nothing
     conversion = convert(
         source, variant, init, intermediate_size, torch_dtype, eval_text=eval_text, eval_tokens=eval_tokens, seed=seed
     )
     conversion.source.model = None  # measured already (a disk source is consumed already): free its memory
-    with atomic_folder(dst, force) as tmp:
+    with atomic_folder(dst, force, local) as tmp, writing_to(dst):
         write_checkpoint(conversion, tmp, max_shard_size, model_name=dst.name)
     return conversion

@@ -72,7 +72,16 @@ def read_header(path: Path) -> list[Entry] | None:
         if any(d < 0 for d in shape) or end - begin != nbytes or begin < 0 or data_start + end > size:
             raise ValueError(f"tensor {name!r}: data offsets {begin}..{end} do not match its shape or the file")
         entries.append(Entry(name, dtype, shape, data_start + begin, data_start + end))
-    return sorted(entries, key=lambda e: e.begin)
+    entries.sort(key=lambda e: e.begin)
+    stored = [e for e in entries if e.end > e.begin]  # empty tensors own no bytes
+    for before, after in zip(stored, stored[1:], strict=False):
+        if after.begin < before.end:  # one storage under two names: a crafted file, not one safetensors writes
+            raise ValueError(
+                f"tensors {before.name!r} and {after.name!r} overlap in the file (data offsets "
+                f"{before.begin - data_start}..{before.end - data_start} and {after.begin - data_start}.."
+                f"{after.end - data_start}); expected each tensor its own bytes"
+            )
+    return entries
 
 
 def read_tensor(f: BinaryIO, entry: Entry) -> torch.Tensor:

@@ -13,6 +13,7 @@ only once complete, so a failure or a kill at any point leaves the destination e
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
@@ -31,21 +32,61 @@ _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 
-def check_destination(dst: str | Path, force: bool) -> Path:
-    """Refuse a destination that is a file, or a non-empty folder unless ``force``; returns it as a Path."""
+def check_destination(dst: str | Path, force: bool, src: str | Path | None = None) -> Path:
+    """Refuse a destination that is a file, lies under a file, is a non-empty folder without ``force``, or
+    overlaps the local source folder ``src`` (the same folder, inside it or above it: replacing it would
+    delete the source); returns the path to write. A link to a folder is followed: its target is replaced
+    and the link kept, so nothing is left beside either."""
     if not isinstance(dst, (str, Path)) or not str(dst).strip():
         raise ConversionError(f"destination {dst!r} is invalid; expected a folder path")
+    given = str(dst)
     dst = Path(dst)
+    if dst.is_symlink():
+        dst = dst.resolve()
+    if src is not None and Path(src).exists():
+        _check_apart(given, dst.resolve(), Path(src).resolve())
     if dst.exists() and not dst.is_dir():
-        raise ConversionError(f"destination {str(dst)!r} is a file; expected a folder path")
+        raise ConversionError(f"destination {given!r} is a file; expected a folder path")
     if dst.is_dir() and any(dst.iterdir()) and not force:
-        raise ConversionError(f"destination {str(dst)!r} is not empty; pass --force (force=True) to replace it")
+        raise ConversionError(f"destination {given!r} is not empty; pass --force (force=True) to replace it")
     parent = dst.resolve().parent
     while not parent.exists():
         parent = parent.parent
+    if not parent.is_dir():  # otherwise the write fails with a bare "[Errno 20] Not a directory"
+        raise ConversionError(
+            f"destination {given!r} lies under {str(parent)!r}, which is a file; expected a folder path"
+        )
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConversionError(f"destination {str(dst)!r} cannot be written: {str(parent)!r} is read-only to us")
+        raise ConversionError(f"destination {given!r} cannot be written: {str(parent)!r} is read-only to us")
     return dst
+
+
+def _check_apart(given: str, dst: Path, src: Path) -> None:
+    """``dst`` and ``src`` (both resolved, links followed) must be apart: neither inside the other."""
+    if dst == src:
+        relation = "is SRC itself"
+    elif dst.is_relative_to(src):
+        relation = f"lies inside SRC {str(src)!r}"
+    elif src.is_relative_to(dst):
+        relation = f"holds SRC {str(src)!r}, which replacing it would delete"
+    else:
+        return
+    raise ConversionError(f"destination {given!r} {relation}; expected a folder outside SRC that does not contain it")
+
+
+@contextmanager
+def writing_to(dst: Path) -> Iterator[None]:
+    """Turn a failed write (disk full, quota, I/O error; safetensors reports these as SafetensorError) into
+    one line naming the destination."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        raise ConversionError(
+            f"destination {str(dst)!r} cannot be written ({type(e).__name__}: {e}); expected a folder with room "
+            "for the checkpoint and write permission"
+        ) from None
 
 
 def stale_siblings(dst: Path) -> list[Path]:
@@ -70,9 +111,11 @@ def _alive(pid: int) -> bool:
 
 
 @contextmanager
-def atomic_folder(dst: str | Path, force: bool) -> Iterator[Path]:
-    """Yield a temporary folder beside ``dst``; on a clean exit it replaces ``dst``, otherwise it is deleted."""
-    dst = check_destination(dst, force)
+def atomic_folder(dst: str | Path, force: bool, src: str | Path | None = None) -> Iterator[Path]:
+    """Yield a temporary folder beside ``dst``; on a clean exit it replaces ``dst``, otherwise it is deleted
+    together with the parent folders made for it. ``src``: the source folder, which ``dst`` must not overlap."""
+    dst = check_destination(dst, force, src)
+    made = [p for p in (dst.parent, *dst.parent.parents) if not p.exists()]
     dst.parent.mkdir(parents=True, exist_ok=True)
     for path in stale_siblings(dst):  # debris of killed runs
         shutil.rmtree(path, ignore_errors=True)
@@ -87,6 +130,9 @@ def atomic_folder(dst: str | Path, force: bool) -> Iterator[Path]:
             _swap_in(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in made:  # innermost first: a refusal leaves no empty folders behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
 
 

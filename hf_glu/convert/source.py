@@ -156,7 +156,15 @@ def read_config(folder: Path) -> tuple[GPT2Config, type[PreTrainedModel]]:
         )
     heads = GPT2_CLASSES if model_type == "gpt2" else FAMILIES[model_type].heads.values()
     default = "GPT2LMHeadModel" if model_type == "gpt2" else FAMILIES[model_type].heads["AutoModelForCausalLM"]
-    architecture = (raw.get("architectures") or [default])[0]
+    architectures = raw.get("architectures")
+    if architectures is not None and (
+        not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures)
+    ):
+        raise ConversionError(
+            f"architectures={architectures!r} in {str(path)!r} is invalid; expected a list of class names "
+            f"such as [{default!r}]"
+        )
+    architecture = (architectures or [default])[0]
     if architecture not in heads:
         raise ConversionError(
             f"architecture {architecture!r} is not supported for model_type={model_type!r}; "
@@ -296,7 +304,7 @@ def _check_safetensors_headers(model_cls: type[PreTrainedModel], config, files: 
             name = names.model_name(entry.name)
             if name is not None:
                 names.check_entry(entry, name)
-    names.check_complete(config)
+    names.check_complete()
 
 
 def _from_pretrained(model_cls: type[PreTrainedModel], config, folder: Path) -> PreTrainedModel:
@@ -348,6 +356,11 @@ def _build(model_cls: type[PreTrainedModel], config: GPT2Config, loaded: dict[st
                 f"{'floating-point' if expected[target].is_floating_point() else 'non-floating'} dtype"
             )
         state_dict[target] = tensor
+    head, embedding = state_dict.get("lm_head.weight"), state_dict.get("transformer.wte.weight")
+    if head is not None and embedding is not None and not torch.equal(head, embedding):
+        # As Transformers loads it: a file whose head differs from the embedding is untied, whatever the
+        # config says; the converted config then says so too.
+        config.tie_word_embeddings = False
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", True) else set()
     missing = sorted(set(expected) - set(state_dict) - tied)
     if missing:

@@ -25,8 +25,9 @@ from .checkpoint_names import CheckpointNames
 from .errors import ConversionError
 from .init_schemes import CALIBRATED_VARIANTS, UnitMap, fit_unit_map, preserved_projections
 from .safetensors_io import Entry, Planned, read_tensor, write_streamed
-from .save import atomic_folder, check_destination
+from .save import atomic_folder, check_destination, writing_to
 from .source import (
+    all_finite,
     build_skeleton,
     checked_header,
     read_config,
@@ -45,7 +46,7 @@ def stream_convert(source: str | Path, dst: str | Path, variant: str, *, force: 
     """Convert the family checkpoint ``source`` (folder or Hub id) to ``variant`` into ``dst``, one tensor at a
     time, without a fidelity pass; returns the report written beside the weights. ``dst`` is replaced only
     once complete (a non-empty one only with ``force``)."""
-    dst = check_destination(dst, force)
+    dst = check_destination(dst, force, source)  # before the work, so a refusal costs nothing
     folder = source_folder(source)
     config, model_cls = read_config(folder)
     if config.model_type not in FAMILIES:
@@ -69,8 +70,12 @@ def stream_convert(source: str | Path, dst: str | Path, variant: str, *, force: 
             f"no safetensors weights in {str(folder)!r}; --no-eval streams model.safetensors or its sharded index"
         )
     names = _TensorNames(skeleton, surgery)
+    if _head_differs(shards, names):  # as Transformers loads it: untied, whatever the config says
+        glu_config.tie_word_embeddings = False
+        names.tied = {}
 
-    with atomic_folder(dst, force) as tmp:
+    tokenizer, generation = read_tokenizer(folder), read_generation_config(folder)  # refused before any write
+    with atomic_folder(dst, force, source) as tmp:
         weight_map: dict[str, str] = {}
         total_size, dtypes = 0, set()
         for index, shard in enumerate(shards):
@@ -80,25 +85,21 @@ def stream_convert(source: str | Path, dst: str | Path, variant: str, *, force: 
             out_name = _SINGLE if len(shards) == 1 else f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
             with open(shard, "rb") as f:
                 planned = _plan_shard(f, entries, names, unit_map, glu_config, family.conv1d)
-                write_streamed(tmp / out_name, planned, metadata={"format": "pt"})
+                with writing_to(dst):
+                    write_streamed(tmp / out_name, planned, metadata={"format": "pt"})
             for t in planned:
                 weight_map[t.name] = out_name
                 total_size += t.nbytes
                 dtypes.add(t.dtype)
-        names.check_complete(glu_config)
+        names.check_complete()
         if len(shards) > 1:
             index_json = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / _INDEX).write_text(json.dumps(index_json, indent=2) + "\n")
+            with writing_to(dst):
+                (tmp / _INDEX).write_text(json.dumps(index_json, indent=2) + "\n")
         target = surgery.target_class(skeleton)
         floating = [d for d in dtypes if d.is_floating_point]
         glu_config.dtype = max(floating, key=lambda d: torch.empty((), dtype=d).element_size()) if floating else None
         glu_config.architectures = [target.__name__]
-        _write_config_and_code(glu_config, tmp)
-        tokenizer, generation = read_tokenizer(folder), read_generation_config(folder)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if generation is not None:
-            generation.save_pretrained(tmp)
         report = {
             "source": str(source),
             "source_class": model_cls.__name__,
@@ -115,9 +116,37 @@ def stream_convert(source: str | Path, dst: str | Path, variant: str, *, force: 
             "the model was never built or run",
             "layers": [{"layer": i, "unit_map": unit_map.to_dict()} for i in range(names.num_layers)],
         }
-        (tmp / "conversion_report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-        render_conversion_card(report, model_name=dst.name).save(tmp / "README.md")
+        with writing_to(dst):
+            _write_config_and_code(glu_config, tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            if generation is not None:
+                generation.save_pretrained(tmp)
+            (tmp / "conversion_report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+            render_conversion_card(report, model_name=dst.name).save(tmp / "README.md")
     return report
+
+
+def _head_differs(shards: list[Path], names: CheckpointNames) -> bool:
+    """Whether the checkpoint holds a tied head of its own whose values differ from the embedding's (read
+    one pair of tensors at a time: the only step that holds two tensors)."""
+    where: dict[str, tuple[Path, Entry]] = {}
+    wanted = {*names.tied, *names.tied.values()}
+    for shard in shards:
+        for entry in checked_header(shard) or []:
+            name = names.model_name(entry.name)
+            if name in wanted:
+                names.check_entry(entry, name)
+                where[name] = (shard, entry)
+    for head, embedding in names.tied.items():
+        if head in where and embedding in where:
+            tensors = []
+            for shard, entry in (where[head], where[embedding]):
+                with open(shard, "rb") as f:
+                    tensors.append(read_tensor(f, entry))
+            if not torch.equal(*tensors):
+                return True
+    return False
 
 
 class _TensorNames(CheckpointNames):
@@ -148,7 +177,7 @@ def _plan_shard(
         if name is None:
             continue
         names.check_entry(entry, name)
-        read: Callable[[], torch.Tensor] = lambda entry=entry: read_tensor(f, entry)  # noqa: E731
+        read: Callable[[], torch.Tensor] = lambda entry=entry: _finite(read_tensor(f, entry), entry)  # noqa: E731
         if name not in names.mlp:
             planned.append(Planned(name, entry.shape, entry.dtype, read))
             continue
@@ -168,6 +197,13 @@ def _plan_shard(
             zeros = lambda n=shape[0], dtype=entry.dtype: torch.zeros(n, dtype=dtype)  # noqa: E731
             planned.append(Planned(f"{glu}.up_proj.bias", shape[:1], entry.dtype, _mapped(zeros, "bias", "up_proj", m)))
     return planned
+
+
+def _finite(tensor: torch.Tensor, entry: Entry) -> torch.Tensor:
+    """``tensor``, refused as the in-memory route refuses it when it holds NaN or inf."""
+    if tensor.is_floating_point() and tensor.numel() and not all_finite(tensor):
+        raise ConversionError(f"weight {entry.name!r} holds non-finite values (NaN or inf); expected finite weights")
+    return tensor
 
 
 def _mapped(read: Callable[[], torch.Tensor], kind: str, proj: str, m: UnitMap) -> Callable[[], torch.Tensor]:

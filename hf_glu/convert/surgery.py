@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 from ..configuration_glu_families import FAMILIES, GLU_FAMILY_CONFIGS, Family, mlp_attribute
 from ..modeling_glu_families import GLU_FAMILY_MODELS
 from . import gpt2
+from .checkpoint_names import head_is_tied
 from .errors import ConversionError
 from .init_schemes import UnitMap, check_scheme, preserved_projections
 
@@ -29,6 +30,17 @@ SUPPORTED_MODEL_TYPES = ("gpt2", *FAMILIES)
 # Called with each layer's index, the source layer and its GLU MLP tensors (named as in the MLP, e.g.
 # `gate_proj.weight`) while the source layer still exists.
 LayerDone = Callable[[int, nn.Module, dict[str, torch.Tensor]], None]
+
+def _bloom_unsupported(config) -> str | None:
+    if getattr(config, "pretraining_tp", 1) > 1 and getattr(config, "slow_but_exact", False):
+        return (f"slow_but_exact=true with pretraining_tp={config.pretraining_tp} is not supported: that path "
+                "computes the MLP's dense_4h_to_h in slices without its bias, which the GLU down_proj keeps, so "
+                "the conversion could not reproduce it; expected slow_but_exact=false or pretraining_tp=1")  # fmt: skip
+    return None
+
+
+# Source options a family's GLU classes cannot reproduce: model_type -> the refusal's message, or None.
+_UNSUPPORTED_OPTIONS: dict[str, Callable[[object], str | None]] = {"bloom": _bloom_unsupported}
 
 # Config fields that describe the source file rather than the model, or that the GLU class sets itself.
 _DROPPED_FIELDS = ("model_type", "architectures", "transformers_version", "_name_or_path", "auto_map", "dtype",
@@ -120,7 +132,10 @@ class FamilySurgery(Surgery):
     def config(self, source, variant, init, width):
         src = source.config
         source_width = self.family.width(src)
-        check_scheme(variant, init, self.activation(source), width, source_width)
+        check_scheme(variant, init, self.activation(source), width, source_width, self.activation_field(src))
+        unsupported = _UNSUPPORTED_OPTIONS.get(self.family.model_type)
+        if unsupported is not None and (problem := unsupported(src)):
+            raise ConversionError(problem)
         source_bias = self.family.bias(src)
         values = {k: v for k, v in src.to_dict().items() if k not in _DROPPED_FIELDS}
         values.update(
@@ -131,6 +146,7 @@ class FamilySurgery(Surgery):
             # bias can hold it. gate_proj keeps the source's (absent) bias; down_proj is the source's.
             glu_up_bias=True if init == "preserve" else source_bias,
             architectures=[self.target_class(source).__name__],
+            tie_word_embeddings=head_is_tied(source),  # as loaded, not as the config says
         )
         try:
             config = GLU_FAMILY_CONFIGS[self.family.model_type](**values)
@@ -145,6 +161,19 @@ class FamilySurgery(Surgery):
 
     def activation(self, source):
         return self.family.activation(source.config)
+
+    def activation_field(self, config) -> str:
+        """The config field the family reads its activation from (for messages): the one field the
+        family's ``activation`` reads, found by watching it read."""
+        reads: list[str] = []
+
+        class Watched:
+            def __getattr__(self, name: str):
+                reads.append(name)
+                return getattr(config, name)
+
+        self.family.activation(Watched())
+        return reads[-1] if reads else "the activation"
 
     def source_layers(self, model):
         return attrgetter(self.family.layers)(model.base_model)
