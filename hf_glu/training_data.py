@@ -10,16 +10,19 @@ same file and tokenizer reads them back instead of tokenizing again.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from accelerate import PartialState
 from datasets.distributed import split_dataset_by_node
 from datasets.exceptions import DatasetGenerationError
+from datasets.packaged_modules.generator.generator import Generator
 from transformers import PreTrainedTokenizerBase
 
 from .data import builtin_corpus, iter_token_blocks
@@ -37,6 +40,7 @@ _BLOCK_FEATURES = datasets.Features({"input_ids": datasets.Sequence(datasets.Val
 _STREAM_FEATURES = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int64"))})
 
 Documents = datasets.Dataset | datasets.IterableDataset
+logger = logging.getLogger(__name__)
 
 
 def load_documents(
@@ -96,7 +100,43 @@ def _only_text_column(documents: Documents, text_column: str, source: str) -> Do
     if columns is not None and text_column not in columns:  # a stream may not know its columns yet
         raise ValueError(f"{source} has no column {text_column!r}; its columns: {columns} (pick one: --text-column)")
     documents = documents.select_columns([text_column])
+    documents = _every_row_has_text(documents, text_column, source)
     return documents.rename_column(text_column, TEXT) if text_column != TEXT else documents
+
+
+def _every_row_has_text(documents: Documents, column: str, source: str) -> Documents:
+    """Refuse a row whose text is missing (a JSON line without the field reads as null), naming the first:
+    dropping such rows without a word would train on less than the user gave. Checked in the Arrow column of a
+    map-style dataset; a stream is checked as it is read."""
+    if isinstance(documents, datasets.IterableDataset):
+        return documents.filter(_RowsWithText(column, source), batched=True, with_indices=True)
+    offset = 0
+    for batch in documents.with_format("arrow").iter(batch_size=100_000):
+        nulls = pc.is_null(batch[column])
+        if pc.any(nulls).as_py():
+            raise ValueError(_missing_text(source, offset + pc.index(nulls, True).as_py(), column))
+        offset += len(batch)
+    return documents
+
+
+def _missing_text(source: str, row: int, column: str) -> str:
+    return (
+        f"{source}: row {row + 1} (counting from 1) has no {column!r} field, or it is null; every row needs its "
+        "text there (another field: --text-column)"
+    )
+
+
+class _RowsWithText:
+    """A stream's filter that keeps every row and raises at the first without text (``_every_row_has_text``)."""
+
+    def __init__(self, column: str, source: str) -> None:
+        self.column, self.source = column, source
+
+    def __call__(self, batch: dict[str, list], indices: list[int]) -> list[bool]:
+        for text, row in zip(batch[self.column], indices, strict=True):
+            if text is None:
+                raise ValueError(_missing_text(self.source, row, self.column))
+        return [True] * len(indices)
 
 
 def split_held_out(documents: datasets.Dataset, eval_fraction: float) -> tuple[datasets.Dataset, datasets.Dataset]:
@@ -181,13 +221,37 @@ def pack_blocks(tokenized: Documents, block_size: int, cache_dir: str | Path | N
     if isinstance(tokenized, datasets.IterableDataset):
         stream = datasets.IterableDataset.from_generator(_packed_rows, features=_STREAM_FEATURES, gen_kwargs=kwargs)
         return stream.map(_with_labels, batched=True).with_format("torch")
-    blocks = datasets.Dataset.from_generator(
-        _packed_rows, features=_BLOCK_FEATURES, gen_kwargs=kwargs, cache_dir=str(cache_dir) if cache_dir else None
-    )
+    blocks = _cached_blocks(kwargs, cache_dir)
     if len(blocks) == 0:
         raise ValueError(f"the text makes fewer tokens than one block of {block_size}")
     # Labels are made when a row is read, not stored: the cache holds each token once.
     return blocks.with_transform(_causal_lm_tensors)
+
+
+def _cached_blocks(gen_kwargs: dict, cache_dir: str | Path | None) -> datasets.Dataset:
+    """The packed blocks from the `datasets` cache (packed and written there on a first run), checked against the
+    row count recorded when they were written: an Arrow file cut short reads as fewer blocks without an error,
+    or fails to read. Either way it is rebuilt, with one line naming it."""
+    builder = Generator(
+        cache_dir=str(cache_dir) if cache_dir else None,
+        features=_BLOCK_FEATURES,
+        generator=_packed_rows,
+        gen_kwargs=gen_kwargs,
+        split=datasets.Split.TRAIN,
+    )
+    builder.download_and_prepare()
+    written = builder.info.splits[datasets.Split.TRAIN].num_examples
+    try:
+        blocks = builder.as_dataset(split=datasets.Split.TRAIN)
+        damage = None if len(blocks) == written else f"{len(blocks)} blocks where {written} were written"
+    except (OSError, pa.ArrowException) as error:  # e.g. "Expected to be able to read ... bytes"
+        damage = " ".join(str(error).split())
+    if damage is None:
+        return blocks
+    files = sorted(str(path) for path in Path(builder.cache_dir).glob("*.arrow"))
+    logger.warning("packing cache %s is damaged (%s); rebuilding it", ", ".join(files), damage)
+    builder.download_and_prepare(download_mode=datasets.DownloadMode.FORCE_REDOWNLOAD)
+    return builder.as_dataset(split=datasets.Split.TRAIN)
 
 
 def _with_labels(batch: dict[str, list]) -> dict[str, list]:

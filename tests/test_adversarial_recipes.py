@@ -2,15 +2,21 @@
 exit status 2 with one line naming the input and what is accepted, and leaves the output folder as it was;
 damage the runs used to survive silently (or not at all) is repaired or refused."""
 
+import json
+import logging
+import os
 import runpy
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 from accelerate.state import AcceleratorState, GradientState
 from test_recipes import RECIPES, assets, recipe_command  # noqa: F401  (assets: the recipes' tiny models)
+from transformers import AutoTokenizer
 
 import hf_glu
+from hf_glu.training_data import build_block_datasets
 
 BOTH = ["finetune_trainer.py", "finetune_accelerate.py"]
 
@@ -106,3 +112,48 @@ def test_accelerate_reruns_into_a_folder_holding_an_older_checkpoint(assets, tmp
     assert status == 0, stderr[-3000:]
     assert not list(out.glob("*.partial"))  # its own save's and the dead run's
     assert (out / "checkpoint-2" / "model.safetensors").read_bytes() != old  # this run's checkpoint replaced it
+
+
+def test_rows_without_the_text_field_are_refused_naming_the_first(assets, tmp_path, monkeypatch, capsys):  # noqa: F811
+    rows = [{"text": "A first document."}, {"body": "no text here"}, {"text": None}]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    out = tmp_path / "out"
+    script = "finetune_accelerate.py"
+    argv = recipe_argv(script, assets, out, "--data-cache-dir", str(tmp_path / "cache"))
+    argv[argv.index("--train-file") + 1] = str(data)
+    status, stderr = run_in_process(script, argv, monkeypatch, capsys)
+    assert_refused(status, stderr, script, f"{data}: row 2 (counting from 1) has no 'text' field", "--text-column")
+    assert listing(out) == ["<absent>"]
+    tokenizer = AutoTokenizer.from_pretrained(assets / "glu")
+    with pytest.raises(ValueError, match="row 2 .* has no 'text' field"):  # a stream: as it is read
+        train, _ = build_block_datasets(tokenizer, 8, train_file=data, streaming=True, eval_documents=1)
+        next(iter(train))
+
+
+def test_a_damaged_packing_cache_is_rebuilt_with_one_line_naming_it(assets, tmp_path, caplog):  # noqa: F811
+    tokenizer = AutoTokenizer.from_pretrained(assets / "glu")
+
+    def blocks() -> tuple[list[list[int]], Path]:
+        train, _ = build_block_datasets(tokenizer, 8, train_file=assets / "train.txt", cache_dir=tmp_path / "cache")
+        return train[:]["input_ids"].tolist(), Path(train.cache_files[0]["filename"])
+
+    expected, arrow = blocks()
+    with pa.memory_map(str(arrow)) as source:
+        batches = list(pa.ipc.open_stream(source))
+    assert len(batches) > 1
+    sink = pa.BufferOutputStream()  # the file as if cut after its first batch: it reads without an error
+    with pa.ipc.new_stream(sink, batches[0].schema) as writer:
+        writer.write_batch(batches[0])
+    cut_short = sink.getvalue().to_pybytes()
+    for damaged, reason in ((cut_short, f"{batches[0].num_rows} blocks where {len(expected)} were written"),
+                            (cut_short[:-100], "Expected to be able to read")):  # fmt: skip
+        replacement = arrow.with_suffix(".tmp")
+        replacement.write_bytes(damaged)
+        os.replace(replacement, arrow)  # a new file: the memory map of the first read stays valid
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="hf_glu.training_data"):
+            assert blocks() == (expected, arrow)
+        (line,) = [record.getMessage() for record in caplog.records]
+        assert line.startswith(f"packing cache {arrow} is damaged (") and reason in line, line
+        assert line.endswith("; rebuilding it")
