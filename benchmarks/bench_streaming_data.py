@@ -1,12 +1,14 @@
 """Peak memory of a streaming fine-tune as the corpus grows: the same steps on generated text files of
 increasing size should need the same memory, because ``--streaming`` reads only what it trains on.
 
-    python benchmarks/bench_streaming_data.py [--sizes-mb 50 500] [--steps 30] [--json out.json]
+    python benchmarks/bench_streaming_data.py [--sizes-mb 50 500] [--steps 30] [--one-line] [--json out.json]
 
 Builds a tiny GLU model and tokenizer offline, writes text files of the given sizes (the built-in corpus
 repeated, each copy numbered), runs ``recipes/finetune_trainer.py --streaming`` on each in a fresh process
 and reports that process's peak RSS (``wait4``'s ``ru_maxrss``, the recipe alone). ``--map-style`` also runs
-the cached, non-streaming path on the smallest file, for contrast.
+the cached, non-streaming path on the smallest file, for contrast. ``--one-line`` also runs a file of the
+smallest size holding the same text as ONE line (a single document, no newline): a stream reads and packs a
+long document in pieces, so its peak should match that of the short paragraphs.
 """
 
 from __future__ import annotations
@@ -43,6 +45,19 @@ def write_corpus(path: Path, megabytes: int) -> None:
             copy += 1
 
 
+def write_one_line(path: Path, megabytes: int) -> None:
+    """The built-in corpus repeated as one line of ``megabytes`` MiB: every newline turned into a space."""
+    text = " ".join(p.replace("\n", " ") for p in builtin_corpus().split("\n\n") if p.strip())
+    target = megabytes << 20
+    written = 0
+    with path.open("w", encoding="utf-8") as out:
+        copy = 0
+        while written < target:
+            piece = f"[{copy}] {text} "[: target - written]
+            written += out.write(piece)
+            copy += 1
+
+
 def tiny_model(folder: Path) -> None:
     tokenizer = train_bpe_tokenizer(builtin_corpus(max_chars=200_000), vocab_size=1024)
     config = GluConfig(
@@ -53,7 +68,7 @@ def tiny_model(folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def run_recipe(model: Path, text: Path, output: Path, steps: int, streaming: bool) -> dict:
+def run_recipe(model: Path, text: Path, output: Path, steps: int, streaming: bool, threads: int) -> dict:
     command = [
         sys.executable, str(ROOT / "recipes" / "finetune_trainer.py"), "--model", str(model),
         "--train-file", str(text), "--output-dir", str(output), "--max-steps", str(steps),
@@ -62,7 +77,7 @@ def run_recipe(model: Path, text: Path, output: Path, steps: int, streaming: boo
     ]  # fmt: skip
     if streaming:
         command += ["--streaming", "--eval-documents", "50"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     start = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     stderr = process.stderr.read()
@@ -72,6 +87,7 @@ def run_recipe(model: Path, text: Path, output: Path, steps: int, streaming: boo
     results = json.loads((output / "results.json").read_text())
     return {
         "corpus_mb": round(text.stat().st_size / 2**20, 1),
+        "layout": "one line" if "one-line" in text.name else "paragraphs",
         "mode": "streaming" if streaming else "map-style",
         "steps": results["global_step"],
         "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),  # KiB on Linux
@@ -85,6 +101,8 @@ def main() -> None:
     parser.add_argument("--sizes-mb", type=int, nargs="+", default=[50, 500])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--map-style", action="store_true", help="also run the non-streaming path on the smallest")
+    parser.add_argument("--one-line", action="store_true", help="also stream the smallest size as one line")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the recipe (OMP_NUM_THREADS)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -95,20 +113,34 @@ def main() -> None:
         for megabytes in sorted(args.sizes_mb):
             text = tmp / f"corpus-{megabytes}mb.txt"
             write_corpus(text, megabytes)
-            rows.append(run_recipe(tmp / "model", text, tmp / f"run-{megabytes}", args.steps, streaming=True))
+            run = tmp / f"run-{megabytes}"
+            rows.append(run_recipe(tmp / "model", text, run, args.steps, streaming=True, threads=args.threads))
             if args.map_style and megabytes == min(args.sizes_mb):
-                rows.append(run_recipe(tmp / "model", text, tmp / f"map-{megabytes}", args.steps, streaming=False))
+                run = tmp / f"map-{megabytes}"
+                rows.append(run_recipe(tmp / "model", text, run, args.steps, streaming=False, threads=args.threads))
             text.unlink()
+            if args.one_line and megabytes == min(args.sizes_mb):
+                text = tmp / f"one-line-{megabytes}mb.txt"
+                write_one_line(text, megabytes)
+                run = tmp / f"line-{megabytes}"
+                rows.append(run_recipe(tmp / "model", text, run, args.steps, streaming=True, threads=args.threads))
+                text.unlink()
 
-    print("| corpus (MiB) | mode | steps | peak RSS (MiB) | wall (s) |")
-    print("| ---: | --- | ---: | ---: | ---: |")
+    print("| corpus (MiB) | layout | mode | steps | peak RSS (MiB) | wall (s) |")
+    print("| ---: | --- | --- | ---: | ---: | ---: |")
     for row in rows:
-        print(f"| {row['corpus_mb']} | {row['mode']} | {row['steps']} | {row['peak_rss_mb']} | {row['seconds']} |")
-    streamed = [row for row in rows if row["mode"] == "streaming"]
+        cells = [row[key] for key in ("corpus_mb", "layout", "mode", "steps", "peak_rss_mb", "seconds")]
+        print("| " + " | ".join(map(str, cells)) + " |")
+    streamed = [row for row in rows if row["mode"] == "streaming" and row["layout"] == "paragraphs"]
     growth = streamed[-1]["peak_rss_mb"] - streamed[0]["peak_rss_mb"]
     print(f"\npeak RSS from {streamed[0]['corpus_mb']} to {streamed[-1]['corpus_mb']} MiB of text: {growth:+.1f} MiB")
+    summary = {"rows": rows, "streaming_rss_growth_mb": growth, "python": sys.version.split()[0]}
+    line = [row for row in rows if row["layout"] == "one line"]
+    if line:
+        ratio = line[0]["peak_rss_mb"] / streamed[0]["peak_rss_mb"]
+        print(f"one line vs paragraphs of {streamed[0]['corpus_mb']} MiB: peak RSS x{ratio:.3f}")
+        summary["one_line_rss_ratio"] = round(ratio, 3)
     if args.json:
-        summary = {"rows": rows, "streaming_rss_growth_mb": growth, "python": sys.version.split()[0]}
         args.json.write_text(json.dumps(without_non_finite(summary), indent=2, allow_nan=False) + "\n")
 
 

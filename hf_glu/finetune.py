@@ -13,14 +13,18 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel
+from safetensors import SafetensorError, safe_open
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     DistributedConfig,
@@ -233,6 +237,73 @@ def checkpoint_step(checkpoint: str | Path) -> int:
     if match is None:
         raise ValueError(f"{str(checkpoint)!r} is not a checkpoint folder; expected a name like 'checkpoint-100'")
     return int(match.group(1))
+
+
+def check_block_size(block_size: int, model: PreTrainedModel) -> None:
+    """``--block-size`` must fit the model: at least 2 tokens (one to predict the next) and no more than its
+    position embeddings cover (a longer block fails at the first forward with an IndexError)."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if block_size < 2 or (positions is not None and block_size > positions):
+        most = f" and <= {positions}, the model's max_position_embeddings" if positions is not None else ""
+        raise ValueError(f"--block-size={block_size} is invalid; expected an integer >= 2{most}")
+
+
+def check_one_batch(blocks: int, batch_size: int, processes: int, block_size: int) -> None:
+    """A loop that drops the last, partial batch needs at least one full batch on every process."""
+    if blocks < batch_size * processes:
+        raise ValueError(
+            f"the train split has {blocks} block(s) of {block_size} tokens, fewer than one batch of --batch-size "
+            f"{batch_size} on each of {processes} process(es); use more text, a smaller --batch-size or --block-size"
+        )
+
+
+def check_tensor_parallel(model: str | Path, tp_size: int) -> None:
+    """Tensor parallelism splits the attention heads between processes: refuse a degree that does not divide
+    them before any process loads weights (Transformers would fail only at the first forward)."""
+    config = AutoConfig.from_pretrained(model)
+    for what, count in (("attention heads", "num_attention_heads"), ("key/value heads", "num_key_value_heads")):
+        heads = getattr(config, count, None)
+        if isinstance(heads, int) and heads % tp_size:
+            divisors = [d for d in range(1, heads + 1) if heads % d == 0]
+            raise ValueError(
+                f"--tp-size={tp_size} does not divide the {heads} {what} of {str(model)!r}; expected one of {divisors}"
+            )
+
+
+# Files of a checkpoint that torch.save wrote (zip archives since torch 1.6) or safetensors holds.
+_TORCH_SUFFIXES = {".bin", ".pt", ".pth", ".pkl"}
+
+
+def check_checkpoint(checkpoint: str | Path) -> None:
+    """Read every weights and state file of ``checkpoint`` (safetensors headers against the file size, torch
+    archives against their CRCs, JSON parsed) before a run resumes from it, so a damaged checkpoint is refused
+    in one line naming the file rather than by a traceback from deep inside the load."""
+    for path in sorted(Path(checkpoint).rglob("*")):
+        if not path.is_file():
+            continue
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), "pt"):
+                    pass
+            elif path.suffix in _TORCH_SUFFIXES:
+                with zipfile.ZipFile(path) as archive:
+                    bad = archive.testzip()
+                if bad is not None:
+                    raise ValueError(f"member {bad!r} fails its CRC")
+            elif path.suffix == ".json":
+                json.loads(path.read_text(encoding="utf-8"))
+        except (SafetensorError, zipfile.BadZipFile, ValueError, OSError) as error:
+            raise ValueError(
+                f"checkpoint file {str(path)!r} is damaged ({error}); delete {Path(checkpoint).name} to resume "
+                "from an earlier checkpoint, or run without --resume"
+            ) from error
+
+
+def sweep_partial_checkpoints(output_dir: str | Path) -> None:
+    """Remove the ``checkpoint-N.partial`` folders a killed run left: never resumed from, and one in the way
+    of this run's save of the same step."""
+    for folder in Path(output_dir).glob("checkpoint-*.partial"):
+        shutil.rmtree(folder)
 
 
 def save_final(

@@ -10,16 +10,19 @@ same file and tokenizer reads them back instead of tokenizing again.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from accelerate import PartialState
 from datasets.distributed import split_dataset_by_node
 from datasets.exceptions import DatasetGenerationError
+from datasets.packaged_modules.generator.generator import Generator
 from transformers import PreTrainedTokenizerBase
 
 from .data import builtin_corpus, iter_token_blocks
@@ -28,15 +31,22 @@ from .data import builtin_corpus, iter_token_blocks
 _BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 TEXT = "text"
 STREAM_EVAL_DOCUMENTS = 100  # documents held out of a stream unless told otherwise
-# A stream reads its text file this many bytes at a time (the reader's default, 10 MiB, is three to four
-# times that in Python strings and Arrow buffers, held for as long as the chunk is being trained on).
-_STREAM_CHUNK_BYTES = 1 << 20
+# A stream holds no whole document: it reads a text file this many characters at a time, and cuts a document
+# longer than _PIECE_CHARS into pieces of at most that many characters (at a word boundary), each a row whose
+# CONTINUES column says whether the next row goes on with the same document (the EOS token comes after the
+# last piece only). Its filters and tokenization take _STREAM_BATCH rows at a time: a bounded number of
+# characters whatever the documents (a 50 MB line tokenized whole takes gigabytes).
+_STREAM_CHUNK_CHARS = 1 << 20
+_PIECE_CHARS = 1 << 14
+_STREAM_BATCH = 64
+CONTINUES = "continues"
 # Stored blocks hold int32 token ids (half the cache); a stream's are never stored and come out as int64
 # tensors, the dtype embeddings and the loss take.
 _BLOCK_FEATURES = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
 _STREAM_FEATURES = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int64"))})
 
 Documents = datasets.Dataset | datasets.IterableDataset
+logger = logging.getLogger(__name__)
 
 
 def load_documents(
@@ -52,32 +62,117 @@ def load_documents(
     """Documents with one column, ``text``: the paragraphs of a .txt file, the ``text_column`` of a
     .json/.jsonl/.csv/.parquet file or of a `datasets` dataset (a Hub name or a local folder), or, when
     neither is given, the paragraphs of the built-in corpus. ``streaming`` returns an ``IterableDataset``
-    that reads lazily."""
+    that reads lazily, in pieces: a document longer than ``_PIECE_CHARS`` characters comes as several rows,
+    all but the last marked in the ``continues`` column."""
     if train_file is not None and dataset is not None:
         raise ValueError("pass either a training file or a dataset name, not both")
     cache = str(cache_dir) if cache_dir is not None else None
+    if streaming:
+        documents = _stream_documents(train_file, dataset, dataset_config, split, text_column, cache)
+        return documents.map(
+            _document_pieces, batched=True, batch_size=_STREAM_BATCH, remove_columns=documents.column_names or [TEXT]
+        )
     if dataset is not None:
-        documents = datasets.load_dataset(dataset, dataset_config, split=split, streaming=streaming, cache_dir=cache)
+        documents = datasets.load_dataset(dataset, dataset_config, split=split, cache_dir=cache)
         source = f"dataset {dataset!r}"
     elif train_file is not None:
         path = Path(train_file)
         builder = _builder_for(path)
         options = {"sample_by": "paragraph"} if builder == "text" else {}
-        if builder == "text" and streaming:
-            options["chunksize"] = _STREAM_CHUNK_BYTES
         try:
-            documents = datasets.load_dataset(
-                builder, data_files=str(path), split="train", streaming=streaming, cache_dir=cache, **options
-            )
+            documents = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache, **options)
         except DatasetGenerationError as error:  # e.g. bytes that are not UTF-8, a malformed JSON line
             reason = error.__cause__
             raise ValueError(f"training file {str(path)!r} could not be read as {builder}: {reason}") from error
         source = str(path)
     else:
-        paragraphs = [p for p in builtin_corpus().split("\n\n") if p.strip()]
-        documents = datasets.Dataset.from_dict({TEXT: paragraphs})
-        return documents.to_iterable_dataset() if streaming else documents
+        return _builtin_documents()
     return _only_text_column(documents, text_column, source)
+
+
+def _builtin_documents() -> datasets.Dataset:
+    return datasets.Dataset.from_dict({TEXT: [p for p in builtin_corpus().split("\n\n") if p.strip()]})
+
+
+def _stream_documents(
+    train_file: str | Path | None,
+    dataset: str | None,
+    dataset_config: str | None,
+    split: str,
+    text_column: str,
+    cache: str | None,
+) -> datasets.IterableDataset:
+    """``load_documents``' sources read lazily; a text file by ``_text_file_pieces``, never a whole paragraph."""
+    if dataset is not None:
+        documents = datasets.load_dataset(dataset, dataset_config, split=split, streaming=True, cache_dir=cache)
+        return _only_text_column(documents, text_column, f"dataset {dataset!r}")
+    if train_file is None:
+        return _builtin_documents().to_iterable_dataset()
+    path = Path(train_file)
+    builder = _builder_for(path)
+    if builder != "text":
+        try:
+            documents = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True)
+        except DatasetGenerationError as error:
+            raise ValueError(
+                f"training file {str(path)!r} could not be read as {builder}: {error.__cause__}"
+            ) from error
+        return _only_text_column(documents, text_column, str(path))
+    if text_column != TEXT:
+        raise ValueError(f"{str(path)} has no column {text_column!r}; its columns: ['text'] (pick one: --text-column)")
+    features = datasets.Features({TEXT: datasets.Value("string"), CONTINUES: datasets.Value("bool")})
+    return datasets.IterableDataset.from_generator(
+        _text_file_pieces, features=features, gen_kwargs={"paths": [str(path)]}
+    )
+
+
+def _text_file_pieces(paths: list[str]) -> Iterator[dict]:
+    """The paragraphs (blank-line separated, as the `datasets` text reader's) of text files, read
+    ``_STREAM_CHUNK_CHARS`` characters at a time; a paragraph longer than ``_PIECE_CHARS`` comes in pieces."""
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as file:
+                pending = ""  # the start of a paragraph whose end is not read yet; never longer than a piece
+                while chunk := file.read(_STREAM_CHUNK_CHARS):
+                    *paragraphs, pending = (pending + chunk).split("\n\n")
+                    for paragraph in paragraphs:
+                        if paragraph:
+                            yield {TEXT: paragraph, CONTINUES: False}
+                    start = 0
+                    # Cut strictly inside `pending`, which holds no blank line: no piece ends half of one.
+                    while len(pending) - start > _PIECE_CHARS:
+                        cut = _word_cut(pending, start)
+                        yield {TEXT: pending[start:cut], CONTINUES: True}
+                        start = cut
+                    pending = pending[start:]
+                if pending:
+                    yield {TEXT: pending, CONTINUES: False}
+        except UnicodeDecodeError as error:
+            raise ValueError(f"training file {path!r} could not be read as text: {error}") from error
+
+
+def _word_cut(text: str, start: int) -> int:
+    """Where the piece of ``text`` from ``start`` ends: before the last whitespace within ``_PIECE_CHARS``
+    (so a word keeps the space in front of it, as byte-level BPE pre-splits text), or at the limit if none."""
+    end = start + _PIECE_CHARS
+    cut = max(text.rfind(" ", start + 1, end), text.rfind("\n", start + 1, end), text.rfind("\t", start + 1, end))
+    return cut if cut > start else end
+
+
+def _document_pieces(batch: dict[str, list]) -> dict[str, list]:
+    """Rows of at most ``_PIECE_CHARS`` characters: a longer text cut at word boundaries, every piece but the
+    last marked as continued (a row that was itself continued keeps that mark on its last piece)."""
+    texts, continues = [], []
+    for text, continued in zip(batch[TEXT], batch.get(CONTINUES) or itertools.repeat(False), strict=False):
+        start = 0
+        while isinstance(text, str) and len(text) - start > _PIECE_CHARS:
+            cut = _word_cut(text, start)
+            texts.append(text[start:cut])
+            continues.append(True)
+            start = cut
+        texts.append(text[start:] if start else text)  # not a str: _has_text names it
+        continues.append(continued)
+    return {TEXT: texts, CONTINUES: continues}
 
 
 def _builder_for(path: Path) -> str:
@@ -96,7 +191,44 @@ def _only_text_column(documents: Documents, text_column: str, source: str) -> Do
     if columns is not None and text_column not in columns:  # a stream may not know its columns yet
         raise ValueError(f"{source} has no column {text_column!r}; its columns: {columns} (pick one: --text-column)")
     documents = documents.select_columns([text_column])
+    documents = _every_row_has_text(documents, text_column, source)
     return documents.rename_column(text_column, TEXT) if text_column != TEXT else documents
+
+
+def _every_row_has_text(documents: Documents, column: str, source: str) -> Documents:
+    """Refuse a row whose text is missing (a JSON line without the field reads as null), naming the first:
+    dropping such rows without a word would train on less than the user gave. Checked in the Arrow column of a
+    map-style dataset; a stream is checked as it is read."""
+    if isinstance(documents, datasets.IterableDataset):
+        check = _RowsWithText(column, source)
+        return documents.filter(check, batched=True, with_indices=True, batch_size=_STREAM_BATCH)
+    offset = 0
+    for batch in documents.with_format("arrow").iter(batch_size=100_000):
+        nulls = pc.is_null(batch[column])
+        if pc.any(nulls).as_py():
+            raise ValueError(_missing_text(source, offset + pc.index(nulls, True).as_py(), column))
+        offset += len(batch)
+    return documents
+
+
+def _missing_text(source: str, row: int, column: str) -> str:
+    return (
+        f"{source}: row {row + 1} (counting from 1) has no {column!r} field, or it is null; every row needs its "
+        "text there (another field: --text-column)"
+    )
+
+
+class _RowsWithText:
+    """A stream's filter that keeps every row and raises at the first without text (``_every_row_has_text``)."""
+
+    def __init__(self, column: str, source: str) -> None:
+        self.column, self.source = column, source
+
+    def __call__(self, batch: dict[str, list], indices: list[int]) -> list[bool]:
+        for text, row in zip(batch[self.column], indices, strict=True):
+            if text is None:
+                raise ValueError(_missing_text(self.source, row, self.column))
+        return [True] * len(indices)
 
 
 def split_held_out(documents: datasets.Dataset, eval_fraction: float) -> tuple[datasets.Dataset, datasets.Dataset]:
@@ -130,7 +262,7 @@ def split_held_out_stream(
     training: a stream's length is unknown, so its tail cannot be held out without reading it all."""
     if eval_documents < 1:
         raise ValueError(f"eval_documents={eval_documents!r} is invalid; expected an integer >= 1")
-    documents = documents.filter(_has_text, batched=True)
+    documents = documents.filter(_has_text, batched=True, batch_size=_STREAM_BATCH)
     held_out = list(documents.take(eval_documents))
     if not held_out:
         raise ValueError("the stream has no document to hold out for evaluation; expected some text")
@@ -138,7 +270,9 @@ def split_held_out_stream(
     # each process's own files (about N / processes each) instead of to the N documents held out. (A copy of a
     # held-out document elsewhere in the corpus is left out too, which keeps the evaluation honest.)
     held_out_texts = {row[TEXT] for row in held_out}
-    rest = documents.filter(lambda batch: [text not in held_out_texts for text in batch[TEXT]], batched=True)
+    rest = documents.filter(
+        lambda batch: [text not in held_out_texts for text in batch[TEXT]], batched=True, batch_size=_STREAM_BATCH
+    )
     return rest, datasets.Dataset.from_list(held_out)
 
 
@@ -152,17 +286,22 @@ def _has_text(batch: dict[str, list]) -> list[bool]:
 def tokenize_documents(
     documents: Documents, tokenizer: PreTrainedTokenizerBase, *, num_proc: int | None = None
 ) -> Documents:
-    """Token ids of every document with the EOS token appended, the separator of packed documents."""
+    """Token ids of every document with the EOS token appended, the separator of packed documents (a piece
+    of a document that the next row continues gets none: see ``load_documents``)."""
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token to separate packed documents")
     eos = tokenizer.eos_token_id
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
         ids = tokenizer(batch[TEXT], add_special_tokens=False)["input_ids"]
-        return {"input_ids": [row + [eos] for row in ids]}
+        continued = batch.get(CONTINUES) or [False] * len(ids)
+        return {"input_ids": [row if more else row + [eos] for row, more in zip(ids, continued, strict=True)]}
 
-    options = {"num_proc": num_proc, "desc": "tokenizing"} if isinstance(documents, datasets.Dataset) else {}
-    return documents.map(tokenize, batched=True, remove_columns=[TEXT], **options)
+    if isinstance(documents, datasets.Dataset):
+        options = {"num_proc": num_proc, "desc": "tokenizing"}
+    else:
+        options = {"batch_size": _STREAM_BATCH}
+    return documents.map(tokenize, batched=True, remove_columns=documents.column_names or [TEXT], **options)
 
 
 def _packed_rows(tokenized: Iterable[dict], block_size: int) -> Iterator[dict[str, list[int]]]:
@@ -181,13 +320,37 @@ def pack_blocks(tokenized: Documents, block_size: int, cache_dir: str | Path | N
     if isinstance(tokenized, datasets.IterableDataset):
         stream = datasets.IterableDataset.from_generator(_packed_rows, features=_STREAM_FEATURES, gen_kwargs=kwargs)
         return stream.map(_with_labels, batched=True).with_format("torch")
-    blocks = datasets.Dataset.from_generator(
-        _packed_rows, features=_BLOCK_FEATURES, gen_kwargs=kwargs, cache_dir=str(cache_dir) if cache_dir else None
-    )
+    blocks = _cached_blocks(kwargs, cache_dir)
     if len(blocks) == 0:
         raise ValueError(f"the text makes fewer tokens than one block of {block_size}")
     # Labels are made when a row is read, not stored: the cache holds each token once.
     return blocks.with_transform(_causal_lm_tensors)
+
+
+def _cached_blocks(gen_kwargs: dict, cache_dir: str | Path | None) -> datasets.Dataset:
+    """The packed blocks from the `datasets` cache (packed and written there on a first run), checked against the
+    row count recorded when they were written: an Arrow file cut short reads as fewer blocks without an error,
+    or fails to read. Either way it is rebuilt, with one line naming it."""
+    builder = Generator(
+        cache_dir=str(cache_dir) if cache_dir else None,
+        features=_BLOCK_FEATURES,
+        generator=_packed_rows,
+        gen_kwargs=gen_kwargs,
+        split=datasets.Split.TRAIN,
+    )
+    builder.download_and_prepare()
+    written = builder.info.splits[datasets.Split.TRAIN].num_examples
+    try:
+        blocks = builder.as_dataset(split=datasets.Split.TRAIN)
+        damage = None if len(blocks) == written else f"{len(blocks)} blocks where {written} were written"
+    except (OSError, pa.ArrowException) as error:  # e.g. "Expected to be able to read ... bytes"
+        damage = " ".join(str(error).split())
+    if damage is None:
+        return blocks
+    files = sorted(str(path) for path in Path(builder.cache_dir).glob("*.arrow"))
+    logger.warning("packing cache %s is damaged (%s); rebuilding it", ", ".join(files), damage)
+    builder.download_and_prepare(download_mode=datasets.DownloadMode.FORCE_REDOWNLOAD)
+    return builder.as_dataset(split=datasets.Split.TRAIN)
 
 
 def _with_labels(batch: dict[str, list]) -> dict[str, list]:

@@ -43,7 +43,11 @@ from transformers import get_scheduler
 import hf_glu  # noqa: F401  (registers the GLU classes with the Auto classes and PEFT)
 from hf_glu.finetune import (
     build_datasets_from_args,
+    check_block_size,
+    check_checkpoint,
     check_finetune_args,
+    check_one_batch,
+    check_tensor_parallel,
     checkpoint_step,
     distillation_loss,
     distributed_config_from_args,
@@ -56,6 +60,7 @@ from hf_glu.finetune import (
     perplexity_from_loss,
     run_recipe,
     save_final,
+    sweep_partial_checkpoints,
     token_loss_sums,
     weights_digest,
     write_json,
@@ -113,6 +118,8 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int) -> None
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        # A checkpoint-N of an earlier run into this folder (not resumed from) would block the rename.
+        shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
         old = sorted(output_dir.glob("checkpoint-*[0-9]"), key=checkpoint_step)[:-keep] if keep > 0 else []
         for folder in old:
@@ -122,7 +129,6 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int) -> None
 
 def main() -> None:
     args = parse_args()
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)  # per-rank files are written before final/
     if is_sharded(args):
         sharded_main(args)
         return
@@ -149,8 +155,11 @@ def main() -> None:
         raise SystemExit("--lora with FSDP/DeepSpeed is not supported here: merging needs unsharded weights")
 
     model, tokenizer = load_model_and_tokenizer(args.model, args.convert_from, args.variant, args.init)
+    check_block_size(args.block_size, model)
     with accelerator.main_process_first():  # a dataset download (--dataset) happens once
         train_data, eval_data = build_datasets_from_args(tokenizer, args)
+    if not args.streaming:  # batches are dropped when partial: each process needs a full one
+        check_one_batch(len(train_data), args.batch_size, accelerator.num_processes, args.block_size)
     if args.lora:
         from peft import get_peft_model
 
@@ -182,12 +191,18 @@ def main() -> None:
     step = 0
     checkpoint = latest_checkpoint(output_dir) if args.resume else None
     if checkpoint is not None:
+        check_checkpoint(checkpoint)
         accelerator.load_state(str(checkpoint))
         step = checkpoint_step(checkpoint)
         accelerator.print(f"resuming from {checkpoint} (step {step})")
     elif args.resume:
         accelerator.print("no checkpoint yet: from step 0")
     resumed_from = step
+    # Created only now, every check passed: a refused run leaves no folder behind.
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)  # per-rank files are written before final/
+        sweep_partial_checkpoints(output_dir)
+    accelerator.wait_for_everyone()
 
     step, log_history = train(model, teacher, optimizer, scheduler, train_loader, eval_loader, accelerator, args, step)
     eval_loss = evaluate(model, eval_loader, accelerator)
@@ -284,13 +299,17 @@ def sharded_main(args) -> None:
     """The same job on a model Transformers shards at load time (DistributedConfig), in plain PyTorch."""
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
+    if args.tp_size > 1:
+        check_tensor_parallel(args.model, args.tp_size)
     model, tokenizer = load_model_and_tokenizer(args.model, distributed_config=distributed_config_from_args(args))
+    check_block_size(args.block_size, model)
     # Transformers' mesh is (pp, dp_replicate, fsdp, tp), tp innermost: the processes of one TP group are
     # consecutive ranks and must see the same batch; only the FSDP dimension splits the data.
     data_rank = dist.get_rank() // args.tp_size
     train_data, eval_data = build_datasets_from_args(tokenizer, args, rank=data_rank, world_size=args.fsdp_size)
     sampler = None
     if not args.streaming:  # a stream was split above, before packing
+        check_one_batch(len(train_data), args.batch_size, args.fsdp_size, args.block_size)
         sampler = DistributedSampler(
             train_data, num_replicas=args.fsdp_size, rank=data_rank, seed=args.seed, drop_last=True
         )
@@ -321,6 +340,10 @@ def sharded_main(args) -> None:
     elif args.resume:
         print_once("no checkpoint yet: from step 0")
     resumed_from = step
+    if dist.get_rank() == 0:  # only now, every check passed (see main)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        sweep_partial_checkpoints(output_dir)
+    dist.barrier()
 
     step, log_history = train_sharded(model, optimizer, scheduler, train_loader, eval_loader, args, step)
     eval_loss = evaluate_everywhere(model, eval_loader)

@@ -19,6 +19,8 @@ import hf_glu  # noqa: F401  (registers the GLU classes with the Auto classes an
 from hf_glu.finetune import (
     DistillationTrainer,
     build_datasets_from_args,
+    check_block_size,
+    check_checkpoint,
     check_finetune_args,
     checkpoint_step,
     finetune_arg_parser,
@@ -85,6 +87,7 @@ def main() -> None:
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
     model, tokenizer = load_model_and_tokenizer(args.model, args.convert_from, args.variant, args.init)
+    check_block_size(args.block_size, model)
     train_data, eval_data = build_datasets_from_args(tokenizer, args)
     if args.lora:
         from peft import get_peft_model
@@ -109,6 +112,8 @@ def main() -> None:
         trainer = Trainer(**common)
 
     checkpoint = latest_checkpoint(output_dir, COMPLETE_MARKER) if args.resume else None
+    if checkpoint is not None:
+        check_checkpoint(checkpoint)
     resumed_from = checkpoint_step(checkpoint) if checkpoint else 0
     if args.resume:
         print(f"resuming from {checkpoint} (step {resumed_from})" if checkpoint else "no checkpoint yet: from step 0")

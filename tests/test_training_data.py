@@ -13,6 +13,7 @@ from accelerate.data_loader import prepare_data_loader
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, default_data_collator
 
+from hf_glu import training_data
 from hf_glu.data import builtin_corpus, pack_token_blocks, split_train_eval, train_bpe_tokenizer
 from hf_glu.training_data import build_block_datasets, load_documents
 
@@ -229,3 +230,26 @@ def test_bad_input_names_what_is_wrong(tokenizer, tmp_path):
                                  cache_dir=tmp_path / "c")  # fmt: skip
     with pytest.raises(ValueError, match="either a training file or a dataset"):
         load_documents(tmp_path / "tiny.txt", dataset="wikitext")
+
+
+def test_a_stream_reads_and_packs_a_long_document_in_pieces(tokenizer, tmp_path, monkeypatch):
+    # Pieces of 40 characters read 64 at a time: every document below spans several reads and pieces, and blank
+    # lines fall across reads. The stream must hold no row longer than a piece, keep every character, and pack
+    # the same tokens as the documents whole, with the EOS token after each document's last piece only.
+    monkeypatch.setattr(training_data, "_PIECE_CHARS", 40)
+    monkeypatch.setattr(training_data, "_STREAM_CHUNK_CHARS", 64)
+    docs = [" ".join(f"w{d}x{i}" for i in range(n)) for d, n in enumerate((60, 3, 25, 40))]
+    docs[2] = "unbroken" * 12  # no word boundary: cut at the limit
+    path = tmp_path / "long.txt"
+    path.write_text("\n\n".join(docs), encoding="utf-8")
+    rows = list(load_documents(path, streaming=True))
+    assert max(len(row["text"]) for row in rows) <= 40 and len(rows) > 10
+    ends = [i for i, row in enumerate(rows) if not row["continues"]]
+    assert len(ends) == len(docs) and ends[-1] == len(rows) - 1
+    starts = [0] + [i + 1 for i in ends[:-1]]
+    assert ["".join(row["text"] for row in rows[a : b + 1]) for a, b in zip(starts, ends, strict=True)] == docs
+    train, held_out = build_block_datasets(tokenizer, 8, train_file=path, streaming=True, eval_documents=1)
+    rest = ["".join(row["text"] for row in rows[1 : ends[0] + 1]), *docs[1:]]  # the first piece is held out
+    assert _rows(train) == pack_token_blocks(rest, tokenizer, 8)
+    eos = tokenizer.eos_token_id
+    assert eos not in _rows(held_out)[0] and eos not in tokenizer(rows[0]["text"])["input_ids"]
