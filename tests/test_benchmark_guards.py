@@ -1,6 +1,7 @@
-"""benchmarks/bench_mlp.py survives its own failures: a failing implementation costs its row only, a failing
-shape leaves an error row and the run goes on, and every row reaches the rows file as soon as it is measured
-(a GPU step cut short by its time limit keeps them). CPU, stand-in implementations, a tiny shape: seconds."""
+"""benchmarks/bench_mlp.py and bench_train.py survive their own failures: a failing implementation or kernel
+costs its row only, a failing shape leaves an error row and the run goes on, and every row reaches the rows
+file as soon as it is measured (a GPU step cut short by its time limit keeps them). CPU, stand-ins, tiny
+shapes: seconds."""
 
 import importlib.util
 import json
@@ -94,3 +95,36 @@ def test_rows_reach_the_file_as_measured_and_a_failing_shape_does_not_stop_the_r
     assert [(r["shape"], r["impl"]) for r in logged] == [("first", "eager"), ("second", "all"), ("third", "eager")]
     assert logged[1]["note"] == "failed: OutOfMemoryError: stand-in out of memory"
     assert [r["impl"] for r in json.loads(out.read_text())["results"]] == ["eager", "all", "eager"]
+
+
+def test_a_failing_kernel_costs_its_training_row_only(bench, monkeypatch) -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))  # bench_train imports bench_mlp from its own folder
+    try:
+        spec = importlib.util.spec_from_file_location("bench_train_under_test", REPO / "benchmarks" / "bench_train.py")
+        train = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = train
+        spec.loader.exec_module(train)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    real_step_fn = train.train_step_fn
+
+    def step_fn(model, setup, device):
+        step = real_step_fn(model, setup, device)
+
+        def guarded_step():
+            if model.config.glu_kernel == "triton":
+                raise RuntimeError("stand-in compile failure")
+            return step()
+
+        return guarded_step
+
+    monkeypatch.setattr(train, "train_step_fn", step_fn)
+    setup = train.replace(train.SMOKE, steps=1, warmup=1)
+    model = train.build(setup, "cpu", glu=True).train()
+    try:
+        rows = {r.kernel: r for r in train.measure_training(model, "glu", ["triton", "eager"], setup, "cpu", 2)}
+    finally:
+        sys.modules.pop(spec.name, None)
+    assert rows["triton"].note == "failed: RuntimeError: stand-in compile failure"
+    assert rows["triton"].tokens_per_s is None
+    assert rows["eager"].tokens_per_s > 0 and rows["eager"].note == ""
