@@ -5,6 +5,7 @@ shapes: seconds."""
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -128,3 +129,16 @@ def test_a_failing_kernel_costs_its_training_row_only(bench, monkeypatch) -> Non
     assert rows["triton"].note == "failed: RuntimeError: stand-in compile failure"
     assert rows["triton"].tokens_per_s is None
     assert rows["eager"].tokens_per_s > 0 and rows["eager"].note == ""
+
+
+def test_gpu_check_budget_fits_one_device_call() -> None:
+    # The step limits gpu_check.sh enforces: under 8 minutes in all (one 10-minute device call, with time to
+    # start and to bring results back), and the test step above the last measured run (93 s on an H100).
+    script = (REPO / "benchmarks" / "gpu_check.sh").read_text()
+    (line,) = [line for line in script.splitlines() if line.startswith("declare -A STEP_SECONDS=")]
+    steps = {k: int(v) for k, v in re.findall(r"\[(\w+)\]=(\d+)", line)}
+    assert steps.keys() == {"setup", "llama", "geglu", "swiglu", "train", "tests"}
+    assert sum(steps.values()) < 8 * 60 and steps["tests"] > 93
+    # Every step the script runs takes its limit from that table.
+    assert set(re.findall(r"^bench (\w+) ", script, re.MULTILINE)) | {"setup", "tests"} == steps.keys()
+    assert "time budget $total s" in script and str(sum(steps.values())) in script.splitlines()[3]
