@@ -15,9 +15,9 @@ backward with and without the bias sums; ``LAYOUT_MODES``), with the kernels rep
 Each recorded launch is turned into the signature Triton's runtime would specialize it to (an int equal
 to 1 becomes a constant, ints and pointers divisible by 16 get the divisibility attribute), and equal
 ones are compiled once. So the matrix is what the launchers can pick, not a copy of their rules: change
-a launch rule and the matrix follows. Three scopes (see ``scenarios``): ``--sample``, the minute-long subset CI runs; ``--full``
-(``make gpu-compile``), every variant x dtype x layout x mode at a production shape and every block config
-and row-tile count per variant; ``--exhaustive``, the whole sweep (thousands of compiles).
+a launch rule and the matrix follows. Three scopes (see ``scenarios``): ``--sample``, the minute-long
+subset CI runs; ``--full`` (``make gpu-compile``), every variant x dtype x layout x mode at a production
+shape and every block config and row-tile count per variant; ``--exhaustive``, the whole sweep.
 
 ``TRITON_INTERPRET=1`` makes ``@triton.jit`` return interpreter objects, so when it is set the check
 re-runs itself in a subprocess without it.
