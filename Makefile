@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.hf_glu-installed
 
-.PHONY: install test test-compat lint demo demo-quick clean
+.PHONY: install test test-compat lint demo demo-quick gpu-compile gpu-compile-triton36 clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,30 @@ test-compat: $(COMPAT_STAMP)
 		tests/test_configuration_glu.py tests/test_modeling_glu.py tests/test_remote_code.py tests/test_training.py \
 		tests/test_families.py
 
+# Ahead-of-time compile check of the fused kernels for real GPUs (sm_80, sm_90, sm_100) on this CPU-only
+# machine: every specialization of the full scope, registers / spills / shared memory per kernel written to
+# benchmarks/results/; fails on a compile failure or a spill. CI (`make test`) compiles a sample only.
+# The full scope is about 1,600 compiles (~30 min on a quiet 2-core box); GPU_COMPILE_SCOPE=--sample for one minute.
+GPU_COMPILE_SCOPE ?= --full
+GPU_COMPILE_TARGETS ?= 80,90,100
+gpu-compile: $(STAMP)
+	env -u TRITON_INTERPRET nice $(BIN)/python benchmarks/gpu_compile.py $(GPU_COMPILE_SCOPE) \
+		--targets $(GPU_COMPILE_TARGETS) --quiet --out benchmarks/results/gpu_compile.json
+
+# The same check with triton 3.6, the GPU image's version, in its own venv.
+TRITON36_VENV ?= .venv-triton36
+TRITON36_STAMP := $(TRITON36_VENV)/.hf_glu-installed
+
+$(TRITON36_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(TRITON36_VENV)
+	$(TRITON36_VENV)/bin/python -m pip install "$(TORCH_SPEC)"
+	$(TRITON36_VENV)/bin/python -m pip install -e . "triton==3.6.0"
+	touch $(TRITON36_STAMP)
+
+gpu-compile-triton36: $(TRITON36_STAMP)
+	env -u TRITON_INTERPRET nice $(TRITON36_VENV)/bin/python benchmarks/gpu_compile.py $(GPU_COMPILE_SCOPE) \
+		--targets $(GPU_COMPILE_TARGETS) --quiet --out benchmarks/results/gpu_compile_triton36.json
+
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/hf-glu demo
 
@@ -46,4 +70,4 @@ demo-quick: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/hf-glu demo --quick
 
 clean:
-	rm -rf $(VENV) $(COMPAT_VENV) hf-glu-demo .pytest_cache
+	rm -rf $(VENV) $(COMPAT_VENV) $(TRITON36_VENV) hf-glu-demo .pytest_cache

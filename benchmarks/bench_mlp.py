@@ -29,6 +29,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,9 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from hf_glu import GluConfig, GluMLP, glu_triton  # noqa: E402
-from hf_glu.convert.report import without_non_finite
+from hf_glu.convert.report import without_non_finite  # noqa: E402
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ SHAPE_GROUPS = {
     **{f"gpt2-{v}": [f"{size}-{v}" for size in GPT2_SIZES] for v in GPT2_VARIANTS},
 }
 SMOKE = Shape("smoke-cpu", 32, 96, 64, bias=True, variant="swiglu", dtype=torch.float32)
+SMOKE_SHAPES = [SMOKE]  # what the CPU smoke run measures
 INFERENCE_TOKENS = [1, 16, 256, 2048]  # decode (batch 1 and 16) and prefill
 SMOKE_INFERENCE_TOKENS = [1, 16, 64]
 
@@ -96,6 +100,40 @@ class Row:
     spread: float | None = None
     max_rel_err: float | None = None
     note: str = ""
+
+
+class RowLog:
+    """Appends each measured row to a JSON-lines file the moment it exists, flushed to disk, so a run cut
+    short by a time limit keeps every row it measured (the final ``--json`` file is written only at the end)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("")
+
+    def write(self, table: str, row: object) -> None:
+        record = {"table": table, **(asdict(row) if hasattr(row, "__dataclass_fields__") else dict(row))}
+        line = json.dumps(without_non_finite(record), allow_nan=False)
+        print(f"row {line}", flush=True)  # also in the step's captured log
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(line + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+
+def attempt(what: str, fn: Callable[[], T]) -> tuple[T | None, str]:
+    """``(fn(), "")``, or ``(None, "failed: <error>")`` after printing the traceback: one implementation that
+    fails (an import, a compile, a launch, out of memory) costs its own row, not the whole step."""
+    try:
+        return fn(), ""
+    except Exception as error:  # whatever the implementation raises, the benchmark goes on
+        print(f"{what} failed:", file=sys.stderr)
+        traceback.print_exc()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return None, f"failed: {type(error).__name__}: {error}"[:200]
 
 
 # --- Implementations: each maps x to the MLP output (parameters inside) -------------------------------
@@ -147,6 +185,25 @@ def liger_mlp(shape: Shape, eager: GluMLP) -> tuple[torch.nn.Module | None, str]
     return module, ""
 
 
+def liger_gemm_mlp(shape: Shape, eager: GluMLP) -> tuple[torch.nn.Module | None, str]:
+    """Liger-Kernel's ``LigerMLP`` (``liger_kernel.transformers.mlp``, 0.8.x) with the same weights, or (None,
+    why not): gate and up GEMMs and SiLU-times-up in one Triton kernel, the down GEMM in cuBLAS; SwiGLU
+    with beta 1 and no biases only. It needs ``triton.tools.tensor_descriptor`` (TMA): on older GPUs or
+    tritons it raises at the first call, which the caller records as its row's error."""
+    if shape.variant != "swiglu" or eager.params.beta != 1.0 or shape.bias:
+        return None, "LigerMLP is bias-free SwiGLU only"
+    try:
+        from liger_kernel.transformers.mlp import LigerMLP
+    except ImportError:
+        return None, "liger-kernel (with LigerMLP) not installed"
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(hidden_size=shape.hidden, intermediate_size=shape.inner, hidden_act="silu")
+    module = LigerMLP(config).to(eager.gate_proj.weight.device, shape.dtype)
+    module.load_state_dict(eager.state_dict())
+    return module, "gate/up GEMM + SiLU fused"
+
+
 def transformers_mlp(shape: Shape, eager: GluMLP) -> tuple[torch.nn.Module | None, str]:
     """Transformers' own eager GLU MLP (``LlamaMLP``: act(gate) * up in the input dtype), what users run today."""
     activations = {"swiglu": "silu", "geglu_tanh": "gelu_pytorch_tanh", "geglu": "gelu", "reglu": "relu"}
@@ -177,23 +234,33 @@ def with_kernel(mlp: GluMLP, kernel: str) -> GluMLP:
 
 
 def implementations(shape: Shape, device: str) -> dict[str, tuple[Callable | None, str]]:
+    """Each implementation (or None and why not) for ``shape``; one that fails to build gets an error note."""
     eager = build_mlp(shape, "eager", device)
-    fused = with_kernel(eager, "triton")
     on_cpu = device == "cpu"
     impls: dict[str, tuple[Callable | None, str]] = {"eager": (eager, "hf_glu's eager reference (fp32 maths)")}
-    llama, why_not = transformers_mlp(shape, eager)
-    impls["transformers LlamaMLP"] = (llama, why_not)
-    # The peer a user gets from one line: torch.compile of Transformers' MLP (of our eager one where
-    # Transformers has no such activation). On CPU the smoke run only checks the path works: aot_eager
-    # skips Inductor's slow C++ build.
-    compiled = torch.compile(copy.deepcopy(llama or eager), backend="aot_eager" if on_cpu else "inductor")
-    what = "of LlamaMLP" if llama is not None else "of hf_glu eager"
-    impls["torch.compile"] = (compiled, f"{what}, aot_eager backend (CPU smoke)" if on_cpu else what)
-    impls["liger"] = (None, "needs CUDA") if on_cpu else liger_mlp(shape, eager)
+
+    def add(impl: str, build: Callable[[], tuple[Callable | None, str]]) -> None:
+        built, error = attempt(f"building {impl} for {shape.name}", build)
+        impls[impl] = built if built is not None else (None, error)
+
+    add("transformers LlamaMLP", lambda: transformers_mlp(shape, eager))
+    llama = impls["transformers LlamaMLP"][0]
+
+    def compiled() -> tuple[Callable, str]:
+        # The peer a user gets from one line: torch.compile of Transformers' MLP (of our eager one where
+        # Transformers has no such activation). On CPU the smoke run only checks the path works: aot_eager
+        # skips Inductor's slow C++ build.
+        module = torch.compile(copy.deepcopy(llama or eager), backend="aot_eager" if on_cpu else "inductor")
+        what = "of LlamaMLP" if llama is not None else "of hf_glu eager"
+        return module, f"{what}, aot_eager backend (CPU smoke)" if on_cpu else what
+
+    add("torch.compile", compiled)
+    add("liger", lambda: (None, "needs CUDA") if on_cpu else liger_mlp(shape, eager))
+    add("liger LigerMLP", lambda: (None, "needs CUDA") if on_cpu else liger_gemm_mlp(shape, eager))
     if not glu_triton.TRITON_AVAILABLE:
         impls["fused"] = (None, "triton not installed")
     else:
-        impls["fused"] = (fused, "Triton interpreter (CPU smoke)" if on_cpu else "")
+        add("fused", lambda: (with_kernel(eager, "triton"), "Triton interpreter (CPU smoke)" if on_cpu else ""))
     return impls
 
 
@@ -329,12 +396,11 @@ def measure(shape: Shape, device: str, iters: int, warmup: int, repeat: int = 1)
         if mlp is None:
             rows.append(Row(shape.name, impl, note=note))
             continue
-        try:
-            row, out = profile_impl(mlp, x, dy, device, warmup)
-        except Exception as error:  # one broken implementation must not cost the whole table
-            traceback.print_exc()
-            rows.append(Row(shape.name, impl, note=f"failed: {type(error).__name__}: {error}"[:160]))
+        profiled, error = attempt(f"{impl} on {shape.name}", lambda mlp=mlp: profile_impl(mlp, x, dy, device, warmup))
+        if profiled is None:
+            rows.append(Row(shape.name, impl, note=error))
             continue
+        row, out = profiled
         reference = out if reference is None else reference  # eager comes first
         row.shape, row.impl, row.note = shape.name, impl, note
         row.max_rel_err = ((out - reference).abs().max() / reference.abs().max()).item()
@@ -343,10 +409,18 @@ def measure(shape: Shape, device: str, iters: int, warmup: int, repeat: int = 1)
     for _ in range(warmup):
         gemms.forward_backward()
     rounds: dict[str, list[tuple[float, float]]] = {impl: [] for impl in timed}
-    for _ in range(repeat):
-        for impl, (forward, forward_backward) in timed.items():
-            rounds[impl].append((time_ms(forward, device, iters, 1), time_ms(forward_backward, device, iters, 1)))
     by_impl = {r.impl: r for r in rows}
+    for _ in range(repeat):
+        for impl, (forward, forward_backward) in list(timed.items()):
+            times, error = attempt(
+                f"timing {impl} on {shape.name}",
+                lambda f=forward, fb=forward_backward: (time_ms(f, device, iters, 1), time_ms(fb, device, iters, 1)),
+            )
+            if times is None:  # out of the remaining rounds; its row keeps the memory figures and the error
+                del timed[impl], rounds[impl]
+                by_impl[impl].note = error
+            else:
+                rounds[impl].append(times)
     for impl, times in rounds.items():
         row = by_impl[impl]
         fwd_bwd = [t[1] for t in times]
@@ -356,7 +430,7 @@ def measure(shape: Shape, device: str, iters: int, warmup: int, repeat: int = 1)
     gemm_ms, eager_ms = by_impl["gemms"].fwd_bwd_ms, by_impl["eager"].fwd_bwd_ms
     for r in rows:
         if r.fwd_bwd_ms is not None:
-            r.x_gemms = r.fwd_bwd_ms / gemm_ms
+            r.x_gemms = r.fwd_bwd_ms / gemm_ms if gemm_ms is not None else None
             r.speedup = eager_ms / r.fwd_bwd_ms if eager_ms is not None else None
     return rows
 
@@ -465,15 +539,28 @@ def measure_inference(shape: Shape, device: str, sizes: list[int], iters: int, r
         for tokens in sizes:
             x = torch.randn(tokens, shape.hidden, device=device, dtype=shape.dtype)
             times: dict[str, list[float]] = {impl: [] for impl in impls}
+            errors: dict[str, str] = {}
             for _ in range(repeat):
                 for impl, mlp in impls.items():
-                    times[impl].append(time_ms(lambda mlp=mlp, x=x: mlp(x), device, iters, 2))
+                    if impl in errors:
+                        continue
+                    ms, error = attempt(
+                        f"{impl} inference on {shape.name} at {tokens} tokens",
+                        lambda mlp=mlp, x=x: time_ms(lambda: mlp(x), device, iters, 2),
+                    )
+                    if ms is None:
+                        errors[impl] = error
+                    else:
+                        times[impl].append(ms)
             auto_path = "fused" if glu_triton.fused_path_wanted("auto", x) else "eager"
-            eager_ms = statistics.median(times["eager"])
+            eager_ms = statistics.median(times["eager"]) if "eager" not in errors else None
             for impl, t in times.items():
+                if impl in errors:
+                    rows.append(InferenceRow(shape.name, tokens, impl, note=errors[impl]))
+                    continue
                 ms = statistics.median(t)
                 note = f"picks {auto_path}" if impl == "auto" else ""
-                rows.append(InferenceRow(shape.name, tokens, impl, ms, eager_ms / ms, note))
+                rows.append(InferenceRow(shape.name, tokens, impl, ms, eager_ms / ms if eager_ms else None, note))
     return rows
 
 
@@ -497,7 +584,7 @@ def inference_goals(shape: Shape, rows: list[InferenceRow]) -> list[tuple[str, s
     if not auto:
         return [("inference: auto >= 1.00x eager at every size", "not measured", None)]
     # Where auto picks eager it runs the eager code: the timing difference is noise, not a loss.
-    fused_sizes = [r for r in auto if r.note == "picks fused"]
+    fused_sizes = [r for r in auto if r.note == "picks fused" and r.speedup is not None]
     worst = min(fused_sizes, key=lambda r: r.speedup, default=None)
     measured = (
         "eager at every size" if worst is None else f"{worst.speedup:.3f}x at {worst.tokens} tokens (worst fused)"
@@ -524,7 +611,11 @@ def inference_markdown(rows: list[InferenceRow]) -> str:
         for impl in impls:
             r = by_impl.get(impl)
             note = f", {r.note}" if r is not None and r.note else ""
-            values.append("n/a" if r is None else f"{r.fwd_ms:.4f} ({r.speedup:.2f}x{note})")
+            if r is None or r.fwd_ms is None:
+                values.append("n/a" if r is None else r.note)
+            else:
+                speedup = "n/a" if r.speedup is None else f"{r.speedup:.2f}x"
+                values.append(f"{r.fwd_ms:.4f} ({speedup}{note})")
         lines.append(f"| {shape} | {tokens} | " + " | ".join(values) + " |")
     return "\n".join(lines)
 
@@ -552,16 +643,26 @@ def kernel_rows(shape: Shape, iters: int, sweep: bool) -> list[dict]:
     default = (glu_triton._BLOCK_ELEMENTS, glu_triton._NUM_WARPS)
     configs = [(b, w) for b in (1024, 2048, 4096, 8192, 16384) for w in (2, 4, 8)] if sweep else [default]
     rows = []
+
+    def timed() -> tuple[float, float]:
+        fwd = time_ms(lambda: glu_triton._launch_forward(gate, up, out, shape.variant, params), "cuda", iters, 3)
+        bwd = time_ms(
+            lambda: glu_triton._launch_backward(grad, gate, up, dgate, dup, out, shape.variant, params, shape.bias),
+            "cuda",
+            iters,
+            3,
+        )
+        return fwd, bwd
+
     try:
         for block, warps in configs:
             glu_triton._BLOCK_ELEMENTS, glu_triton._NUM_WARPS = block, warps
-            fwd = time_ms(lambda: glu_triton._launch_forward(gate, up, out, shape.variant, params), "cuda", iters, 3)
-            bwd = time_ms(
-                lambda: glu_triton._launch_backward(grad, gate, up, dgate, dup, out, shape.variant, params, shape.bias),
-                "cuda",
-                iters,
-                3,
-            )
+            both, error = attempt(f"kernels of {shape.name} at {block} elements, {warps} warps", timed)
+            if both is None:
+                rows.append(dict(shape=shape.name, block_elements=block, num_warps=warps,
+                                 default=(block, warps) == default, error=error))  # fmt: skip
+                continue
+            fwd, bwd = both
             fwd_gbps, bwd_gbps = 3 * bytes_per_pass / fwd / 1e6, 6 * bytes_per_pass / bwd / 1e6
             rows.append(
                 dict(shape=shape.name, block_elements=block, num_warps=warps, default=(block, warps) == default,
@@ -579,6 +680,9 @@ def kernels_markdown(rows: list[dict]) -> str:
     ]
     for r in rows:
         mark = " (default)" if r["default"] else ""
+        if "error" in r:
+            lines.append(f"| {r['shape']} | {r['block_elements']}{mark} | {r['num_warps']} | {r['error']} |")
+            continue
         share = f"{r['fwd_gbps'] / r['copy_gbps']:.0%} / {r['bwd_gbps'] / r['copy_gbps']:.0%} of {r['copy_gbps']:.0f}"
         lines.append(
             f"| {r['shape']} | {r['block_elements']}{mark} | {r['num_warps']} | {r['fwd_ms']:.3f} | "
@@ -628,6 +732,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument(
+        "--rows", type=Path, help="JSON lines, one per row as measured (default: next to --json, .rows.jsonl)"
+    )
+    parser.add_argument(
         "--shapes", nargs="+", choices=[*SHAPES, *SHAPE_GROUPS], default=list(SHAPES), help="shapes or groups"
     )
     parser.add_argument("--iters", type=int, default=30)
@@ -644,16 +751,38 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
-        shapes, iters, warmup = [SMOKE], 2, 1
+        shapes, iters, warmup = list(SMOKE_SHAPES), 2, 1
         sizes = SMOKE_INFERENCE_TOKENS if args.inference_tokens else []
     else:
         names = dict.fromkeys(n for name in args.shapes for n in SHAPE_GROUPS.get(name, [name]))
         shapes, iters, warmup, sizes = [SHAPES[n] for n in names], args.iters, args.warmup, args.inference_tokens
     repeat = args.repeat if device == "cuda" else 2  # two rounds on CPU, so the smoke run covers interleaving
     trained = [] if args.inference_only else shapes
-    rows = [row for shape in trained for row in measure(shape, device, iters, warmup, repeat)]
-    kernels = [k for shape in trained for k in kernel_rows(shape, iters, args.sweep)] if device == "cuda" else []
-    inference = [r for shape in shapes if sizes for r in measure_inference(shape, device, sizes, iters, repeat)]
+    log = RowLog(args.rows or (args.json.with_suffix(".rows.jsonl") if args.json else None))
+    rows: list[Row] = []
+    kernels: list[dict] = []
+    inference: list[InferenceRow] = []
+    # Shape by shape, each row logged as soon as its shape is measured; a shape that fails as a whole (out
+    # of memory for the GEMMs alone, say) leaves one error row and the next shape runs.
+    for shape in trained:
+        measured, error = attempt(
+            f"shape {shape.name}", lambda shape=shape: measure(shape, device, iters, warmup, repeat)
+        )
+        for row in measured or [Row(shape.name, "all", note=error)]:
+            rows.append(row)
+            log.write("mlp", row)
+    for shape in trained if device == "cuda" else []:
+        measured, error = attempt(f"kernels of {shape.name}", lambda shape=shape: kernel_rows(shape, iters, args.sweep))
+        for row in measured or [dict(shape=shape.name, block_elements=None, num_warps=None, default=True, error=error)]:
+            kernels.append(row)
+            log.write("kernels", row)
+    for shape in shapes if sizes else []:
+        measured, error = attempt(
+            f"inference on {shape.name}", lambda shape=shape: measure_inference(shape, device, sizes, iters, repeat)
+        )
+        for row in measured or [InferenceRow(shape.name, 0, "all", note=error)]:
+            inference.append(row)
+            log.write("inference", row)
     env = environment(device)
     print(f"GLU MLP benchmark on {env['device']} (torch {env['torch']}, triton {env.get('triton')})\n")
     if rows:

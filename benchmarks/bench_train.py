@@ -37,7 +37,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the smoke run on CPU
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from bench_mlp import environment  # noqa: E402  (benchmarks/ is on sys.path: the script's own folder)
+from bench_mlp import RowLog, attempt, environment  # noqa: E402  (benchmarks/ is on sys.path: the script's own folder)
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from hf_glu import GluConfig, GluForCausalLM, glu_triton  # noqa: E402
@@ -84,7 +84,7 @@ class GenerateRow:
     model: str
     kernel: str | None
     batch: int
-    new_tokens_per_s: float
+    new_tokens_per_s: float | None = None
     note: str = ""
 
 
@@ -160,20 +160,33 @@ def measure_training(
     times: dict[str | None, list[float]] = {k: [] for k in kernels}
     peaks: dict[str | None, list[float]] = {k: [] for k in kernels}
     losses: dict[str | None, float] = {}
-    for kernel in kernels:  # warm-up: autotuning and allocator growth stay out of the timed rounds
+    errors: dict[str | None, str] = {}  # a kernel that fails is out of the later rounds; its row keeps the error
+
+    def run(what: str, kernel: str | None, fn: Callable[[], object]) -> object:
+        if kernel in errors:
+            return None
         set_kernel(model, kernel)
-        for _ in range(setup.warmup):
-            step()
+        result, error = attempt(f"{what} of {name} with glu_kernel={kernel}", fn)
+        if error:
+            errors[kernel] = error
+        return result
+
+    for kernel in kernels:  # warm-up: autotuning and allocator growth stay out of the timed rounds
+        run("warm-up", kernel, lambda: [step() for _ in range(setup.warmup)])
     for _ in range(repeat):
         for kernel in kernels:
-            set_kernel(model, kernel)
-            ms, losses[kernel], peak = time_steps(step, setup.steps, device)
-            times[kernel].append(ms)
-            if peak is not None:
-                peaks[kernel].append(peak)
+            timed = run("timed steps", kernel, lambda: time_steps(step, setup.steps, device))
+            if timed is not None:
+                ms, losses[kernel], peak = timed
+                times[kernel].append(ms)
+                if peak is not None:
+                    peaks[kernel].append(peak)
     rows = []
     tokens = setup.batch * setup.seq
     for kernel in kernels:
+        if kernel in errors:
+            rows.append(TrainRow(name, kernel, params_m, note=errors[kernel]))
+            continue
         ms = statistics.median(times[kernel])
         spread = (max(times[kernel]) - min(times[kernel])) / ms if repeat > 1 else None
         peak = max(peaks[kernel]) if peaks[kernel] else None
@@ -208,13 +221,18 @@ def measure_generation(
         prompt = torch.randint(0, setup.vocab_size, (batch, setup.prompt), device=device)
         for kernel in kernels:
             set_kernel(model, kernel)
-            generate_greedy(model, prompt, 2)  # warm-up
-            synchronize(device)
-            begin = time.perf_counter()
-            generate_greedy(model, prompt, setup.new_tokens)
-            synchronize(device)
-            seconds = time.perf_counter() - begin
-            rows.append(GenerateRow(name, kernel, batch, batch * setup.new_tokens / seconds))
+
+            def timed(prompt: torch.Tensor = prompt) -> float:
+                generate_greedy(model, prompt, 2)  # warm-up
+                synchronize(device)
+                begin = time.perf_counter()
+                generate_greedy(model, prompt, setup.new_tokens)
+                synchronize(device)
+                return time.perf_counter() - begin
+
+            seconds, error = attempt(f"generation of {name} with glu_kernel={kernel} at batch {batch}", timed)
+            speed = None if seconds is None else batch * setup.new_tokens / seconds
+            rows.append(GenerateRow(name, kernel, batch, speed, error))
     return rows
 
 
@@ -223,7 +241,7 @@ def goals(train: list[TrainRow]) -> list[tuple[str, str, bool | None]]:
     by_kernel = {r.kernel: r for r in train if r.model == "glu"}
     fused = by_kernel.get("auto") or by_kernel.get("triton")
     eager = by_kernel.get("eager")
-    if fused is None or eager is None:
+    if fused is None or eager is None or fused.tokens_per_s is None or eager.tokens_per_s is None:
         return [("training step: fused >= 1.15x eager tokens/s", "not measured", None)]
     ratio = fused.tokens_per_s / eager.tokens_per_s
     checks = [("training step: fused >= 1.15x eager tokens/s", f"{ratio:.3f}x", ratio >= 1.15)]
@@ -267,6 +285,9 @@ GENERATE_COLUMNS = [
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--rows", type=Path, help="JSON lines, one per row as measured (default: next to --json, .rows.jsonl)"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny model, a couple of steps (the default on CPU)")
     parser.add_argument("--steps", type=int, help="timed steps per round and kernel")
     parser.add_argument("--batch", type=int, help="sequences per training step")
@@ -283,19 +304,32 @@ def main(argv: list[str] | None = None) -> None:
     kernels: list[str | None] = [fused_kernel, "eager"] if glu_triton.TRITON_AVAILABLE else ["eager"]
     repeat = args.repeat if device == "cuda" else 1
 
-    torch.manual_seed(0)
-    model = build(setup, device, glu=True).train()
-    train = measure_training(model, "glu", kernels, setup, device, repeat)
-    generate = measure_generation(model, "glu", kernels, setup, device)
-    del model
-    torch.manual_seed(0)
-    dense = build(setup, device, glu=False).train()
-    train += measure_training(dense, "gpt2 dense", [None], setup, device, repeat)
-    generate += measure_generation(dense, "gpt2 dense", [None], setup, device)
-    del dense
+    log = RowLog(args.rows or (args.json.with_suffix(".rows.jsonl") if args.json else None))
+    train: list[TrainRow] = []
+    generate: list[GenerateRow] = []
+    # Model by model; rows logged as soon as measured. A model that fails to build (out of memory, say)
+    # leaves an error row, and the other model still runs.
+    for name, glu, model_kernels in (("glu", True, kernels), ("gpt2 dense", False, [None])):
+        torch.manual_seed(0)
+        model, error = attempt(f"building {name}", lambda glu=glu: build(setup, device, glu=glu).train())
+        if model is None:
+            rows = [TrainRow(name, k, 0.0, note=error) for k in model_kernels]
+            train += rows
+            for row in rows:
+                log.write("train", row)
+            continue
+        rows = measure_training(model, name, model_kernels, setup, device, repeat)
+        for row in rows:
+            log.write("train", row)
+        train += rows
+        rows = measure_generation(model, name, model_kernels, setup, device)
+        for row in rows:
+            log.write("generate", row)
+        generate += rows
+        del model
     threshold = glu_triton.INFERENCE_EAGER_BELOW_TOKENS
     for row in generate:
-        if row.kernel == "auto":
+        if row.kernel == "auto" and not row.note:
             row.note = f"decode eager (below {threshold} tokens a call), prefill of {row.batch * setup.prompt} tokens"
     if device == "cpu":
         for row in train + generate:
@@ -310,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     lines = ["| goal | measured | met |", "|---|---|---|"]
     lines += [f"| {g} | {m} | {'n/a' if ok is None else ('yes' if ok else '**no**')} |" for g, m, ok in checks]
     print("\n".join(lines))
-    if not all(math.isfinite(r.loss) for r in train):
+    if not all(math.isfinite(r.loss) for r in train if r.loss is not None):
         raise SystemExit("a training step gave a non-finite loss")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

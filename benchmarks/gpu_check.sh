@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
-# The GPU check of the fused GLU path, for whenever a CUDA machine is available (about eight minutes, no network):
-#   1. the MLP benchmark at the Llama-2-7B shape, 5 interleaved timing rounds (add --sweep by hand to time
-#      every kernel launch configuration),
-#   2. the GPT-2 small/medium/large/xl MLP shapes with biases, geglu_tanh then swiglu, 3 rounds, each with
-#      the inference_mode forward at 1, 16, 256 and 2048 tokens (the crossover that sets
-#      glu_triton.INFERENCE_EAGER_BELOW_TOKENS),
-#   3. the whole training step and generation (bench_train.py: GPT-2-medium shape, auto vs eager vs dense),
-#   4. the kernel tests on CUDA (tests/test_glu_triton.py without TRITON_INTERPRET: the same tests as CI).
-# In that order, so that a run cut short still brings back the figures that matter most. Each step has
-# its own time limit (the sum stays under nine minutes); a step that times out fails the run, the others go on.
-# Run from the repository root: `bash benchmarks/gpu_check.sh`. Liger-Kernel's column needs liger-kernel
-# importable; wheels in ./.whl (e.g. `pip download --no-deps liger-kernel -d .whl`) are installed first.
-# Writes, per step, the markdown it prints (.md) and its JSON to $OUT when set (else ./gpu_check_out),
+# The GPU check of the fused GLU path, for whenever a CUDA machine is available (under eight minutes, no network).
+# Steps, in order of what matters most (a run cut short still brings back the first ones), each with its own
+# time limit in seconds (STEP_SECONDS below; the sum, 475 s, is printed first and stays under 8 minutes, so
+# one 10-minute device call holds the whole check with time to start and to bring results back):
+#   setup  20  wheels from ./.whl installed into a temporary folder, environment.txt
+#   llama  100 bench_mlp.py at the Llama-2-7B shape, 5 interleaved timing rounds (eager, LlamaMLP,
+#              torch.compile, Liger's LigerSwiGLUMLP and GEMM-fused LigerMLP, fused); add --sweep by hand
+#   geglu  80  the four GPT-2 MLP shapes with biases, geglu_tanh, 3 rounds, with the inference_mode forward
+#              at 1, 16, 256 and 2048 tokens (the crossover that sets glu_triton.INFERENCE_EAGER_BELOW_TOKENS)
+#   swiglu 70  the same shapes with swiglu
+#   train  85  bench_train.py: the whole training step and generation (GPT-2-medium shape, auto vs eager vs dense)
+#   tests  120 tests/test_glu_triton.py without TRITON_INTERPRET: the same tests as CI, on the GPU (93 s last
+#              measured on an H100 with fewer tests)
+# A step that fails or times out marks the run failed; the others still run. Inside the benchmarks each
+# implementation is guarded (its failure is that row's note) and each shape's rows are appended to
+# $OUT/<step>.rows.jsonl as soon as they are measured, so a step killed by its limit keeps what it measured.
+# Run from the repository root: `bash benchmarks/gpu_check.sh`. Liger-Kernel's columns need liger-kernel
+# importable: wheels in ./.whl (e.g. `pip download --no-deps liger-kernel -d .whl`) are installed first.
+# ./.whl is git-ignored: a device run that copies the working tree must carry it explicitly (carry: [".whl"]).
+# Writes, per step, the markdown it prints (.md), its JSON and rows to $OUT when set (else ./gpu_check_out),
 # with environment.txt (GPU, driver, library versions, commit) and the tests' log and JUnit XML.
 # Exits non-zero if the tests or a benchmark fail.
 set -uo pipefail
@@ -21,31 +28,49 @@ mkdir -p "$OUT"
 unset TRITON_INTERPRET  # the real kernels, on the GPU
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
+declare -A STEP_SECONDS=([setup]=20 [llama]=100 [geglu]=80 [swiglu]=70 [train]=85 [tests]=120)
+total=0
+for s in "${STEP_SECONDS[@]}"; do total=$((total + s)); done
+echo "gpu_check: time budget $total s in all (setup ${STEP_SECONDS[setup]}, llama ${STEP_SECONDS[llama]}," \
+  "geglu ${STEP_SECONDS[geglu]}, swiglu ${STEP_SECONDS[swiglu]}, train ${STEP_SECONDS[train]}, tests ${STEP_SECONDS[tests]})"
+started=$SECONDS
 
 if compgen -G ".whl/*.whl" >/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu_check_site .whl/*.whl \
-    && export PYTHONPATH="$PYTHONPATH:/tmp/gpu_check_site"
+  timeout "${STEP_SECONDS[setup]}" "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/gpu_check_site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/gpu_check_site"
 fi
 
 {
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   "$PY" -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
-  "$PY" -c "import liger_kernel, importlib.metadata as m; print('liger-kernel', m.version('liger-kernel'))"
+  "$PY" - <<'PYTHON'
+import importlib.metadata as m
+
+for name in ("peft", "accelerate", "pytest", "hypothesis", "liger-kernel"):
+    try:
+        print(name, m.version(name))
+    except m.PackageNotFoundError:
+        print(name, "not installed")
+PYTHON
   echo "commit $(git rev-parse HEAD 2>/dev/null || echo unknown)"
   git status --short 2>/dev/null | head -20
 } 2>&1 | tee "$OUT/environment.txt"
 
 status=0
-bench() {  # bench <seconds> <name> <script> <args...>: markdown to $OUT/<name>.md, JSON to $OUT/<name>.json
-  local seconds=$1 name=$2 script=$3
+bench() {  # bench <step> <name> <script> <args...>: markdown to $OUT/<name>.md, JSON (+ .rows.jsonl) to $OUT/<name>.json
+  local step=$1 name=$2 script=$3 begin=$SECONDS
   shift 3
-  timeout "$seconds" "$PY" "benchmarks/$script" "$@" --json "$OUT/$name.json" 2>&1 | tee "$OUT/$name.md" || status=1
+  timeout "${STEP_SECONDS[$step]}" "$PY" "benchmarks/$script" "$@" --json "$OUT/$name.json" 2>&1 | tee "$OUT/$name.md" \
+    || { status=1; echo "gpu_check: step $step ($name) failed or ran past ${STEP_SECONDS[$step]} s"; }
+  echo "gpu_check: step $step took $((SECONDS - begin)) s of ${STEP_SECONDS[$step]}"
 }
-bench 120 bench_llama2 bench_mlp.py --shapes llama2-7b --iters 30 --repeat 5 --inference-tokens
-bench 110 bench_gpt2_geglu_tanh bench_mlp.py --shapes gpt2-geglu_tanh --iters 20 --repeat 3
-bench 90 bench_gpt2_swiglu bench_mlp.py --shapes gpt2-swiglu --iters 20 --repeat 3
-bench 100 bench_train bench_train.py --repeat 3
-timeout 120 "$PY" -m pytest -q -p no:cacheprovider --maxfail 10 tests/test_glu_triton.py \
+bench llama bench_llama2 bench_mlp.py --shapes llama2-7b --iters 30 --repeat 5 --inference-tokens
+bench geglu bench_gpt2_geglu_tanh bench_mlp.py --shapes gpt2-geglu_tanh --iters 20 --repeat 3
+bench swiglu bench_gpt2_swiglu bench_mlp.py --shapes gpt2-swiglu --iters 20 --repeat 3
+bench train bench_train bench_train.py --repeat 3
+begin=$SECONDS
+timeout "${STEP_SECONDS[tests]}" "$PY" -m pytest -q -p no:cacheprovider --maxfail 10 tests/test_glu_triton.py \
   --junitxml "$OUT/test_glu_triton.xml" 2>&1 | tee "$OUT/tests.log" || status=1
+echo "gpu_check: step tests took $((SECONDS - begin)) s of ${STEP_SECONDS[tests]}; all steps $((SECONDS - started)) s"
 exit $status

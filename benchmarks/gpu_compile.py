@@ -10,14 +10,14 @@ kernel, and exits 1 naming the kernel, specialization and target of any compile 
 
 Which specializations: the launchers of ``glu_triton`` are called on meta tensors (no memory, no
 device) over a sweep of shapes, dtypes, variants, layouts (separate tensors, halves and interleaved
-columns of a packed tensor) and modes (forward, functional backward, in-place backward with and without
-the bias sums), with the kernels replaced by recorders. Each recorded launch is turned into the
-signature Triton's runtime would specialize it to (an int equal to 1 becomes a constant, ints and
-pointers divisible by 16 get the divisibility attribute), and equal ones are compiled once. So the
-matrix is what the launchers can pick, not a copy of their rules: change a launch rule and the matrix
-follows. Three scopes (see ``scenarios``): ``--sample``, the minute-long subset CI runs; ``--full``
-(``make gpu-compile``), every variant x dtype x layout x mode at a production shape and every block config
-and row-tile count per variant; ``--exhaustive``, the whole sweep (thousands of compiles).
+columns of a packed tensor) and the modes each layout can reach (forward, functional backward, in-place
+backward with and without the bias sums; ``LAYOUT_MODES``), with the kernels replaced by recorders.
+Each recorded launch is turned into the signature Triton's runtime would specialize it to (an int equal
+to 1 becomes a constant, ints and pointers divisible by 16 get the divisibility attribute), and equal
+ones are compiled once. So the matrix is what the launchers can pick, not a copy of their rules: change
+a launch rule and the matrix follows. Three scopes (see ``scenarios``): ``--sample``, the minute-long
+subset CI runs; ``--full`` (``make gpu-compile``), every variant x dtype x layout x mode at a production
+shape and every block config and row-tile count per variant; ``--exhaustive``, the whole sweep.
 
 ``TRITON_INTERPRET=1`` makes ``@triton.jit`` return interpreter objects, so when it is set the check
 re-runs itself in a subprocess without it.
@@ -118,10 +118,11 @@ SCOPES = ("sample", "full", "exhaustive")
 def scenarios(scope: str) -> list[tuple[str, Any, str, int, int, tuple[str, ...]]]:
     """(variant, dtype, layout, rows, columns, modes) to launch for ``scope``.
 
-    ``sample`` (CI, under a minute): per variant one dtype and one of the training path's two kernels (the
-    forward, the in-place backward with bias sums), rotating so every dtype meets both kernels; contiguous
-    tensors, the production shape. ``full``: every variant x dtype x layout x mode at the production shape,
-    plus every block config and row-tile count of the sweep for each variant in bf16 with contiguous tensors.
+    Each layout gets the modes of ``LAYOUT_MODES`` (what the ops can launch). ``sample`` (CI, under a
+    minute): per variant one dtype and one of the training path's two kernels (the forward, the in-place
+    backward with bias sums), rotating so every dtype meets both kernels; contiguous tensors, the
+    production shape. ``full``: every variant x dtype x layout x mode at the production shape, plus every
+    block config and row-tile count of the sweep for each variant in bf16 with contiguous tensors.
     ``exhaustive``: every combination of the exhaustive rows, columns, variants, dtypes, layouts and modes.
     """
     import torch
@@ -136,11 +137,11 @@ def scenarios(scope: str) -> list[tuple[str, Any, str, int, int, tuple[str, ...]
     if scope == "full":
         # bf16 (the training dtype) first, then layout by layout: a run cut short has the cases that matter most.
         ordered = sorted(dtypes, key=lambda d: d != torch.bfloat16)
-        cross = [(v, d, lay, *_PRODUCTION, modes) for d in ordered for lay in _LAYOUTS for v in variants]
+        cross = [(v, d, lay, *_PRODUCTION, LAYOUT_MODES[lay]) for d in ordered for lay in _LAYOUTS for v in variants]
         blocks = [(v, torch.bfloat16, "contiguous", r, c, modes) for v in variants for r, c in _BLOCK_SWEEP]
         return cross + blocks
     if scope == "exhaustive":
-        return [(v, d, lay, r, c, modes) for v in variants for d in dtypes for lay in _LAYOUTS
+        return [(v, d, lay, r, c, LAYOUT_MODES[lay]) for v in variants for d in dtypes for lay in _LAYOUTS
                 for c in _EXHAUSTIVE_COLS for r in _EXHAUSTIVE_ROWS]  # fmt: skip
     raise ValueError(f"scope={scope!r} is invalid; expected one of {SCOPES}")
 
@@ -225,6 +226,9 @@ def launched_kernels() -> list[str]:
 
 
 MODES = ("forward", "backward", "backward_inplace", "backward_inplace_bias")
+# What a layout can reach: views of a packed tensor enter through glu_act, whose backward is functional; the
+# in-place backward (with or without bias sums) only ever runs on glu_mlp's own contiguous F.linear outputs.
+LAYOUT_MODES = {"contiguous": MODES, "halves": MODES[:2], "interleaved": MODES[:2]}
 
 
 def _launch_modes(gate: Any, up: Any, out: Any, variant: str, p: Any) -> list[tuple[str, Callable[[], Any]]]:
