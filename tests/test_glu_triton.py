@@ -429,6 +429,21 @@ def test_double_backward_raises_instead_of_a_wrong_second_order_gradient(entry):
     assert torch.autograd.grad(out.square().sum(), second)[0].shape == second.shape
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_activation_checkpointing_is_not_mistaken_for_a_double_backward(reentrant):
+    # Both checkpoint forms recompute under grad mode; the kernels' backward itself must still run (first order).
+    mlp = make_mlp("swiglu")
+    x, grad = torch.randn(3, 24, device=DEVICE), torch.randn(3, 24, device=DEVICE)
+    expected = run_mlp(mlp, x, grad, "eager")
+    mlp.config.glu_kernel = "triton"
+    x_leaf = _leaf(x)
+    out = torch.utils.checkpoint.checkpoint(mlp, x_leaf, use_reentrant=reentrant)
+    out.backward(grad)  # not autograd.grad: the reentrant form refuses it
+    actual = (out.detach(), x_leaf.grad, *(p.grad for p in mlp.parameters()))
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
 class _StandInCudaDevice:
     """Stands in for ``torch.cuda.device``: records which device each launch ran under."""
 
