@@ -670,6 +670,17 @@ def glu_mlp_fused(
     return _GluMlpFunction.apply(*tensors, *act_args)
 
 
+# torch.nn.modules.module's registries of hooks for every module. Private names: each is read with a default,
+# so a torch version that lacks one (checkpoint copies run on the user's torch) still runs this file.
+_nn_module = torch.nn.modules.module
+_GLOBAL_HOOK_REGISTRIES = (
+    "_global_forward_pre_hooks",
+    "_global_forward_hooks",
+    "_global_backward_pre_hooks",
+    "_global_backward_hooks",
+)
+
+
 def _is_plain_linear(module: nn.Module) -> bool:
     # Subclasses (quantised layers), wrappers (PEFT LoRA) and hooked layers must run their own forward, and so
     # must layers that tensor parallelism sharded: Transformers replaces their `forward` on the instance (no
@@ -682,7 +693,7 @@ def _is_plain_linear(module: nn.Module) -> bool:
         and not module._forward_pre_hooks
         and not module._backward_hooks
         and not module._backward_pre_hooks
-        and not torch.nn.modules.module._has_any_global_hook()
+        and not any(getattr(_nn_module, name, None) for name in _GLOBAL_HOOK_REGISTRIES)
         and "forward" not in vars(module)
         and all(type(p) is nn.Parameter for p in module.parameters(recurse=False))  # a DTensor's type is DTensor
     )
