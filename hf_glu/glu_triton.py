@@ -28,6 +28,7 @@ import functools
 import math
 import os
 import re
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -669,6 +670,17 @@ def glu_mlp_fused(
     return _GluMlpFunction.apply(*tensors, *act_args)
 
 
+# torch.nn.modules.module's registries of hooks for every module. Private names: each is read with a default,
+# so a torch version that lacks one (checkpoint copies run on the user's torch) still runs this file.
+_nn_module = torch.nn.modules.module
+_GLOBAL_HOOK_REGISTRIES = (
+    "_global_forward_pre_hooks",
+    "_global_forward_hooks",
+    "_global_backward_pre_hooks",
+    "_global_backward_hooks",
+)
+
+
 def _is_plain_linear(module: nn.Module) -> bool:
     # Subclasses (quantised layers), wrappers (PEFT LoRA) and hooked layers must run their own forward, and so
     # must layers that tensor parallelism sharded: Transformers replaces their `forward` on the instance (no
@@ -681,7 +693,7 @@ def _is_plain_linear(module: nn.Module) -> bool:
         and not module._forward_pre_hooks
         and not module._backward_hooks
         and not module._backward_pre_hooks
-        and not torch.nn.modules.module._has_any_global_hook()
+        and not any(getattr(_nn_module, name, None) for name in _GLOBAL_HOOK_REGISTRIES)
         and "forward" not in vars(module)
         and all(type(p) is nn.Parameter for p in module.parameters(recurse=False))  # a DTensor's type is DTensor
     )
@@ -724,13 +736,71 @@ def on_cuda(x: torch.Tensor) -> bool:
     return x.is_cuda
 
 
+# What auto's fail-safe learnt at the first use of each (variant, dtype, device): whether the kernels compiled
+# and launched there. A key that failed runs eager for the rest of the process.
+_KERNELS_WORK: dict[tuple[str, torch.dtype, torch.device], bool] = {}
+# The probe's tensor: 1024 columns pick the block shape most models' widths (>= 1024) use.
+_PROBE_SHAPE = (16, 1024)
+
+
+def _probe_kernels(variant: str, dtype: torch.dtype, device: torch.device) -> None:
+    """Compiles and launches every kernel form the fused paths use, on a small tensor; raises what they raise."""
+    gate, up, grad = (torch.ones(_PROBE_SHAPE, dtype=dtype, device=device) for _ in range(3))
+    out, dgate, dup = _empty(gate), _empty(gate), _empty(gate)
+    _launch_forward(gate, up, out, variant, DEFAULT_PARAMS)
+    _launch_backward(grad, gate, up, dgate, dup, None, variant, DEFAULT_PARAMS)  # the activation op's form
+    _launch_backward(grad, gate, up, dgate, dup, out, variant, DEFAULT_PARAMS, bias_grads=True)  # the MLP's
+    if device.type == "cuda":  # a launch that faults reports it asynchronously
+        torch.cuda.synchronize(device)
+
+
+def kernels_work(variant: str | GluVariant, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the fused kernels compile and launch for ``variant`` in ``dtype`` on ``device``: probed at the
+    first call for that key, remembered after. A failure warns once and makes ``glu_kernel="auto"`` run eager
+    for that key from then on, so a kernel a GPU or a Triton version cannot build never stops a model."""
+    name = variant.name if isinstance(variant, GluVariant) else get_variant(variant).name
+    key = (name, dtype, device)
+    works = _KERNELS_WORK.get(key)
+    if works is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return True  # a graph capture follows warm-up calls, which probed already; it cannot sync
+        try:
+            _probe_kernels(name, dtype, device)
+            works = True
+        except Exception as error:  # a compile error, an unsupported device, a launch failure: all mean eager
+            warnings.warn(
+                f"the fused GLU kernels failed for variant {name!r}, {dtype} on {device} "
+                f"({type(error).__name__}: {error}); glu_kernel='auto' runs the eager path for these from now on "
+                "(glu_kernel='triton' raises instead)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            works = False
+        _KERNELS_WORK[key] = works
+    return works
+
+
+def _kernel_dtype(x: torch.Tensor) -> torch.dtype:
+    # The dtype the kernels would see: the autocast dtype where autocast casts the op's inputs.
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+
+
 def fused_glu_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The whole GLU MLP through the fused kernels.
 
     Plain ``nn.Linear`` projections run as one op; any other projection (an adapter, a quantised layer) is
-    called as a module and only the elementwise part is fused, so nothing the module does is skipped.
+    called as a module and only the elementwise part is fused, so nothing the module does is skipped. Under
+    ``glu_kernel="auto"`` (read from ``mlp.config``), kernels that failed their first use (``kernels_work``)
+    leave the MLP to the eager maths. Not under ``torch.compile``: a probe cannot run inside a traced graph.
     """
     projections = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    if (
+        mlp.config.glu_kernel == "auto"
+        and not torch.compiler.is_compiling()
+        and not kernels_work(mlp.variant, _kernel_dtype(x), x.device)
+    ):
+        return mlp.down_proj(glu_activation(mlp.gate_proj(x), mlp.up_proj(x), mlp.variant, mlp.params))
     if not _is_dtensor(x) and all(_is_plain_linear(p) for p in projections):
         weights = [t for p in projections for t in (p.weight, p.bias)]
         return glu_mlp_fused(x, *weights, mlp.variant, mlp.params)

@@ -429,6 +429,21 @@ def test_double_backward_raises_instead_of_a_wrong_second_order_gradient(entry):
     assert torch.autograd.grad(out.square().sum(), second)[0].shape == second.shape
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_activation_checkpointing_is_not_mistaken_for_a_double_backward(reentrant):
+    # Both checkpoint forms recompute under grad mode; the kernels' backward itself must still run (first order).
+    mlp = make_mlp("swiglu")
+    x, grad = torch.randn(3, 24, device=DEVICE), torch.randn(3, 24, device=DEVICE)
+    expected = run_mlp(mlp, x, grad, "eager")
+    mlp.config.glu_kernel = "triton"
+    x_leaf = _leaf(x)
+    out = torch.utils.checkpoint.checkpoint(mlp, x_leaf, use_reentrant=reentrant)
+    out.backward(grad)  # not autograd.grad: the reentrant form refuses it
+    actual = (out.detach(), x_leaf.grad, *(p.grad for p in mlp.parameters()))
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
 class _StandInCudaDevice:
     """Stands in for ``torch.cuda.device``: records which device each launch ran under."""
 
@@ -645,6 +660,67 @@ def test_auto_runs_small_inference_calls_eager_and_larger_ones_fused(no_grad, mo
     ran_fused.clear()
     mlp(torch.randn(1, 1, 24, device=DEVICE))
     assert ran_fused == [(1, 1, 24)]
+
+
+class _BrokenKernel:
+    """A kernel that fails as a compile error would, at every launch; counts the attempts."""
+
+    def __init__(self):
+        self.attempts = 0
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.attempts += 1
+            raise RuntimeError("PTX assembly failed (stand-in)")
+
+        return launch
+
+
+def test_auto_falls_back_to_eager_once_per_key_when_a_kernel_fails(monkeypatch):
+    import warnings
+
+    monkeypatch.setattr(gt, "on_cuda", lambda x: True)  # stands in for CUDA: auto would fuse
+    monkeypatch.setattr(gt, "_KERNELS_WORK", {})
+    broken = _BrokenKernel()
+    monkeypatch.setattr(gt, "_glu_fwd_kernel", broken)
+    mlp = make_mlp("geglu", kernel="auto")
+    x, grad = torch.randn(3, 24, device=DEVICE), torch.randn(3, 24, device=DEVICE)
+    expected = run_mlp(mlp, x, grad, "eager")
+    with pytest.warns(RuntimeWarning, match=r"failed for variant 'geglu', torch.float32 on cpu.*PTX.*eager path"):
+        actual = run_mlp(mlp, x, grad, "auto")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once: the key is settled
+        again = run_mlp(mlp, x, grad, "auto")
+    assert broken.attempts == 1  # only the first use tried the kernel
+    for a, b, e in zip(actual, again, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b, e, rtol=1e-5, atol=1e-6)
+    # Another dtype is another key, probed (and warned about) on its own.
+    with pytest.warns(RuntimeWarning, match="torch.bfloat16"):
+        run_mlp(mlp.to(torch.bfloat16), x.bfloat16(), grad.bfloat16(), "auto")
+    assert broken.attempts == 2
+    # glu_kernel="triton" is a demand: the failure surfaces.
+    with pytest.raises(RuntimeError, match="PTX assembly failed"):
+        run_mlp(mlp, x.bfloat16(), grad.bfloat16(), "triton")
+
+
+def test_auto_probes_working_kernels_once_and_then_fuses(monkeypatch):
+    import warnings
+
+    monkeypatch.setattr(gt, "on_cuda", lambda x: True)
+    monkeypatch.setattr(gt, "_KERNELS_WORK", {})
+    launches = []
+    for name in ("_glu_fwd_kernel", "_glu_bwd_kernel"):
+        monkeypatch.setattr(gt, name, _RecordingKernel(getattr(gt, name), launches))
+    mlp = make_mlp("reglu", kernel="auto")
+    x = torch.randn(3, 24, device=DEVICE, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mlp(x).sum().backward()
+        probe = 3  # forward, the activation op's backward, the MLP's backward with bias sums
+        assert len(launches) == probe + 2 and gt._KERNELS_WORK == {("reglu", torch.float32, x.device): True}
+        mlp(x).sum().backward()
+    assert len(launches) == probe + 4  # no second probe: the fused path's own two launches
 
 
 def test_a_model_on_the_fused_op_compiles_to_one_graph():
