@@ -302,3 +302,10 @@ def test_push_refuses_a_folder_that_would_not_load_before_sending_anything(case,
     damage(folder)
     _refused(["push", str(folder), "me/glu-tiny"], tmp_path, capsys, str(folder), "would not load", message)
     assert api.calls == []
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_an_untied_family_stays_untied(route, tmp_path):
+    src = _family_folder(tmp_path / "src")  # GPT-NeoX: tie_word_embeddings=False, its own embed_out
+    assert main(["convert", str(src), str(tmp_path / "out"), "--variant", "geglu", *ROUTES[route]]) == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
