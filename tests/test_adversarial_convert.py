@@ -309,3 +309,13 @@ def test_an_untied_family_stays_untied(route, tmp_path):
     src = _family_folder(tmp_path / "src")  # GPT-NeoX: tie_word_embeddings=False, its own embed_out
     assert main(["convert", str(src), str(tmp_path / "out"), "--variant", "geglu", *ROUTES[route]]) == 0
     assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+def test_a_destination_holding_the_hub_cache_is_refused_for_a_hub_source(tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "home" / ".cache" / "huggingface" / "hub"))
+    (tmp_path / "home" / ".cache" / "huggingface" / "hub").mkdir(parents=True)
+    (tmp_path / "home" / "notes.txt").write_text("the user's own files")
+    args = ["convert", "someone/some-model", str(tmp_path / "home"), "--variant", "geglu", "--force"]
+    _refused(args, tmp_path, capsys, str(tmp_path / "home"), "SRC")

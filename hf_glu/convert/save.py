@@ -43,8 +43,8 @@ def check_destination(dst: str | Path, force: bool, src: str | Path | None = Non
     dst = Path(dst)
     if dst.is_symlink():
         dst = dst.resolve()
-    if src is not None and Path(src).exists():
-        _check_apart(given, dst.resolve(), Path(src).resolve())
+    if src is not None:
+        _check_apart(given, dst.resolve(), _source_location(src))
     if dst.exists() and not dst.is_dir():
         raise ConversionError(f"destination {given!r} is a file; expected a folder path")
     if dst.is_dir() and any(dst.iterdir()) and not force:
@@ -59,6 +59,15 @@ def check_destination(dst: str | Path, force: bool, src: str | Path | None = Non
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ConversionError(f"destination {given!r} cannot be written: {str(parent)!r} is read-only to us")
     return dst
+
+
+def _source_location(src: str | Path) -> Path:
+    """Where the source's files are: its folder, or for a Hub id the Hub cache its snapshot is read from."""
+    if Path(src).exists():
+        return Path(src).resolve()
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE).resolve()
 
 
 def _check_apart(given: str, dst: Path, src: Path) -> None:
