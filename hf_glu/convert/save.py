@@ -34,9 +34,9 @@ _AT_FDCWD = -100
 
 def check_destination(dst: str | Path, force: bool, src: str | Path | None = None) -> Path:
     """Refuse a destination that is a file, lies under a file, is a non-empty folder without ``force``, or
-    overlaps the local source folder ``src`` (the same folder, inside it or above it: replacing it would
-    delete the source); returns the path to write. A link to a folder is followed: its target is replaced
-    and the link kept, so nothing is left beside either."""
+    overlaps the source ``src`` (its folder, or the Hub cache for a Hub id: the same folder, inside it or
+    above it, where replacing it would delete the source); returns the path to write. A link to a folder is
+    followed: its target is replaced and the link kept, so nothing is left beside either."""
     if not isinstance(dst, (str, Path)) or not str(dst).strip():
         raise ConversionError(f"destination {dst!r} is invalid; expected a folder path")
     given = str(dst)
@@ -122,7 +122,7 @@ def _alive(pid: int) -> bool:
 @contextmanager
 def atomic_folder(dst: str | Path, force: bool, src: str | Path | None = None) -> Iterator[Path]:
     """Yield a temporary folder beside ``dst``; on a clean exit it replaces ``dst``, otherwise it is deleted
-    together with the parent folders made for it. ``src``: the source folder, which ``dst`` must not overlap."""
+    together with the parent folders made for it. ``src``: the source, which ``dst`` must not overlap."""
     dst = check_destination(dst, force, src)
     made = [p for p in (dst.parent, *dst.parent.parents) if not p.exists()]
     dst.parent.mkdir(parents=True, exist_ok=True)
