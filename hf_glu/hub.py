@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import ast
 import json
+import os
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -20,6 +23,49 @@ BIN_FILE = "pytorch_model.bin"
 BIN_INDEX_FILE = "pytorch_model.bin.index.json"
 # Files whose ``auto_map`` names code that ``trust_remote_code`` users download from the repo.
 _AUTO_MAP_FILES = ("config.json", "tokenizer_config.json")
+
+
+# Run in a fresh interpreter that cannot import hf_glu, as a user without it would load the folder: the config
+# and every model class its auto_map names come from the folder's own code, each model class is built on the
+# meta device (no memory), and the parameter shapes of the architecture's class are printed as JSON.
+_LOAD_CHECK = r"""
+import json, sys
+
+class BlockHfGlu:
+    def find_spec(self, name, path=None, target=None):
+        if name == "hf_glu" or name.startswith("hf_glu."):
+            raise ImportError(f"{name} is not installed where this checkpoint is loaded")
+        return None
+
+sys.meta_path.insert(0, BlockHfGlu())
+folder = sys.argv[1]
+try:
+    import torch
+    import transformers
+    from transformers import AutoConfig
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    classes = {}
+    for auto, reference in (getattr(config, "auto_map", None) or {}).items():
+        if auto != "AutoConfig":
+            classes[auto] = get_class_from_dynamic_module(reference, folder)
+    architecture = (getattr(config, "architectures", None) or [None])[0]
+    named = [c for c in classes.values() if c.__name__ == architecture]
+    if not named and hasattr(transformers, str(architecture)):
+        named = [getattr(transformers, architecture)]
+    shapes = {}
+    for cls in {*classes.values(), *named}:
+        with torch.device("meta"):
+            model = cls(config)
+        if cls in named:
+            shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+            prefix = model.base_model_prefix
+    print(json.dumps({"shapes": shapes, "prefix": prefix if shapes else ""}))
+except Exception as e:
+    print(json.dumps({"error": f"{type(e).__name__}: {e}"}))
+"""
+_LOAD_CHECK_TIMEOUT = 600  # seconds: importing torch and transformers on a busy machine
 
 
 class CheckpointFolderError(ValueError):
@@ -127,13 +173,51 @@ def _code_problems(folder: Path) -> list[str]:
     return [f"code file {module!r} named by {who} is missing" for module, who in missing]
 
 
+def _load_problems(folder: Path) -> list[str]:
+    """Load the folder as a user without hf-glu would (:data:`_LOAD_CHECK`, in a subprocess) and compare the
+    weights' shapes with the model its config and code build."""
+    from .convert.safetensors_io import read_header
+
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _LOAD_CHECK, str(folder)],
+            capture_output=True,
+            text=True,
+            timeout=_LOAD_CHECK_TIMEOUT,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},  # the folder alone: nothing fetched
+        )
+    except subprocess.TimeoutExpired:
+        return [f"loading it in a fresh process took over {_LOAD_CHECK_TIMEOUT} s"]
+    try:
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+    except (json.JSONDecodeError, IndexError):  # the process died before its answer (a crash in the code)
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return [f"loading it in a fresh process ended with exit status {done.returncode} ({last})"]
+    if "error" in result:
+        return [f"its config and code do not load without hf-glu ({result['error']})"]
+    shapes, prefix = result["shapes"], result["prefix"]
+    problems = []
+    for path in sorted(folder.glob("*.safetensors")):
+        for entry in read_header(path) or []:
+            name = next((n for n in (entry.name, f"{prefix}.{entry.name}", entry.name.removeprefix(f"{prefix}."))
+                         if n in shapes), None)  # fmt: skip
+            if name is not None and list(entry.shape) != shapes[name]:
+                problems.append(
+                    f"weight {entry.name!r} in {path.name} has shape {list(entry.shape)}, but the folder's config "
+                    f"and code build {shapes[name]}"
+                )
+    return problems[:5]
+
+
 def check_checkpoint_folder(folder: str | Path) -> Path:
     """Raise :class:`CheckpointFolderError` unless ``folder`` holds a loadable checkpoint; returns it as a Path.
 
     Loadable means: ``config.json`` whose model type Transformers knows or whose ``auto_map`` names its code;
     weights (``model.safetensors``, a sharded index whose files all exist inside the folder, or
     ``pytorch_model.bin``) whose safetensors headers match their sizes; every code file that an ``auto_map``
-    names, and those files' relative imports.
+    names, and those files' relative imports; and then, in a process that cannot import hf_glu, the config
+    and every class the ``auto_map`` names load from the folder's own code and build (on the meta device)
+    a model whose parameter shapes are the weights'.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -141,6 +225,8 @@ def check_checkpoint_folder(folder: str | Path) -> Path:
     problems = _config_problems(folder)
     problems += _weight_problems(folder)
     problems += _code_problems(folder)
+    if not problems:  # every file is there: now see that it loads
+        problems = _load_problems(folder)
     if problems:
         listed = "; ".join(problems)
         raise CheckpointFolderError(f"refusing to push {str(folder)!r}, it would not load: {listed}")

@@ -5,6 +5,8 @@ as it was; each acceptance keeps exactly what Transformers loads from the source
 import hashlib
 import json
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -242,3 +244,78 @@ def test_an_unsupported_activation_names_the_family_field(tmp_path, capsys):
         message = _refused(["convert", str(src), str(tmp_path / "out"), "--variant", "geglu", *route], tmp_path, capsys,
                            "hidden_act='tanh'")  # fmt: skip
         assert "activation_function" not in message
+
+
+# --- 5. push: the folder must load, from its own code, without hf_glu ------------------------------------
+
+
+def _edit_config(folder, **fields):
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **fields}))
+
+
+def _missing_class(folder):
+    config = json.loads((folder / "config.json").read_text())
+    _edit_config(folder, auto_map={**config["auto_map"], "AutoModelForCausalLM": "modeling_glu.NoSuchClass"})
+
+
+def _raising_code(folder):
+    with open(folder / "modeling_glu.py", "a") as f:
+        f.write("\nraise RuntimeError('broken at import')\n")
+
+
+def _width(folder):
+    config = json.loads((folder / "config.json").read_text())
+    _edit_config(folder, n_inner=config["n_inner"] + 8)
+
+
+UNLOADABLE = {  # damage, what the one line must say
+    "auto_map names a missing class": (_missing_class, "NoSuchClass"),
+    "code raises at import": (_raising_code, "broken at import"),
+    "unknown glu_variant": (lambda f: _edit_config(f, glu_variant="nope"), "'nope'"),
+    "width does not match the weights": (_width, "has shape"),
+}
+
+
+@pytest.fixture(scope="module")
+def glu_folder(tmp_path_factory):
+    from conftest import tiny_config
+
+    from hf_glu import GluForCausalLM
+
+    folder = tmp_path_factory.mktemp("glu") / "ckpt"
+    GluForCausalLM(tiny_config()).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("case", UNLOADABLE)
+def test_push_refuses_a_folder_that_would_not_load_before_sending_anything(case, glu_folder, tmp_path, capsys,
+                                                                           monkeypatch):  # fmt: skip
+    from test_hub import FakeHfApi
+
+    from hf_glu import hub
+
+    api = FakeHfApi()
+    monkeypatch.setattr(hub, "HfApi", lambda: api)
+    folder = Path(shutil.copytree(glu_folder, tmp_path / "ckpt"))
+    damage, message = UNLOADABLE[case]
+    damage(folder)
+    _refused(["push", str(folder), "me/glu-tiny"], tmp_path, capsys, str(folder), "would not load", message)
+    assert api.calls == []
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_an_untied_family_stays_untied(route, tmp_path):
+    src = _family_folder(tmp_path / "src")  # GPT-NeoX: tie_word_embeddings=False, its own embed_out
+    assert main(["convert", str(src), str(tmp_path / "out"), "--variant", "geglu", *ROUTES[route]]) == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+def test_a_destination_holding_the_hub_cache_is_refused_for_a_hub_source(tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "home" / ".cache" / "huggingface" / "hub"))
+    (tmp_path / "home" / ".cache" / "huggingface" / "hub").mkdir(parents=True)
+    (tmp_path / "home" / "notes.txt").write_text("the user's own files")
+    args = ["convert", "someone/some-model", str(tmp_path / "home"), "--variant", "geglu", "--force"]
+    _refused(args, tmp_path, capsys, str(tmp_path / "home"), "SRC")

@@ -72,7 +72,10 @@ def head_is_tied(model: torch.nn.Module) -> bool:
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
     if head is None or embedding is None:
         return bool(getattr(model.config, "tie_word_embeddings", False))
-    return head.weight is embedding.weight or head.weight.data_ptr() == embedding.weight.data_ptr()
+    if head.weight is embedding.weight:
+        return True
+    # Two tensors on one storage are tied too; meta tensors (a skeleton's) have no storage to compare.
+    return not head.weight.is_meta and head.weight.data_ptr() == embedding.weight.data_ptr()
 
 
 def _renamings(model: torch.nn.Module) -> list[tuple[re.Pattern, str]]:

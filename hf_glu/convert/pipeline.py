@@ -287,7 +287,7 @@ def convert_to_folder(
 ) -> Conversion:
     """Convert ``source`` and write the checkpoint to ``dst`` atomically: ``dst`` is replaced only once
     everything is written (a non-empty ``dst`` only with ``force``); any failure leaves it untouched."""
-    local = source if isinstance(source, (str, Path)) else None  # a folder (or a Hub id, which overlaps nothing)
+    local = source if isinstance(source, (str, Path)) else None  # a folder or a Hub id; an instance has no files
     dst = check_destination(dst, force, local)  # before the work, so a refusal costs nothing
     conversion = convert(
         source, variant, init, intermediate_size, torch_dtype, eval_text=eval_text, eval_tokens=eval_tokens, seed=seed

@@ -34,17 +34,17 @@ _AT_FDCWD = -100
 
 def check_destination(dst: str | Path, force: bool, src: str | Path | None = None) -> Path:
     """Refuse a destination that is a file, lies under a file, is a non-empty folder without ``force``, or
-    overlaps the local source folder ``src`` (the same folder, inside it or above it: replacing it would
-    delete the source); returns the path to write. A link to a folder is followed: its target is replaced
-    and the link kept, so nothing is left beside either."""
+    overlaps the source ``src`` (its folder, or the Hub cache for a Hub id: the same folder, inside it or
+    above it, where replacing it would delete the source); returns the path to write. A link to a folder is
+    followed: its target is replaced and the link kept, so nothing is left beside either."""
     if not isinstance(dst, (str, Path)) or not str(dst).strip():
         raise ConversionError(f"destination {dst!r} is invalid; expected a folder path")
     given = str(dst)
     dst = Path(dst)
     if dst.is_symlink():
         dst = dst.resolve()
-    if src is not None and Path(src).exists():
-        _check_apart(given, dst.resolve(), Path(src).resolve())
+    if src is not None:
+        _check_apart(given, dst.resolve(), _source_location(src))
     if dst.exists() and not dst.is_dir():
         raise ConversionError(f"destination {given!r} is a file; expected a folder path")
     if dst.is_dir() and any(dst.iterdir()) and not force:
@@ -59,6 +59,15 @@ def check_destination(dst: str | Path, force: bool, src: str | Path | None = Non
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ConversionError(f"destination {given!r} cannot be written: {str(parent)!r} is read-only to us")
     return dst
+
+
+def _source_location(src: str | Path) -> Path:
+    """Where the source's files are: its folder, or for a Hub id the Hub cache its snapshot is read from."""
+    if Path(src).exists():
+        return Path(src).resolve()
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE).resolve()
 
 
 def _check_apart(given: str, dst: Path, src: Path) -> None:
@@ -113,7 +122,7 @@ def _alive(pid: int) -> bool:
 @contextmanager
 def atomic_folder(dst: str | Path, force: bool, src: str | Path | None = None) -> Iterator[Path]:
     """Yield a temporary folder beside ``dst``; on a clean exit it replaces ``dst``, otherwise it is deleted
-    together with the parent folders made for it. ``src``: the source folder, which ``dst`` must not overlap."""
+    together with the parent folders made for it. ``src``: the source, which ``dst`` must not overlap."""
     dst = check_destination(dst, force, src)
     made = [p for p in (dst.parent, *dst.parent.parents) if not p.exists()]
     dst.parent.mkdir(parents=True, exist_ok=True)
