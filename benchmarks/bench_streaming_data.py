@@ -8,7 +8,8 @@ repeated, each copy numbered), runs ``recipes/finetune_trainer.py --streaming`` 
 and reports that process's peak RSS (``wait4``'s ``ru_maxrss``, the recipe alone). ``--map-style`` also runs
 the cached, non-streaming path on the smallest file, for contrast. ``--one-line`` also runs a file of the
 smallest size holding the same text as ONE line (a single document, no newline): a stream reads and packs a
-long document in pieces, so its peak should match that of the short paragraphs.
+long document in pieces, so its peak should match that of the short paragraphs. It holds out as many pieces
+as make the characters of the paragraphs' held-out documents, so both evaluate on the same amount of text.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 from hf_glu import GluConfig, GluForCausalLM  # noqa: E402
 from hf_glu.convert.report import without_non_finite  # noqa: E402
 from hf_glu.data import builtin_corpus, train_bpe_tokenizer  # noqa: E402
+from hf_glu.training_data import STREAM_PIECE_CHARS  # noqa: E402
+
+EVAL_DOCUMENTS = 50  # paragraphs held out of the stream
 
 
 def write_corpus(path: Path, megabytes: int) -> None:
@@ -68,7 +72,15 @@ def tiny_model(folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def run_recipe(model: Path, text: Path, output: Path, steps: int, streaming: bool, threads: int) -> dict:
+def held_out_pieces() -> int:
+    """Pieces of a one-line file holding about the characters of the first EVAL_DOCUMENTS paragraphs."""
+    paragraphs = [f"[0] {p}" for p in builtin_corpus().split("\n\n") if p.strip()][:EVAL_DOCUMENTS]
+    return max(1, round(sum(map(len, paragraphs)) / STREAM_PIECE_CHARS))
+
+
+def run_recipe(
+    model: Path, text: Path, output: Path, steps: int, streaming: bool, threads: int, eval_documents: int
+) -> dict:
     command = [
         sys.executable, str(ROOT / "recipes" / "finetune_trainer.py"), "--model", str(model),
         "--train-file", str(text), "--output-dir", str(output), "--max-steps", str(steps),
@@ -76,7 +88,7 @@ def run_recipe(model: Path, text: Path, output: Path, steps: int, streaming: boo
         "--data-cache-dir", str(output / "cache"),
     ]  # fmt: skip
     if streaming:
-        command += ["--streaming", "--eval-documents", "50"]
+        command += ["--streaming", "--eval-documents", str(eval_documents)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     start = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -90,6 +102,7 @@ def run_recipe(model: Path, text: Path, output: Path, steps: int, streaming: boo
         "layout": "one line" if "one-line" in text.name else "paragraphs",
         "mode": "streaming" if streaming else "map-style",
         "steps": results["global_step"],
+        "eval_documents": eval_documents if streaming else None,
         "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),  # KiB on Linux
         "seconds": round(time.perf_counter() - start, 1),
         "eval_loss": results["eval_loss"],
@@ -114,16 +127,16 @@ def main() -> None:
             text = tmp / f"corpus-{megabytes}mb.txt"
             write_corpus(text, megabytes)
             run = tmp / f"run-{megabytes}"
-            rows.append(run_recipe(tmp / "model", text, run, args.steps, streaming=True, threads=args.threads))
+            rows.append(run_recipe(tmp / "model", text, run, args.steps, True, args.threads, EVAL_DOCUMENTS))
             if args.map_style and megabytes == min(args.sizes_mb):
                 run = tmp / f"map-{megabytes}"
-                rows.append(run_recipe(tmp / "model", text, run, args.steps, streaming=False, threads=args.threads))
+                rows.append(run_recipe(tmp / "model", text, run, args.steps, False, args.threads, EVAL_DOCUMENTS))
             text.unlink()
             if args.one_line and megabytes == min(args.sizes_mb):
                 text = tmp / f"one-line-{megabytes}mb.txt"
                 write_one_line(text, megabytes)
                 run = tmp / f"line-{megabytes}"
-                rows.append(run_recipe(tmp / "model", text, run, args.steps, streaming=True, threads=args.threads))
+                rows.append(run_recipe(tmp / "model", text, run, args.steps, True, args.threads, held_out_pieces()))
                 text.unlink()
 
     print("| corpus (MiB) | layout | mode | steps | peak RSS (MiB) | wall (s) |")

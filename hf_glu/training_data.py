@@ -32,12 +32,12 @@ _BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json",
 TEXT = "text"
 STREAM_EVAL_DOCUMENTS = 100  # documents held out of a stream unless told otherwise
 # A stream holds no whole document: it reads a text file this many characters at a time, and cuts a document
-# longer than _PIECE_CHARS into pieces of at most that many characters (at a word boundary), each a row whose
+# longer than STREAM_PIECE_CHARS into pieces of at most that many characters (at a word boundary), each a row whose
 # CONTINUES column says whether the next row goes on with the same document (the EOS token comes after the
 # last piece only). Its filters and tokenization take _STREAM_BATCH rows at a time: a bounded number of
 # characters whatever the documents (a 50 MB line tokenized whole takes gigabytes).
 _STREAM_CHUNK_CHARS = 1 << 20
-_PIECE_CHARS = 1 << 14
+STREAM_PIECE_CHARS = 1 << 13
 _STREAM_BATCH = 64
 CONTINUES = "continues"
 # Stored blocks hold int32 token ids (half the cache); a stream's are never stored and come out as int64
@@ -62,7 +62,7 @@ def load_documents(
     """Documents with one column, ``text``: the paragraphs of a .txt file, the ``text_column`` of a
     .json/.jsonl/.csv/.parquet file or of a `datasets` dataset (a Hub name or a local folder), or, when
     neither is given, the paragraphs of the built-in corpus. ``streaming`` returns an ``IterableDataset``
-    that reads lazily, in pieces: a document longer than ``_PIECE_CHARS`` characters comes as several rows,
+    that reads lazily, in pieces: a document longer than ``STREAM_PIECE_CHARS`` characters comes as several rows,
     all but the last marked in the ``continues`` column."""
     if train_file is not None and dataset is not None:
         raise ValueError("pass either a training file or a dataset name, not both")
@@ -128,7 +128,7 @@ def _stream_documents(
 
 def _text_file_pieces(paths: list[str]) -> Iterator[dict]:
     """The paragraphs (blank-line separated, as the `datasets` text reader's) of text files, read
-    ``_STREAM_CHUNK_CHARS`` characters at a time; a paragraph longer than ``_PIECE_CHARS`` comes in pieces."""
+    ``_STREAM_CHUNK_CHARS`` characters at a time; a paragraph longer than ``STREAM_PIECE_CHARS`` comes in pieces."""
     for path in paths:
         try:
             with open(path, encoding="utf-8") as file:
@@ -140,7 +140,7 @@ def _text_file_pieces(paths: list[str]) -> Iterator[dict]:
                             yield {TEXT: paragraph, CONTINUES: False}
                     start = 0
                     # Cut strictly inside `pending`, which holds no blank line: no piece ends half of one.
-                    while len(pending) - start > _PIECE_CHARS:
+                    while len(pending) - start > STREAM_PIECE_CHARS:
                         cut = _word_cut(pending, start)
                         yield {TEXT: pending[start:cut], CONTINUES: True}
                         start = cut
@@ -152,20 +152,20 @@ def _text_file_pieces(paths: list[str]) -> Iterator[dict]:
 
 
 def _word_cut(text: str, start: int) -> int:
-    """Where the piece of ``text`` from ``start`` ends: before the last whitespace within ``_PIECE_CHARS``
+    """Where the piece of ``text`` from ``start`` ends: before the last whitespace within ``STREAM_PIECE_CHARS``
     (so a word keeps the space in front of it, as byte-level BPE pre-splits text), or at the limit if none."""
-    end = start + _PIECE_CHARS
+    end = start + STREAM_PIECE_CHARS
     cut = max(text.rfind(" ", start + 1, end), text.rfind("\n", start + 1, end), text.rfind("\t", start + 1, end))
     return cut if cut > start else end
 
 
 def _document_pieces(batch: dict[str, list]) -> dict[str, list]:
-    """Rows of at most ``_PIECE_CHARS`` characters: a longer text cut at word boundaries, every piece but the
+    """Rows of at most ``STREAM_PIECE_CHARS`` characters: a longer text cut at word boundaries, every piece but the
     last marked as continued (a row that was itself continued keeps that mark on its last piece)."""
     texts, continues = [], []
     for text, continued in zip(batch[TEXT], batch.get(CONTINUES) or itertools.repeat(False), strict=False):
         start = 0
-        while isinstance(text, str) and len(text) - start > _PIECE_CHARS:
+        while isinstance(text, str) and len(text) - start > STREAM_PIECE_CHARS:
             cut = _word_cut(text, start)
             texts.append(text[start:cut])
             continues.append(True)

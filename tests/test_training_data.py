@@ -236,7 +236,7 @@ def test_a_stream_reads_and_packs_a_long_document_in_pieces(tokenizer, tmp_path,
     # Pieces of 40 characters read 64 at a time: every document below spans several reads and pieces, and blank
     # lines fall across reads. The stream must hold no row longer than a piece, keep every character, and pack
     # the same tokens as the documents whole, with the EOS token after each document's last piece only.
-    monkeypatch.setattr(training_data, "_PIECE_CHARS", 40)
+    monkeypatch.setattr(training_data, "STREAM_PIECE_CHARS", 40)
     monkeypatch.setattr(training_data, "_STREAM_CHUNK_CHARS", 64)
     docs = [" ".join(f"w{d}x{i}" for i in range(n)) for d, n in enumerate((60, 3, 25, 40))]
     docs[2] = "unbroken" * 12  # no word boundary: cut at the limit
