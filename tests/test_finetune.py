@@ -9,6 +9,7 @@ from hf_glu import GluForCausalLM, finetune
 from hf_glu.finetune import (
     DistillationTrainer,
     build_datasets_from_args,
+    check_checkpoint,
     check_finetune_args,
     checkpoint_step,
     distillation_loss,
@@ -189,3 +190,17 @@ def test_stream_flags_reach_the_data_pipeline(monkeypatch):
     args = parser.parse_args(["--model", "m", "--output-dir", "o", "--streaming", "--shuffle-buffer", "8"])
     build_datasets_from_args(None, args, rank=1, world_size=2)
     assert (seen["shuffle_buffer"], seen["rank"], seen["world_size"]) == (8, 1, 2)
+
+
+def test_check_checkpoint_names_a_damaged_state_file(tmp_path):
+    torch.save({"step": torch.arange(1000)}, tmp_path / "optimizer.pt")
+    (tmp_path / "trainer_state.json").write_text("{}")
+    check_checkpoint(tmp_path)  # complete: accepted
+    state = (tmp_path / "optimizer.pt").read_bytes()
+    (tmp_path / "optimizer.pt").write_bytes(state[: len(state) // 2])
+    with pytest.raises(ValueError, match=r"checkpoint file '.*optimizer.pt' is damaged"):
+        check_checkpoint(tmp_path)
+    (tmp_path / "optimizer.pt").write_bytes(state)
+    (tmp_path / "trainer_state.json").write_text('{"global_step": ')
+    with pytest.raises(ValueError, match=r"checkpoint file '.*trainer_state.json' is damaged"):
+        check_checkpoint(tmp_path)
