@@ -155,6 +155,7 @@ def test_a_destination_under_a_file_is_refused_before_any_work(tmp_path, capsys,
     monkeypatch.setattr(pipeline, "load_source", lambda *a, **k: pytest.fail("the source was read"))
     src = _family_folder(tmp_path / "src")
     (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "file").chmod(0o755)  # writable and "executable": only the write itself failed ([Errno 20])
     dst = tmp_path / "file" / "out"
     _refused(["convert", str(src), str(dst), "--variant", "geglu"], tmp_path, capsys, str(dst), "is a file")
 
