@@ -141,6 +141,19 @@ def _register_auto_classes() -> None:
             getattr(transformers, auto_name).register(config_class, stand_in, exist_ok=True)
 
 
+def glu_model_classes() -> dict[str, Any]:
+    """Every GLU model class by the name saved configs give it (``architectures``), each built on first use."""
+    from .configuration_glu import GluConfig
+    from .configuration_glu_families import FAMILIES, GLU_FAMILY_CONFIGS
+
+    classes = {head: _ModelClassByName(GluConfig, "modeling_glu", head, auto) for auto, head in _GLU_HEADS.items()}
+    for family in FAMILIES.values():
+        config_class = GLU_FAMILY_CONFIGS[family.model_type]
+        for auto_name, base_name in family.heads.items():
+            classes[f"Glu{base_name}"] = _ModelClassByName(config_class, "modeling_glu_families", "family", auto_name)
+    return classes
+
+
 def _register_lora_targets() -> None:
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
@@ -206,4 +219,5 @@ __all__ = [
     "FAMILIES",
     "GLU_FAMILY_CONFIGS",
     "GLU_FAMILY_MODELS",
+    "glu_model_classes",
 ]

@@ -1,11 +1,22 @@
 """What serving engines see of a GLU model: the MLP's traced eager form, the kernels-hub hook, `transformers serve`."""
 
+import json
 import operator
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 
 import pytest
 import torch
+import transformers
 from conftest import tiny_config
 from torch import fx, nn
+from transformers.utils.import_utils import is_serve_available
 
 from hf_glu import GluMLP
 from hf_glu.glu import VARIANTS, GluParams, activation_module, glu_activation
@@ -178,3 +189,108 @@ def test_loading_with_no_hub_mapping_keeps_the_forward_without_a_warning(tmp_pat
         model = GluForCausalLM.from_pretrained(tmp_path, use_kernels=True)  # 5.25's default; explicit for 5.17
     assert "No kernel mapping found for layer `GluMLP`" not in caplog.text
     assert "forward" not in vars(model.transformer.h[0].mlp)  # kernels swapped nothing in
+
+
+# ----------------------------------------------------------------------------------------------------
+# `transformers serve` of converted checkpoints, through `python -m hf_glu.serve` (upstream cannot load them).
+
+SERVE_STARTUP_S = 240  # model processes start by spawn: imports torch and transformers again on 2 busy cores
+
+
+@pytest.fixture(scope="module")
+def served_checkpoints(tmp_path_factory):
+    """A converted GPT-2 and a converted GPT-NeoX checkpoint, each with a tokenizer the server can load."""
+    from families import FAMILY_CONFIGS
+    from test_convert import tiny_gpt2
+
+    from hf_glu import convert_checkpoint, convert_gpt2
+    from hf_glu.data import builtin_corpus, train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(builtin_corpus(max_chars=20_000), vocab_size=300)
+    root = tmp_path_factory.mktemp("served")
+    neox_config = FAMILY_CONFIGS["gpt_neox"]()
+    neox_config.vocab_size = len(tokenizer)
+    sources = {
+        "gpt2": lambda: convert_gpt2(tiny_gpt2(vocab_size=len(tokenizer)), "geglu_tanh", eval_tokens=16),
+        "gpt_neox": lambda: convert_checkpoint(
+            transformers.GPTNeoXForCausalLM(neox_config).eval(), "swiglu", eval_tokens=16
+        ),
+    }
+    paths = {}
+    for name, convert in sources.items():
+        paths[name] = root / name
+        convert().save_pretrained(paths[name])
+        tokenizer.save_pretrained(paths[name])
+    return paths
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict, timeout: float) -> dict:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.load(response)
+
+
+def _greedy_text(path, prompt: str, new_tokens: int) -> str:
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_transformers_serve_completions_equal_generate(served_checkpoints, tmp_path):
+    if not is_serve_available():
+        pytest.skip("`transformers serve` needs its serving extra: pip install fastapi uvicorn openai")
+    port = _free_port()
+    log = open(tmp_path / "server.log", "w+b")  # a file, not a pipe: progress bars would fill a pipe and stall it
+    server = subprocess.Popen(
+        [sys.executable, "-m", "hf_glu.serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its model processes go with it
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        prompt, new_tokens = "The house", 5
+        for name, path in served_checkpoints.items():
+            body = {"model": str(path), "prompt": prompt, "max_tokens": new_tokens, "temperature": 0}
+            deadline = time.monotonic() + SERVE_STARTUP_S
+            while True:
+                try:
+                    reply = _post(url, body, timeout=SERVE_STARTUP_S)
+                    break
+                except urllib.error.HTTPError as refused:  # listening, and refused the request
+                    pytest.fail(f"{name}: HTTP {refused.code}: {refused.read().decode()[:2000]}")
+                except (urllib.error.URLError, ConnectionError):  # not listening yet
+                    if server.poll() is not None or time.monotonic() > deadline:
+                        pytest.fail(f"server did not answer: {(tmp_path / 'server.log').read_text()[-3000:]}")
+                    time.sleep(1)
+            expected = _greedy_text(path, prompt, new_tokens)
+            assert expected, f"{name}: greedy decoding ends at once; the comparison would prove nothing"
+            assert reply["choices"][0]["text"] == expected, name
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
+
+
+def test_upstream_serve_loader_cannot_find_glu_classes_without_the_wrapper(served_checkpoints):
+    """Upstream behaviour the wrapper exists for: the server looks the class up in `transformers`' namespace."""
+    from hf_glu.serve import glu_classes_in_transformers
+
+    architecture = transformers.AutoConfig.from_pretrained(served_checkpoints["gpt_neox"]).architectures[0]
+    assert not hasattr(transformers, architecture)
+    with glu_classes_in_transformers():
+        model = getattr(transformers, architecture).from_pretrained(served_checkpoints["gpt_neox"])
+    assert type(model).__name__ == architecture == "GluGPTNeoXForCausalLM"
+    assert not hasattr(transformers, architecture)  # removed again
