@@ -98,7 +98,17 @@ def hub_kernel_matches(mlp: nn.Module) -> bool:
     return bool(repos) and all(getattr(repo, "layer_name", None) in trusted for repo in repos)
 
 
-@use_kernel_forward_from_hub(HUB_KERNEL_NAME, condition=hub_kernel_matches)
+def _hub_kernel_layer(cls: type[nn.Module]) -> type[nn.Module]:
+    """Tags ``cls`` for the kernels hub with the activation guard, or not at all where the guard cannot be
+    passed: Transformers 5.17 with ``kernels`` installed forwards only the layer name (a ``TypeError`` here),
+    and an unguarded tag could swap in a hub layer computing another activation."""
+    try:
+        return use_kernel_forward_from_hub(HUB_KERNEL_NAME, condition=hub_kernel_matches)(cls)
+    except TypeError:
+        return cls
+
+
+@_hub_kernel_layer
 class GluMLP(nn.Module):
     """``down(act(gate(x)) * up(x))`` with the variant named by ``config.glu_variant``.
 

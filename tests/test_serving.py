@@ -181,6 +181,20 @@ def test_hub_guard_refuses_when_the_mapping_cannot_be_read(monkeypatch):
     assert not GluMLP.kernel_condition(mlp)
 
 
+def test_no_hub_tag_where_the_activation_guard_cannot_be_passed(monkeypatch):
+    import hf_glu.modeling_glu as modeling
+
+    def name_only(layer_name):  # Transformers 5.17's wrapper when `kernels` is installed
+        return lambda cls: setattr(cls, "kernel_layer_name", layer_name) or cls
+
+    class Layer(nn.Module):
+        pass
+
+    monkeypatch.setattr(modeling, "use_kernel_forward_from_hub", name_only)
+    assert modeling._hub_kernel_layer(Layer) is Layer
+    assert not hasattr(Layer, "kernel_layer_name")
+
+
 def test_loading_with_no_hub_mapping_keeps_the_forward_without_a_warning(tmp_path, caplog):
     from hf_glu import GluForCausalLM
 
