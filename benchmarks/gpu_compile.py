@@ -107,7 +107,7 @@ class Result:
 # block config). The block-config sweep: every power of two below the largest column block (each is a
 # config of its own), one width not divisible by 16, and few rows (the bias-sum grid's smaller row-tile counts).
 _PRODUCTION = (8192, 4096)
-_BLOCK_SWEEP = (*((8192, 2**k) for k in range(11)), (8192, 1000), (1, 4096), (16, 4096), (1000, 4096))
+_BLOCK_SWEEP = (*((8192, 2**k) for k in range(11)), (8192, 1000), *((r, 4096) for r in (1, 16, 1000, 2048, 4096)))
 # The exhaustive sweep: every combination of these rows and columns (thousands of compiles; hours).
 _EXHAUSTIVE_COLS = (*(2**k for k in range(13)), 3072, 11008, 1000)
 _EXHAUSTIVE_ROWS = (1, 3, 16, 64, 256, 1000, 1024, 4096, 8192, 65536)

@@ -76,7 +76,7 @@ def test_sample_compiles_for_every_target_without_spills(tmp_path: Path) -> None
 
 def test_full_scope_covers_every_launch_config() -> None:
     # The full matrix holds every variant x dtype x layout x mode, every block config the launcher picks for
-    # any column count, and the bias-sum grid's row-tile counts from one to the cap.
+    # any column count, and every row-tile count the bias-sum grid can choose.
     code = textwrap.dedent(
         """
         import json
@@ -88,7 +88,7 @@ def test_full_scope_covers_every_launch_config() -> None:
             blocks=sorted({(c["BLOCK_M"], c["BLOCK_N"]) for c in (dict(s.constants) for s in specs)}),
             launcher=sorted({gt._launch_config(4096, 2**k)[1:] for k in range(16)}),
             row_tiles=sorted({dict(s.constants)["ROW_TILES"] for s in specs if dict(s.constants).get("BIAS_GRADS")}),
-            cap=gt._BIAS_ROW_TILES,
+            choices=sorted(getattr(gt, "BIAS_ROW_TILE_CHOICES", {1, gt._BIAS_ROW_TILES})),
         )))
         """
     )
@@ -105,7 +105,7 @@ def test_full_scope_covers_every_launch_config() -> None:
     }
     assert {tuple(c) for c in found["cross"]} == expected
     assert found["blocks"] == found["launcher"]
-    assert found["row_tiles"][0] == 1 and found["row_tiles"][-1] == found["cap"]
+    assert set(found["choices"]) <= set(found["row_tiles"])  # one row tile up to the cap, and every choice between
 
 
 def test_specialization_follows_tritons_runtime_rule(tmp_path: Path) -> None:
