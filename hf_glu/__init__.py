@@ -5,8 +5,8 @@ each family's ``Glu<FamilyClass>``, with the Auto classes (so ``AutoModelForCaus
 finds them), and tells PEFT which modules LoRA targets by default. The model classes save their code into
 checkpoints (so ``trust_remote_code=True`` users load them without hf_glu).
 
-The import is lazy: the configs are registered at once (Auto registration needs the config class), but the
-model classes are registered by name and built on first use, as Transformers' own Auto mappings do; the
+The import is lazy: the configs and model names are registered when Transformers' Auto modules are imported
+(whoever imports them), the model classes are built on first use, as Transformers' own Auto mappings do; the
 public names below resolve on first access; the conversion code loads only when used. A process that only
 loads a GLU checkpoint never imports the other families' modeling code or ``hf_glu.convert``.
 """
@@ -17,6 +17,7 @@ import importlib
 import importlib.abc
 import importlib.util
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -121,24 +122,60 @@ class _ModelClassByName:
         return f"<{self._auto_name} model for {self.config_class.__name__}, built on first use>"
 
 
-def _register_auto_classes() -> None:
-    import transformers
+# Transformers' Auto mappings live in these modules. Importing them imports torch (seconds), which
+# `import transformers` does not: hf_glu registers into them when they are imported, by whoever, so
+# `import hf_glu` costs what `import transformers` costs and the Auto classes know GLU models whenever used.
+_AUTO_CONFIG_MODULE = "transformers.models.auto.configuration_auto"
+_AUTO_MODEL_MODULE = "transformers.models.auto.modeling_auto"
+_FAMILY_CONFIG_MODULE = f"{__name__}.configuration_glu_families"
+_registration = {"started": False}
 
+
+def _imported(module: str, just_imported: str | None) -> bool:
+    """Whether ``module`` has run to its end (``just_imported``'s hook fires as its import completes)."""
+    loaded = sys.modules.get(module)
+    if loaded is None:
+        return False
+    # importlib marks a module's spec while the module's code runs (a circular import sees it half-built)
+    return module == just_imported or not getattr(getattr(loaded, "__spec__", None), "_initializing", False)
+
+
+def _register_when_ready(just_imported: str | None = None) -> None:
+    # The model mapping must be whole, and the family configs must not be half-built: importing a Transformers
+    # config class imports modeling_auto (its docstring is built from the model mapping), so when the family
+    # configs are imported first, modeling_auto completes in the middle of them; their own hook comes next.
+    if _registration["started"] or not _imported(_AUTO_MODEL_MODULE, just_imported):
+        return
+    if _FAMILY_CONFIG_MODULE in sys.modules and not _imported(_FAMILY_CONFIG_MODULE, just_imported):
+        return
+    _registration["started"] = True
+    _register_auto_classes()
+
+
+def _register_auto_classes() -> None:
     from .configuration_glu import GluConfig
     from .configuration_glu_families import FAMILIES, GLU_FAMILY_CONFIGS
 
-    transformers.AutoConfig.register(GluConfig.model_type, GluConfig, exist_ok=True)
+    auto_config = sys.modules[_AUTO_CONFIG_MODULE].AutoConfig
+    auto_models = sys.modules[_AUTO_MODEL_MODULE]
+    auto_config.register(GluConfig.model_type, GluConfig, exist_ok=True)
     GluConfig.register_for_auto_class()
     for auto_name, head in _GLU_HEADS.items():
         stand_in = _ModelClassByName(GluConfig, "modeling_glu", head, auto_name)
-        getattr(transformers, auto_name).register(GluConfig, stand_in, exist_ok=True)
+        getattr(auto_models, auto_name).register(GluConfig, stand_in, exist_ok=True)
     for family in FAMILIES.values():
         config_class = GLU_FAMILY_CONFIGS[family.model_type]
-        transformers.AutoConfig.register(family.glu_model_type, config_class, exist_ok=True)
+        auto_config.register(family.glu_model_type, config_class, exist_ok=True)
         config_class.register_for_auto_class()
         for auto_name in family.heads:
             stand_in = _ModelClassByName(config_class, "modeling_glu_families", "family", auto_name)
-            getattr(transformers, auto_name).register(config_class, stand_in, exist_ok=True)
+            getattr(auto_models, auto_name).register(config_class, stand_in, exist_ok=True)
+
+
+def _import_the_model_mapping() -> None:
+    # AutoConfig used before any Auto model class: registration needs the model mapping too (its hook registers).
+    if _AUTO_MODEL_MODULE not in sys.modules:
+        importlib.import_module(_AUTO_MODEL_MODULE)
 
 
 def glu_model_classes() -> dict[str, Any]:
@@ -168,8 +205,8 @@ def _register_lora_targets() -> None:
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
-    """Runs ``callback`` once ``module`` has been imported, whoever imports it (PEFT costs seconds to import,
-    and PEFT reads its default LoRA targets only when it builds an adapter)."""
+    """Runs ``callback`` once ``module`` has been imported, whoever imports it (Transformers' Auto mappings and
+    PEFT's target table cost seconds to import, and are read only when used)."""
 
     def __init__(self, module: str, callback):
         self.module, self.callback = module, callback
@@ -191,12 +228,19 @@ class _AfterImport(importlib.abc.MetaPathFinder):
         return spec
 
 
+def _after_import(module: str, callback: Callable[[], None]) -> None:
+    """Runs ``callback`` now if ``module`` is imported, else right after it is."""
+    if module in sys.modules:
+        callback()
+    elif importlib.util.find_spec(module.partition(".")[0]) is not None:
+        sys.meta_path.insert(0, _AfterImport(module, callback))
+
+
 def _register() -> None:
-    _register_auto_classes()
-    if "peft.utils.constants" in sys.modules:
-        _register_lora_targets()
-    elif importlib.util.find_spec("peft") is not None:
-        sys.meta_path.insert(0, _AfterImport("peft.utils.constants", _register_lora_targets))
+    for module in (_AUTO_MODEL_MODULE, _FAMILY_CONFIG_MODULE):
+        _after_import(module, lambda module=module: _register_when_ready(just_imported=module))
+    _after_import(_AUTO_CONFIG_MODULE, _import_the_model_mapping)
+    _after_import("peft.utils.constants", _register_lora_targets)
 
 
 _register()

@@ -5,6 +5,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 
 def _run(script: str) -> dict:
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, check=True)
@@ -16,13 +18,43 @@ def test_import_loads_neither_conversion_nor_family_modeling_code():
         """
         import json, sys
         import hf_glu
-        print(json.dumps(sorted(m for m in sys.modules if m.startswith(("hf_glu", "transformers.models.", "peft")))))
+        prefixes = ("hf_glu", "transformers.models.", "peft", "torch")
+        print(json.dumps(sorted(m for m in sys.modules if m.startswith(prefixes))))
         """
     )
     assert "hf_glu" in loaded
     assert not [m for m in loaded if m.startswith(("hf_glu.convert", "hf_glu.modeling_glu", "peft"))]
-    family_modeling = [m for m in loaded if m.startswith("transformers.models.") and ".modeling_" in m]
-    assert family_modeling == ["transformers.models.auto.modeling_auto"]  # the Auto mappings themselves
+    # no more than `import transformers` loads: neither torch nor the Auto mappings (registered into when used)
+    assert not [m for m in loaded if m.startswith(("transformers.models.", "torch"))]
+
+
+# Every order in which a program may reach the Auto classes and hf_glu's own modules: each must find the
+# GLU configs and models registered (a registration hook firing inside a half-built module would lose them).
+_IMPORT_ORDERS = {
+    "hf_glu, then AutoModelForCausalLM": "import hf_glu\nfrom transformers import AutoModelForCausalLM",
+    "hf_glu, then AutoConfig": "import hf_glu\nfrom transformers import AutoConfig",
+    "AutoConfig, then hf_glu": "from transformers import AutoConfig\nimport hf_glu",
+    "AutoModel, then hf_glu": "from transformers import AutoModel\nimport hf_glu",
+    "family configs first": "import hf_glu.configuration_glu_families\nfrom transformers import AutoConfig",
+    "model class names first (hf_glu.serve)": "import hf_glu\nhf_glu.glu_model_classes()",
+}
+
+
+@pytest.mark.parametrize("order", _IMPORT_ORDERS)
+def test_auto_classes_know_glu_models_whatever_the_import_order(order):
+    found = _run(
+        _IMPORT_ORDERS[order]
+        + textwrap.dedent(
+            """
+            import json, transformers
+            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+            config = transformers.AutoConfig.for_model("glu_gpt_neox")
+            print(json.dumps([type(config).__name__, transformers.AutoConfig.for_model("glu_gpt2").model_type,
+                              MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].__name__]))
+            """
+        )
+    )
+    assert found == ["GluGPTNeoXConfig", "glu_gpt2", "GluGPTNeoXForCausalLM"]
 
 
 def test_auto_classes_and_lora_targets_work_right_after_import(tmp_path):
