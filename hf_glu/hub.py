@@ -38,13 +38,17 @@ class BlockHfGlu:
         return None
 
 sys.meta_path.insert(0, BlockHfGlu())
-folder = sys.argv[1]
 try:
     import torch
     import transformers
     from transformers import AutoConfig
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
+except Exception as e:
+    print(json.dumps([{"error": f"{type(e).__name__}: {e}"}] * (len(sys.argv) - 1)))
+    raise SystemExit(0)
 
+
+def load(folder):
     config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
     classes = {}
     for auto, reference in (getattr(config, "auto_map", None) or {}).items():
@@ -54,16 +58,23 @@ try:
     named = [c for c in classes.values() if c.__name__ == architecture]
     if not named and hasattr(transformers, str(architecture)):
         named = [getattr(transformers, architecture)]
-    shapes = {}
+    shapes, prefix = {}, ""
     for cls in {*classes.values(), *named}:
         with torch.device("meta"):
             model = cls(config)
         if cls in named:
             shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
             prefix = model.base_model_prefix
-    print(json.dumps({"shapes": shapes, "prefix": prefix if shapes else ""}))
-except Exception as e:
-    print(json.dumps({"error": f"{type(e).__name__}: {e}"}))
+    return {"shapes": shapes, "prefix": prefix}
+
+
+results = []
+for folder in sys.argv[1:]:  # several folders share one interpreter's imports (seconds each)
+    try:
+        results.append(load(folder))
+    except Exception as e:
+        results.append({"error": f"{type(e).__name__}: {e}"})
+print(json.dumps(results))
 """
 _LOAD_CHECK_TIMEOUT = 600  # seconds: importing torch and transformers on a busy machine
 
@@ -173,26 +184,30 @@ def _code_problems(folder: Path) -> list[str]:
     return [f"code file {module!r} named by {who} is missing" for module, who in missing]
 
 
-def _load_problems(folder: Path) -> list[str]:
-    """Load the folder as a user without hf-glu would (:data:`_LOAD_CHECK`, in a subprocess) and compare the
-    weights' shapes with the model its config and code build."""
-    from .convert.safetensors_io import read_header
-
+def _load_problems(folders: list[Path]) -> list[list[str]]:
+    """Load each folder as a user without hf-glu would (:data:`_LOAD_CHECK`, in one subprocess) and compare the
+    weights' shapes with the model its config and code build; the problems of each folder, in order."""
     try:
         done = subprocess.run(
-            [sys.executable, "-c", _LOAD_CHECK, str(folder)],
+            [sys.executable, "-c", _LOAD_CHECK, *map(str, folders)],
             capture_output=True,
             text=True,
             timeout=_LOAD_CHECK_TIMEOUT,
             env={**os.environ, "HF_HUB_OFFLINE": "1"},  # the folder alone: nothing fetched
         )
     except subprocess.TimeoutExpired:
-        return [f"loading it in a fresh process took over {_LOAD_CHECK_TIMEOUT} s"]
+        return [[f"loading it in a fresh process took over {_LOAD_CHECK_TIMEOUT} s"]] * len(folders)
     try:
-        result = json.loads(done.stdout.strip().splitlines()[-1])
+        results = json.loads(done.stdout.strip().splitlines()[-1])
     except (json.JSONDecodeError, IndexError):  # the process died before its answer (a crash in the code)
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return [f"loading it in a fresh process ended with exit status {done.returncode} ({last})"]
+        return [[f"loading it in a fresh process ended with exit status {done.returncode} ({last})"]] * len(folders)
+    return [_shape_problems(folder, result) for folder, result in zip(folders, results, strict=True)]
+
+
+def _shape_problems(folder: Path, result: dict) -> list[str]:
+    from .convert.safetensors_io import read_header
+
     if "error" in result:
         return [f"its config and code do not load without hf-glu ({result['error']})"]
     shapes, prefix = result["shapes"], result["prefix"]
@@ -219,18 +234,25 @@ def check_checkpoint_folder(folder: str | Path) -> Path:
     and every class the ``auto_map`` names load from the folder's own code and build (on the meta device)
     a model whose parameter shapes are the weights'.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointFolderError(f"checkpoint folder {str(folder)!r} does not exist or is not a folder")
-    problems = _config_problems(folder)
-    problems += _weight_problems(folder)
-    problems += _code_problems(folder)
-    if not problems:  # every file is there: now see that it loads
-        problems = _load_problems(folder)
-    if problems:
-        listed = "; ".join(problems)
-        raise CheckpointFolderError(f"refusing to push {str(folder)!r}, it would not load: {listed}")
-    return folder
+    return check_checkpoint_folders([folder])[0]
+
+
+def check_checkpoint_folders(folders: list[str | Path]) -> list[Path]:
+    """:func:`check_checkpoint_folder` for several folders, loading them all in one subprocess; raises for the
+    first folder that would not load."""
+    folders = [Path(folder) for folder in folders]
+    for folder in folders:
+        if not folder.is_dir():
+            raise CheckpointFolderError(f"checkpoint folder {str(folder)!r} does not exist or is not a folder")
+    problems = {f: _config_problems(f) + _weight_problems(f) + _code_problems(f) for f in folders}
+    complete = [f for f in folders if not problems[f]]  # every file is there: now see that it loads
+    if complete:
+        problems.update(zip(complete, _load_problems(complete), strict=True))
+    for folder in folders:
+        if problems[folder]:
+            listed = "; ".join(problems[folder])
+            raise CheckpointFolderError(f"refusing to push {str(folder)!r}, it would not load: {listed}")
+    return folders
 
 
 def push_checkpoint(

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from hf_glu.demo import DEMO_VARIANTS, PLOT_FILE, RESULTS_FILE, run_demo
-from hf_glu.hub import check_checkpoint_folder
+from hf_glu.hub import check_checkpoint_folders
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -42,12 +42,10 @@ def test_fine_tuning_lowers_the_converted_models_perplexity(demo):
 
 def test_every_checkpoint_folder_would_load(demo):
     out, _ = demo
-    for name in (
-        "source",
-        "source-finetuned",
-        *(f"{stage}-{v}" for v in DEMO_VARIANTS for stage in ("converted", "finetuned")),
-    ):
-        check_checkpoint_folder(out / name)
+    stages = ("converted", "finetuned")
+    names = ["source", "source-finetuned", *(f"{stage}-{v}" for v in DEMO_VARIANTS for stage in stages)]
+    check_checkpoint_folders([out / name for name in names])
+    for name in names:
         assert (out / name / "tokenizer.json").is_file(), name
 
 
