@@ -64,6 +64,12 @@ DEFAULT_PARAMS = GluParams()
 # latency, small enough for registers. benchmarks/bench_mlp.py --sweep times the alternatives on a GPU.
 _BLOCK_ELEMENTS = 4096
 _NUM_WARPS = 4
+# Warps of the backward kernel, and of the forward when gate or up has a column stride other than 1
+# (interleaved views: nothing to vectorize, one address per element). At 4 warps, 32 elements a thread,
+# ptxas needed up to 255 registers there and spilled (benchmarks/gpu_compile.py --full, triton 3.9); 8 warps
+# hold 16 a thread. Timed on an H100 (llama2-7b, bench_mlp --sweep, results/h100-run1): the backward at 4096
+# elements ran at 2408 GB/s with 4 or 8 warps, the contiguous forward slower at 8 (1953 against 2354).
+_WIDE_NUM_WARPS = 8
 # Row tiles one backward program walks when it also sums the bias gradients, at most: at 4 rows a tile
 # (intermediate >= 1024) a program covers 64 rows, so the partial sums are 1/64 of [tokens, intermediate] in
 # fp32 and their reduction is small. Fewer tokens get fewer tiles a program (_bias_row_tiles), halving down to
@@ -296,10 +302,11 @@ def _launch_forward(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor, var
     if g.numel() == 0:  # an empty grid is not a valid CUDA launch
         return
     grid, block_m, block_n = _launch_config(*g.shape)
+    warps = _NUM_WARPS if g.stride(1) == u.stride(1) == 1 else _WIDE_NUM_WARPS
     with _device_guard(g.device):
         _glu_fwd_kernel[grid](
             g, u, o, *g.shape, *_strides(g, u, o), p.beta, p.alpha, p.limit,
-            VARIANT=KERNEL_VARIANTS[variant], BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_NUM_WARPS,
+            VARIANT=KERNEL_VARIANTS[variant], BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
         )  # fmt: skip
 
 
@@ -331,7 +338,7 @@ def _launch_backward(
         _glu_bwd_kernel[grid](
             do, g, u, dg, du, o, partial, rows, cols, *_strides(do, g, u, dg, du, o), p.beta, p.alpha, p.limit,
             VARIANT=KERNEL_VARIANTS[variant], STORE_OUT=out is not None, BIAS_GRADS=bias_grads,
-            ROW_TILES=row_tiles, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_NUM_WARPS,
+            ROW_TILES=row_tiles, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_WIDE_NUM_WARPS,
         )  # fmt: skip
     return partial.sum(1) if bias_grads else None
 
