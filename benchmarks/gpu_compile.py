@@ -1,6 +1,6 @@
 """Ahead-of-time compile check of the fused GLU kernels for real GPU targets, on a machine without a GPU.
 
-    python benchmarks/gpu_compile.py [--targets 80,90,100] [--sample | --full] [--out results.json]
+    python benchmarks/gpu_compile.py [--targets 80,90,100] [--sample | --full | --only-spilling-from R] [--out O]
 
 The interpreter CI runs (``TRITON_INTERPRET=1``) accepts code a real compile refuses, and says nothing
 about registers or spills. This check compiles every kernel specialization of ``hf_glu/glu_triton.py``
