@@ -70,6 +70,11 @@ _NUM_WARPS = 4
 # hold 16 a thread. Timed on an H100 (llama2-7b, bench_mlp --sweep, results/h100-run1): the backward at 4096
 # elements ran at 2408 GB/s with 4 or 8 warps, the contiguous forward slower at 8 (1953 against 2354).
 _WIDE_NUM_WARPS = 8
+# Rows a tile holds, at most: caps tiles of 16 columns or fewer (intermediate widths under 16), where a row is
+# too narrow for vector loads and each element takes its own 64-bit address. At 4096 elements (2048 x 2 ...
+# 256 x 16) those tiles spilled in the backward, 1.5 KB at 4 warps (geglu, sm_90), still 8-16 B at 8 warps
+# (glu, bilinear); at 128 rows none of the 504 narrow compiles (1 to 32 columns, every variant and mode) did.
+_MAX_BLOCK_M = 128
 # Row tiles one backward program walks when it also sums the bias gradients, at most: at 4 rows a tile
 # (intermediate >= 1024) a program covers 64 rows, so the partial sums are 1/64 of [tokens, intermediate] in
 # fp32 and their reduction is small. Fewer tokens get fewer tiles a program (_bias_row_tiles), halving down to
@@ -261,7 +266,7 @@ def _check_same(reference: torch.Tensor, **others: torch.Tensor) -> None:
 
 def _launch_config(rows: int, cols: int) -> tuple[tuple[int, int], int, int]:
     block_n = min(triton.next_power_of_2(cols), 1024)
-    block_m = max(1, _BLOCK_ELEMENTS // block_n)
+    block_m = max(1, min(_BLOCK_ELEMENTS // block_n, _MAX_BLOCK_M))
     return (triton.cdiv(rows, block_m), triton.cdiv(cols, block_n)), block_m, block_n
 
 
