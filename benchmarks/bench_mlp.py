@@ -640,8 +640,9 @@ def kernel_rows(shape: Shape, iters: int, sweep: bool) -> list[dict]:
     params = GluConfig(glu_variant=shape.variant).glu_params
     bytes_per_pass = gate.nbytes
     ceiling = copy_gbps(t * i, shape.dtype, iters)
-    default = (glu_triton._BLOCK_ELEMENTS, glu_triton._NUM_WARPS)
-    configs = [(b, w) for b in (1024, 2048, 4096, 8192, 16384) for w in (2, 4, 8)] if sweep else [default]
+    # Warps: the forward's (contiguous inputs) and the backward's (glu_triton._WIDE_NUM_WARPS); the sweep sets both.
+    default = (glu_triton._BLOCK_ELEMENTS, glu_triton._NUM_WARPS, glu_triton._WIDE_NUM_WARPS)
+    configs = [(b, w, w) for b in (1024, 2048, 4096, 8192, 16384) for w in (2, 4, 8)] if sweep else [default]
     rows = []
 
     def timed() -> tuple[float, float]:
@@ -655,37 +656,39 @@ def kernel_rows(shape: Shape, iters: int, sweep: bool) -> list[dict]:
         return fwd, bwd
 
     try:
-        for block, warps in configs:
-            glu_triton._BLOCK_ELEMENTS, glu_triton._NUM_WARPS = block, warps
-            both, error = attempt(f"kernels of {shape.name} at {block} elements, {warps} warps", timed)
+        for block, warps, bwd_warps in configs:
+            glu_triton._BLOCK_ELEMENTS, glu_triton._NUM_WARPS, glu_triton._WIDE_NUM_WARPS = block, warps, bwd_warps
+            config = dict(block_elements=block, num_warps=warps, bwd_num_warps=bwd_warps,
+                          default=(block, warps, bwd_warps) == default)  # fmt: skip
+            both, error = attempt(f"kernels of {shape.name} at {block} elements, {warps}/{bwd_warps} warps", timed)
             if both is None:
-                rows.append(dict(shape=shape.name, block_elements=block, num_warps=warps,
-                                 default=(block, warps) == default, error=error))  # fmt: skip
+                rows.append(dict(shape=shape.name, **config, error=error))
                 continue
             fwd, bwd = both
             fwd_gbps, bwd_gbps = 3 * bytes_per_pass / fwd / 1e6, 6 * bytes_per_pass / bwd / 1e6
             rows.append(
-                dict(shape=shape.name, block_elements=block, num_warps=warps, default=(block, warps) == default,
+                dict(shape=shape.name, **config,
                      fwd_ms=fwd, bwd_ms=bwd, fwd_gbps=fwd_gbps, bwd_gbps=bwd_gbps, copy_gbps=ceiling)
             )  # fmt: skip
     finally:
-        glu_triton._BLOCK_ELEMENTS, glu_triton._NUM_WARPS = default
+        glu_triton._BLOCK_ELEMENTS, glu_triton._NUM_WARPS, glu_triton._WIDE_NUM_WARPS = default
     return rows
 
 
 def kernels_markdown(rows: list[dict]) -> str:
     lines = [
-        "| shape | elements/program | warps | fwd ms | fwd GB/s | bwd ms | bwd GB/s | of copy GB/s |",
+        "| shape | elements/program | warps fwd/bwd | fwd ms | fwd GB/s | bwd ms | bwd GB/s | of copy GB/s |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         mark = " (default)" if r["default"] else ""
+        warps = f"{r['num_warps']}/{r.get('bwd_num_warps', r['num_warps'])}"
         if "error" in r:
-            lines.append(f"| {r['shape']} | {r['block_elements']}{mark} | {r['num_warps']} | {r['error']} |")
+            lines.append(f"| {r['shape']} | {r['block_elements']}{mark} | {warps} | {r['error']} |")
             continue
         share = f"{r['fwd_gbps'] / r['copy_gbps']:.0%} / {r['bwd_gbps'] / r['copy_gbps']:.0%} of {r['copy_gbps']:.0f}"
         lines.append(
-            f"| {r['shape']} | {r['block_elements']}{mark} | {r['num_warps']} | {r['fwd_ms']:.3f} | "
+            f"| {r['shape']} | {r['block_elements']}{mark} | {warps} | {r['fwd_ms']:.3f} | "
             f"{r['fwd_gbps']:.0f} | {r['bwd_ms']:.3f} | {r['bwd_gbps']:.0f} | {share} |"
         )
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """Ahead-of-time compile check of the fused GLU kernels for real GPU targets, on a machine without a GPU.
 
-    python benchmarks/gpu_compile.py [--targets 80,90,100] [--sample | --full] [--out results.json]
+    python benchmarks/gpu_compile.py [--targets 80,90,100] [--sample | --full | --only-spilling-from R] [--out O]
 
 The interpreter CI runs (``TRITON_INTERPRET=1``) accepts code a real compile refuses, and says nothing
 about registers or spills. This check compiles every kernel specialization of ``hf_glu/glu_triton.py``
@@ -112,6 +112,11 @@ _BLOCK_SWEEP = (*((8192, 2**k) for k in range(11)), (8192, 1000), *((r, 4096) fo
 _EXHAUSTIVE_COLS = (*(2**k for k in range(13)), 3072, 11008, 1000)
 _EXHAUSTIVE_ROWS = (1, 3, 16, 64, 256, 1000, 1024, 4096, 8192, 65536)
 _LAYOUTS = ("contiguous", "halves", "interleaved")
+# Where the launch rules spilled before (results/gpu_compile.md): the worst interleaved forward (geglu fp16,
+# 12 B on sm_90 at 4 warps) and the worst narrow bias-summing backward (geglu bf16 at 4 columns, 1.5 KB on
+# sm_90 at 4 warps). In the sample so that CI sees those rules regress.
+_SAMPLE_EDGES = [("geglu", "fp16", "interleaved", *_PRODUCTION, ("forward",)),
+                 ("geglu", "bf16", "contiguous", 8192, 4, ("backward_inplace_bias",))]  # fmt: skip
 SCOPES = ("sample", "full", "exhaustive")
 
 
@@ -121,8 +126,9 @@ def scenarios(scope: str) -> list[tuple[str, Any, str, int, int, tuple[str, ...]
     Each layout gets the modes of ``LAYOUT_MODES`` (what the ops can launch). ``sample`` (CI, under a
     minute): per variant one dtype and one of the training path's two kernels (the forward, the in-place
     backward with bias sums), rotating so every dtype meets both kernels; contiguous tensors, the
-    production shape. ``full``: every variant x dtype x layout x mode at the production shape, plus every
-    block config and row-tile count of the sweep for each variant in bf16 with contiguous tensors.
+    production shape; and the two launches that spilled worst before (``_SAMPLE_EDGES``). ``full``: every
+    variant x dtype x layout x mode at the production shape, plus every block config and row-tile count of
+    the sweep for each variant in bf16 with contiguous tensors.
     ``exhaustive``: every combination of the exhaustive rows, columns, variants, dtypes, layouts and modes.
     """
     import torch
@@ -132,8 +138,9 @@ def scenarios(scope: str) -> list[tuple[str, Any, str, int, int, tuple[str, ...]
     variants, dtypes, modes = list(glu_triton.KERNEL_VARIANTS), glu_triton.SUPPORTED_DTYPES, MODES
     if scope == "sample":
         kernels = ("forward", "backward_inplace_bias")
-        return [(v, dtypes[i % len(dtypes)], "contiguous", *_PRODUCTION, (kernels[i % 2],))
-                for i, v in enumerate(variants)]  # fmt: skip
+        rotation = [(v, dtypes[i % len(dtypes)], "contiguous", *_PRODUCTION, (kernels[i % 2],))
+                    for i, v in enumerate(variants)]  # fmt: skip
+        return rotation + [(v, _dtype_from_name(d), *rest) for v, d, *rest in _SAMPLE_EDGES]
     if scope == "full":
         # bf16 (the training dtype) first, then layout by layout: a run cut short has the cases that matter most.
         ordered = sorted(dtypes, key=lambda d: d != torch.bfloat16)
@@ -144,6 +151,20 @@ def scenarios(scope: str) -> list[tuple[str, Any, str, int, int, tuple[str, ...]
         return [(v, d, lay, r, c, LAYOUT_MODES[lay]) for v in variants for d in dtypes for lay in _LAYOUTS
                 for c in _EXHAUSTIVE_COLS for r in _EXHAUSTIVE_ROWS]  # fmt: skip
     raise ValueError(f"scope={scope!r} is invalid; expected one of {SCOPES}")
+
+
+def scenarios_with_problems(path: Path) -> list[tuple[str, Any, str, int, int, tuple[str, ...]]]:
+    """The scenarios (one mode each) of every launch that spilled or failed to compile in the results file
+    ``path``: a re-check after a launch-rule change, which gives those launches new specializations."""
+    report = json.loads(path.read_text())
+    found = {}
+    for r in report["results"]:
+        if r["ok"] and r["spill_stores"] == 0 and r["spill_loads"] == 0:  # it passed
+            continue
+        for o in r["origins"]:
+            scenario = (o["variant"], _dtype_from_name(o["dtype"]), o["layout"], o["rows"], o["cols"], (o["mode"],))
+            found.setdefault((o["variant"], o["dtype"], o["layout"], o["rows"], o["cols"], o["mode"]), scenario)
+    return list(found.values())
 
 
 class _Recorder:
@@ -163,6 +184,12 @@ def _dtype_name(dtype: Any) -> str:
     import torch
 
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def _dtype_from_name(name: str) -> Any:
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 def specialize_launch(fn: Any, args: Sequence[Any], kwargs: dict, origin: dict) -> Specialization:
@@ -249,8 +276,9 @@ def _launch_modes(gate: Any, up: Any, out: Any, variant: str, p: Any) -> list[tu
     ]
 
 
-def enumerate_specializations(scope: str = "sample") -> list[Specialization]:
-    """Every distinct specialization the launchers produce for ``scope``'s scenarios, in first-seen order."""
+def enumerate_specializations(scope: str | Sequence[tuple] = "sample") -> list[Specialization]:
+    """Every distinct specialization the launchers produce for ``scope``'s scenarios (or for the scenarios
+    given, as ``scenarios`` returns them), in first-seen order."""
     import torch
 
     from hf_glu import glu_triton
@@ -263,7 +291,7 @@ def enumerate_specializations(scope: str = "sample") -> list[Specialization]:
     try:
         for name, fn in saved.items():
             setattr(glu_triton, name, _Recorder(fn, calls))
-        for variant, dtype, layout, rows, cols, modes in scenarios(scope):
+        for variant, dtype, layout, rows, cols, modes in scenarios(scope) if isinstance(scope, str) else scope:
             origin = dict(variant=variant, dtype=_dtype_name(dtype), layout=layout, rows=rows, cols=cols)
             gate, up = _views(layout, rows, cols, dtype)
             out = torch.empty(rows, cols, dtype=dtype, device="meta")
@@ -282,7 +310,7 @@ def enumerate_specializations(scope: str = "sample") -> list[Specialization]:
         if first is not spec:
             first.origins.extend(spec.origins)
     never = set(kernels) - {s.kernel for s in unique}
-    if never:  # a kernel the sweep never reaches would silently escape the check
+    if never and isinstance(scope, str):  # a kernel the sweep never reaches would silently escape the check
         raise RuntimeError(f"kernels {sorted(never)} were never launched by the sweep; extend gpu_compile's modes")
     return list(unique)
 
@@ -430,6 +458,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in SCOPES:
         scope.add_argument(f"--{name}", dest="scope", action="store_const", const=name, help=f"scope {name}")
     parser.set_defaults(scope="sample")
+    scope.add_argument("--only-spilling-from", type=Path, metavar="RESULTS_JSON",
+                        help="instead of a scope: only the launches that spilled or failed in this results file, "
+                        "under today's launch rules, for every target given")  # fmt: skip
     parser.add_argument("--out", type=Path, help="JSON results file (per kernel and target, and a summary)")
     parser.add_argument("--quiet", action="store_true", help="print only problems and the summary")
     args = parser.parse_args(argv)
@@ -446,7 +477,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("triton is not importable; install it with `pip install 'hf-glu[gpu]'`", file=sys.stderr)
         return 1
     start = time.perf_counter()
-    specs = enumerate_specializations(args.scope)
+    if args.only_spilling_from:
+        args.scope = f"only-spilling-from {args.only_spilling_from}"
+        specs = enumerate_specializations(scenarios_with_problems(args.only_spilling_from))
+    else:
+        specs = enumerate_specializations(args.scope)
     print(f"{len(specs)} specializations x {len(targets)} targets ({args.scope})", flush=True)
     functions = {name: getattr(glu_triton, name) for name in launched_kernels()}
 

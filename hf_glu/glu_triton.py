@@ -64,6 +64,17 @@ DEFAULT_PARAMS = GluParams()
 # latency, small enough for registers. benchmarks/bench_mlp.py --sweep times the alternatives on a GPU.
 _BLOCK_ELEMENTS = 4096
 _NUM_WARPS = 4
+# Warps of the backward kernel, and of the forward when gate or up has a column stride other than 1
+# (interleaved views: nothing to vectorize, one address per element). At 4 warps, 32 elements a thread,
+# ptxas needed up to 255 registers there and spilled (benchmarks/gpu_compile.py --full, triton 3.9); 8 warps
+# hold 16 a thread. Timed on an H100 (llama2-7b, bench_mlp --sweep, results/h100-run1): the backward at 4096
+# elements ran at 2408 GB/s with 4 or 8 warps, the contiguous forward slower at 8 (1953 against 2354).
+_WIDE_NUM_WARPS = 8
+# Rows a tile holds, at most: caps tiles of 16 columns or fewer (intermediate widths under 16), where a row is
+# too narrow for vector loads and each element takes its own 64-bit address. At 4096 elements (2048 x 2 ...
+# 256 x 16) those tiles spilled in the backward, 1.5 KB at 4 warps (geglu, sm_90), still 8-16 B at 8 warps
+# (glu, bilinear); at 128 rows none of the 504 narrow compiles (1 to 32 columns, every variant and mode) did.
+_MAX_BLOCK_M = 128
 # Row tiles one backward program walks when it also sums the bias gradients, at most: at 4 rows a tile
 # (intermediate >= 1024) a program covers 64 rows, so the partial sums are 1/64 of [tokens, intermediate] in
 # fp32 and their reduction is small. Fewer tokens get fewer tiles a program (_bias_row_tiles), halving down to
@@ -255,7 +266,7 @@ def _check_same(reference: torch.Tensor, **others: torch.Tensor) -> None:
 
 def _launch_config(rows: int, cols: int) -> tuple[tuple[int, int], int, int]:
     block_n = min(triton.next_power_of_2(cols), 1024)
-    block_m = max(1, _BLOCK_ELEMENTS // block_n)
+    block_m = max(1, min(_BLOCK_ELEMENTS // block_n, _MAX_BLOCK_M))
     return (triton.cdiv(rows, block_m), triton.cdiv(cols, block_n)), block_m, block_n
 
 
@@ -296,10 +307,11 @@ def _launch_forward(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor, var
     if g.numel() == 0:  # an empty grid is not a valid CUDA launch
         return
     grid, block_m, block_n = _launch_config(*g.shape)
+    warps = _NUM_WARPS if g.stride(1) == u.stride(1) == 1 else _WIDE_NUM_WARPS
     with _device_guard(g.device):
         _glu_fwd_kernel[grid](
             g, u, o, *g.shape, *_strides(g, u, o), p.beta, p.alpha, p.limit,
-            VARIANT=KERNEL_VARIANTS[variant], BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_NUM_WARPS,
+            VARIANT=KERNEL_VARIANTS[variant], BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
         )  # fmt: skip
 
 
@@ -331,7 +343,7 @@ def _launch_backward(
         _glu_bwd_kernel[grid](
             do, g, u, dg, du, o, partial, rows, cols, *_strides(do, g, u, dg, du, o), p.beta, p.alpha, p.limit,
             VARIANT=KERNEL_VARIANTS[variant], STORE_OUT=out is not None, BIAS_GRADS=bias_grads,
-            ROW_TILES=row_tiles, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_NUM_WARPS,
+            ROW_TILES=row_tiles, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_WIDE_NUM_WARPS,
         )  # fmt: skip
     return partial.sum(1) if bias_grads else None
 

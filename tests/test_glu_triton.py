@@ -263,6 +263,23 @@ def test_bias_gradients_summed_in_the_kernel_match_float64(variant, dtype, monke
         torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=1e-5 * bound)
 
 
+def test_narrow_widths_tile_rows_in_several_blocks_and_sum_them():
+    # Under 16 columns a tile holds at most _MAX_BLOCK_M rows (wider tiles spilled registers): 300 rows of 5
+    # columns are three row blocks, the last one partly outside the tensor; every output and both bias sums
+    # cover all of them.
+    rows = 2 * gt._MAX_BLOCK_M + 44
+    (row_blocks, _), block_m, _ = gt._launch_config(rows, 5)
+    assert block_m == gt._MAX_BLOCK_M and row_blocks == 3
+    gate, up, grad = random_inputs(rows, 5, torch.float32)
+    ref_out, ref_dgate, ref_dup = reference(gate, up, grad, "swiglu_oai")
+    out = gt._act_forward(gate, up, "swiglu_oai", *_params())
+    dgate, dup, act = gate.clone(), up.clone(), grad.clone()
+    sums = gt._act_backward_inplace(act, dgate, dup, "swiglu_oai", *_params(), True)
+    assert_all_match((out, act, dgate, dup), (ref_out, ref_out, ref_dgate, ref_dup))
+    for actual, expected in zip(sums, (ref_dgate.sum(0), ref_dup.sum(0)), strict=True):
+        torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-5 * (float(expected.abs().max()) + 1))
+
+
 class _GridOnlyKernel:
     """Stands in for the backward kernel: records grid and ROW_TILES, launches nothing (shapes too big to run)."""
 

@@ -192,3 +192,22 @@ def test_a_spill_or_a_missing_report_fails() -> None:
     clean = gpu_compile.Result("k", "k[*fp32]", 80, True, 0.1, registers=40, spill_stores=0, spill_loads=0)
     assert clean.problem() is None
     assert "no ptxas report" in gpu_compile.Result("k", "k[*fp32]", 80, True, 0.1).problem()
+
+
+def test_recheck_compiles_only_what_spilled_or_failed_under_todays_rules(tmp_path: Path) -> None:
+    # A results file as gpu_compile writes it: one launch passed, one spilled (the interleaved fp16 forward
+    # did at 4 warps), one has no ptxas report. Only the last two are compiled again, under today's rules.
+    def result(ok: bool, spills: int | None, **origin) -> dict:
+        base = dict(variant="geglu", dtype="fp16", layout="interleaved", rows=8192, cols=4096, mode="forward")
+        return dict(ok=ok, spill_stores=spills, spill_loads=spills, origins=[base | origin])
+
+    before = tmp_path / "before.json"
+    results = [result(True, 0, variant="swiglu"), result(True, 12), result(True, None, dtype="bf16")]
+    before.write_text(json.dumps(dict(results=results)))
+    out = tmp_path / "after.json"
+    run = _child(str(SCRIPT), "--only-spilling-from", str(before), "--targets", "90", "--quiet", "--out", str(out))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    origins = sorted((o["variant"], o["dtype"]) for r in report["results"] for o in r["origins"])
+    assert origins == [("geglu", "bf16"), ("geglu", "fp16")]
+    assert all(r["ok"] and r["spill_stores"] == 0 and r["target"] == 90 for r in report["results"])
