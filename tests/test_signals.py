@@ -129,3 +129,32 @@ def test_an_error_from_clean_up_the_signal_cut_into_still_reports_the_signal(mon
     assert cli.main(["demo"]) == 128 + signal.SIGTERM
     assert "stopped by SIGTERM" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is put back
+
+
+def test_a_signal_during_the_swap_does_not_report_a_stop_after_the_commit(tmp_path, monkeypatch):
+    """The swap is the commit: a SIGTERM held during it is taken, with a warning, not delivered as a stop
+    (which would exit 143 with the new folder in place: 'stopped' would be false)."""
+    import hf_glu.convert.save as save
+
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("an earlier conversion")
+    swap_in = save._swap_in
+
+    def swap_in_while_signalled(tmp, target):
+        os.kill(os.getpid(), signal.SIGTERM)  # held: pending until the swap is done
+        swap_in(tmp, target)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt("delivered")
+
+    monkeypatch.setattr(save, "_swap_in", swap_in_while_signalled)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        with pytest.warns(UserWarning, match="SIGTERM arrived while"):
+            with atomic_folder(dst, force=True) as tmp:
+                (tmp / "config.json").write_text("{}")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert sorted(p.name for p in dst.iterdir()) == ["config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]

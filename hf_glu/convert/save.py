@@ -6,9 +6,10 @@ only once complete, so a failure or a kill at any point leaves the destination e
 - The swap with an existing destination is one atomic ``renameat2(RENAME_EXCHANGE)`` on Linux: at every
   instant DST is either the old folder or the new one, never missing. Elsewhere (or on a filesystem without
   it) the old folder is moved aside first and moved back if the second rename fails.
-- SIGINT, SIGTERM and SIGHUP are held back during the swap and the removal of the old folder, so a
-  signal cannot split them; the CLI turns those signals into exceptions, and the temporary folder is
-  deleted on the way out.
+- SIGINT, SIGTERM and SIGHUP are recorded, not acted on, during the swap and the removal of the old folder,
+  so a signal cannot split them; one that arrived then came after the commit and is reported as a warning.
+  Before the swap, the CLI turns those signals into exceptions, and the temporary folder is deleted on the
+  way out.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -135,8 +137,16 @@ def atomic_folder(dst: str | Path, force: bool, src: str | Path | None = None) -
     tmp.chmod(0o777 & ~umask)  # mkdtemp's private 0700 would otherwise become the checkpoint's mode
     try:
         yield tmp
-        with _signals_held():
+        with _signals_deferred() as late:
             _swap_in(tmp, dst)
+        if late:
+            # The swap is the commit: a stop signal that arrived during it came too late to stop anything;
+            # acted on now, it would report "stopped" with the new folder already in place.
+            warnings.warn(
+                f"{signal.Signals(late[0]).name} arrived while {str(dst)!r} was being swapped in; the conversion "
+                "had completed, so it was not stopped",
+                stacklevel=2,
+            )
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         for folder in made:  # innermost first: a refusal leaves no empty folders behind
@@ -146,16 +156,29 @@ def atomic_folder(dst: str | Path, force: bool, src: str | Path | None = None) -
 
 
 @contextmanager
-def _signals_held() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM/SIGHUP until the block is done (they are delivered then); main thread only."""
-    if not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
+def _signals_deferred() -> Iterator[list[int]]:
+    """Record SIGINT/SIGTERM/SIGHUP during the block instead of acting on them (main thread only); yields the
+    list they are recorded in. If the block fails, they are raised again afterwards.
+
+    Python handlers rather than a signal mask: a mask holds signals for the calling thread only, and a signal
+    sent to the process goes to any thread that does not block it (torch starts several), so a masked
+    main thread still ran the stop handler in the middle of the swap."""
+    arrived: list[int] = []
     try:
-        yield
+        previous = {s: signal.signal(s, lambda signum, frame: arrived.append(signum)) for s in _HELD_SIGNALS}
+    except ValueError:  # not the main thread: signals are the main thread's business
+        yield arrived
+        return
+    failed = True
+    try:
+        yield arrived
+        failed = False
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if failed:
+            for signum in arrived:
+                signal.raise_signal(signum)
 
 
 def _swap_in(tmp: Path, dst: Path) -> None:
