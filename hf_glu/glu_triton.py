@@ -723,13 +723,15 @@ def _is_dtensor(t: torch.Tensor) -> bool:
 INFERENCE_EAGER_BELOW_TOKENS = 64
 
 
-def fused_path_wanted(glu_kernel: str, x: torch.Tensor) -> bool:
+def fused_path_wanted(glu_kernel: str, x: torch.Tensor, variant: str | GluVariant | None = None) -> bool:
     """Whether a GLU MLP given ``glu_kernel`` should run the fused path on input ``x``.
 
     ``"auto"`` fuses CUDA inputs of a supported dtype when triton imports, except forwards without autograd
-    of fewer than ``INFERENCE_EAGER_BELOW_TOKENS`` tokens; ``"triton"`` always fuses (on CPU tensors this
-    needs ``TRITON_INTERPRET=1``); ``"eager"`` never does. Decided from shapes, dtypes and modes only, never
-    from tensor values, so ``torch.compile`` and CUDA graphs see no data-dependent branch.
+    of fewer than ``INFERENCE_EAGER_BELOW_TOKENS`` tokens, and (given the MLP's ``variant``, outside
+    ``torch.compile``, where a probe cannot run) except where the kernels failed their first use
+    (``kernels_work``); ``"triton"`` always fuses (on CPU tensors this needs ``TRITON_INTERPRET=1``);
+    ``"eager"`` never does. Decided from shapes, dtypes, devices and modes only, never from tensor values, so
+    ``torch.compile`` and CUDA graphs see no data-dependent branch.
     """
     if glu_kernel == "eager":
         return False
@@ -740,7 +742,9 @@ def fused_path_wanted(glu_kernel: str, x: torch.Tensor) -> bool:
     if not (TRITON_AVAILABLE and on_cuda(x) and x.dtype in SUPPORTED_DTYPES):
         return False
     small = x.numel() < INFERENCE_EAGER_BELOW_TOKENS * x.shape[-1]
-    return torch.is_grad_enabled() or not small
+    if small and not torch.is_grad_enabled():
+        return False
+    return variant is None or torch.compiler.is_compiling() or kernels_work(variant, _kernel_dtype(x), x.device)
 
 
 def on_cuda(x: torch.Tensor) -> bool:
@@ -802,17 +806,9 @@ def fused_glu_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The whole GLU MLP through the fused kernels.
 
     Plain ``nn.Linear`` projections run as one op; any other projection (an adapter, a quantised layer) is
-    called as a module and only the elementwise part is fused, so nothing the module does is skipped. Under
-    ``glu_kernel="auto"`` (read from ``mlp.config``), kernels that failed their first use (``kernels_work``)
-    leave the MLP to the eager maths. Not under ``torch.compile``: a probe cannot run inside a traced graph.
+    called as a module and only the elementwise part is fused, so nothing the module does is skipped.
     """
     projections = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-    if (
-        mlp.config.glu_kernel == "auto"
-        and not torch.compiler.is_compiling()
-        and not kernels_work(mlp.variant, _kernel_dtype(x), x.device)
-    ):
-        return mlp.down_proj(glu_activation(mlp.gate_proj(x), mlp.up_proj(x), mlp.variant, mlp.params))
     if not _is_dtensor(x) and all(_is_plain_linear(p) for p in projections):
         weights = [t for p in projections for t in (p.weight, p.bias)]
         return glu_mlp_fused(x, *weights, mlp.variant, mlp.params)

@@ -175,7 +175,7 @@ class GluMLP(nn.Module):
         """
         if isinstance(hidden_states, torch.fx.Proxy):
             return False
-        return fused_path_wanted(self.config.glu_kernel, hidden_states)
+        return fused_path_wanted(self.config.glu_kernel, hidden_states, self.variant)
 
     def extra_repr(self) -> str:
         return f"variant={self.variant.name}, params={self.params}"
