@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from ..configuration_glu_families import FAMILIES
-from .checkpoint_names import CheckpointNames
+from .checkpoint_names import CheckpointNames, tied_targets
 from .errors import ConversionError
 from .safetensors_io import Entry, read_header, read_tensor
 from .surgery import SUPPORTED_MODEL_TYPES
@@ -356,13 +356,14 @@ def _build(model_cls: type[PreTrainedModel], config: GPT2Config, loaded: dict[st
                 f"{'floating-point' if expected[target].is_floating_point() else 'non-floating'} dtype"
             )
         state_dict[target] = tensor
-    head, embedding = state_dict.get("lm_head.weight"), state_dict.get("transformer.wte.weight")
-    if head is not None and embedding is not None and not torch.equal(head, embedding):
+    tied = tied_targets(model)  # {head: embedding} that the config ties
+    in_file = [(state_dict[h], state_dict[e]) for h, e in tied.items() if h in state_dict and e in state_dict]
+    if any(not torch.equal(head, embedding) for head, embedding in in_file):
         # As Transformers loads it: a file whose head differs from the embedding is untied, whatever the
         # config says; the converted config then says so too.
         config.tie_word_embeddings = False
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", True) else set()
-    missing = sorted(set(expected) - set(state_dict) - tied)
+        tied = {}
+    missing = sorted(set(expected) - set(state_dict) - set(tied))
     if missing:
         raise ConversionError(f"weights missing from the checkpoint: {missing[:5]}{' …' if len(missing) > 5 else ''}")
     if unexpected:
