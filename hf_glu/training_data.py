@@ -79,15 +79,19 @@ def load_documents(
         path = Path(train_file)
         builder = _builder_for(path)
         options = {"sample_by": "paragraph"} if builder == "text" else {}
-        try:
-            documents = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache, **options)
-        except DatasetGenerationError as error:  # e.g. bytes that are not UTF-8, a malformed JSON line
-            reason = error.__cause__
-            raise ValueError(f"training file {str(path)!r} could not be read as {builder}: {reason}") from error
+        documents = _load_file(builder, path, cache_dir=cache, **options)
         source = str(path)
     else:
         return _builtin_documents()
     return _only_text_column(documents, text_column, source)
+
+
+def _load_file(builder: str, path: Path, **options) -> Documents:
+    """The ``builder`` reader's rows of ``path``; a file it cannot read is bad input, named."""
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train", **options)
+    except DatasetGenerationError as error:  # e.g. bytes that are not UTF-8, a malformed JSON line
+        raise ValueError(f"training file {str(path)!r} could not be read as {builder}: {error.__cause__}") from error
 
 
 def _builtin_documents() -> datasets.Dataset:
@@ -111,13 +115,7 @@ def _stream_documents(
     path = Path(train_file)
     builder = _builder_for(path)
     if builder != "text":
-        try:
-            documents = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True)
-        except DatasetGenerationError as error:
-            raise ValueError(
-                f"training file {str(path)!r} could not be read as {builder}: {error.__cause__}"
-            ) from error
-        return _only_text_column(documents, text_column, str(path))
+        return _only_text_column(_load_file(builder, path, streaming=True), text_column, str(path))
     if text_column != TEXT:
         raise ValueError(f"{str(path)} has no column {text_column!r}; its columns: ['text'] (pick one: --text-column)")
     features = datasets.Features({TEXT: datasets.Value("string"), CONTINUES: datasets.Value("bool")})
