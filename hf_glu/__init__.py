@@ -88,15 +88,15 @@ class _ModelClassByName:
     """Stands in an Auto mapping for a model class not built yet: the class is imported on first use.
 
     Transformers' Auto mappings hold (config class → model class); building a family's GLU classes imports
-    that family's modeling code, so the mapping holds this stand-in. ``config_class`` answers at once (the
-    Auto classes check it on registration); any other attribute, or a call, builds the class and defers to it.
+    that family's modeling code, so the mapping holds this stand-in. ``config_class`` and ``auto_name`` answer
+    at once (registration reads them); any other attribute, or a call, builds the class and defers to it.
     """
 
-    _OWN_FIELDS = frozenset({"config_class", "_module", "_resolve", "_auto_name", "_model_class"})
+    _OWN_FIELDS = frozenset({"config_class", "_module", "_resolve", "auto_name", "_model_class"})
 
     def __init__(self, config_class: type, module: str, resolve: str, auto_name: str):
         self.config_class = config_class
-        self._module, self._resolve, self._auto_name = module, resolve, auto_name
+        self._module, self._resolve, self.auto_name = module, resolve, auto_name
         self._model_class: type | None = None
 
     def resolved(self) -> type:
@@ -105,7 +105,7 @@ class _ModelClassByName:
             if self._resolve == "family":  # GLU_FAMILY_MODELS[source model_type][auto class name]
                 glu_type = self.config_class.model_type
                 family = next(f for f in namespace.FAMILIES.values() if f.glu_model_type == glu_type)
-                self._model_class = namespace.GLU_FAMILY_MODELS[family.model_type][self._auto_name]
+                self._model_class = namespace.GLU_FAMILY_MODELS[family.model_type][self.auto_name]
             else:
                 self._model_class = getattr(namespace, self._resolve)
         return self._model_class
@@ -119,7 +119,7 @@ class _ModelClassByName:
         return self.resolved()(*args, **kwargs)
 
     def __repr__(self) -> str:
-        return f"<{self._auto_name} model for {self.config_class.__name__}, built on first use>"
+        return f"<{self.auto_name} model for {self.config_class.__name__}, built on first use>"
 
 
 # Transformers' Auto mappings live in these modules. Importing them imports torch (seconds), which
@@ -154,22 +154,15 @@ def _register_when_ready(just_imported: str | None = None) -> None:
 
 def _register_auto_classes() -> None:
     from .configuration_glu import GluConfig
-    from .configuration_glu_families import FAMILIES, GLU_FAMILY_CONFIGS
+    from .configuration_glu_families import GLU_FAMILY_CONFIGS
 
     auto_config = sys.modules[_AUTO_CONFIG_MODULE].AutoConfig
     auto_models = sys.modules[_AUTO_MODEL_MODULE]
-    auto_config.register(GluConfig.model_type, GluConfig, exist_ok=True)
-    GluConfig.register_for_auto_class()
-    for auto_name, head in _GLU_HEADS.items():
-        stand_in = _ModelClassByName(GluConfig, "modeling_glu", head, auto_name)
-        getattr(auto_models, auto_name).register(GluConfig, stand_in, exist_ok=True)
-    for family in FAMILIES.values():
-        config_class = GLU_FAMILY_CONFIGS[family.model_type]
-        auto_config.register(family.glu_model_type, config_class, exist_ok=True)
+    for config_class in (GluConfig, *GLU_FAMILY_CONFIGS.values()):
+        auto_config.register(config_class.model_type, config_class, exist_ok=True)
         config_class.register_for_auto_class()
-        for auto_name in family.heads:
-            stand_in = _ModelClassByName(config_class, "modeling_glu_families", "family", auto_name)
-            getattr(auto_models, auto_name).register(config_class, stand_in, exist_ok=True)
+    for stand_in in glu_model_classes().values():
+        getattr(auto_models, stand_in.auto_name).register(stand_in.config_class, stand_in, exist_ok=True)
 
 
 def _import_the_model_mapping() -> None:
