@@ -10,16 +10,32 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
-from .convert.surgery import SUPPORTED_MODEL_TYPES
-from .glu import VARIANTS
+# Transformers probes the kernels hub for flash-attention fallbacks whenever a modeling module is
+# imported; offline, `kernels` logs "Skipping publisher trust check …" once per kernel. The CLI loads no hub
+# kernel, so these lines are not ours to print and would break the one-line error contract. Set before
+# the imports below, which import modeling modules.
+logging.getLogger("kernels").setLevel(logging.ERROR)
+
+from .convert.surgery import SUPPORTED_MODEL_TYPES  # noqa: E402
+from .glu import VARIANTS  # noqa: E402
 
 EXIT_BAD_INPUT = 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's parser, whose errors are one line (``hf-glu convert: error: argument --variant: invalid
+    choice …``) instead of the usage block followed by the message; ``--help`` still shows the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {' '.join(message.split())}\n")
 
 
 def add_convert(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -249,7 +265,7 @@ SUBCOMMANDS: tuple[tuple[Callable, Callable], ...] = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-glu", description="GLU feed-forward layers for Hugging Face Transformers")
+    parser = OneLineParser(prog="hf-glu", description="GLU feed-forward layers for Hugging Face Transformers")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add, run in SUBCOMMANDS:
         add(subparsers).set_defaults(run=run)
@@ -288,7 +304,11 @@ def _signals_as_exceptions() -> Iterator[list[int]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named by the subcommand that refused them, with where its options are listed
+        listed = f"see hf-glu {args.command} --help"
+        parser.error(f"unrecognized arguments for {args.command}: {' '.join(unknown)}; {listed}")
     received: list[int] = []
     try:
         with _signals_as_exceptions() as received:

@@ -215,10 +215,37 @@ def test_bad_input_exits_non_zero_in_a_fresh_process(tmp_path):
     assert not dst.exists()
 
 
-def test_unknown_variant_is_an_argparse_error(capsys):
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["dst", "--variant", "relu"], "argument --variant: invalid choice: 'relu' (choose from 'bilinear', 'geglu'"),
+        (["dst", "--variant", "swiglu", "--shard", "1GB"], "unrecognized arguments for convert: --shard 1GB; see"),
+        (["dst", "--variant", "swiglu", "--eval-tokens", "x"], "argument --eval-tokens: invalid int value: 'x'"),
+        ([], "the following arguments are required: dst, --variant"),
+    ],
+)
+def test_a_bad_option_is_one_line_naming_it(capsys, args, named):
     with pytest.raises(SystemExit) as exit_info:
-        main(["convert", "a", "b", "--variant", "relu"])
-    assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+        main(["convert", "src", *args])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and named in err, err
+
+
+@pytest.mark.parametrize("offline", ["1", None])
+def test_a_bad_variant_is_one_stderr_line_in_a_fresh_process(tmp_path, offline):
+    """Nothing but our line: no usage block, and none of the `kernels` package's offline trust-check lines that
+    importing Transformers' modeling modules prints."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    if offline:
+        env["HF_HUB_OFFLINE"] = offline
+    command = [sys.executable, "-c", "from hf_glu.cli import main; raise SystemExit(main())"]
+    result = subprocess.run([*command, "convert", "src", "dst", "--variant", "nope"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "hf-glu convert: error: argument --variant: invalid choice: 'nope' (choose from 'bilinear', 'geglu', "
+        "'geglu_tanh', 'glu', 'reglu', 'swiglu', 'swiglu_oai')"
+    ]
 
 
 def test_a_disk_source_is_consumed_block_by_block_without_changing_the_result(gpt2_folder):
