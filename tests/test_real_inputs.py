@@ -89,6 +89,20 @@ def test_convert_from_in_the_recipes_reads_a_sharded_hub_cache_snapshot(hub_cach
     assert (_logits(model.eval(), ids) - _logits(source, ids)).abs().max() < 1e-4
 
 
+def test_convert_from_in_the_recipes_refuses_a_tokenizer_file_linked_out_of_the_source(tmp_path):
+    from hf_glu.convert import ConversionError
+    from hf_glu.finetune import load_model_and_tokenizer
+
+    tokenizer = train_bpe_tokenizer("the quick brown fox jumps over the lazy dog. " * 20, 120)
+    src = tmp_path / "src"
+    _saved(src, "gpt_neox", sharded=False, vocab_size=len(tokenizer))
+    tokenizer.save_pretrained(tmp_path / "elsewhere")
+    (src / "tokenizer.json").symlink_to(tmp_path / "elsewhere" / "tokenizer.json")
+    shutil.copy(tmp_path / "elsewhere" / "tokenizer_config.json", src)
+    with pytest.raises(ConversionError, match="tokenizer.json.*may lead only inside that folder"):
+        load_model_and_tokenizer(convert_from=str(src), variant="geglu")
+
+
 # --- 2. a single file beside a sharded index: read as Transformers reads it -------------------------------
 
 

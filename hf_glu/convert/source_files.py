@@ -107,8 +107,8 @@ def check_name(name: object, where: Path) -> str:
     parts = PurePosixPath(name).parts if ok else ()
     if not parts or PurePosixPath(name).is_absolute() or ".." in parts or ":" in parts[0] or name.endswith("/"):
         raise ConversionError(
-            f"{str(where)!r} names the file {name!r}; expected a relative file name inside the checkpoint folder "
-            "(no '..', no absolute path, no backslash or drive)"
+            f"{str(where)!r} names {name!r}, a path outside the checkpoint folder or no file name at all; expected "
+            "a relative file name inside it (no '..', no absolute path, no backslash or drive)"
         )
     return name
 
