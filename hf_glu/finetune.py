@@ -61,8 +61,10 @@ def load_model_and_tokenizer(
             "a conversion (--convert-from) cannot be sharded at load time; convert first, then pass --model"
         )
     from .convert import convert_checkpoint
+    from .convert.source import source_folder
 
-    tokenizer = _tokenizer(convert_from)
+    # The files a conversion may read are checked before the tokenizer reads any (it is saved with the model).
+    tokenizer = _tokenizer(source_folder(convert_from))
     converted = convert_checkpoint(
         convert_from, variant=variant, init=init, torch_dtype=torch.float32, tokenizer=tokenizer
     )

@@ -21,8 +21,6 @@ WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 BIN_FILE = "pytorch_model.bin"
 BIN_INDEX_FILE = "pytorch_model.bin.index.json"
-# Files whose ``auto_map`` names code that ``trust_remote_code`` users download from the repo.
-_AUTO_MAP_FILES = ("config.json", "tokenizer_config.json")
 
 
 # Run in a fresh interpreter that cannot import hf_glu, as a user without it would load the folder: the config
@@ -94,25 +92,21 @@ def _read_json(path: Path) -> dict:
 
 
 def _weight_problems(folder: Path) -> list[str]:
-    """What keeps the folder's weights from loading: none at all, an index naming missing files or files
-    outside the folder, or a safetensors file whose header does not match its size (a truncated upload)."""
+    """What keeps the folder's weights from loading: none at all, an index naming missing files or names that
+    are not plain file names, or a safetensors file whose header does not match its size (a truncated upload).
+    The files checked are those Transformers loads (a single ``model.safetensors`` before an index)."""
     from .convert.errors import ConversionError
     from .convert.safetensors_io import read_header
-    from .convert.source import indexed_weight_files
+    from .convert.source_files import weight_files
 
-    for index_name in (WEIGHTS_INDEX_FILE, BIN_INDEX_FILE):
-        if (folder / index_name).is_file():
-            try:
-                files = indexed_weight_files(folder / index_name)
-            except ConversionError as e:
-                return [str(e)]
-            break
-    else:
-        files = [folder / name for name in (WEIGHTS_FILE, BIN_FILE) if (folder / name).is_file()][:1]
-    if not files:
+    try:
+        weights = weight_files(folder)
+    except ConversionError as e:
+        return [str(e)]
+    if weights is None:
         return [f"no weights: expected {WEIGHTS_FILE} (or {WEIGHTS_INDEX_FILE} with its shards, or {BIN_FILE})"]
     problems = []
-    for path in files:
+    for path in weights.files:
         if path.suffix == ".safetensors":
             try:
                 read_header(path)
@@ -139,17 +133,13 @@ def _config_problems(folder: Path) -> list[str]:
 
 
 def _auto_map_modules(auto_map: dict) -> set[str]:
-    """The local module files an ``auto_map`` names (``"modeling_glu.GluModel"`` → ``modeling_glu.py``).
-
-    Tokenizer entries are ``[slow, fast]`` lists that may hold ``None``; ``"repo--module.Class"``
-    references code in another repo, which this folder need not carry.
-    """
+    """The module files an ``auto_map`` names (``"modeling_glu.GluModel"`` → ``modeling_glu.py``); every
+    reference is a local ``module.Class`` by now (:func:`~hf_glu.convert.source_files.auto_map_problems`).
+    Tokenizer entries are ``[slow, fast]`` lists that may hold ``None``."""
     references = []
     for value in auto_map.values():
-        references.extend(value if isinstance(value, list | tuple) else [value])
-    return {
-        ref.rsplit(".", 1)[0] + ".py" for ref in references if isinstance(ref, str) and "--" not in ref and "." in ref
-    }
+        references.extend(value if isinstance(value, list) else [value])
+    return {ref.rsplit(".", 1)[0] + ".py" for ref in references if isinstance(ref, str)}
 
 
 def _relative_imports(code_file: Path) -> set[str]:
@@ -166,8 +156,13 @@ def _relative_imports(code_file: Path) -> set[str]:
 
 
 def _code_problems(folder: Path) -> list[str]:
+    from .convert.source_files import AUTO_MAP_FILES, auto_map_problems
+
+    problems = auto_map_problems(folder)  # another repository's code, or a path: never looked up
+    if problems:
+        return problems
     needed: dict[str, str] = {}  # code file -> who needs it, for the message
-    for name in _AUTO_MAP_FILES:
+    for name in AUTO_MAP_FILES:
         if (folder / name).is_file():
             auto_map = _read_json(folder / name).get("auto_map") or {}
             needed.update({module: f"the auto_map of {name}" for module in _auto_map_modules(auto_map)})
@@ -227,12 +222,13 @@ def _shape_problems(folder: Path, result: dict) -> list[str]:
 def check_checkpoint_folder(folder: str | Path) -> Path:
     """Raise :class:`CheckpointFolderError` unless ``folder`` holds a loadable checkpoint; returns it as a Path.
 
-    Loadable means: ``config.json`` whose model type Transformers knows or whose ``auto_map`` names its code;
-    weights (``model.safetensors``, a sharded index whose files all exist inside the folder, or
-    ``pytorch_model.bin``) whose safetensors headers match their sizes; every code file that an ``auto_map``
-    names, and those files' relative imports; and then, in a process that cannot import hf_glu, the config
-    and every class the ``auto_map`` names load from the folder's own code and build (on the meta device)
-    a model whose parameter shapes are the weights'.
+    Loadable means: every link in it leads inside it (or, for a Hub-cache snapshot, into its repository's
+    blobs); ``config.json`` whose model type Transformers knows or whose ``auto_map`` names its code; weights
+    (``model.safetensors``, a sharded index whose files all exist inside the folder, or ``pytorch_model.bin``)
+    whose safetensors headers match their sizes; every ``auto_map`` entry (config and tokenizer) a
+    ``module.Class`` of the folder's own code, present with the files its relative imports need; and then, in
+    a process that cannot import hf_glu, the config and every class the ``auto_map`` names load from the
+    folder's own code and build (on the meta device) a model whose parameter shapes are the weights'.
     """
     return check_checkpoint_folders([folder])[0]
 
@@ -240,11 +236,27 @@ def check_checkpoint_folder(folder: str | Path) -> Path:
 def check_checkpoint_folders(folders: list[str | Path]) -> list[Path]:
     """:func:`check_checkpoint_folder` for several folders, loading them all in one subprocess; raises for the
     first folder that would not load."""
-    folders = [Path(folder) for folder in folders]
+    return list(_checked_files([Path(folder) for folder in folders]))
+
+
+def _checked_files(folders: list[Path]) -> dict[Path, list[Path]]:
+    """Each folder's files (relative paths), every one of them checked; raises for the first folder that would
+    not load."""
+    from .convert.errors import ConversionError
+    from .convert.source_files import check_folder_links
+
     for folder in folders:
         if not folder.is_dir():
             raise CheckpointFolderError(f"checkpoint folder {str(folder)!r} does not exist or is not a folder")
-    problems = {f: _config_problems(f) + _weight_problems(f) + _code_problems(f) for f in folders}
+    files: dict[Path, list[Path]] = {}
+    problems: dict[Path, list[str]] = {}
+    for folder in folders:
+        try:
+            files[folder] = check_folder_links(folder)
+        except ConversionError as e:  # a link leaving the folder: its content is not the checkpoint's
+            problems[folder] = [str(e)]
+            continue
+        problems[folder] = _config_problems(folder) + _weight_problems(folder) + _code_problems(folder)
     complete = [f for f in folders if not problems[f]]  # every file is there: now see that it loads
     if complete:
         problems.update(zip(complete, _load_problems(complete), strict=True))
@@ -252,7 +264,12 @@ def check_checkpoint_folders(folders: list[str | Path]) -> list[Path]:
         if problems[folder]:
             listed = "; ".join(problems[folder])
             raise CheckpointFolderError(f"refusing to push {str(folder)!r}, it would not load: {listed}")
-    return folders
+    return files
+
+
+def _exact_pattern(path: Path) -> str:
+    """An ``allow_patterns`` entry matching exactly ``path`` (fnmatch's specials bracketed)."""
+    return "".join(f"[{c}]" if c in "[*?" else c for c in path.as_posix())
 
 
 def push_checkpoint(
@@ -269,7 +286,8 @@ def push_checkpoint(
     The folder is checked first (:func:`check_checkpoint_folder`); a folder that would not load is
     refused with :class:`CheckpointFolderError` and nothing is uploaded. ``api`` defaults to ``HfApi()``.
     """
-    folder = check_checkpoint_folder(folder)
+    folder = Path(folder)
+    checked = _checked_files([folder])[folder]
     api = api if api is not None else HfApi()
     repo_url = api.create_repo(repo_id, token=token, private=private, exist_ok=True)
     api.upload_folder(
@@ -277,5 +295,6 @@ def push_checkpoint(
         folder_path=folder,
         token=token,
         commit_message=commit_message or f"Upload {folder.name} with hf-glu",
+        allow_patterns=[_exact_pattern(path) for path in checked],  # what was checked, nothing added since
     )
     return str(repo_url)

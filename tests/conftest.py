@@ -1,5 +1,6 @@
-"""Shared test setup: offline Hub, deterministic seeds, tiny configs."""
+"""Shared test setup: offline Hub, deterministic seeds, tiny configs, the checks every refused command must pass."""
 
+import hashlib
 import os
 import tempfile
 import textwrap
@@ -14,6 +15,7 @@ import torch  # noqa: E402
 from transformers import TrainingArguments  # noqa: E402
 
 import hf_glu  # noqa: E402
+from hf_glu.cli import main  # noqa: E402
 
 # The shape every tiny test model shares, GPT-2 source or GLU: dropout off so outputs are deterministic.
 TINY_FIELDS = dict(
@@ -97,6 +99,46 @@ def train_steps(model, optimizer, ids: torch.Tensor, steps: int) -> list[float]:
         optimizer.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+def tree(root) -> dict[str, str]:
+    """Every path under ``root`` with its content hash (files), its target (links) or ``dir``."""
+    listing = {}
+    for path in sorted(root.rglob("*")):
+        key = str(path.relative_to(root))
+        if path.is_symlink():
+            listing[key] = f"link -> {os.readlink(path)}"
+        elif path.is_file():
+            listing[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            listing[key] = "dir"
+    return listing
+
+
+def refused(args: list[str], root, capsys, *fragments: str) -> str:
+    """Run ``hf-glu ARGS``: exit 2, one line holding every fragment, nothing under ``root`` changed."""
+    before = tree(root)
+    capsys.readouterr()
+    code = main(args)
+    err = capsys.readouterr().err
+    ours = [line for line in err.splitlines() if line.startswith("hf-glu")]  # beside Transformers' progress bars
+    assert code == 2 and len(ours) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in ours[0], ours[0]
+    assert tree(root) == before
+    return ours[0]
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty Hub cache that ``snapshot_download`` (offline) reads, so SRC may be a Hub id: fill it with
+    ``hub_cache.hub_snapshot(saved_folder, <this>, "org/name")``."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
 
 
 @pytest.fixture(autouse=True)

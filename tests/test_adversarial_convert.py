@@ -2,7 +2,6 @@
 and what is accepted, with every file under the test's folder (SRC, DST, what lies beside them) byte for byte
 as it was; each acceptance keeps exactly what Transformers loads from the source."""
 
-import hashlib
 import json
 import os
 import shutil
@@ -10,39 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import refused as _refused
 from families import exact_variant, tiny_source
 from test_convert import tiny_gpt2
 from transformers import AutoModelForCausalLM
 
 from hf_glu.cli import main
-
-
-def _tree(root) -> dict[str, str]:
-    """Every path under ``root`` with its content hash (files), its target (links) or ``dir``."""
-    tree = {}
-    for path in sorted(root.rglob("*")):
-        key = str(path.relative_to(root))
-        if path.is_symlink():
-            tree[key] = f"link -> {os.readlink(path)}"
-        elif path.is_file():
-            tree[key] = hashlib.sha256(path.read_bytes()).hexdigest()
-        else:
-            tree[key] = "dir"
-    return tree
-
-
-def _refused(args: list[str], root, capsys, *fragments: str) -> str:
-    """Run ``hf-glu ARGS``: exit 2, one line holding every fragment, nothing under ``root`` changed."""
-    before = _tree(root)
-    capsys.readouterr()
-    code = main(args)
-    err = capsys.readouterr().err
-    ours = [line for line in err.splitlines() if line.startswith("hf-glu")]  # beside Transformers' progress bars
-    assert code == 2 and len(ours) == 1 and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in ours[0], ours[0]
-    assert _tree(root) == before
-    return ours[0]
 
 
 def _family_folder(path, family="gpt_neox", **overrides):

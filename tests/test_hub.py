@@ -16,7 +16,8 @@ CODE_FILES = ("configuration_glu.py", "modeling_glu.py", "glu.py", "glu_triton.p
 
 
 class FakeHfApi:
-    """Records calls instead of talking to the Hub; snapshots the uploaded folder's file list at call time."""
+    """Records calls instead of talking to the Hub; snapshots the list of files the real ``upload_folder`` would
+    send at call time (its own listing and pattern filter)."""
 
     def __init__(self):
         self.calls = []
@@ -26,10 +27,15 @@ class FakeHfApi:
         self.calls.append(("create_repo", repo_id, kwargs))
         return f"https://huggingface.co/{repo_id}"
 
-    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+    def upload_folder(self, *, repo_id, folder_path, allow_patterns=None, ignore_patterns=None, **kwargs):
+        from huggingface_hub.utils import filter_repo_objects
+        from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
+
         self.calls.append(("upload_folder", repo_id, kwargs))
-        root = Path(folder_path)
-        self.uploaded_files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+        root = Path(folder_path).resolve()
+        listed = sorted(p.relative_to(root).as_posix() for p in root.glob("**/*") if p.is_file())
+        ignored = [*(ignore_patterns or []), *DEFAULT_IGNORE_PATTERNS]
+        self.uploaded_files = list(filter_repo_objects(listed, allow_patterns=allow_patterns, ignore_patterns=ignored))
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +117,7 @@ def test_an_index_reaching_outside_the_folder_is_refused(tmp_path):
     data = json.loads(index.read_text())
     data["weight_map"][next(iter(data["weight_map"]))] = "../../etc/hostname"
     index.write_text(json.dumps(data))
-    _refused(folder, "outside the checkpoint folder")
+    _refused(folder, "../../etc/hostname", "expected a relative file name")
 
 
 def test_a_glu_config_without_auto_map_is_refused(broken):
@@ -167,3 +173,67 @@ def test_cli_push_uploads_and_refuses_broken_folders(checkpoint, broken, monkeyp
     assert cli.main(["push", str(broken), "me/glu-tiny"]) == 2
     assert "no config.json" in capsys.readouterr().err
     assert api.calls == []
+
+
+# --- what push reads and sends: the folder's own files, exactly those it checked --------------------------------
+
+
+def test_a_hub_cache_snapshot_is_pushed_with_its_linked_files(tmp_path):
+    from hub_cache import hub_snapshot
+
+    saved = tmp_path / "saved"
+    GluForCausalLM(tiny_config()).save_pretrained(saved, max_shard_size="20KB")
+    snapshot = hub_snapshot(saved, tmp_path / "hub", "me/sharded")
+    api = FakeHfApi()
+    push_checkpoint(snapshot, "me/sharded", api=api)
+    assert api.uploaded_files == sorted(p.relative_to(saved).as_posix() for p in saved.rglob("*") if p.is_file())
+
+
+def test_a_link_leading_out_of_the_folder_is_refused(broken, tmp_path):
+    (tmp_path / "secret").write_text("not the checkpoint's")
+    (broken / "notes.txt").symlink_to(tmp_path / "secret")
+    _refused(broken, "notes.txt", str(tmp_path / "secret"), "may lead only inside that folder")
+
+
+def test_a_link_into_another_repositorys_blobs_is_refused(tmp_path):
+    from hub_cache import hub_snapshot
+
+    saved = tmp_path / "saved"
+    GluForCausalLM(tiny_config()).save_pretrained(saved)
+    snapshot = hub_snapshot(saved, tmp_path / "hub", "me/glu")
+    other = tmp_path / "hub" / "models--someone--else" / "blobs"
+    other.mkdir(parents=True)
+    (other / "secret").write_text("another repository's file")
+    (snapshot / "notes.txt").symlink_to("../../../models--someone--else/blobs/secret")
+    _refused(snapshot, "notes.txt", "models--someone--else", "blobs/")
+
+
+@pytest.mark.parametrize("file", ["config.json", "tokenizer_config.json"])
+@pytest.mark.parametrize("reference", ["../../x.Tok", "..\\x.Tok", "otherrepo--modeling_glu.GluForCausalLM"])
+def test_an_auto_map_naming_code_outside_the_folder_is_refused(file, reference, broken, tmp_path, monkeypatch):
+    # The code exists where the reference would lead: only the rule can refuse it.
+    (tmp_path / "x.py").write_text("class Tok: pass\n")
+    shutil.copytree(broken, tmp_path / "otherrepo")
+    monkeypatch.chdir(tmp_path)  # `otherrepo--…` resolves against ./otherrepo
+    data = json.loads((broken / file).read_text())
+    key = "AutoTokenizer" if file == "tokenizer_config.json" else "AutoModel"
+    data["auto_map"] = {**data.get("auto_map", {}), key: [None, reference] if key == "AutoTokenizer" else reference}
+    (broken / file).write_text(json.dumps(data))
+    _refused(broken, f"the auto_map of {file}", repr(reference), "module.Class")
+
+
+def test_push_uploads_only_the_files_it_checked(checkpoint, tmp_path, monkeypatch):
+    from hf_glu import hub
+
+    folder = Path(shutil.copytree(checkpoint, tmp_path / "ckpt"))
+    load_problems = hub._load_problems
+
+    def a_file_appears_during_the_check(folders):
+        (folder / "added-after-the-check.bin").write_bytes(b"never checked")
+        return load_problems(folders)
+
+    monkeypatch.setattr(hub, "_load_problems", a_file_appears_during_the_check)
+    api = FakeHfApi()
+    push_checkpoint(folder, "me/glu-tiny", api=api)
+    assert "added-after-the-check.bin" not in api.uploaded_files
+    assert sorted(p.name for p in checkpoint.iterdir()) == api.uploaded_files

@@ -31,6 +31,7 @@ from ..configuration_glu_families import FAMILIES
 from .checkpoint_names import CheckpointNames, tied_targets
 from .errors import ConversionError
 from .safetensors_io import Entry, read_header, read_tensor
+from .source_files import WEIGHT_FILES, WeightFiles, check_source_folder, weight_files
 from .surgery import SUPPORTED_MODEL_TYPES
 
 GPT2_CLASSES: dict[str, type[PreTrainedModel]] = {
@@ -44,12 +45,6 @@ SOURCE_CLASSES: dict[str, type[PreTrainedModel]] = {
 # Buffers that old GPT-2 checkpoints saved (the causal mask and its fill value); today's models build
 # the mask on the fly, so these are dropped rather than treated as unexpected weights.
 _LEGACY_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".crossattention.bias", ".crossattention.masked_bias")
-_WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
 
@@ -110,7 +105,9 @@ def load_source(source: str | Path | PreTrainedModel) -> Source:
     folder = source_folder(source)
     config, model_cls = read_config(folder)
     if config.model_type == "gpt2":
-        model = _build(model_cls, config, _read_weights(folder))
+        weights = checkpoint_weights(folder)
+        loaded = _read_weights(weights)
+        model = _build(model_cls, config, loaded, load_dtype(config, weights, loaded))
     else:
         model = _from_pretrained(model_cls, config, folder)
     tokenizer, generation_config = read_tokenizer(folder), read_generation_config(folder)
@@ -126,7 +123,8 @@ def source_folder(source: str | Path) -> Path:
         folder = download(str(source))
     if not folder.is_dir():
         raise ConversionError(f"source {str(source)!r} is not a folder; expected a checkpoint folder or a Hub id")
-    return folder
+    # Before any file is read: whatever Transformers opens in it stays the checkpoint's own.
+    return check_source_folder(folder)
 
 
 def download(repo_id: str) -> Path:
@@ -205,41 +203,40 @@ def build_skeleton(model_cls: type[PreTrainedModel], config) -> PreTrainedModel:
         raise ConversionError(f"the config cannot build a {model_cls.__name__}: {type(e).__name__}: {e}") from None
 
 
-def indexed_weight_files(index_path: Path) -> list[Path]:
-    """The weight files a sharded checkpoint's index names, in order; each must be a plain file name that
-    stays inside the checkpoint folder (an index from the Hub is untrusted: ``../`` or an absolute path
-    would read weights from elsewhere)."""
-    folder = index_path.parent
-    try:
-        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-        names = sorted(set(weight_map.values()))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise ConversionError(f"weight index {str(index_path)!r} is corrupt: {e}") from None
-    root = folder.resolve()
-    files = []
-    for name in names:
-        path = (folder / name).resolve() if isinstance(name, str) and name else None
-        if path is None or not path.is_relative_to(root) or path == root:
-            raise ConversionError(
-                f"weight index {str(index_path)!r} names {name!r}, outside the checkpoint folder; expected file "
-                "names inside it"
-            )
-        if not path.is_file():
-            raise ConversionError(f"weight file {str(path)!r} named by {str(index_path)!r} is missing")
-        files.append(path)
-    return files
+def checkpoint_weights(folder: Path) -> WeightFiles:
+    """The weight files Transformers loads from ``folder`` (checked: see :mod:`.source_files`)."""
+    found = weight_files(folder)
+    if found is None:
+        raise ConversionError(f"no weights in {str(folder)!r}; expected one of {list(WEIGHT_FILES)}")
+    return found
 
 
-def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    present = [name for name in _WEIGHT_FILES if (folder / name).is_file()]
-    if not present:
-        raise ConversionError(f"no weights in {str(folder)!r}; expected one of {list(_WEIGHT_FILES)}")
-    name = present[0]  # safetensors first: it cannot run code
-    if not name.endswith(".index.json"):
-        return _read_weight_file(folder / name)
+def load_dtype(config, weights: WeightFiles, loaded: dict[str, torch.Tensor] | None = None) -> torch.dtype:
+    """The dtype Transformers gives every floating weight of this source (``from_pretrained``'s default
+    ``dtype="auto"``): the config's, else the index's ``metadata.dtype``, else the first floating tensor's of
+    the first file in name order (``loaded``, the tensors read already, stands in for a pickle's). Both
+    routes write the converted weights in it, so a checkpoint mixing dtypes (fp32 embeddings, bf16 layers)
+    converts to what Transformers loads from it, whichever route converts it."""
+    if isinstance(getattr(config, "dtype", None), torch.dtype):
+        return config.dtype
+    if weights.index is not None:
+        try:
+            named = json.loads(weights.index.read_text(encoding="utf-8")).get("metadata", {}).get("dtype")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            named = None  # read already by weight_files: a corrupt index was refused there
+        if isinstance(named, str) and isinstance(getattr(torch, named.removeprefix("torch."), None), torch.dtype):
+            return getattr(torch, named.removeprefix("torch."))
+    if weights.safetensors:
+        dtypes = {entry.name: entry.dtype for entry in checked_header(weights.files[0]) or []}
+    else:
+        dtypes = {name: tensor.dtype for name, tensor in (loaded or {}).items()}
+    return next((dtypes[name] for name in sorted(dtypes) if dtypes[name].is_floating_point), torch.float32)
+
+
+def _read_weights(weights: WeightFiles) -> dict[str, torch.Tensor]:
     state_dict: dict[str, torch.Tensor] = {}
-    for shard in indexed_weight_files(folder / name):
-        state_dict.update(_read_weight_file(shard))
+    for path in weights.files:
+        state_dict.update(_read_weight_file(path))
     return state_dict
 
 
@@ -277,16 +274,6 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return {entry.name: read_tensor(f, entry) for entry in entries}
 
 
-def safetensors_files(folder: Path) -> list[Path]:
-    """The checkpoint's safetensors files in order (index paths checked to stay inside ``folder``); none
-    when its weights are not safetensors."""
-    if (folder / "model.safetensors.index.json").is_file():
-        return indexed_weight_files(folder / "model.safetensors.index.json")
-    if (folder / "model.safetensors").is_file():
-        return [folder / "model.safetensors"]
-    return []
-
-
 def checked_header(path: Path) -> list[Entry] | None:
     """``read_header`` of a checkpoint file, a corrupt one being bad input (one line naming the file)."""
     try:
@@ -309,12 +296,10 @@ def _check_safetensors_headers(model_cls: type[PreTrainedModel], config, files: 
 
 def _from_pretrained(model_cls: type[PreTrainedModel], config, folder: Path) -> PreTrainedModel:
     """The family's own loader (it maps legacy weight names), refusing what it would only warn about."""
-    # Paths leaving the folder are refused before Transformers reads any file.
-    files = safetensors_files(folder)
-    if files:
-        _check_safetensors_headers(model_cls, config, files)
-    elif (folder / "pytorch_model.bin.index.json").is_file():
-        indexed_weight_files(folder / "pytorch_model.bin.index.json")
+    # The files Transformers will read, checked before it reads any (names, links, headers).
+    weights = checkpoint_weights(folder)
+    if weights.safetensors:
+        _check_safetensors_headers(model_cls, config, weights.files)
     try:
         model, info = model_cls.from_pretrained(folder, output_loading_info=True, dtype="auto")
     except Exception as e:  # corrupt or truncated files, bad shapes: all mean "cannot read this source"
@@ -332,8 +317,11 @@ def _from_pretrained(model_cls: type[PreTrainedModel], config, folder: Path) -> 
     return model.eval()
 
 
-def _build(model_cls: type[PreTrainedModel], config: GPT2Config, loaded: dict[str, torch.Tensor]) -> PreTrainedModel:
-    """Put ``loaded`` into a ``model_cls`` built on the meta device (no second copy of the weights)."""
+def _build(
+    model_cls: type[PreTrainedModel], config: GPT2Config, loaded: dict[str, torch.Tensor], dtype: torch.dtype
+) -> PreTrainedModel:
+    """Put ``loaded`` into a ``model_cls`` built on the meta device (no second copy of the weights), each
+    floating weight in ``dtype`` as Transformers would load it."""
     model = build_skeleton(model_cls, config)
     expected = model.state_dict()
     state_dict: dict[str, torch.Tensor] = {}
@@ -355,7 +343,7 @@ def _build(model_cls: type[PreTrainedModel], config: GPT2Config, loaded: dict[st
                 f"weight {key!r} has dtype {tensor.dtype}; expected a "
                 f"{'floating-point' if expected[target].is_floating_point() else 'non-floating'} dtype"
             )
-        state_dict[target] = tensor
+        state_dict[target] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     tied = tied_targets(model)  # {head: embedding} that the config ties
     in_file = [(state_dict[h], state_dict[e]) for h, e in tied.items() if h in state_dict and e in state_dict]
     if any(not torch.equal(head, embedding) for head, embedding in in_file):

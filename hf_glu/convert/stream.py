@@ -10,6 +10,7 @@ checkpoint's size.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Callable
@@ -30,10 +31,11 @@ from .source import (
     all_finite,
     build_skeleton,
     checked_header,
+    checkpoint_weights,
+    load_dtype,
     read_config,
     read_generation_config,
     read_tokenizer,
-    safetensors_files,
     source_folder,
 )
 from .surgery import FamilySurgery
@@ -64,11 +66,13 @@ def stream_convert(source: str | Path, dst: str | Path, variant: str, *, force: 
     skeleton = build_skeleton(model_cls, config)  # names and shapes only: no memory
     glu_config = surgery.config(skeleton, variant, "preserve", None)
     unit_map = fit_unit_map(variant, surgery.activation(skeleton), glu_config.glu_params)
-    shards = safetensors_files(folder)
-    if not shards:
+    weights = checkpoint_weights(folder)  # the files Transformers loads, names and links checked
+    if not weights.safetensors:
         raise ConversionError(
             f"no safetensors weights in {str(folder)!r}; --no-eval streams model.safetensors or its sharded index"
         )
+    shards = weights.files
+    dtype = load_dtype(config, weights)  # every floating weight written as Transformers loads the source
     names = _TensorNames(skeleton, surgery)
     if _head_differs(shards, names):  # as Transformers loads it: untied, whatever the config says
         glu_config.tie_word_embeddings = False
@@ -77,28 +81,26 @@ def stream_convert(source: str | Path, dst: str | Path, variant: str, *, force: 
     tokenizer, generation = read_tokenizer(folder), read_generation_config(folder)  # refused before any write
     with atomic_folder(dst, force, source) as tmp:
         weight_map: dict[str, str] = {}
-        total_size, dtypes = 0, set()
+        total_size = 0
         for index, shard in enumerate(shards):
             entries = checked_header(shard)
             if entries is None:
                 raise ConversionError(f"{str(shard)!r} holds dtypes this streaming reader does not handle")
             out_name = _SINGLE if len(shards) == 1 else f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
             with open(shard, "rb") as f:
-                planned = _plan_shard(f, entries, names, unit_map, glu_config, family.conv1d)
+                planned = _plan_shard(f, entries, names, unit_map, glu_config, family.conv1d, dtype)
                 with writing_to(dst):
                     write_streamed(tmp / out_name, planned, metadata={"format": "pt"})
             for t in planned:
                 weight_map[t.name] = out_name
                 total_size += t.nbytes
-                dtypes.add(t.dtype)
         names.check_complete()
         if len(shards) > 1:
             index_json = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
             with writing_to(dst):
                 (tmp / _INDEX).write_text(json.dumps(index_json, indent=2) + "\n")
         target = surgery.target_class(skeleton)
-        floating = [d for d in dtypes if d.is_floating_point]
-        glu_config.dtype = max(floating, key=lambda d: torch.empty((), dtype=d).element_size()) if floating else None
+        glu_config.dtype = dtype
         glu_config.architectures = [target.__name__]
         report = {
             "source": str(source),
@@ -168,16 +170,21 @@ class _TensorNames(CheckpointNames):
 
 
 def _plan_shard(
-    f, entries: list[Entry], names: _TensorNames, m: UnitMap, config, conv1d: bool
+    f, entries: list[Entry], names: _TensorNames, m: UnitMap, config, conv1d: bool, dtype: torch.dtype
 ) -> list[Planned]:
-    """The output tensors of one source shard: the MLP projections mapped, everything else as it is."""
+    """The output tensors of one source shard: the MLP projections mapped, everything else as it is, each
+    floating tensor in ``dtype`` (integer ones as they are)."""
     planned = []
     for entry in entries:
         name = names.model_name(entry.name)
         if name is None:
             continue
         names.check_entry(entry, name)
-        read: Callable[[], torch.Tensor] = lambda entry=entry: _finite(read_tensor(f, entry), entry)  # noqa: E731
+        cast = dtype if entry.dtype.is_floating_point else entry.dtype
+        read: Callable[[], torch.Tensor] = lambda entry=entry, cast=cast: _finite(  # noqa: E731
+            read_tensor(f, entry), entry
+        ).to(cast)
+        entry = dataclasses.replace(entry, dtype=cast)  # the planned tensor's dtype from here on
         if name not in names.mlp:
             planned.append(Planned(name, entry.shape, entry.dtype, read))
             continue
