@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -37,11 +38,11 @@ def _when_tmp_exists(parent: Path) -> bool:
 
 
 def _when_writing_weights(parent: Path) -> bool:
-    return any(any(t.glob("*.safetensors")) for t in _tmp_folders(parent))
+    return any(any(t.rglob("*.safetensors")) for t in _tmp_folders(parent))
 
 
 def _when_card_written(parent: Path) -> bool:
-    return any((t / "README.md").exists() for t in _tmp_folders(parent))
+    return any(any(t.rglob("README.md")) for t in _tmp_folders(parent))
 
 
 def _after(seconds: float):
@@ -85,18 +86,47 @@ def test_a_signal_at_any_point_leaves_dst_as_it_was(source, tmp_path, signum, mo
 
 
 def test_sigkill_debris_is_swept_by_the_next_run(tmp_path):
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    debris = tmp_path / f".dst.tmp-{dead.pid}-abcd1234"
-    debris.mkdir()
-    (debris / "model.safetensors").write_bytes(b"half a checkpoint")
-    alive = tmp_path / f".dst.tmp-{os.getpid()}-efgh5678"  # a conversion still running: never touched
-    alive.mkdir()
+    # A real run killed mid-write leaves its temporary folder: the next run proves it is ours and removes it.
+    script = textwrap.dedent(
+        """
+        import os, signal, sys
+        from hf_glu.convert.save import atomic_folder
+        with atomic_folder(sys.argv[1], force=False) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"half a checkpoint")
+            os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    killed = subprocess.run([sys.executable, "-c", script, str(tmp_path / "dst")], env=ENV, timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    (debris,) = tmp_path.iterdir()
     assert stale_siblings(tmp_path / "dst") == [debris]
     with atomic_folder(tmp_path / "dst", force=False) as tmp:
         (tmp / "config.json").write_text("{}")
-    assert not debris.exists() and alive.exists()
+        assert not debris.exists()
+        assert stale_siblings(tmp_path / "dst") == [], "a live conversion's folder is never debris"
     assert (tmp_path / "dst" / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
+
+
+def test_user_folders_that_merely_look_like_debris_are_kept(tmp_path):
+    """Issue 23, 8: a name pattern and a dead "pid" prove nothing; only a folder this tool marked is debris."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lookalikes = [".m.old-20240501-good", f".m.tmp-{dead.pid}-abcd1234", f".m.old-{dead.pid}-0123456789abcdef",
+                  f".m.tmp-{dead.pid}-0123456789abcdef"]  # fmt: skip
+    for name in lookalikes:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "backup.safetensors").write_bytes(b"the user's backup")
+    before = _tree(tmp_path)
+    assert stale_siblings(tmp_path / "m") == []
+    with atomic_folder(tmp_path / "m", force=False) as tmp:
+        (tmp / "config.json").write_text("{}")
+    after = _tree(tmp_path)
+    assert after == {**before, "m": "dir", "m/config.json": after["m/config.json"]}
+
+
+def _tree(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): p.read_bytes().hex() if p.is_file() else "dir" for p in sorted(root.rglob("*"))}
 
 
 def test_replacing_dst_is_one_atomic_exchange(tmp_path, monkeypatch):
@@ -141,9 +171,9 @@ def test_a_signal_during_the_swap_does_not_report_a_stop_after_the_commit(tmp_pa
     (dst / "keep.txt").write_text("an earlier conversion")
     swap_in = save._swap_in
 
-    def swap_in_while_signalled(tmp, target):
+    def swap_in_while_signalled(*args):
         os.kill(os.getpid(), signal.SIGTERM)  # held: pending until the swap is done
-        swap_in(tmp, target)
+        swap_in(*args)
 
     def stop(signum, frame):
         raise KeyboardInterrupt("delivered")
