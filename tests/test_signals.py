@@ -188,3 +188,35 @@ def test_a_signal_during_the_swap_does_not_report_a_stop_after_the_commit(tmp_pa
         signal.signal(signal.SIGTERM, previous)
     assert sorted(p.name for p in dst.iterdir()) == ["config.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
+
+
+@pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "plain rename"])
+@pytest.mark.parametrize("state", ["absent", "empty folder", "force"])
+def test_the_swap_takes_place_only_onto_what_was_checked(state, renameat2, tmp_path, monkeypatch):
+    """Issue 23, 7, at the level of atomic_folder and with both kinds of rename: a folder someone filled during
+    the write is left as they made it (without force), and the error names DST."""
+    import hf_glu.convert.save as save
+    from hf_glu.convert import ConversionError
+
+    if not renameat2:  # another OS, an old libc or a filesystem without the flags
+        monkeypatch.setattr(save, "_renameat2", lambda a, b, flags: False)
+    dst = tmp_path / "dst"
+    if state != "absent":
+        dst.mkdir()
+    if state == "force":
+        (dst / "old.txt").write_text("an earlier conversion")
+    with atomic_folder(dst, force=True) as tmp:  # force: replaced whatever is there, nothing left beside
+        (tmp / "config.json").write_text("{}")
+    assert sorted(p.name for p in dst.iterdir()) == ["config.json"]
+    if state == "force":
+        return
+    dst.joinpath("config.json").unlink()
+    if state == "absent":
+        dst.rmdir()
+    with pytest.raises(ConversionError, match="changed while this conversion was writing") as raised:
+        with atomic_folder(dst, force=False) as tmp:
+            (tmp / "config.json").write_text("{}")
+            dst.mkdir(exist_ok=True)
+            (dst / "notes.txt").write_text("mine")
+    assert str(dst) in str(raised.value)
+    assert _tree(tmp_path) == {"dst": "dir", "dst/notes.txt": b"mine".hex()}
