@@ -58,19 +58,19 @@ def _name_max(folder: Path) -> int:
 
 def _resolved(path: Path, given: str) -> Path:
     """``path`` with every link followed; a link loop is bad input, named."""
+    loop = ConversionError(
+        f"destination {given!r} lies in a symlink loop; expected a folder path whose links lead somewhere"
+    )
     try:
         resolved = path.resolve()
-        os.stat(resolved)  # Python >= 3.13 resolves a loop without raising: stat meets it
-    except FileNotFoundError:
-        return resolved
-    except (RuntimeError, OSError) as e:  # RuntimeError("Symlink loop …") up to Python 3.12, ELOOP after
-        if isinstance(e, OSError) and e.errno not in (errno.ELOOP, errno.ENOTDIR, errno.ENAMETOOLONG):
-            raise
-        if isinstance(e, OSError) and e.errno in (errno.ENOTDIR, errno.ENAMETOOLONG):
-            return resolved  # a file on the way, a name too long: the checks below name them
-        raise ConversionError(
-            f"destination {given!r} lies in a symlink loop; expected a folder path whose links lead somewhere"
-        ) from None
+    except RuntimeError:  # "Symlink loop from …", up to Python 3.12
+        raise loop from None
+    try:
+        os.stat(resolved)  # from Python 3.13 a loop resolves without an error: stat meets it
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise loop from None
+        # missing (to be made), a file on the way or a name too long: the checks that follow name those
     return resolved
 
 
@@ -115,7 +115,7 @@ def _check_name_lengths(path: Path, given: str) -> None:
                 f"destination {given!r} has a name of {len(os.fsencode(part))} bytes; expected at most {limit} "
                 "bytes per name (the filesystem's limit)"
             )
-        if (folder / part).is_dir():  # below the first missing folder, names go on the last one's filesystem
+        if os.path.isdir(folder / part):  # below the first missing folder, names go on the last one's filesystem
             folder = folder / part
 
 
