@@ -200,7 +200,7 @@ def test_the_swap_takes_place_only_onto_what_was_checked(state, renameat2, tmp_p
 
     if not renameat2:  # another OS, an old libc or a filesystem without the flags
         monkeypatch.setattr(save, "_renameat2", lambda a, b, flags: False)
-    dst = tmp_path / "dst"
+    dst = tmp_path / "dst{0}"  # braces: the message is not a format string
     if state != "absent":
         dst.mkdir()
     if state == "force":
@@ -219,4 +219,4 @@ def test_the_swap_takes_place_only_onto_what_was_checked(state, renameat2, tmp_p
             dst.mkdir(exist_ok=True)
             (dst / "notes.txt").write_text("mine")
     assert str(dst) in str(raised.value)
-    assert _tree(tmp_path) == {"dst": "dir", "dst/notes.txt": b"mine".hex()}
+    assert _tree(tmp_path) == {"dst{0}": "dir", "dst{0}/notes.txt": b"mine".hex()}

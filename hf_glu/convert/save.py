@@ -290,25 +290,28 @@ def _swap_in(tmp: Path, dst: Path, force: bool, seen: tuple[int, int] | None) ->
 def _move_onto_what_was_checked(tmp: Path, dst: Path, seen: tuple[int, int] | None) -> None:
     """Rename ``tmp`` to ``dst`` if ``dst`` is still absent, or still the empty folder ``seen``; otherwise refuse,
     leaving whatever is at ``dst`` as it is."""
-    changed = (
-        f"destination {str(dst)!r} changed while this conversion was writing (another process or user put "
-        "something there); it was left as it is and nothing was written; expected it to stay {}: convert again, "
-        "into an empty folder, or with --force to replace it"
-    )
+
+    def changed(expected: str) -> ConversionError:
+        return ConversionError(
+            f"destination {str(dst)!r} changed while this conversion was writing (another process or user put "
+            f"something there); it was left as it is and nothing was written; expected it to stay {expected}: "
+            "convert again, into an empty folder, or with --force to replace it"
+        )
+
     if seen is not None:
         if _identity(dst) != seen:
-            raise ConversionError(changed.format("the empty folder it was"))
+            raise changed("the empty folder it was")
         try:
             os.rmdir(dst)  # atomic: fails if anything was put in it meanwhile
         except OSError as e:
             if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                raise ConversionError(changed.format("empty")) from None
+                raise changed("empty") from None
             raise
     try:
         _rename_noreplace(tmp, dst)
     except OSError as e:
         if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
-            raise ConversionError(changed.format("absent" if seen is None else "empty")) from None
+            raise changed("absent" if seen is None else "empty") from None
         raise
 
 
