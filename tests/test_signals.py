@@ -89,7 +89,11 @@ def test_sigkill_debris_is_swept_by_the_next_run(tmp_path):
     # A real run killed mid-write leaves its temporary folder: the next run proves it is ours and removes it.
     script = textwrap.dedent(
         """
-        import os, signal, sys
+        import os, pathlib, signal, sys, types
+        import hf_glu  # light: the conversion package's __init__ (torch, transformers) is skipped below
+        convert = types.ModuleType("hf_glu.convert")
+        convert.__path__ = [str(pathlib.Path(hf_glu.__file__).parent / "convert")]
+        sys.modules["hf_glu.convert"] = convert
         from hf_glu.convert.save import atomic_folder
         with atomic_folder(sys.argv[1], force=False) as tmp:
             (tmp / "model.safetensors").write_bytes(b"half a checkpoint")
