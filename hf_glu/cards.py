@@ -8,19 +8,32 @@ which finds them either way (tests/test_cards.py checks both).
 
 The YAML header is written by ``huggingface_hub.ModelCardData`` (with ``EvalResult`` entries for the
 model-index), so it is what the Hub validates.
+
+Names the user chose (the destination folder's, the source's path or id) are text in the card, never markup:
+control characters are shown as escapes (``\\n``), Markdown's inline punctuation is backslash-escaped and
+``<``, ``>``, ``&`` become entities, so a name cannot open a heading, a code span, a link or HTML. The load
+snippet pastes a name only when it is a valid Hub repository id, quoted as a Python string; any other name is
+shown in the title but replaced by a placeholder in the code.
 """
 
 from __future__ import annotations
 
+import json
+import unicodedata
 from importlib import resources
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .glu import get_variant
 
 TEMPLATE_PACKAGE = "hf_glu.model_cards"  # the top-level model_cards/ folder, mapped in pyproject.toml
 CONVERSION_TEMPLATE = "glu_conversion.md"
+PLACEHOLDER_PATH = "path/to/the/checkpoint"  # in the snippets when the name is not a repository id
+
+_MARKDOWN_INLINE = set("\\`*_[]#|~$!")  # what opens emphasis, code, links, images, headings, tables, math
+_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
 
 # By the converted class's name ending: GPT-2's GluFor* and every family's Glu<Class>.
 _PIPELINE_TAGS = (
@@ -40,7 +53,8 @@ def _what_changed(report: dict) -> str:
     """The card's list of what the conversion changed, GPT-2's rebuild or another family's MLP swap."""
     proj_in, proj_out = report["source_projections"]
     mlp = (
-        f"- **MLP**: the source's `{proj_out}(act({proj_in}(x)))` with `act = {report['source_activation']}` became "
+        f"- **MLP**: the source's `{proj_out}(act({proj_in}(x)))` with act = {_code(report['source_activation'])} "
+        "became "
         f"`down_proj({get_variant(report['variant']).formula})` with `gate_proj`, `up_proj`, `down_proj` as "
         f"`nn.Linear` layers of width {report['intermediate_size']}."
     )
@@ -68,11 +82,35 @@ def template_text(name: str = CONVERSION_TEMPLATE) -> str:
     return resources.files(TEMPLATE_PACKAGE).joinpath(name).read_text(encoding="utf-8")
 
 
-def _hub_id(name: str) -> str | None:
-    """``name`` when it reads as a Hub model id (``gpt2``, ``owner/name``) rather than a local path."""
-    if not name or Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+def _repo_id(name: str) -> str | None:
+    """``name`` when it is a valid Hub repository id (``gpt2``, ``owner/name``): safe to paste into code."""
+    try:
+        validate_repo_id(name)
+    except (HFValidationError, TypeError):
         return None
     return name
+
+
+def visible(name: str) -> str:
+    """``name`` on one line: control, format and line-separator characters shown as their escapes (``\\n``)."""
+    return "".join(
+        c.encode("unicode_escape").decode("ascii") if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") else c
+        for c in str(name)
+    )
+
+
+def markdown_text(name: str) -> str:
+    """``name`` as Markdown that renders as exactly its :func:`visible` text, wherever inline text may go."""
+    return "".join(_ENTITIES.get(c) or (f"\\{c}" if c in _MARKDOWN_INLINE else c) for c in visible(name))
+
+
+def _code(text: str) -> str:
+    """``text`` as one Markdown code span: fenced by a backtick run longer than any inside it."""
+    text = visible(text)
+    run = max((len(part) for part in text.replace("`", " ` ").split() if set(part) == {"`"}), default=0)
+    fence = "`" * (run + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def _scheme_text(report: dict) -> str:
@@ -97,7 +135,7 @@ def _scheme_text(report: dict) -> str:
         return text + "The GLU computes the source's activation exactly: only fp32 rounding differs."
     low, high = layer["fit_range"]
     return text + (
-        f"The GLU approximates `{report['source_activation']}` to within {bound:.3g} per intermediate unit "
+        f"The GLU approximates {_code(report['source_activation'])} to within {bound:.3g} per intermediate unit "
         f"for z in [{low:.3g}, {high:.3g}]. Where the up weights start at zero they still receive "
         "gradients, so fine-tuning learns the gated path."
     )
@@ -117,37 +155,44 @@ def _eval_results(report: dict, dataset_name: str) -> list[EvalResult] | None:
 
 
 def render_conversion_card(report: dict, model_name: str, repo_or_path: str | None = None) -> ModelCard:
-    """The model card of a converted checkpoint, from its fidelity ``report``."""
+    """The model card of a converted checkpoint, from its fidelity ``report``. ``model_name`` (the title) and
+    ``repo_or_path`` (pasted into the load snippet when a valid repository id; default ``model_name``) are
+    shown as text, whatever they hold."""
     variant = get_variant(report["variant"])
     pipeline_tag, auto_class = _pipeline_tag(report["converted_class"])
-    base_model = _hub_id(report["source"])
+    base_model = None if Path(report["source"]).exists() else _repo_id(report["source"])  # a Hub source
     card_data = ModelCardData(
         base_model=base_model,
         library_name="transformers",
         tags=["hf-glu", "glu", variant.name, f"init-{report['init']}", report.get("source_model_type", "gpt2"),
               "custom_code"],  # fmt: skip
         pipeline_tag=pipeline_tag,
-        model_name=model_name,
+        model_name=visible(model_name),
         eval_results=_eval_results(report, report.get("eval_data", "")),
     )
-    source_text = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else f"`{report['source']}`"
+    if base_model:
+        source_text = f"[{markdown_text(base_model)}](https://huggingface.co/{base_model})"
+    else:
+        source_text = markdown_text(report["source"])
     finetune_note = (
         "Fine-tuning starts from the source's behaviour; the zero-initialised up weights move from the first step."
         if report["init"] == "preserve"
         else "Start with a learning rate suited to pre-training the MLPs: they begin from scratch."
     )
+    repo = _repo_id(repo_or_path or model_name)
     return ModelCard.from_template(
         card_data,
         template_str=template_text(),
-        model_name=model_name,
-        source_text=f"{source_text} (`{report['source_class']}`)",
+        **{k: v for k, v in report.items() if k not in ("variant", "source", "source_class")},
+        title=markdown_text(model_name),
+        source_text=f"{source_text} ({_code(report['source_class'])})",
         variant=variant.name,
         formula=variant.formula,
         scheme_text=_scheme_text(report),
         what_changed=_what_changed(report),
         has_units=report["init"] == "preserve",
         auto_class=auto_class,
-        repo_or_path=repo_or_path or model_name,
+        repo_literal=json.dumps(repo or PLACEHOLDER_PATH, ensure_ascii=False),
+        repo_is_pasted=repo is not None,
         finetune_note=finetune_note,
-        **{k: v for k, v in report.items() if k not in ("variant", "source")},
     )

@@ -128,7 +128,7 @@ def _run_streamed_convert(args: argparse.Namespace) -> int:
     refused = [f"--{name.replace('_', '-')}" for name in options if getattr(args, name) not in (None, "preserve")]
     if refused:
         raise ValueError(f"{', '.join(refused)} cannot be used with --no-eval, which streams the source as it is")
-    report = stream_convert(args.src, args.dst, args.variant, force=args.force)
+    report = stream_convert(args.src, args.dst, args.variant, force=args.force, max_shard_size=args.max_shard_size)
     print(f"wrote {args.dst} ({report['converted_class']}, {report['variant']}, init=preserve, streamed)")
     print(f"fidelity: {report['evaluation']}")
     return 0

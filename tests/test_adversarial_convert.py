@@ -2,6 +2,7 @@
 and what is accepted, with every file under the test's folder (SRC, DST, what lies beside them) byte for byte
 as it was; each acceptance keeps exactly what Transformers loads from the source."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import refused as _refused
+from conftest import tree as _tree
 from families import exact_variant, tiny_source
 from test_convert import tiny_gpt2
 from transformers import AutoModelForCausalLM
@@ -292,3 +294,147 @@ def test_a_destination_holding_the_hub_cache_is_refused_for_a_hub_source(tmp_pat
     (tmp_path / "home" / "notes.txt").write_text("the user's own files")
     args = ["convert", "someone/some-model", str(tmp_path / "home"), "--variant", "geglu", "--force"]
     _refused(args, tmp_path, capsys, str(tmp_path / "home"), "SRC")
+
+
+# --- issue 23, 7: the destination is what was checked, up to the swap -------------------------------------
+
+
+def _one_line(err: str) -> str:
+    ours = [line for line in err.splitlines() if line.startswith("hf-glu")]  # beside Transformers' progress bars
+    assert len(ours) == 1 and "Traceback" not in err, err
+    return ours[0]
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("state", ["absent", "empty folder"])
+def test_a_file_made_in_dst_during_the_write_is_kept_and_the_conversion_fails(state, route, tmp_path, capsys,
+                                                                              monkeypatch):  # fmt: skip
+    import hf_glu.convert.pipeline as pipeline
+    import hf_glu.convert.stream as stream
+
+    src = _family_folder(tmp_path / "src")
+    dst = tmp_path / "out"
+    if state == "empty folder":
+        dst.mkdir()
+    module = stream if route == "streamed" else pipeline
+    render = module.render_conversion_card
+
+    def user_writes_meanwhile(*args, **kwargs):  # the weights are written, the swap is yet to come
+        dst.mkdir(exist_ok=True)
+        (dst / "notes.txt").write_text("the user's own notes")
+        return render(*args, **kwargs)
+
+    monkeypatch.setattr(module, "render_conversion_card", user_writes_meanwhile)
+    before = _tree(tmp_path)
+    capsys.readouterr()
+    code = main(["convert", str(src), str(dst), "--variant", "geglu", *ROUTES[route]])
+    line = _one_line(capsys.readouterr().err)
+    assert code == 2 and str(dst) in line, line
+    notes = hashlib.sha256(b"the user's own notes").hexdigest()
+    assert _tree(tmp_path) == {**before, "out": "dir", "out/notes.txt": notes}
+
+
+# Run as `python -c BARRIER... convert ...`: each conversion waits, its checks passed and its weights written,
+# until the other has got as far, so both swaps come after both checks (the race of issue 23, every time).
+BARRIER = """
+import os, time
+from pathlib import Path
+import hf_glu.convert.stream as stream
+render = stream.render_conversion_card
+def render_when_both_are_writing(*args, **kwargs):
+    sync = Path(os.environ["HF_GLU_TEST_SYNC"])
+    (sync / str(os.getpid())).touch()
+    deadline = time.monotonic() + 120
+    while len(list(sync.iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return render(*args, **kwargs)
+stream.render_conversion_card = render_when_both_are_writing
+from hf_glu.cli import main
+raise SystemExit(main())
+"""
+
+
+def test_two_concurrent_conversions_into_one_new_dst_the_later_fails_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    src = _family_folder(tmp_path / "src")
+    dst = tmp_path / "out"
+    (tmp_path / "sync").mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HF_GLU_TEST_SYNC": str(tmp_path / "sync")}
+    source_before = _tree(src)
+    command = [sys.executable, "-c", BARRIER, "convert", str(src), str(dst), "--variant", "geglu", "--no-eval"]
+    runs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]  # fmt: skip
+    results = [(run.wait(timeout=300), run.communicate()[1]) for run in runs]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    line = _one_line(next(err for code, err in results if code == 2))
+    assert str(dst) in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src", "sync"]
+    assert _tree(src) == source_before
+    written = AutoModelForCausalLM.from_pretrained(dst).eval()  # the one result, complete
+    ids = torch.randint(0, 101, (1, 12))
+    source = AutoModelForCausalLM.from_pretrained(src).eval()
+    assert (_logits(written, ids) - _logits(source, ids)).abs().max() < 1e-4
+
+
+# --- issue 23, 12: a DST in a symlink loop, a DST name of any legal length ----------------------------------
+
+
+@pytest.mark.parametrize("where", ["DST is the loop", "DST lies under the loop"])
+def test_a_destination_in_a_symlink_loop_is_refused_in_one_line(where, tmp_path, capsys):
+    src = _family_folder(tmp_path / "src")
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    dst = loop if where == "DST is the loop" else loop / "out"
+    _refused(["convert", str(src), str(dst), "--variant", "geglu", "--no-eval"], tmp_path, capsys, str(dst),
+             "symlink loop")  # fmt: skip
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_a_destination_name_of_245_characters_converts(route, tmp_path):
+    src = _family_folder(tmp_path / "src")
+    dst = tmp_path / ("m" * 245)  # legal (NAME_MAX is 255), but ".NAME.tmp-PID-RANDOM" beside it would not be
+    assert main(["convert", str(src), str(dst), "--variant", "geglu", *ROUTES[route]]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["src", dst.name])
+    assert AutoModelForCausalLM.from_pretrained(dst).config.glu_variant == "geglu"
+
+
+def test_a_destination_name_longer_than_the_filesystem_takes_is_refused_before_any_work(tmp_path, capsys,
+                                                                                        monkeypatch):  # fmt: skip
+    import hf_glu.convert.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "load_source", lambda *a, **k: pytest.fail("the source was read"))
+    src = _family_folder(tmp_path / "src")
+    dst = tmp_path / "new" / ("m" * 256)
+    _refused(["convert", str(src), str(dst), "--variant", "geglu"], tmp_path, capsys, "m" * 256, "255")
+
+
+# --- issue 23, 5: --max-shard-size on the streamed route ---------------------------------------------------
+
+
+def test_no_eval_honours_max_shard_size_with_a_loadable_index(tmp_path):
+    from safetensors import safe_open
+
+    src = _family_folder(tmp_path / "src")
+    whole, sharded = tmp_path / "whole", tmp_path / "sharded"
+    assert main(["convert", str(src), str(whole), "--variant", "geglu", "--no-eval"]) == 0
+    args = ["convert", str(src), str(sharded), "--variant", "geglu", "--no-eval", "--max-shard-size", "20KB"]
+    assert main(args) == 0
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    files = sorted(p.name for p in sharded.glob("*.safetensors"))
+    assert len(files) > 1 and set(index["weight_map"].values()) == set(files)
+    sizes = {}
+    for name in files:
+        with safe_open(sharded / name, "pt") as f:
+            nbytes = [f.get_tensor(k).nbytes for k in f.keys()]
+            assert sum(nbytes) <= 20_000 or len(nbytes) == 1, (name, nbytes)  # one tensor may exceed it alone
+            sizes.update(zip(f.keys(), nbytes, strict=True))
+            assert all(index["weight_map"][k] == name for k in f.keys())
+    with safe_open(whole / "model.safetensors", "pt") as f:
+        assert set(f.keys()) == set(sizes) == set(index["weight_map"])
+    assert index["metadata"]["total_size"] == sum(sizes.values())
+    ids = torch.randint(0, 101, (1, 12))
+    from_shards = _logits(AutoModelForCausalLM.from_pretrained(sharded).eval(), ids)
+    assert torch.equal(from_shards, _logits(AutoModelForCausalLM.from_pretrained(whole).eval(), ids))
+    assert (from_shards - _logits(AutoModelForCausalLM.from_pretrained(src).eval(), ids)).abs().max() < 1e-4

@@ -105,3 +105,73 @@ def test_non_editable_install_ships_templates_and_renders_a_card(tmp_path):
     assert found["default"] == templates[CONVERSION_TEMPLATE]
     assert found["templates"] == templates
     assert "# tiny-pythia-geglu" in found["card"] and "`GluGPTNeoXForCausalLM` subclasses" in found["card"]
+
+
+# --- issue 23, 10: user-supplied names are text in the card, never code, headings or HTML --------------------
+
+HOSTILE_DST = 'x") ; import os; os.system("id") #\n\n# Injected heading\n<img src=x onerror=alert(1)>'
+HOSTILE_SRC = "src `` ` <b>bold</b> [link](javascript:alert(1))\n\n# Injected\n`"
+
+
+def _parsed_card(folder: Path):
+    """The card's metadata and its body as CommonMark tokens (nested inline tokens flattened after their block)."""
+    from huggingface_hub import ModelCard
+
+    markdown_it = __import__("pytest").importorskip("markdown_it")
+    card = ModelCard.load(folder / "README.md")
+    tokens = []
+    for token in markdown_it.MarkdownIt("commonmark").parse(card.text):
+        tokens += [token, *(token.children or [])]
+    return card, tokens
+
+
+def _headings(tokens) -> list[str]:
+    """Each heading's text as rendered (escapes and entities decoded)."""
+    inlines = [tokens[i + 1] for i, t in enumerate(tokens) if t.type == "heading_open"]
+    return ["".join(c.content for c in inline.children if c.type == "text") for inline in inlines]
+
+
+def _calls(code: str) -> list:
+    import ast
+
+    return [node for node in ast.walk(ast.parse(code)) if isinstance(node, ast.Call)]
+
+
+def _convert(src: Path, dst: Path) -> None:
+    from families import tiny_source
+
+    from hf_glu.cli import main
+
+    tiny_source("gpt_neox").save_pretrained(src)
+    assert main(["convert", str(src), str(dst), "--variant", "geglu", "--no-eval"]) == 0
+
+
+def test_hostile_src_and_dst_names_are_shown_as_text_and_never_pasted_into_code(tmp_path):
+    _convert(tmp_path / "plain-src", tmp_path / "plain-dst")
+    _convert(tmp_path / HOSTILE_SRC, tmp_path / HOSTILE_DST)
+    plain_card, plain = _parsed_card(tmp_path / "plain-dst")
+    card, tokens = _parsed_card(tmp_path / HOSTILE_DST)
+
+    # The same headings as a plain card's: the title (the name, newlines shown as \n) and the template's own.
+    assert _headings(tokens) == [HOSTILE_DST.replace("\n", "\\n"), *_headings(plain)[1:]]
+    assert _headings(plain)[0] == "plain-dst"
+    assert not [t for t in tokens if t.type.startswith("html")]
+    links = [[t.attrGet("href") for t in parsed if t.type == "link_open"] for parsed in (plain, tokens)]
+    assert links[0] == links[1], "a link made from a name"
+    visible = "".join(t.content for t in tokens if t.type == "text")
+    assert HOSTILE_SRC.replace("\n", "\\n") in visible  # shown in full, as text
+    for token in tokens:  # no code holds any part of either name
+        if token.type in ("code_inline", "fence", "code_block"):
+            assert "os.system" not in token.content and "Injected" not in token.content, token.content
+    assert (plain_card.data.model_name, card.data.model_name) == ("plain-dst", HOSTILE_DST.replace("\n", "\\n"))
+
+    # The load snippets: a plain name is pasted as one properly quoted string; a name that is not a repo id is not.
+    for parsed, expected in ((plain, "plain-dst"), (tokens, None)):
+        snippets = [t.content for t in parsed if t.type == "fence" and t.info == "python"]
+        snippets += [t.content for t in parsed if t.type == "code_inline" and "from_pretrained" in t.content]
+        assert len(snippets) == 2
+        for code in snippets:
+            (call,) = [c for c in _calls(code) if getattr(c.func, "attr", None) == "from_pretrained"]
+            assert len(_calls(code)) == 1 and len(call.args) == 1, code
+            constant = call.args[0].value
+            assert isinstance(constant, str) and constant == (expected or constant), code

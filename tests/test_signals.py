@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -37,11 +38,11 @@ def _when_tmp_exists(parent: Path) -> bool:
 
 
 def _when_writing_weights(parent: Path) -> bool:
-    return any(any(t.glob("*.safetensors")) for t in _tmp_folders(parent))
+    return any(any(t.rglob("*.safetensors")) for t in _tmp_folders(parent))
 
 
 def _when_card_written(parent: Path) -> bool:
-    return any((t / "README.md").exists() for t in _tmp_folders(parent))
+    return any(any(t.rglob("README.md")) for t in _tmp_folders(parent))
 
 
 def _after(seconds: float):
@@ -89,18 +90,51 @@ def test_a_signal_at_any_point_leaves_dst_as_it_was(source, tmp_path, signum, mo
 
 
 def test_sigkill_debris_is_swept_by_the_next_run(tmp_path):
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    debris = tmp_path / f".dst.tmp-{dead.pid}-abcd1234"
-    debris.mkdir()
-    (debris / "model.safetensors").write_bytes(b"half a checkpoint")
-    alive = tmp_path / f".dst.tmp-{os.getpid()}-efgh5678"  # a conversion still running: never touched
-    alive.mkdir()
+    # A real run killed mid-write leaves its temporary folder: the next run proves it is ours and removes it.
+    script = textwrap.dedent(
+        """
+        import os, pathlib, signal, sys, types
+        import hf_glu  # light: the conversion package's __init__ (torch, transformers) is skipped below
+        convert = types.ModuleType("hf_glu.convert")
+        convert.__path__ = [str(pathlib.Path(hf_glu.__file__).parent / "convert")]
+        sys.modules["hf_glu.convert"] = convert
+        from hf_glu.convert.save import atomic_folder
+        with atomic_folder(sys.argv[1], force=False) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"half a checkpoint")
+            os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    killed = subprocess.run([sys.executable, "-c", script, str(tmp_path / "dst")], env=ENV, timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    (debris,) = tmp_path.iterdir()
     assert stale_siblings(tmp_path / "dst") == [debris]
     with atomic_folder(tmp_path / "dst", force=False) as tmp:
         (tmp / "config.json").write_text("{}")
-    assert not debris.exists() and alive.exists()
+        assert not debris.exists()
+        assert stale_siblings(tmp_path / "dst") == [], "a live conversion's folder is never debris"
     assert (tmp_path / "dst" / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
+
+
+def test_user_folders_that_merely_look_like_debris_are_kept(tmp_path):
+    """Issue 23, 8: a name pattern and a dead "pid" prove nothing; only a folder this tool marked is debris."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lookalikes = [".m.old-20240501-good", f".m.tmp-{dead.pid}-abcd1234", f".m.old-{dead.pid}-0123456789abcdef",
+                  f".m.tmp-{dead.pid}-0123456789abcdef"]  # fmt: skip
+    for name in lookalikes:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "backup.safetensors").write_bytes(b"the user's backup")
+    before = _tree(tmp_path)
+    assert stale_siblings(tmp_path / "m") == []
+    with atomic_folder(tmp_path / "m", force=False) as tmp:
+        (tmp / "config.json").write_text("{}")
+    after = _tree(tmp_path)
+    assert after == {**before, "m": "dir", "m/config.json": after["m/config.json"]}
+
+
+def _tree(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): p.read_bytes().hex() if p.is_file() else "dir" for p in sorted(root.rglob("*"))}
 
 
 def test_replacing_dst_is_one_atomic_exchange(tmp_path, monkeypatch):
@@ -145,9 +179,9 @@ def test_a_signal_during_the_swap_does_not_report_a_stop_after_the_commit(tmp_pa
     (dst / "keep.txt").write_text("an earlier conversion")
     swap_in = save._swap_in
 
-    def swap_in_while_signalled(tmp, target):
+    def swap_in_while_signalled(*args):
         os.kill(os.getpid(), signal.SIGTERM)  # held: pending until the swap is done
-        swap_in(tmp, target)
+        swap_in(*args)
 
     def stop(signum, frame):
         raise KeyboardInterrupt("delivered")
@@ -162,3 +196,35 @@ def test_a_signal_during_the_swap_does_not_report_a_stop_after_the_commit(tmp_pa
         signal.signal(signal.SIGTERM, previous)
     assert sorted(p.name for p in dst.iterdir()) == ["config.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
+
+
+@pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "plain rename"])
+@pytest.mark.parametrize("state", ["absent", "empty folder", "force"])
+def test_the_swap_takes_place_only_onto_what_was_checked(state, renameat2, tmp_path, monkeypatch):
+    """Issue 23, 7, at the level of atomic_folder and with both kinds of rename: a folder someone filled during
+    the write is left as they made it (without force), and the error names DST."""
+    import hf_glu.convert.save as save
+    from hf_glu.convert import ConversionError
+
+    if not renameat2:  # another OS, an old libc or a filesystem without the flags
+        monkeypatch.setattr(save, "_renameat2", lambda a, b, flags: False)
+    dst = tmp_path / "dst{0}"  # braces: the message is not a format string
+    if state != "absent":
+        dst.mkdir()
+    if state == "force":
+        (dst / "old.txt").write_text("an earlier conversion")
+    with atomic_folder(dst, force=True) as tmp:  # force: replaced whatever is there, nothing left beside
+        (tmp / "config.json").write_text("{}")
+    assert sorted(p.name for p in dst.iterdir()) == ["config.json"]
+    if state == "force":
+        return
+    dst.joinpath("config.json").unlink()
+    if state == "absent":
+        dst.rmdir()
+    with pytest.raises(ConversionError, match="changed while this conversion was writing") as raised:
+        with atomic_folder(dst, force=False) as tmp:
+            (tmp / "config.json").write_text("{}")
+            dst.mkdir(exist_ok=True)
+            (dst / "notes.txt").write_text("mine")
+    assert str(dst) in str(raised.value)
+    assert _tree(tmp_path) == {"dst{0}": "dir", "dst{0}/notes.txt": b"mine".hex()}

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import shutil
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -44,10 +45,15 @@ _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
 
 
-def stream_convert(source: str | Path, dst: str | Path, variant: str, *, force: bool = False) -> dict:
+def stream_convert(
+    source: str | Path, dst: str | Path, variant: str, *, force: bool = False, max_shard_size: str | int = "5GB"
+) -> dict:
     """Convert the family checkpoint ``source`` (folder or Hub id) to ``variant`` into ``dst``, one tensor at a
     time, without a fidelity pass; returns the report written beside the weights. ``dst`` is replaced only
-    once complete (a non-empty one only with ``force``)."""
+    once complete (a non-empty one only with ``force``). Each source shard is written as one or more output
+    shards of at most ``max_shard_size`` (as ``save_pretrained`` takes it: ``"500MB"`` or bytes) each; a
+    tensor larger than that gets a shard of its own."""
+    max_bytes = _shard_limit(max_shard_size)
     dst = check_destination(dst, force, source)  # before the work, so a refusal costs nothing
     folder = source_folder(source)
     config, model_cls = read_config(folder)
@@ -82,20 +88,23 @@ def stream_convert(source: str | Path, dst: str | Path, variant: str, *, force: 
     with atomic_folder(dst, force, source) as tmp:
         weight_map: dict[str, str] = {}
         total_size = 0
-        for index, shard in enumerate(shards):
-            entries = checked_header(shard)
-            if entries is None:
-                raise ConversionError(f"{str(shard)!r} holds dtypes this streaming reader does not handle")
-            out_name = _SINGLE if len(shards) == 1 else f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
-            with open(shard, "rb") as f:
-                planned = _plan_shard(f, entries, names, unit_map, glu_config, family.conv1d, dtype)
+        with ExitStack() as open_files:  # every output shard is planned (names, shapes) before any is written
+            groups: list[list[Planned]] = []
+            for shard in shards:
+                entries = checked_header(shard)
+                if entries is None:
+                    raise ConversionError(f"{str(shard)!r} holds dtypes this streaming reader does not handle")
+                f = open_files.enter_context(open(shard, "rb"))
+                groups += _split(_plan_shard(f, entries, names, unit_map, glu_config, family.conv1d, dtype), max_bytes)
+            names.check_complete()
+            for index, planned in enumerate(groups):
+                out_name = _SINGLE if len(groups) == 1 else f"model-{index + 1:05d}-of-{len(groups):05d}.safetensors"
                 with writing_to(dst):
                     write_streamed(tmp / out_name, planned, metadata={"format": "pt"})
-            for t in planned:
-                weight_map[t.name] = out_name
-                total_size += t.nbytes
-        names.check_complete()
-        if len(shards) > 1:
+                for t in planned:
+                    weight_map[t.name] = out_name
+                    total_size += t.nbytes
+        if len(groups) > 1:
             index_json = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
             with writing_to(dst):
                 (tmp / _INDEX).write_text(json.dumps(index_json, indent=2) + "\n")
@@ -127,6 +136,31 @@ def stream_convert(source: str | Path, dst: str | Path, variant: str, *, force: 
             (tmp / "conversion_report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
             render_conversion_card(report, model_name=dst.name).save(tmp / "README.md")
     return report
+
+
+def _shard_limit(max_shard_size: str | int) -> int:
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        limit = convert_file_size_to_int(max_shard_size)
+    except (ValueError, TypeError):
+        limit = None
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+        raise ConversionError(f"max_shard_size={max_shard_size!r} is invalid; expected a size such as 500MB or 5GB")
+    return limit
+
+
+def _split(planned: list[Planned], max_bytes: int) -> list[list[Planned]]:
+    """``planned`` in order, cut into runs of at most ``max_bytes`` (as Transformers cuts a state dict)."""
+    groups: list[list[Planned]] = []
+    size = 0
+    for t in planned:
+        if not groups or (size + t.nbytes > max_bytes and groups[-1]):
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.nbytes
+    return groups
 
 
 def _head_differs(shards: list[Path], names: CheckpointNames) -> bool:
