@@ -34,6 +34,7 @@ from transformers import (
 )
 
 from .glu import VARIANTS
+from .positions import max_positions
 from .training_data import STREAM_EVAL_DOCUMENTS, build_block_datasets
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -242,9 +243,9 @@ def checkpoint_step(checkpoint: str | Path) -> int:
 def check_block_size(block_size: int, model: PreTrainedModel) -> None:
     """``--block-size`` must fit the model: at least 2 tokens (one to predict the next) and no more than its
     position embeddings cover (a longer block fails at the first forward with an IndexError)."""
-    positions = getattr(model.config, "max_position_embeddings", None)
+    positions = max_positions(model.config)
     if block_size < 2 or (positions is not None and block_size > positions):
-        most = f" and <= {positions}, the model's max_position_embeddings" if positions is not None else ""
+        most = f" and <= {positions}, the model's position limit" if positions is not None else ""
         raise ValueError(f"--block-size={block_size} is invalid; expected an integer >= 2{most}")
 
 
