@@ -360,8 +360,12 @@ def test_token_prefix_reads_only_what_it_needs(gpt2_folder, tmp_path, monkeypatc
     path.write_text(builtin_corpus(20_000) * 100, encoding="utf-8")
     tokenized: list[int] = []
     original = type(tokenizer).__call__
-    monkeypatch.setattr(type(tokenizer), "__call__", lambda self, text, **kw: (tokenized.append(len(text)),
-                                                                               original(self, text, **kw))[1])  # fmt: skip
+
+    def counting(self, text, **kwargs):
+        tokenized.append(len(text))
+        return original(self, text, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "__call__", counting)
     prefix, ids = data.read_token_prefix(path, tokenizer, 256)
     assert len(ids) == 256 and len(prefix) < 100_000 and sum(tokenized) < 200_000
 
