@@ -354,10 +354,7 @@ def check_checkpoint_fits(checkpoint: str | Path, model: torch.nn.Module) -> Non
         return
     saved, adapter = found
     if adapter and not isinstance(model, PeftModel):
-        raise ValueError(
-            f"checkpoint {str(checkpoint)!r} holds a LoRA adapter, and this run trains the whole model; resume with "
-            "--lora as it was saved, or run without --resume or into another --output-dir"
-        )
+        _refuse(checkpoint, f"it holds a LoRA adapter ({next(iter(saved), 'no tensor')}, …), this model none")
     own, needed = _model_shapes(model, adapter)
     difference = next((f"{name} is {list(shape)} there, {list(own[name])} here"
                        for name, shape in saved.items() if name in own and own[name] != shape), None)  # fmt: skip
@@ -377,10 +374,14 @@ def check_checkpoint_fits(checkpoint: str | Path, model: torch.nn.Module) -> Non
         first = next(iter(unsaved))
         difference = f"it lacks {len(unsaved)} of this model's tensors, e.g. {first} {list(unsaved[first])}"
     if difference is not None:
-        raise ValueError(
-            f"checkpoint {str(checkpoint)!r} was saved from another model: {difference}; resume with the model it "
-            "was saved from (and the same --lora), or run without --resume or into another --output-dir"
-        )
+        _refuse(checkpoint, difference)
+
+
+def _refuse(checkpoint: Path, difference: str) -> None:
+    raise ValueError(
+        f"checkpoint {str(checkpoint)!r} was saved from another model: {difference}; resume with the model it was "
+        "saved from (and the same --lora), or run without --resume or into another --output-dir"
+    )
 
 
 def sweep_partial_checkpoints(output_dir: str | Path) -> None:

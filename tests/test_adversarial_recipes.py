@@ -166,6 +166,7 @@ def test_a_damaged_packing_cache_is_rebuilt_with_one_line_naming_it(assets, tmp_
     [
         ("pythia", "tensor(s) this model has no place for, e.g. gpt_neox."),  # another family
         ("--lora", "it lacks 28 of this model's tensors, e.g. base_model.model.transformer.h.0.attn.k_proj.lora_A"),
+        ("saved with --lora", "lora_A"),  # an adapter's checkpoint, the whole model trained now
     ],
 )
 def test_resuming_from_another_model_s_checkpoint_names_it_and_the_difference(
@@ -177,7 +178,7 @@ def test_resuming_from_another_model_s_checkpoint_names_it_and_the_difference(
     out = tmp_path / "out"
     model = assets / "pythia" if other == "pythia" else assets / "glu"
     argv = recipe_command(script, assets, out, "--model", str(model), "--max-steps", "2", "--save-steps", "2",
-                          launcher=())  # fmt: skip
+                          *(["--lora"] if other == "saved with --lora" else []), launcher=())  # fmt: skip
     assert run_in_process(script, argv, monkeypatch, capsys)[0] == 0
     before = listing(out)
     again = recipe_argv(script, assets, out, "--max-steps", "4", "--save-steps", "2", "--resume")
