@@ -31,6 +31,9 @@ from .data import builtin_corpus, iter_token_blocks
 _BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 TEXT = "text"
 STREAM_EVAL_DOCUMENTS = 100  # documents held out of a stream unless told otherwise
+# The held-out documents of a stream are read into memory, whole: past this many characters (a corpus that is one
+# long line, say) they are refused rather than read on.
+STREAM_EVAL_MAX_CHARS = 1 << 24
 # A stream holds no whole document: it reads a text file this many characters at a time, and cuts a document
 # longer than STREAM_PIECE_CHARS into pieces of at most that many characters (at a word boundary), each a row whose
 # CONTINUES column says whether the next row goes on with the same document (the EOS token comes after the
@@ -277,9 +280,17 @@ def split_held_out_stream(
 
 
 def _first_documents(rows: Iterable[dict], count: int) -> Iterator[dict]:
-    """The rows of the first ``count`` documents: a row the next continues (``CONTINUES``) does not end one."""
-    ended = 0
+    """The rows of the first ``count`` documents: a row the next continues (``CONTINUES``) does not end one.
+    More than ``STREAM_EVAL_MAX_CHARS`` characters in all is refused, as soon as they are read."""
+    ended = chars = 0
     for row in rows:
+        chars += len(row[TEXT])
+        if chars > STREAM_EVAL_MAX_CHARS:
+            raise ValueError(
+                f"the first {count} document(s) of the stream, held out for evaluation, hold more than "
+                f"{STREAM_EVAL_MAX_CHARS:,} characters (a document of a .txt runs to the next blank line); hold out "
+                "fewer with --eval-documents, or give the corpus shorter documents"
+            )
         yield row
         ended += not row.get(CONTINUES, False)
         if ended == count:

@@ -272,3 +272,26 @@ def test_a_stream_holds_out_whole_documents_not_pieces(tokenizer, tmp_path, monk
     assert "held" not in train_text and "train3w24" in train_text
     assert _rows(held_out) == pack_token_blocks(docs[:2], tokenizer, 8)
     assert _rows(train) == pack_token_blocks(docs[2:], tokenizer, 8)
+
+
+def test_held_out_documents_longer_than_the_limit_are_refused_unread(tokenizer, tmp_path, monkeypatch):
+    """Held out whole, a stream's first documents are read into memory: a corpus that is one long line would be
+    read whole. Past STREAM_EVAL_MAX_CHARS they are refused, reading stopped there."""
+    monkeypatch.setattr(training_data, "STREAM_PIECE_CHARS", 50)
+    monkeypatch.setattr(training_data, "_STREAM_CHUNK_CHARS", 64)
+    monkeypatch.setattr(training_data, "STREAM_EVAL_MAX_CHARS", 1000)
+    path = tmp_path / "one-line.txt"
+    path.write_text("short first document\n\n" + " ".join(f"w{i}" for i in range(2000)), encoding="utf-8")
+    read = []
+    original = training_data._text_file_pieces
+
+    def counted(paths):
+        for row in original(paths):
+            read.append(row)
+            yield row
+
+    monkeypatch.setattr(training_data, "_text_file_pieces", counted)
+    with pytest.raises(ValueError, match=r"the first 2 document\(s\) of the stream, held out .* more than 1,000 char"):
+        build_block_datasets(tokenizer, 8, train_file=path, streaming=True, eval_documents=2)
+    assert sum(len(row["text"]) for row in read) < 3000  # of about 11,000
+    build_block_datasets(tokenizer, 8, train_file=path, streaming=True, eval_documents=1)  # the short one: fine
