@@ -158,7 +158,9 @@ def add_eval(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--text-file", required=True, help="UTF-8 text file to score")
     p.add_argument("--max-length", type=int, default=None, help="window length (default: the model's, at most 1024)")
     p.add_argument("--stride", type=int, default=None, help="window step (default: half the window)")
-    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
+    p.add_argument(
+        "--max-tokens", type=int, default=None, help="score only the first N tokens (only the text they need is read)"
+    )
     p.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own modeling code")
     return p
 
