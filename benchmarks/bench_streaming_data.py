@@ -7,9 +7,9 @@ Builds a tiny GLU model and tokenizer offline, writes text files of the given si
 repeated, each copy numbered), runs ``recipes/finetune_trainer.py --streaming`` on each in a fresh process
 and reports that process's peak RSS (``wait4``'s ``ru_maxrss``, the recipe alone). ``--map-style`` also runs
 the cached, non-streaming path on the smallest file, for contrast. ``--one-line`` also runs a file of the
-smallest size holding the same text as ONE line (a single document, no newline): a stream reads and packs a
-long document in pieces, so its peak should match that of the short paragraphs. It holds out as many pieces
-as make the characters of the paragraphs' held-out documents, so both evaluate on the same amount of text.
+smallest size holding the same text as ONE line after the held-out paragraphs (a single document of almost all
+the file, no newline): a stream reads and packs a long document in pieces, so its peak should match that of the
+short paragraphs. Both hold out the same first paragraphs (a stream holds out whole documents, never pieces).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 from hf_glu import GluConfig, GluForCausalLM  # noqa: E402
 from hf_glu.convert.report import without_non_finite  # noqa: E402
 from hf_glu.data import builtin_corpus, train_bpe_tokenizer  # noqa: E402
-from hf_glu.training_data import STREAM_PIECE_CHARS  # noqa: E402
 
 EVAL_DOCUMENTS = 50  # paragraphs held out of the stream
 
@@ -50,11 +49,13 @@ def write_corpus(path: Path, megabytes: int) -> None:
 
 
 def write_one_line(path: Path, megabytes: int) -> None:
-    """The built-in corpus repeated as one line of ``megabytes`` MiB: every newline turned into a space."""
-    text = " ".join(p.replace("\n", " ") for p in builtin_corpus().split("\n\n") if p.strip())
+    """The first EVAL_DOCUMENTS paragraphs of ``write_corpus``'s file (held out), then the built-in corpus
+    repeated as one line up to ``megabytes`` MiB: every newline turned into a space."""
+    paragraphs = [p for p in builtin_corpus().split("\n\n") if p.strip()]
+    text = " ".join(p.replace("\n", " ") for p in paragraphs)
     target = megabytes << 20
-    written = 0
     with path.open("w", encoding="utf-8") as out:
+        written = sum(out.write(f"[0] {paragraph}\n\n") for paragraph in paragraphs[:EVAL_DOCUMENTS])
         copy = 0
         while written < target:
             piece = f"[{copy}] {text} "[: target - written]
@@ -70,12 +71,6 @@ def tiny_model(folder: Path) -> None:
     )  # fmt: skip
     GluForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-
-
-def held_out_pieces() -> int:
-    """Pieces of a one-line file holding about the characters of the first EVAL_DOCUMENTS paragraphs."""
-    paragraphs = [f"[0] {p}" for p in builtin_corpus().split("\n\n") if p.strip()][:EVAL_DOCUMENTS]
-    return max(1, round(sum(map(len, paragraphs)) / STREAM_PIECE_CHARS))
 
 
 def run_recipe(
@@ -136,7 +131,7 @@ def main() -> None:
                 text = tmp / f"one-line-{megabytes}mb.txt"
                 write_one_line(text, megabytes)
                 run = tmp / f"line-{megabytes}"
-                rows.append(run_recipe(tmp / "model", text, run, args.steps, True, args.threads, held_out_pieces()))
+                rows.append(run_recipe(tmp / "model", text, run, args.steps, True, args.threads, EVAL_DOCUMENTS))
                 text.unlink()
 
     print("| corpus (MiB) | layout | mode | steps | peak RSS (MiB) | wall (s) |")

@@ -69,14 +69,13 @@ def run_convert(args: argparse.Namespace) -> int:
     from .convert import DEFAULT_EVAL_TOKENS
     from .convert.pipeline import convert_to_folder
     from .convert.save import check_destination
-    from .data import read_text
 
     _check_convert_options(args)  # refuse before the slow part
     check_destination(args.dst, args.force, args.src)
     _release_freed_memory()
     if args.no_eval:
         return _run_streamed_convert(args)
-    eval_text = read_text(args.eval_text) if args.eval_text is not None else None
+    eval_text = _eval_text_prefix(args) if args.eval_text is not None else None
     conversion = convert_to_folder(
         args.src,
         args.dst,
@@ -121,6 +120,20 @@ def _check_convert_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--eval-text {args.eval_text!r} is not a file; expected a UTF-8 text file")
 
 
+def _eval_text_prefix(args: argparse.Namespace) -> str:
+    """The start of ``--eval-text`` that makes the ``--eval-tokens`` evaluated, read with the source's own
+    tokenizer (as the conversion reads it): a large file is never read, nor tokenized, whole."""
+    from .convert import DEFAULT_EVAL_TOKENS
+    from .convert.source import read_tokenizer, source_folder
+    from .data import iter_text, read_token_prefix
+
+    tokenizer = read_tokenizer(source_folder(args.src))
+    if tokenizer is None:  # the conversion refuses eval text it cannot tokenize: a first piece is enough for that
+        return next(iter_text(args.eval_text), "")
+    eval_tokens = DEFAULT_EVAL_TOKENS if args.eval_tokens is None else args.eval_tokens
+    return read_token_prefix(args.eval_text, tokenizer, eval_tokens)[0]
+
+
 def _run_streamed_convert(args: argparse.Namespace) -> int:
     from .convert.stream import stream_convert
 
@@ -161,37 +174,49 @@ def add_eval(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--text-file", required=True, help="UTF-8 text file to score")
     p.add_argument("--max-length", type=int, default=None, help="window length (default: the model's, at most 1024)")
     p.add_argument("--stride", type=int, default=None, help="window step (default: half the window)")
-    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
+    p.add_argument(
+        "--max-tokens", type=int, default=None, help="score only the first N tokens (only the text they need is read)"
+    )
     p.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own modeling code")
     return p
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .convert.perplexity import perplexity
-    from .data import read_text
+    from .data import read_text, read_token_prefix
+    from .positions import max_positions
 
     for option, value, least in (("--max-length", args.max_length, 2), ("--stride", args.stride, 1),
                                  ("--max-tokens", args.max_tokens, 2)):  # fmt: skip
         if value is not None and value < least:
             raise ValueError(f"{option} {value} is invalid; expected an integer >= {least}")
-    text = read_text(args.text_file)
+    if not Path(args.text_file).is_file():  # before the model's load, the slow part
+        raise FileNotFoundError(f"--text-file {args.text_file!r} is not a file; expected a UTF-8 text file")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    except Exception as e:  # missing files, bad configs: many types, all mean "cannot load"
+        raise ValueError(f"{args.model!r} cannot be loaded ({type(e).__name__}: {e})") from None
+    # Only the tokens scored are read and tokenized (bounded memory whatever the file's size); the text is
+    # checked (UTF-8, not empty) before the model is loaded.
+    if args.max_tokens is None:
+        token_ids = tokenizer(read_text(args.text_file), add_special_tokens=False).input_ids
+    else:
+        token_ids = read_token_prefix(args.text_file, tokenizer, args.max_tokens)[1]
+    ids = torch.tensor([token_ids], dtype=torch.long)
     try:
         model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     except Exception as e:  # missing files, corrupt weights, bad configs: many types, all mean "cannot load"
         raise ValueError(f"{args.model!r} cannot be loaded ({type(e).__name__}: {e})") from None
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
-    if args.max_tokens is not None:
-        ids = ids[:, : args.max_tokens]
     vocab = model.get_input_embeddings().num_embeddings
     if ids.numel() and int(ids.max()) >= vocab:
         raise ValueError(
             f"the tokenizer of {args.model!r} produces ids up to {int(ids.max())}, beyond the model's vocabulary "
             f"of {vocab}; expected the tokenizer the model was trained with"
         )
-    positions = getattr(model.config, "max_position_embeddings", None)
+    positions = max_positions(model.config)
     if args.max_length is not None and positions and args.max_length > positions:
         raise ValueError(f"--max-length {args.max_length} exceeds the model's {positions} positions")
     max_length = args.max_length or min(positions or 1024, 1024)

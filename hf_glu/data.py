@@ -5,6 +5,7 @@ pipeline for training data is ``training_data``).
 
 from __future__ import annotations
 
+import codecs
 import importlib
 import inspect
 from collections.abc import Iterable, Iterator
@@ -63,15 +64,104 @@ def builtin_corpus(max_chars: int | None = None) -> str:
     return "\n\n".join(paragraphs)
 
 
-def read_text(path: str | Path) -> str:
-    """Read a UTF-8 text file; a clear error if it is missing or empty."""
+# Byte-order marks of the encodings a text file is most often saved in instead of UTF-8 (UTF-32's first: UTF-16
+# LE's is a prefix of UTF-32 LE's).
+_OTHER_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"),
+               (b"\xfe\xff", "UTF-16"))  # fmt: skip
+_UTF8_BOM = b"\xef\xbb\xbf"
+_READ_BYTES = 1 << 16
+# Tokens read past the N asked for before the first N are taken as final: a tokenizer decides a token from the
+# text around it (a word, a run of spaces), so the N-th token could change if the text stopped right after it.
+_TOKEN_MARGIN = 64
+
+
+def iter_text(path: str | Path, chunk_bytes: int = _READ_BYTES) -> Iterator[str]:
+    """The text of the UTF-8 file ``path``, read lazily ``chunk_bytes`` at a time (a UTF-8 byte-order mark is
+    dropped). A file that is not UTF-8 text is refused, naming it, when the offending bytes are read: a
+    UTF-16/UTF-32 byte-order mark, a NUL byte (UTF-16 without a mark, or binary data: valid UTF-8 in law, text
+    in no tokenizer's sense), or bytes that do not decode."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"text file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0  # of the block being decoded, in the file
+    with path.open("rb") as file:
+        while True:
+            block = file.read(chunk_bytes)
+            if offset == 0:
+                _check_no_other_bom(path, block)
+                if block.startswith(_UTF8_BOM):
+                    block, offset = block[len(_UTF8_BOM) :], len(_UTF8_BOM)
+            if (nul := block.find(b"\x00")) >= 0:
+                raise ValueError(
+                    f"text file {str(path)!r} holds NUL bytes (the first at byte offset {offset + nul}), as UTF-16 "
+                    "text without a byte-order mark or binary data does; expected UTF-8 text"
+                )
+            held = len(decoder.getstate()[0])  # the start of a character cut by the previous block
+            try:
+                text = decoder.decode(block, final=not block)
+            except UnicodeDecodeError as error:
+                raise ValueError(
+                    f"text file {str(path)!r} is not UTF-8 (invalid byte at offset {offset - held + error.start}); "
+                    "expected UTF-8 text"
+                ) from None
+            if not block:
+                return
+            offset += len(block)
+            if text:
+                yield text
+
+
+def _check_no_other_bom(path: Path, head: bytes) -> None:
+    for bom, encoding in _OTHER_BOMS:
+        if head.startswith(bom):
+            raise ValueError(
+                f"text file {str(path)!r} is {encoding} (it starts with the {encoding} byte-order mark); expected "
+                f"UTF-8 text (convert it, e.g. iconv -f {encoding} -t UTF-8)"
+            )
+
+
+def _check_has_text(path: str | Path, text: str) -> None:
     if not text.strip():
         raise ValueError(f"text file {str(path)!r} is empty; expected some text")
+
+
+def read_text(path: str | Path) -> str:
+    """The whole text of a UTF-8 file; a clear error naming it if it is missing, empty or not UTF-8 text."""
+    text = "".join(iter_text(path))
+    _check_has_text(path, text)
     return text
+
+
+def read_token_prefix(
+    path: str | Path, tokenizer, max_tokens: int, *, chunk_bytes: int = _READ_BYTES
+) -> tuple[str, list[int]]:
+    """The first ``max_tokens`` token ids of a UTF-8 text file and a prefix of its text that makes them,
+    reading and tokenizing only about as much of the file as they need (not the file: a 10 MB file costs
+    gigabytes tokenized whole). The ids are exactly those of the whole file tokenized at once: the prefix
+    ends at whitespace, never inside a word, and holds ``_TOKEN_MARGIN`` tokens more than asked for.
+    Errors as :func:`read_text`'s."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens={max_tokens!r} is invalid; expected an integer >= 1")
+    pieces: list[str] = []
+    length = tokenized_length = 0
+    for piece in iter_text(path, chunk_bytes):
+        pieces.append(piece)
+        length += len(piece)
+        if length < 2 * tokenized_length:  # tokenized again only once doubled: linear work in all
+            continue
+        text = "".join(pieces)
+        pieces = [text]
+        cut = max(text.rfind(space) for space in " \n\t\r")
+        if cut <= 0:
+            continue
+        tokenized_length = length
+        ids = tokenizer(text[:cut], add_special_tokens=False).input_ids
+        if len(ids) >= max_tokens + _TOKEN_MARGIN:
+            return text[:cut], ids[:max_tokens]
+    text = "".join(pieces)
+    _check_has_text(path, text)
+    return text, tokenizer(text, add_special_tokens=False).input_ids[:max_tokens]
 
 
 def split_train_eval(text: str, eval_fraction: float = 0.1) -> tuple[str, str]:

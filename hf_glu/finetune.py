@@ -34,6 +34,7 @@ from transformers import (
 )
 
 from .glu import VARIANTS
+from .positions import max_positions
 from .training_data import STREAM_EVAL_DOCUMENTS, build_block_datasets
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -244,9 +245,9 @@ def checkpoint_step(checkpoint: str | Path) -> int:
 def check_block_size(block_size: int, model: PreTrainedModel) -> None:
     """``--block-size`` must fit the model: at least 2 tokens (one to predict the next) and no more than its
     position embeddings cover (a longer block fails at the first forward with an IndexError)."""
-    positions = getattr(model.config, "max_position_embeddings", None)
+    positions = max_positions(model.config)
     if block_size < 2 or (positions is not None and block_size > positions):
-        most = f" and <= {positions}, the model's max_position_embeddings" if positions is not None else ""
+        most = f" and <= {positions}, the model's position limit" if positions is not None else ""
         raise ValueError(f"--block-size={block_size} is invalid; expected an integer >= 2{most}")
 
 
@@ -298,6 +299,91 @@ def check_checkpoint(checkpoint: str | Path) -> None:
                 f"checkpoint file {str(path)!r} is damaged ({error}); delete {Path(checkpoint).name} to resume "
                 "from an earlier checkpoint, or run without --resume"
             ) from error
+
+
+# Prefixes a wrapper adds to a model's tensor names (DDP, torch.compile): the same tensors either way.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _unwrapped_name(name: str) -> str:
+    while name.startswith(_WRAPPER_PREFIXES):
+        name = name.split(".", 1)[1]
+    return name
+
+
+def _saved_shapes(checkpoint: Path) -> tuple[dict[str, tuple[int, ...]], bool] | None:
+    """The model tensors a checkpoint holds, ``{name: shape}``, and whether they are a PEFT adapter's only; None
+    when it holds none this can read: a torch.distributed.checkpoint (``.metadata``: the sharded recipe's, global
+    shapes), Accelerate's ``model.safetensors`` or a Trainer's ``model.safetensors``/``adapter_model.safetensors``."""
+    if (checkpoint / ".metadata").is_file():
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        entries = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+        shapes = {name.removeprefix("model."): tuple(entry.size) for name, entry in entries.items()
+                  if name.startswith("model.") and isinstance(entry, TensorStorageMetadata)}  # fmt: skip
+        return shapes, False
+    for file_name, adapter in (("model.safetensors", False), ("adapter_model.safetensors", True)):
+        if (checkpoint / file_name).is_file():
+            with safe_open(str(checkpoint / file_name), "pt") as weights:
+                shapes = {_unwrapped_name(k): tuple(weights.get_slice(k).get_shape()) for k in weights.keys()}
+            return shapes, adapter
+    return None
+
+
+def _model_shapes(model: torch.nn.Module, adapter: bool) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """``{name: shape}`` of what ``model`` may save, and the names it must save: its adapter's tensors as PEFT
+    names them for an adapter file; else every tensor of its state dict, a tied one under either name but
+    needed once (under the name ``named_parameters`` keeps)."""
+    if adapter:
+        from peft import get_peft_model_state_dict
+
+        shapes = {name: tuple(t.shape) for name, t in get_peft_model_state_dict(model).items()}
+        return shapes, set(shapes)
+    shapes = {_unwrapped_name(name): tuple(t.shape) for name, t in model.state_dict().items()}
+    needed = {_unwrapped_name(name) for name, _ in [*model.named_parameters(), *model.named_buffers()]}
+    return shapes, needed & set(shapes)
+
+
+def check_checkpoint_fits(checkpoint: str | Path, model: torch.nn.Module) -> None:
+    """Refuse to resume ``model`` from a ``checkpoint`` another model wrote (another size, family, or LoRA where
+    there was none), in one line naming the checkpoint and the first difference, before its load fails deep in
+    torch (a size mismatch, or the optimizer's "parameter group that doesn't match"). A tensor saved under
+    another name (a family's save-time renaming, e.g. GPT-NeoX's lm_head as embed_out) pairs up by shape."""
+    checkpoint = Path(checkpoint)
+    found = _saved_shapes(checkpoint)
+    if found is None:
+        return
+    saved, adapter = found
+    if adapter and not isinstance(model, PeftModel):
+        _refuse(checkpoint, f"it holds a LoRA adapter ({next(iter(saved), 'no tensor')}, …), this model none")
+    own, needed = _model_shapes(model, adapter)
+    difference = next((f"{name} is {list(shape)} there, {list(own[name])} here"
+                       for name, shape in saved.items() if name in own and own[name] != shape), None)  # fmt: skip
+    unsaved = {name: own[name] for name in sorted(needed) if name not in saved}
+    foreign = []
+    for name in sorted(set(saved) - set(own)):
+        twin = next((other for other, shape in unsaved.items() if shape == saved[name]), None)
+        if twin is None:
+            foreign.append(name)
+        else:
+            del unsaved[twin]
+    if difference is None and foreign:
+        difference = f"it holds {len(foreign)} tensor(s) this model has no place for, e.g. {foreign[0]} " + str(
+            list(saved[foreign[0]])
+        )
+    if difference is None and unsaved:
+        first = next(iter(unsaved))
+        difference = f"it lacks {len(unsaved)} of this model's tensors, e.g. {first} {list(unsaved[first])}"
+    if difference is not None:
+        _refuse(checkpoint, difference)
+
+
+def _refuse(checkpoint: Path, difference: str) -> None:
+    raise ValueError(
+        f"checkpoint {str(checkpoint)!r} was saved from another model: {difference}; resume with the model it was "
+        "saved from (and the same --lora), or run without --resume or into another --output-dir"
+    )
 
 
 def sweep_partial_checkpoints(output_dir: str | Path) -> None:

@@ -31,6 +31,9 @@ from .data import builtin_corpus, iter_token_blocks
 _BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 TEXT = "text"
 STREAM_EVAL_DOCUMENTS = 100  # documents held out of a stream unless told otherwise
+# The held-out documents of a stream are read into memory, whole: past this many characters (a corpus that is one
+# long line, say) they are refused rather than read on.
+STREAM_EVAL_MAX_CHARS = 1 << 24
 # A stream holds no whole document: it reads a text file this many characters at a time, and cuts a document
 # longer than STREAM_PIECE_CHARS into pieces of at most that many characters (at a word boundary), each a row whose
 # CONTINUES column says whether the next row goes on with the same document (the EOS token comes after the
@@ -257,11 +260,13 @@ def split_held_out_stream(
     documents: datasets.IterableDataset, eval_documents: int
 ) -> tuple[datasets.IterableDataset, datasets.Dataset]:
     """A stream's first ``eval_documents`` non-empty documents held out (read into memory), the rest for
-    training: a stream's length is unknown, so its tail cannot be held out without reading it all."""
+    training: a stream's length is unknown, so its tail cannot be held out without reading it all. A document
+    the stream brings in pieces (``load_documents``) is held out with all of them: counted by document, not
+    by row, so no part of a held-out document is ever trained on."""
     if eval_documents < 1:
         raise ValueError(f"eval_documents={eval_documents!r} is invalid; expected an integer >= 1")
     documents = documents.filter(_has_text, batched=True, batch_size=_STREAM_BATCH)
-    held_out = list(documents.take(eval_documents))
+    held_out = list(_first_documents(documents, eval_documents))
     if not held_out:
         raise ValueError("the stream has no document to hold out for evaluation; expected some text")
     # Left out by content, not with skip(N): split between processes by file, a stream would apply the skip to
@@ -272,6 +277,24 @@ def split_held_out_stream(
         lambda batch: [text not in held_out_texts for text in batch[TEXT]], batched=True, batch_size=_STREAM_BATCH
     )
     return rest, datasets.Dataset.from_list(held_out)
+
+
+def _first_documents(rows: Iterable[dict], count: int) -> Iterator[dict]:
+    """The rows of the first ``count`` documents: a row the next continues (``CONTINUES``) does not end one.
+    More than ``STREAM_EVAL_MAX_CHARS`` characters in all is refused, as soon as they are read."""
+    ended = chars = 0
+    for row in rows:
+        chars += len(row[TEXT])
+        if chars > STREAM_EVAL_MAX_CHARS:
+            raise ValueError(
+                f"the first {count} document(s) of the stream, held out for evaluation, hold more than "
+                f"{STREAM_EVAL_MAX_CHARS:,} characters (a document of a .txt runs to the next blank line); hold out "
+                "fewer with --eval-documents, or give the corpus shorter documents"
+            )
+        yield row
+        ended += not row.get(CONTINUES, False)
+        if ended == count:
+            return
 
 
 def _has_text(batch: dict[str, list]) -> list[bool]:

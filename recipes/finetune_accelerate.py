@@ -45,6 +45,7 @@ from hf_glu.finetune import (
     build_datasets_from_args,
     check_block_size,
     check_checkpoint,
+    check_checkpoint_fits,
     check_finetune_args,
     check_one_batch,
     check_tensor_parallel,
@@ -192,6 +193,7 @@ def main() -> None:
     checkpoint = latest_checkpoint(output_dir) if args.resume else None
     if checkpoint is not None:
         check_checkpoint(checkpoint)
+        check_checkpoint_fits(checkpoint, accelerator.unwrap_model(model))
         accelerator.load_state(str(checkpoint))
         step = checkpoint_step(checkpoint)
         accelerator.print(f"resuming from {checkpoint} (step {step})")
@@ -335,6 +337,7 @@ def sharded_main(args) -> None:
     step = 0
     checkpoint = latest_checkpoint(output_dir, SHARDED_MARKER) if args.resume else None
     if checkpoint is not None:
+        check_checkpoint_fits(checkpoint, model)
         step = load_sharded_checkpoint(checkpoint, model, optimizer, scheduler)
         print_once(f"resuming from {checkpoint} (step {step})")
     elif args.resume:

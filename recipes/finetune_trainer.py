@@ -21,6 +21,7 @@ from hf_glu.finetune import (
     build_datasets_from_args,
     check_block_size,
     check_checkpoint,
+    check_checkpoint_fits,
     check_finetune_args,
     checkpoint_step,
     finetune_arg_parser,
@@ -114,6 +115,7 @@ def main() -> None:
     checkpoint = latest_checkpoint(output_dir, COMPLETE_MARKER) if args.resume else None
     if checkpoint is not None:
         check_checkpoint(checkpoint)
+        check_checkpoint_fits(checkpoint, trainer.model)
     resumed_from = checkpoint_step(checkpoint) if checkpoint else 0
     if args.resume:
         print(f"resuming from {checkpoint} (step {resumed_from})" if checkpoint else "no checkpoint yet: from step 0")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+import torch
 from accelerate.state import AcceleratorState, GradientState
 from test_recipes import RECIPES, assets, recipe_command  # noqa: F401  (assets: the recipes' tiny models)
 from transformers import AutoTokenizer
@@ -157,3 +158,54 @@ def test_a_damaged_packing_cache_is_rebuilt_with_one_line_naming_it(assets, tmp_
         (line,) = [record.getMessage() for record in caplog.records]
         assert line.startswith(f"packing cache {arrow} is damaged (") and reason in line, line
         assert line.endswith("; rebuilding it")
+
+
+@pytest.mark.parametrize("script", BOTH)
+@pytest.mark.parametrize(
+    ("other", "difference"),
+    [
+        ("pythia", "tensor(s) this model has no place for, e.g. gpt_neox."),  # another family
+        ("--lora", "it lacks 28 of this model's tensors, e.g. base_model.model.transformer.h.0.attn.k_proj.lora_A"),
+        ("saved with --lora", "lora_A"),  # an adapter's checkpoint, the whole model trained now
+    ],
+)
+def test_resuming_from_another_model_s_checkpoint_names_it_and_the_difference(
+    assets, tmp_path, monkeypatch, capsys, script, other, difference  # noqa: F811
+):
+    """--resume from a checkpoint another model wrote: exit 2, one line naming the checkpoint and what differs
+    (it was a traceback: Accelerate's size mismatch, or torch's "parameter group that doesn't match" under Trainer),
+    the folder as it was."""
+    out = tmp_path / "out"
+    model = assets / "pythia" if other == "pythia" else assets / "glu"
+    argv = recipe_command(script, assets, out, "--model", str(model), "--max-steps", "2", "--save-steps", "2",
+                          *(["--lora"] if other == "saved with --lora" else []), launcher=())  # fmt: skip
+    assert run_in_process(script, argv, monkeypatch, capsys)[0] == 0
+    before = listing(out)
+    again = recipe_argv(script, assets, out, "--max-steps", "4", "--save-steps", "2", "--resume")
+    again += ["--lora"] if other == "--lora" else []
+    status, stderr = run_in_process(script, again, monkeypatch, capsys)
+    assert_refused(status, stderr, script, f"checkpoint '{out / 'checkpoint-2'}' was saved from another model",
+                   difference, "without --resume")  # fmt: skip
+    assert listing(out) == before
+
+
+def test_a_sharded_checkpoint_of_another_model_is_refused_naming_the_difference(assets, tmp_path):  # noqa: F811
+    """The sharded (TP/FSDP) route's checkpoint, a torch.distributed.checkpoint: its tensors' global shapes are
+    read from its metadata and compared before any shard is loaded."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from transformers import AutoModelForCausalLM
+
+    from hf_glu.finetune import check_checkpoint_fits
+
+    glu = AutoModelForCausalLM.from_pretrained(assets / "glu")
+    wider = hf_glu.GluForCausalLM(hf_glu.GluConfig(**{**glu.config.to_dict(), "n_inner": 64}))
+    checkpoint = tmp_path / "checkpoint-2"
+    optimizer = torch.optim.AdamW(glu.parameters())
+    model_state, optimizer_state = get_state_dict(glu, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(checkpoint))
+    check_checkpoint_fits(checkpoint, glu)  # its own model: accepted
+    with pytest.raises(ValueError) as refused:
+        check_checkpoint_fits(checkpoint, wider)
+    assert f"checkpoint '{checkpoint}' was saved from another model: " in str(refused.value)
+    assert "transformer.h.0.mlp.gate_proj.weight is [48, 32] there, [64, 32] here" in str(refused.value)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from hf_glu.data import builtin_corpus, pack_token_blocks, split_train_eval, train_bpe_tokenizer
+from hf_glu.data import builtin_corpus, iter_text, pack_token_blocks, read_text, split_train_eval, train_bpe_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -44,3 +44,35 @@ def test_packing_makes_full_blocks_separated_by_eos(tokenizer):
 def test_packing_refuses_text_shorter_than_a_block(tokenizer):
     with pytest.raises(ValueError, match="fewer than one block"):
         pack_token_blocks(["hi"], tokenizer, block_size=512)
+
+
+def test_text_is_read_in_pieces_that_join_to_the_file(tmp_path):
+    """Blocks of 5 bytes cut multi-byte characters: the pieces still join to the decoded file, whose UTF-8
+    byte-order mark is dropped."""
+    text = "naïve café — ünïcödé ✓ " * 40
+    path = tmp_path / "t.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    pieces = list(iter_text(path, chunk_bytes=5))
+    assert len(pieces) > 100 and "".join(pieces) == text == read_text(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("text".encode("utf-32"), "is UTF-32 (it starts with the UTF-32 byte-order mark)"),
+        ("text".encode("utf-16-be"), "holds NUL bytes (the first at byte offset 0)"),
+        ("a" * 10 + "é", None),  # whole: accepted
+        (b"a" * 10 + "é".encode()[:1], "not UTF-8 (invalid byte at offset 10)"),  # cut short at the end
+        (b"ab\x80cd", "not UTF-8 (invalid byte at offset 2)"),
+    ],
+)
+def test_text_that_is_not_utf8_is_refused_naming_the_file(tmp_path, content, message):
+    path = tmp_path / "odd.txt"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    if message is None:
+        assert read_text(path) == content
+        return
+    with pytest.raises(ValueError) as refused:
+        read_text(path)
+    assert f"text file '{path}' " in str(refused.value) and message in str(refused.value)
+    assert "expected UTF-8 text" in str(refused.value)

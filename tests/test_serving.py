@@ -308,3 +308,30 @@ def test_upstream_serve_loader_cannot_find_glu_classes_without_the_wrapper(serve
         model = getattr(transformers, architecture).from_pretrained(served_checkpoints["gpt_neox"])
     assert type(model).__name__ == architecture == "GluGPTNeoXForCausalLM"
     assert not hasattr(transformers, architecture)  # removed again
+
+
+def _serve_module(tmp_path, args: list[str], prelude: str = "") -> subprocess.CompletedProcess:
+    """``python -m hf_glu.serve ARGS`` in a fresh process, after ``prelude``."""
+    script = prelude + "import runpy, sys\nsys.argv[0] = 'serve'\nrunpy.run_module('hf_glu.serve', run_name='__main__')"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-c", script, *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+
+
+def test_serve_help_shows_the_command_line_that_works(tmp_path):
+    """The usage line is `python -m hf_glu.serve [OPTIONS] [FORCE_MODEL]` (it read `python -m hf_glu.serve serve …`,
+    and following it made "serve" the model to load)."""
+    result = _serve_module(tmp_path, ["--help"])
+    assert result.returncode == 0, result.stderr
+    usage = next(line for line in result.stdout.splitlines() if "Usage:" in line)
+    assert "python -m hf_glu.serve [OPTIONS]" in usage and "serve serve" not in usage, usage
+
+
+def test_serve_without_the_server_packages_names_what_to_install(tmp_path):
+    """fastapi and uvicorn missing (None in sys.modules: what an uninstalled package looks like to import and to
+    find_spec): one line naming them and the install command, exit 2, no traceback."""
+    missing = "import sys\nsys.modules.update(fastapi=None, uvicorn=None)\n"
+    result = _serve_module(tmp_path, ["some-model"], prelude=missing)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "fastapi, uvicorn" in result.stderr and 'pip install "transformers[serving]"' in result.stderr

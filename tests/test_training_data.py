@@ -249,7 +249,49 @@ def test_a_stream_reads_and_packs_a_long_document_in_pieces(tokenizer, tmp_path,
     starts = [0] + [i + 1 for i in ends[:-1]]
     assert ["".join(row["text"] for row in rows[a : b + 1]) for a, b in zip(starts, ends, strict=True)] == docs
     train, held_out = build_block_datasets(tokenizer, 8, train_file=path, streaming=True, eval_documents=1)
-    rest = ["".join(row["text"] for row in rows[1 : ends[0] + 1]), *docs[1:]]  # the first piece is held out
-    assert _rows(train) == pack_token_blocks(rest, tokenizer, 8)
-    eos = tokenizer.eos_token_id
-    assert eos not in _rows(held_out)[0] and eos not in tokenizer(rows[0]["text"])["input_ids"]
+    assert _rows(train) == pack_token_blocks(docs[1:], tokenizer, 8)  # the first document held out whole
+    assert _rows(held_out) == pack_token_blocks(docs[:1], tokenizer, 8)
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_a_stream_holds_out_whole_documents_not_pieces(tokenizer, tmp_path, monkeypatch, suffix):
+    """--streaming --eval-documents N holds out N documents: a long one cut into pieces is held out with all its
+    pieces, none of which is trained on (the split counted pieces: a long first document's other pieces went to
+    training)."""
+    monkeypatch.setattr(training_data, "STREAM_PIECE_CHARS", 50)
+    monkeypatch.setattr(training_data, "_STREAM_CHUNK_CHARS", 64)
+    docs = [" ".join(f"held{d}w{i}" for i in range(n)) for d, n in enumerate((40, 30))]
+    docs += [" ".join(f"train{d}w{i}" for i in range(25)) for d in range(4)]
+    path = tmp_path / f"docs{suffix}"
+    if suffix == ".txt":
+        path.write_text("\n\n".join(docs), encoding="utf-8")
+    else:
+        path.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs), encoding="utf-8")
+    train, held_out = build_block_datasets(tokenizer, 8, train_file=path, streaming=True, eval_documents=2)
+    train_text = "".join(tokenizer.decode(row) for row in _rows(train))
+    assert "held" not in train_text and "train3w24" in train_text
+    assert _rows(held_out) == pack_token_blocks(docs[:2], tokenizer, 8)
+    assert _rows(train) == pack_token_blocks(docs[2:], tokenizer, 8)
+
+
+def test_held_out_documents_longer_than_the_limit_are_refused_unread(tokenizer, tmp_path, monkeypatch):
+    """Held out whole, a stream's first documents are read into memory: a corpus that is one long line would be
+    read whole. Past STREAM_EVAL_MAX_CHARS they are refused, reading stopped there."""
+    monkeypatch.setattr(training_data, "STREAM_PIECE_CHARS", 50)
+    monkeypatch.setattr(training_data, "_STREAM_CHUNK_CHARS", 64)
+    monkeypatch.setattr(training_data, "STREAM_EVAL_MAX_CHARS", 1000)
+    path = tmp_path / "one-line.txt"
+    path.write_text("short first document\n\n" + " ".join(f"w{i}" for i in range(2000)), encoding="utf-8")
+    read = []
+    original = training_data._text_file_pieces
+
+    def counted(paths):
+        for row in original(paths):
+            read.append(row)
+            yield row
+
+    monkeypatch.setattr(training_data, "_text_file_pieces", counted)
+    with pytest.raises(ValueError, match=r"the first 2 document\(s\) of the stream, held out .* more than 1,000 char"):
+        build_block_datasets(tokenizer, 8, train_file=path, streaming=True, eval_documents=2)
+    assert sum(len(row["text"]) for row in read) < 3000  # of about 11,000
+    build_block_datasets(tokenizer, 8, train_file=path, streaming=True, eval_documents=1)  # the short one: fine

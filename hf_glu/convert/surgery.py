@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 
 from ..configuration_glu_families import FAMILIES, GLU_FAMILY_CONFIGS, Family, mlp_attribute
 from ..modeling_glu_families import GLU_FAMILY_MODELS
+from ..positions import max_positions
 from . import gpt2
 from .checkpoint_names import head_is_tied
 from .errors import ConversionError
@@ -83,7 +84,7 @@ class Surgery:
 
     def max_positions(self, config) -> int | None:
         """The longest sequence the source attends over (``None``: no limit the config states)."""
-        return getattr(config, "max_position_embeddings", None)
+        return max_positions(config)
 
     def preactivation(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         proj_in, act, _ = self.source_mlp(layer)
@@ -117,9 +118,6 @@ class Gpt2Surgery(Surgery):
 
     def glu_mlps(self, model):
         return [block.mlp for block in model.base_model.h]
-
-    def max_positions(self, config):
-        return config.n_positions
 
 
 class FamilySurgery(Surgery):
@@ -185,10 +183,6 @@ class FamilySurgery(Surgery):
 
     def glu_mlps(self, model):
         return [getattr(layer, mlp_attribute(self.family)) for layer in self.source_layers(model)]
-
-    def max_positions(self, config):
-        # ALiBi families (BLOOM, MPT) have no position table; their configs may still state a length.
-        return getattr(config, "max_position_embeddings", None) or getattr(config, "max_seq_len", None)
 
     def weights(self, source, config, unit_maps, share, layer_done):
         """The source's state dict with each layer's MLP tensors replaced (left out with ``unit_maps``
