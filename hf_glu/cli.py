@@ -183,9 +183,10 @@ def add_eval(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run_eval(args: argparse.Namespace) -> int:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .convert.perplexity import perplexity
+    from .convert.source import source_folder
     from .data import read_text, read_token_prefix
     from .positions import max_positions
 
@@ -195,10 +196,20 @@ def run_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"{option} {value} is invalid; expected an integer >= {least}")
     if not Path(args.text_file).is_file():  # before the model's load, the slow part
         raise FileNotFoundError(f"--text-file {args.text_file!r} is not a file; expected a UTF-8 text file")
+    folder = source_folder(args.model)  # the files convert would read, checked as it checks them
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=args.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=args.trust_remote_code)
     except Exception as e:  # missing files, bad configs: many types, all mean "cannot load"
         raise ValueError(f"{args.model!r} cannot be loaded ({type(e).__name__}: {e})") from None
+    # The window from the config, before the weights are read.
+    positions = max_positions(config)
+    if args.max_length is not None and positions and args.max_length > positions:
+        raise ValueError(f"--max-length {args.max_length} exceeds the model's {positions} positions")
+    max_length = args.max_length or min(positions or 1024, 1024)
+    stride = args.stride or max(max_length // 2, 1)
+    if stride > max_length:
+        raise ValueError(f"--stride {stride} exceeds the window of {max_length} tokens; expected at most that")
     # Only the tokens scored are read and tokenized (bounded memory whatever the file's size); the text is
     # checked (UTF-8, not empty) before the model is loaded.
     if args.max_tokens is None:
@@ -207,7 +218,7 @@ def run_eval(args: argparse.Namespace) -> int:
         token_ids = read_token_prefix(args.text_file, tokenizer, args.max_tokens)[1]
     ids = torch.tensor([token_ids], dtype=torch.long)
     try:
-        model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=args.trust_remote_code)
     except Exception as e:  # missing files, corrupt weights, bad configs: many types, all mean "cannot load"
         raise ValueError(f"{args.model!r} cannot be loaded ({type(e).__name__}: {e})") from None
     vocab = model.get_input_embeddings().num_embeddings
@@ -216,13 +227,6 @@ def run_eval(args: argparse.Namespace) -> int:
             f"the tokenizer of {args.model!r} produces ids up to {int(ids.max())}, beyond the model's vocabulary "
             f"of {vocab}; expected the tokenizer the model was trained with"
         )
-    positions = max_positions(model.config)
-    if args.max_length is not None and positions and args.max_length > positions:
-        raise ValueError(f"--max-length {args.max_length} exceeds the model's {positions} positions")
-    max_length = args.max_length or min(positions or 1024, 1024)
-    stride = args.stride or max(max_length // 2, 1)
-    if stride > max_length:
-        raise ValueError(f"--stride {stride} exceeds the window of {max_length} tokens; expected at most that")
     result = perplexity(model, ids, max_length=max_length, stride=stride)
     from .convert.report import without_non_finite
 

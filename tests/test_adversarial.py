@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+import transformers
 from test_convert import tiny_gpt2
 
 from hf_glu import convert_checkpoint
@@ -231,7 +232,11 @@ BAD_EVAL = [
 
 
 @pytest.mark.parametrize("options, message", BAD_EVAL, ids=[" ".join(o) for o, _ in BAD_EVAL])
-def test_bad_eval_options_end_in_one_line(options, message, gpt2_folder, tmp_path, capsys):
+def test_bad_eval_options_end_in_one_line(options, message, gpt2_folder, tmp_path, capsys, monkeypatch):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_load)
     capsys.readouterr()
     assert main(["eval", str(gpt2_folder), "--text-file", str(tmp_path / "text.txt"), *options]) == 2
     err = capsys.readouterr().err

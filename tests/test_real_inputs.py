@@ -125,7 +125,7 @@ def test_a_single_file_beside_an_index_is_read_as_transformers_reads_it(route, t
 
 
 @pytest.mark.parametrize("route", ROUTES)
-def test_a_link_leading_out_of_the_source_isrefused(route, tmp_path, capsys):
+def test_a_link_leading_out_of_the_source_is_refused(route, tmp_path, capsys):
     src = tmp_path / "src"
     _saved(src, "gpt_neox", sharded=False)
     (tmp_path / "secret.json").write_text(json.dumps({"secret": "do not copy", "do_sample": False}))
@@ -135,8 +135,19 @@ def test_a_link_leading_out_of_the_source_isrefused(route, tmp_path, capsys):
     refused(args, tmp_path, capsys, "generation_config.json", str(tmp_path / "secret.json"), "blobs/")
 
 
+def test_eval_refuses_a_link_leading_out_of_the_model_folder(tmp_path, capsys):
+    """`hf-glu eval` asks the same check as convert before Transformers opens a file of the folder."""
+    src = tmp_path / "src"
+    _saved(src, "gpt_neox", sharded=False)
+    (tmp_path / "secret.json").write_text(json.dumps({"secret": "do not read"}))
+    (src / "tokenizer_config.json").symlink_to(tmp_path / "secret.json")
+    (tmp_path / "text.txt").write_text("some words to score, and a few more of them")
+    args = ["eval", str(src), "--text-file", str(tmp_path / "text.txt")]
+    refused(args, tmp_path, capsys, "tokenizer_config.json", str(tmp_path / "secret.json"))
+
+
 @pytest.mark.parametrize("route", ROUTES)
-def test_a_shard_linked_into_another_repositorys_blobs_isrefused(route, hub_cache, tmp_path, capsys):
+def test_a_shard_linked_into_another_repositorys_blobs_is_refused(route, hub_cache, tmp_path, capsys):
     _saved(tmp_path / "saved", "gpt_neox", sharded=True)
     snapshot = hub_snapshot(tmp_path / "saved", hub_cache, "org/tiny")
     torch.manual_seed(1)
@@ -151,7 +162,7 @@ def test_a_shard_linked_into_another_repositorys_blobs_isrefused(route, hub_cach
 
 @pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("reference", ["../../x.Tok", "other/repo--tokenization.Tok"])
-def test_a_tokenizer_auto_map_naming_code_outside_the_folder_isrefused(reference, route, tmp_path, capsys):
+def test_a_tokenizer_auto_map_naming_code_outside_the_folder_is_refused(reference, route, tmp_path, capsys):
     tokenizer = train_bpe_tokenizer("the quick brown fox jumps over the lazy dog. " * 20, 120)
     src = tmp_path / "src"
     _saved(src, "gpt_neox", sharded=False, vocab_size=len(tokenizer))
