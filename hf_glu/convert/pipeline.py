@@ -223,7 +223,8 @@ def convert_checkpoint(
             variant's documented bound: see :mod:`hf_glu.convert.init_schemes`) or ``"random"``
             (fresh MLP weights; attention, embeddings and norms kept).
         intermediate_size: the GLU width; only ``"random"`` may change it (e.g. ``2/3 · 4 · n_embd``).
-        torch_dtype: dtype of the result (default: the source's).
+        torch_dtype: dtype of the result's parameters (default: the source's); buffers keep the dtype their
+            class gives them (float32 rotary frequencies), so the result is what reloading its checkpoint gives.
         tokenizer: tokenizer for the calibration and evaluation text when ``source`` is an instance
             (a folder's own tokenizer is used otherwise); without one, random token ids are used.
         eval_text: text for the fidelity report (default: part of the built-in corpus).

@@ -33,6 +33,7 @@ SUPPORTED_MODEL_TYPES = ("gpt2", *FAMILIES)
 # `gate_proj.weight`) while the source layer still exists.
 LayerDone = Callable[[int, nn.Module, dict[str, torch.Tensor]], None]
 
+
 def _bloom_unsupported(config) -> str | None:
     if getattr(config, "pretraining_tp", 1) > 1 and getattr(config, "slow_but_exact", False):
         return (f"slow_but_exact=true with pretraining_tp={config.pretraining_tp} is not supported: that path "
