@@ -358,12 +358,13 @@ def test_a_cast_instance_converts_to_what_reloading_its_checkpoint_gives(tmp_pat
     assert (_logits(reloaded, ids) - _logits(source, ids)).abs().max().item() == stated
 
 
-@pytest.mark.parametrize("model_type", ALL_FAMILIES)
-def test_the_converted_model_equals_its_reloaded_checkpoint(model_type, tmp_path):
+@pytest.mark.parametrize("model_type, init", [*((t, "preserve") for t in ALL_FAMILIES), ("gptj", "random")])
+def test_the_converted_model_equals_its_reloaded_checkpoint(model_type, init, tmp_path):
     from hf_glu.convert.pipeline import convert_to_folder
 
     source = tiny_source(model_type).to(torch.bfloat16)  # a cast instance: its buffers are rounded, if it has any
-    conversion = convert_to_folder(source, tmp_path / "dst", exact_variant(model_type, source.config), eval_tokens=16)
+    variant = exact_variant(model_type, source.config)
+    conversion = convert_to_folder(source, tmp_path / "dst", variant, init, eval_tokens=16)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dst", trust_remote_code=True, **_EAGER)
     ids = _eval_ids(source.config.vocab_size, 16)
     assert torch.equal(_logits(conversion.model, ids), _logits(reloaded, ids))

@@ -270,8 +270,7 @@ def build_model(
                                                      and ".down_proj." not in k)]  # fmt: skip
     if left or unexpected:  # a mapping bug, not a user error
         raise RuntimeError(f"weight mapping incomplete: missing {left}, unexpected {unexpected}")
-    if seed is None:
-        _init_buffers(model)  # after the build, in float32: `from_pretrained` initialises outside its dtype context
+    _init_buffers(model)  # after the build, in float32: `from_pretrained` initialises outside its dtype context
     if tied:
         model.tie_weights()
     for parameter in model.parameters():
@@ -282,21 +281,20 @@ def build_model(
 
 @torch.no_grad()
 def _init_buffers(model: PreTrainedModel) -> None:
-    """Give the buffers still on the meta device their values as ``from_pretrained`` does: the model's own
-    ``_init_weights`` on each module holding one, with every loaded tensor marked initialised so that only
-    the buffers are written."""
-    owners: dict[str, nn.Module] = {}
-    for name, buffer in model.named_buffers():
-        if buffer.is_meta:
-            owner, _, leaf = name.rpartition(".")
-            owners[owner] = model.get_submodule(owner)
-            owners[owner]._buffers[leaf] = torch.empty_like(buffer, device="cpu")
+    """Give the non-persistent buffers their values as ``from_pretrained`` does: the model's own
+    ``_init_weights`` on each module holding one, with every other tensor marked initialised so that only
+    the buffers are written (``__init__`` may have computed them differently, under the dtype as default)."""
+    owners = [m for m in model.modules() if any(m._buffers.get(n) is not None for n in m._non_persistent_buffers_set)]
+    for module in owners:
+        for name in module._non_persistent_buffers_set:
+            if module._buffers.get(name) is not None:
+                module._buffers[name] = torch.empty_like(module._buffers[name], device="cpu")
     for tensor in model.state_dict(keep_vars=True).values():
         tensor._is_hf_initialized = True  # Transformers' own mark of a loaded tensor; its init skips these
     # Transformers' guard makes plain torch.nn.init calls in an _init_weights respect that mark too.
     guard = getattr(transformers_init, "guard_torch_init_functions", contextlib.nullcontext)
     with guard():
-        for module in owners.values():
+        for module in owners:
             model._init_weights(module)
 
 
