@@ -19,6 +19,7 @@ shown in the title but replaced by a placeholder in the code.
 from __future__ import annotations
 
 import json
+import math
 import unicodedata
 from importlib import resources
 from pathlib import Path
@@ -121,7 +122,6 @@ def _scheme_text(report: dict) -> str:
         )
     layer = report["layers"][0]["unit_map"]
     exact = all(entry["unit_map"]["exact"] for entry in report["layers"])
-    bound = max(entry["unit_map"]["bound"] for entry in report["layers"])
     proj_in, proj_out = report["source_projections"]
     text = (
         f"`preserve`: with `z = {proj_in}(x)` the source's pre-activation, `down_proj = {proj_out}` and "
@@ -130,15 +130,52 @@ def _scheme_text(report: dict) -> str:
     )
     if len({str(entry["unit_map"]) for entry in report["layers"]}) > 1:
         text += " (layer 0; each layer is fitted on its own recorded pre-activations, see the report)"
-    text += ". "
-    if exact:
-        return text + "The GLU computes the source's activation exactly: only fp32 rounding differs."
-    low, high = layer["fit_range"]
+    text += ". " + _bound_text(report, exact)
+    # The claim about the whole model follows the measurement, never the map alone: "exactly" only for a
+    # measured difference of 0 (rounding in the converted dtype can make an exact map's outputs differ).
+    measured = report.get("max_abs_output_diff")
+    if "evaluation" in report or measured is None:
+        return text + " The converted model was not run against the source (see Fidelity)."
+    output = report.get("compared_output", "outputs")
+    if measured == 0.0:
+        return text + f" Measured on the evaluation text, the converted model's {output} equal the source's exactly."
     return text + (
-        f"The GLU approximates {_code(report['source_activation'])} to within {bound:.3g} per intermediate unit "
-        f"for z in [{low:.3g}, {high:.3g}]. Where the up weights start at zero they still receive "
-        "gradients, so fine-tuning learns the gated path."
+        f" Measured on the evaluation text, the converted model's {output} differ from the source's by at most "
+        f"{_rounded_up(measured)}."
     )
+
+
+def _bound_text(report: dict, exact: bool) -> str:
+    """The activation map's claim: exact, or each layer's bound on the range of z it was computed over."""
+    if exact:
+        return "The map is exact in real arithmetic: the GLU computes the source's activation itself."
+    maps = [entry["unit_map"] for entry in report["layers"]]
+    worst = max(range(len(maps)), key=lambda i: maps[i]["bound"])
+    bound, (low, high) = maps[worst]["bound"], maps[worst]["fit_range"]
+    tail = "Where the up weights start at zero they still receive gradients, so fine-tuning learns the gated path."
+    if len({(m["bound"], tuple(m["fit_range"])) for m in maps}) == 1:
+        activation = _code(report["source_activation"])
+        return (f"The GLU approximates {activation} to within {bound:.3g} per intermediate unit "
+                f"for z in [{low:.3g}, {high:.3g}]. {tail}")  # fmt: skip
+    # Each layer's bound holds on its own range only: a bound is never paired with another layer's range.
+    per_layer = "; ".join(
+        f"layer {i}: {m['bound']:.3g} on z in [{m['fit_range'][0]:.3g}, {m['fit_range'][1]:.3g}]"
+        for i, m in enumerate(maps)
+    )
+    return (
+        f"The GLU approximates {_code(report['source_activation'])} per intermediate unit within each layer's bound on "
+        f"that layer's own fitted range of z, the worst being layer {worst}'s {bound:.3g} on z in "
+        f"[{low:.3g}, {high:.3g}]. Per layer: {per_layer}. {tail}"
+    )
+
+
+def _rounded_up(value: float) -> str:
+    """``value`` printed to 3 significant digits, never below it: an "at most" figure stays true as printed."""
+    text = f"{value:.3g}"
+    if float(text) >= value or not math.isfinite(value):
+        return text
+    unit = 10.0 ** (math.floor(math.log10(abs(value))) - 2)
+    return f"{math.ceil(value / unit) * unit:.3g}"
 
 
 def _eval_results(report: dict, dataset_name: str) -> list[EvalResult] | None:

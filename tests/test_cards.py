@@ -175,3 +175,26 @@ def test_hostile_src_and_dst_names_are_shown_as_text_and_never_pasted_into_code(
             assert len(_calls(code)) == 1 and len(call.args) == 1, code
             constant = call.args[0].value
             assert isinstance(constant, str) and constant == (expected or constant), code
+
+
+def _scheme_section(card: str) -> str:
+    return card.split("## Init scheme")[1].split("## Fidelity")[0]
+
+
+def test_the_card_says_exactly_only_when_the_measured_difference_is_zero():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    import hf_glu
+    from hf_glu.cards import render_conversion_card
+
+    source = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2,
+                                              num_attention_heads=2, intermediate_size=32))  # fmt: skip
+    report = hf_glu.convert_checkpoint(source, "geglu", eval_tokens=8).conversion_report
+    assert all(layer["unit_map"]["exact"] for layer in report["layers"])  # an exact map, whatever is measured
+    zero = _scheme_section(str(render_conversion_card({**report, "max_abs_output_diff": 0.0}, model_name="m")))
+    assert "exactly" in zero
+    rounded = _scheme_section(str(render_conversion_card({**report, "max_abs_output_diff": 0.0371}, model_name="m")))
+    assert "exactly" not in rounded and "0.0371" in rounded
+    streamed = {k: v for k, v in report.items() if k not in ("max_abs_output_diff", "max_abs_logit_diff")}
+    streamed["evaluation"] = "skipped (--no-eval): the model was never built or run"
+    assert "exactly" not in _scheme_section(str(render_conversion_card(streamed, model_name="m")))

@@ -1,6 +1,7 @@
 """GPT-2 → GLU surgery in memory: config carried over, weights mapped, each init scheme within its bound."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -23,7 +24,14 @@ from hf_glu import (
     convert_gpt2,
 )
 from hf_glu.convert import ConversionError
-from hf_glu.convert.init_schemes import DOCUMENTED_BOUNDS_GELU_NEW, fit_unit_map, unit_output
+from hf_glu.convert.init_schemes import (
+    CALIBRATED_VARIANTS,
+    DOCUMENTED_BOUNDS_GELU_NEW,
+    UnitMap,
+    fit_unit_map,
+    unit_output,
+)
+from hf_glu.convert.pipeline import convert_to_folder
 from hf_glu.glu import GluParams
 
 HEADS = {
@@ -191,3 +199,44 @@ def test_non_finite_weights_are_refused():
         source.transformer.h[1].mlp.c_fc.weight[0, 0] = float("nan")
     with pytest.raises(ConversionError, match="non-finite"):
         convert_gpt2(source, "swiglu")
+
+
+# A stated error bound: "<bound> … (for|on) z in [<low>, <high>]" in the card.
+_BOUND_CLAIM = re.compile(r"(\d[\d.e+-]*)(?: per intermediate unit)? (?:for|on) z in \[(-?[\d.e+-]+), (-?[\d.e+-]+)\]")
+
+
+def _stated_bounds(card: str, num_layers: int) -> list[tuple[int, float, float, float]]:
+    """Every (layer, bound, low, high) the card states: a table row's claim is its layer's; a sentence's is the
+    layer it names, or every layer when it names none."""
+    claims = []
+    for line in card.splitlines():
+        row = re.match(r"\| (\d+) \|", line)
+        for sentence in [line] if row else re.split(r"(?<=[.;])\s", line):
+            for bound, low, high in _BOUND_CLAIM.findall(sentence):
+                named = [int(row[1])] if row else [int(i) for i in re.findall(r"layer (\d+)", sentence)]
+                claims += [(i, float(bound), float(low), float(high)) for i in named or range(num_layers)]
+    return claims
+
+
+@pytest.mark.parametrize(
+    "activation, variant", [("relu", "swiglu_oai"), ("gelu_new", "swiglu_oai"), ("gelu_new", "bilinear"),
+                            ("gelu_new", "swiglu")],
+)  # fmt: skip
+def test_each_stated_bound_holds_on_its_layers_own_range(activation, variant, tmp_path):
+    source = tiny_gpt2(spread=0.3, activation_function=activation)
+    with torch.no_grad():  # layers of different reach: layer 1's pre-activations span a narrower range
+        source.transformer.h[1].mlp.c_fc.weight.mul_(0.4)
+    conversion = convert_to_folder(source, tmp_path / "dst", variant, eval_tokens=64)
+    layers = conversion.report["layers"]
+    if variant in CALIBRATED_VARIANTS:
+        assert layers[0]["unit_map"]["fit_range"] != layers[1]["unit_map"]["fit_range"]
+    card = (tmp_path / "dst" / "README.md").read_text()
+    claims = _stated_bounds(card, len(layers))
+    assert {layer for layer, *_ in claims} == {0, 1}, card
+    for layer, bound, low, high in claims:
+        m = layers[layer]["unit_map"]
+        unit_map = UnitMap(**{**m, "fit_range": tuple(m["fit_range"])})
+        z = torch.linspace(low, high, 200_001, dtype=torch.float64)
+        error = (unit_output(variant, GluParams(), unit_map, z) - ACT2FN[activation](z)).abs().max().item()
+        assert error <= bound, f"layer {layer}: {error} > {bound} on [{low}, {high}]"
+        assert layers[layer]["max_unit_error"] <= bound + 1e-5

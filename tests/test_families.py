@@ -298,3 +298,74 @@ def test_no_eval_refuses_an_index_pointing_outside_the_folder(tmp_path, capsys):
     index.write_text(json.dumps(data))
     assert main(["convert", str(tmp_path / "src"), str(tmp_path / "out"), "--variant", "geglu", "--no-eval"]) == 2
     assert "outside the checkpoint folder" in capsys.readouterr().err
+
+
+_EAGER = {"attn_implementation": "eager"}
+
+
+def _eval_ids(vocab_size: int, n: int) -> torch.Tensor:
+    """The token ids a conversion evaluates on when the source has no tokenizer (seeded random ids)."""
+    return torch.randint(0, vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(ids).logits.float()
+
+
+# Rotary families saved in half precision: their fp32 `inv_freq`-style buffers must stay fp32 in the converted
+# model (a whole-model `.to(dtype)` rounded them), and every figure must be the one users will see.
+@pytest.mark.parametrize(
+    "model_type, dtype",
+    [("gpt_neox", torch.bfloat16), ("gpt_neox", torch.float16), ("gptj", torch.bfloat16), ("phi", torch.float16),
+     ("falcon", torch.bfloat16), ("codegen", torch.float16)],
+)  # fmt: skip
+def test_a_half_precision_source_converts_to_what_users_load(model_type, dtype, tmp_path):
+    from hf_glu.convert.pipeline import convert_to_folder
+
+    tiny_source(model_type).to(dtype).save_pretrained(tmp_path / "src")
+    source = AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype="auto")
+    variant = exact_variant(model_type, source.config)
+    conversion = convert_to_folder(str(tmp_path / "src"), tmp_path / "dst", variant, eval_tokens=32)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dst", trust_remote_code=True)
+    returned = convert_checkpoint(str(tmp_path / "src"), variant, eval_tokens=32)
+    assert returned.dtype == reloaded.dtype == dtype
+    # Buffers keep the dtype the class gives them, as Transformers' loading leaves them.
+    for name, buffer in reloaded.named_buffers():
+        assert returned.get_buffer(name).dtype == buffer.dtype and torch.equal(returned.get_buffer(name), buffer), name
+    ids = _eval_ids(source.config.vocab_size, 32)
+    expected = _logits(reloaded, ids)
+    assert torch.equal(_logits(returned, ids), expected) and torch.equal(_logits(conversion.model, ids), expected)
+    # The report's figure is the one between the two models as users load them: SRC with dtype="auto", DST reloaded.
+    report = conversion.report
+    assert (expected - _logits(source, ids)).abs().max().item() == report["max_abs_logit_diff"]
+    card = (tmp_path / "dst" / "README.md").read_text()
+    assert ("exactly" in card) == (report["max_abs_logit_diff"] == 0.0), card
+    if model_type in ("gpt_neox", "falcon"):  # erf GELU rounds once in any dtype: the converted model is exact
+        assert report["max_abs_logit_diff"] == 0.0
+
+
+def test_a_cast_instance_converts_to_what_reloading_its_checkpoint_gives(tmp_path):
+    from hf_glu.convert.pipeline import convert_to_folder
+
+    source = tiny_source("gpt_neox").to(torch.bfloat16)  # `.to` rounds the rotary frequencies too
+    conversion = convert_to_folder(source, tmp_path / "dst", "geglu", eval_tokens=32)
+    # Reloaded with the instance's attention implementation (tiny_source's eager), which the conversion keeps.
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dst", trust_remote_code=True, **_EAGER)
+    ids = _eval_ids(source.config.vocab_size, 32)
+    assert torch.equal(_logits(conversion.model, ids), _logits(reloaded, ids))
+    stated = conversion.report["max_abs_logit_diff"]
+    assert (_logits(reloaded, ids) - _logits(source, ids)).abs().max().item() == stated
+
+
+@pytest.mark.parametrize("model_type, init", [*((t, "preserve") for t in ALL_FAMILIES), ("gptj", "random")])
+def test_the_converted_model_equals_its_reloaded_checkpoint(model_type, init, tmp_path):
+    from hf_glu.convert.pipeline import convert_to_folder
+
+    source = tiny_source(model_type).to(torch.bfloat16)  # a cast instance: its buffers are rounded, if it has any
+    variant = exact_variant(model_type, source.config)
+    conversion = convert_to_folder(source, tmp_path / "dst", variant, init, eval_tokens=16)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dst", trust_remote_code=True, **_EAGER)
+    ids = _eval_ids(source.config.vocab_size, 16)
+    assert torch.equal(_logits(conversion.model, ids), _logits(reloaded, ids))
+    assert (_logits(reloaded, ids) - _logits(source, ids)).abs().max().item() <= conversion.report["max_abs_logit_diff"]

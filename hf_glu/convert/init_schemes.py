@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 
 import torch
 from transformers.activations import ACT2FN
@@ -61,6 +62,11 @@ CALIBRATED_VARIANTS = ("swiglu_oai", "bilinear")
 # better, so the bound holds for every z.
 _FIXED_RANGE = (-10.0, 10.0)
 _GRID_POINTS = 4001
+_FINE_POINTS = 1001  # per refined grid peak: two grid steps searched again, 500 times finer
+_REFINED_PEAKS = 32
+# Significant digits of the bounds and fitted ranges the report and card state: ranges are rounded outwards,
+# then the bound is computed over that range and rounded up, so every printed (bound, range) pair holds.
+STATED_DIGITS = 3
 _SCALE_SEARCH = (0.25, 8.0)
 
 
@@ -72,7 +78,7 @@ class UnitMap:
     gate_shift: float
     up_scale: float
     up_shift: float
-    bound: float  # max |variant(gate, up) - act(z)| over ``fit_range``
+    bound: float  # >= max |variant(gate, up) - act(z)| for every z in ``fit_range``, rounded up to STATED_DIGITS
     fit_range: tuple[float, float]
     exact: bool
 
@@ -123,8 +129,43 @@ def _max_error(variant: str, params: GluParams, m: UnitMap, act: Callable, z: to
     return (unit_output(variant, params, m, z) - act(z)).abs().max().item()
 
 
-def _grid(lo: float, hi: float) -> torch.Tensor:
-    return torch.linspace(lo, hi, _GRID_POINTS, dtype=torch.float64)
+def _grid(lo: float, hi: float, points: int = _GRID_POINTS) -> torch.Tensor:
+    return torch.linspace(lo, hi, points, dtype=torch.float64)
+
+
+def _sup_error(variant: str, params: GluParams, m: UnitMap, act: Callable, lo: float, hi: float) -> float:
+    """An upper bound of ``max |variant(gate, up) - act(z)|`` over every z in [lo, hi], not only grid points.
+
+    Between two grid points the error may rise above both (by up to slope × spacing at a kink such as
+    swiglu_oai's clamp or ReLU's corner), so each grid peak that could hide the maximum is searched again
+    on a fine grid between its neighbours, and what that grid's spacing can still hide is added.
+    """
+    z = _grid(lo, hi)
+    error = (unit_output(variant, params, m, z) - act(z)).abs()
+    step = (z[1] - z[0]).item()
+    rise = (error.diff().abs().max().item() if error.numel() > 1 else 0.0) * 2  # most a peak can hide between points
+    padded = torch.cat([error.new_full((1,), -1.0), error, error.new_full((1,), -1.0)])
+    is_peak = (error >= padded[:-2]) & (error >= padded[2:]) & (error >= error.max() - rise)
+    peaks = torch.nonzero(is_peak).flatten()
+    peaks = peaks[error[peaks].argsort(descending=True)[:_REFINED_PEAKS]]
+    best = error.max().item()
+    for i in peaks.tolist():
+        fine = _grid(max(lo, z[i].item() - step), min(hi, z[i].item() + step), _FINE_POINTS)
+        fine_error = (unit_output(variant, params, m, fine) - act(fine)).abs()
+        # Between two fine points the error exceeds both by less than the largest step between neighbours.
+        hidden = fine_error.diff().abs().max().item() if fine.numel() > 1 else 0.0
+        best = max(best, fine_error.max().item() + hidden)
+    return best
+
+
+def _rounded(x: float, up: bool) -> float:
+    """``x`` to :data:`STATED_DIGITS` significant digits, rounded up or down: what ``%.3g`` prints of the result
+    is the result itself, so a bound rounded up stays true as printed."""
+    if x == 0.0 or not math.isfinite(x):
+        return x
+    exponent = math.floor(math.log10(abs(x))) - (STATED_DIGITS - 1)
+    digits = Decimal(repr(x)).scaleb(-exponent).to_integral_value(ROUND_CEILING if up else ROUND_FLOOR)
+    return float(digits.scaleb(exponent))
 
 
 def _scaled_family(variant: str, s: float) -> tuple[float, float, float, float]:
@@ -205,7 +246,10 @@ def fit_unit_map(
         if recorded is None or recorded.numel() == 0:
             raise ConversionError(f"glu_variant={variant!r} needs pre-activations recorded from calibration text")
         samples = recorded.detach().reshape(-1).to(torch.float64)
-        fit_range = (min(samples.min().item(), -1.0), max(samples.max().item(), 1.0))
+        # Outwards to the stated digits: the range covers every recorded sample, and the bound is computed
+        # over exactly the range the card prints.
+        low, high = min(samples.min().item(), -1.0), max(samples.max().item(), 1.0)
+        fit_range = (_rounded(low, up=False), _rounded(high, up=True))
     else:
         samples, fit_range = None, _FIXED_RANGE
     grid = _grid(*fit_range)
@@ -218,7 +262,7 @@ def fit_unit_map(
     else:
         coefficients = _scaled_family(variant, 1.0)
     m = UnitMap(*coefficients, bound=0.0, fit_range=fit_range, exact=exact)
-    bound = 0.0 if exact else _max_error(variant, params, m, act, grid)
+    bound = 0.0 if exact else _rounded(_sup_error(variant, params, m, act, *fit_range), up=True)
     return UnitMap(*coefficients, bound=bound, fit_range=fit_range, exact=exact)
 
 

@@ -151,7 +151,6 @@ def convert(
     target = surgery.target_class(src)
     dtype = dtype or next(src.parameters()).dtype
     src_name, src_class = loaded.name or type(src).__name__, type(src).__name__
-    buffers = {k: v.detach().clone() for k, v in src.named_buffers()}  # non-persistent ones are not in the weights
     stats = [LayerStats(unit_maps is not None) for _ in range(num_layers)]
 
     def layer_done(i: int, source_layer: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
@@ -164,10 +163,10 @@ def convert(
     state_dict = surgery.weights(src, config, unit_maps, owned, layer_done if unit_maps is not None else None)
     if owned:
         loaded.model = src = None  # consumed by the conversion
-    model = build_model(target, config, state_dict, buffers, seed=None if unit_maps is not None else seed)
+    # Built as reloading the saved checkpoint builds it: parameters in `dtype`, buffers in their own dtype.
+    model = build_model(target, config, state_dict, dtype, seed=None if unit_maps is not None else seed)
     del state_dict
-    model = model.to(dtype)
-    model.config.dtype = model.dtype
+    model.config.dtype = dtype
     if unit_maps is None:  # random MLP weights exist only now; there is no unit-for-unit reference
         for i, mlp in enumerate(surgery.glu_mlps(model)):
             stats[i].measure(record.mlp_io[i], mlp_weights(mlp), variant, config.glu_params)
@@ -224,7 +223,8 @@ def convert_checkpoint(
             variant's documented bound: see :mod:`hf_glu.convert.init_schemes`) or ``"random"``
             (fresh MLP weights; attention, embeddings and norms kept).
         intermediate_size: the GLU width; only ``"random"`` may change it (e.g. ``2/3 · 4 · n_embd``).
-        torch_dtype: dtype of the result (default: the source's).
+        torch_dtype: dtype of the result's parameters (default: the source's); buffers keep the dtype their
+            class gives them (float32 rotary frequencies), so the result is what reloading its checkpoint gives.
         tokenizer: tokenizer for the calibration and evaluation text when ``source`` is an instance
             (a folder's own tokenizer is used otherwise); without one, random token ids are used.
         eval_text: text for the fidelity report (default: part of the built-in corpus).

@@ -10,12 +10,14 @@ keeping its name and value.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from operator import attrgetter
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
+from transformers import initialization as transformers_init
 
 from ..configuration_glu_families import FAMILIES, GLU_FAMILY_CONFIGS, Family, mlp_attribute
 from ..modeling_glu_families import GLU_FAMILY_MODELS
@@ -31,6 +33,7 @@ SUPPORTED_MODEL_TYPES = ("gpt2", *FAMILIES)
 # Called with each layer's index, the source layer and its GLU MLP tensors (named as in the MLP, e.g.
 # `gate_proj.weight`) while the source layer still exists.
 LayerDone = Callable[[int, nn.Module, dict[str, torch.Tensor]], None]
+
 
 def _bloom_unsupported(config) -> str | None:
     if getattr(config, "pretraining_tp", 1) > 1 and getattr(config, "slow_but_exact", False):
@@ -231,21 +234,28 @@ def build_model(
     target: type[PreTrainedModel],
     config,
     state_dict: dict[str, torch.Tensor],
-    buffers: dict[str, torch.Tensor],
+    dtype: torch.dtype,
     seed: int | None,
 ) -> PreTrainedModel:
-    """``target`` holding ``state_dict``.
+    """``target`` holding ``state_dict``, built as Transformers' ``from_pretrained`` builds the saved checkpoint:
+    so the model a conversion returns and measures is the one users get when they reload it.
 
     With ``seed`` None every weight must be in ``state_dict``, and the model is built on the meta device
     and takes the tensors as they are (no random init, no copy); its non-persistent buffers (rotary
-    frequencies, masks), which no state dict holds, are taken from ``buffers`` (the source's, by name).
-    With a seed, the weights left out (the random scheme's MLP) keep the model's own seeded init.
+    frequencies, masks), which no state dict holds, are computed by the model's own init, never copied from
+    the source (whose may have been rounded by a ``.to(dtype)``). With a seed, the weights left out (the random
+    scheme's MLP) keep the model's own seeded init.
+
+    Only the floating-point parameters are cast to ``dtype``: the buffers keep the dtype their class gives them
+    (float32 rotary frequencies in a bfloat16 model), as in a loaded checkpoint.
     """
+    # Built under `dtype` as torch's default, as `from_pretrained` builds it: buffers made in the default
+    # dtype (XGLM's sinusoidal positions, GPT-1's mask) come out in `dtype`, explicit float32 ones stay float32.
     if seed is None:
-        with torch.device("meta"):
+        with torch.device("meta"), _default_dtype(dtype):
             model = target(config)
     else:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _default_dtype(dtype):
             torch.manual_seed(seed)
             model = target(config)
     missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=seed is None)
@@ -254,10 +264,39 @@ def build_model(
                                                      and ".down_proj." not in k)]  # fmt: skip
     if left or unexpected:  # a mapping bug, not a user error
         raise RuntimeError(f"weight mapping incomplete: missing {left}, unexpected {unexpected}")
-    for name, buffer in model.named_buffers():
-        if buffer.is_meta:
-            owner, _, leaf = name.rpartition(".")
-            model.get_submodule(owner)._buffers[leaf] = buffers[name]
+    _init_buffers(model)  # after the build, in float32: `from_pretrained` initialises outside its dtype context
     if tied:
         model.tie_weights()
+    for parameter in model.parameters():
+        if parameter.is_floating_point() and parameter.dtype != dtype:
+            parameter.data = parameter.data.to(dtype)  # in place: tied parameters stay one
     return model.eval()
+
+
+@torch.no_grad()
+def _init_buffers(model: PreTrainedModel) -> None:
+    """Give the non-persistent buffers their values as ``from_pretrained`` does: the model's own
+    ``_init_weights`` on each module holding one, with every other tensor marked initialised so that only
+    the buffers are written (``__init__`` may have computed them differently, under the dtype as default)."""
+    owners = [m for m in model.modules() if any(m._buffers.get(n) is not None for n in m._non_persistent_buffers_set)]
+    for module in owners:
+        for name in module._non_persistent_buffers_set:
+            if module._buffers.get(name) is not None:
+                module._buffers[name] = torch.empty_like(module._buffers[name], device="cpu")
+    for tensor in model.state_dict(keep_vars=True).values():
+        tensor._is_hf_initialized = True  # Transformers' own mark of a loaded tensor; its init skips these
+    # Transformers' guard makes plain torch.nn.init calls in an _init_weights respect that mark too.
+    guard = getattr(transformers_init, "guard_torch_init_functions", contextlib.nullcontext)
+    with guard():
+        for module in owners:
+            model._init_weights(module)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
