@@ -89,6 +89,22 @@ def test_convert_from_in_the_recipes_reads_a_sharded_hub_cache_snapshot(hub_cach
     assert (_logits(model.eval(), ids) - _logits(source, ids)).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("sharded", [True, False], ids=["sharded", "single-file"])
+def test_eval_scores_a_hub_cache_snapshot_as_the_folder_it_was_made_from(sharded, hub_cache, tmp_path, capsys):
+    tokenizer = train_bpe_tokenizer("the quick brown fox jumps over the lazy dog. " * 20, 120)
+    _saved(tmp_path / "saved", "gpt_neox", sharded=sharded, vocab_size=len(tokenizer))
+    tokenizer.save_pretrained(tmp_path / "saved")
+    hub_snapshot(tmp_path / "saved", hub_cache, "org/tiny")
+    text = tmp_path / "text.txt"
+    text.write_text("the lazy dog jumps over the quick brown fox. " * 8)
+    scores = []
+    for model in (str(tmp_path / "saved"), "org/tiny"):
+        capsys.readouterr()
+        assert main(["eval", model, "--text-file", str(text), "--max-tokens", "40"]) == 0
+        scores.append(json.loads(capsys.readouterr().out))
+    assert scores[0]["perplexity"] == scores[1]["perplexity"] and scores[0]["tokens"] == scores[1]["tokens"]
+
+
 def test_convert_from_in_the_recipes_refuses_a_tokenizer_file_linked_out_of_the_source(tmp_path):
     from hf_glu.convert import ConversionError
     from hf_glu.finetune import load_model_and_tokenizer
