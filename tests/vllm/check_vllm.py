@@ -1,0 +1,326 @@
+"""Serve converted checkpoints with vLLM and check them against Transformers: `make test-vllm`.
+
+For each family and GLU variant, a tiny source model is converted with hf_glu (``init="preserve"``), its
+per-token log-probabilities are computed with Transformers (fp32), then the same folder is served by vLLM's
+Transformers backend (``model_impl="transformers"``, CPU build) and its prompt log-probabilities must agree within
+``--tolerance``. The engine's model is inspected too: vLLM's GLU fuser must have merged gate/up into one
+``MergedColumnParallelLinear`` with an ``…AndMul`` activation exactly where vLLM has a kernel for the variant
+(swiglu with β = 1, geglu, geglu_tanh); the other variants are served unfused. A converted family whose
+attention vLLM cannot drive (GPT-Neo) must be refused with vLLM's own "not compatible" message.
+
+Runs in the venv `make test-vllm` builds (vLLM pins its own Transformers range), with HF_HUB_OFFLINE=1 and
+VLLM_ENABLE_V1_MULTIPROCESSING=0 (one process: the engine's model can be inspected, engines are built one after
+another and freed). Not a pytest module (vLLM is not in the test venv); tests/test_vllm_check.py tests its
+pure-python parts. Prints one line per (family, variant) and ends with "N passed, M failed"; exit 1 on a failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+# The variants vLLM has an `…AndMul` kernel for (its GLU fuser maps the activation's exact class): SiLU (β = 1),
+# GELU (erf) and GELU (tanh). glu, bilinear, reglu and gpt-oss's clamped form have no kernel there.
+FUSED_VARIANTS = frozenset({"swiglu", "geglu", "geglu_tanh"})
+
+VOCAB = 101
+HIDDEN = 64
+HEADS = 2  # head_dim 32: vLLM's CPU attention refuses 16
+LAYERS = 2
+MAX_POSITIONS = 64
+
+
+def expect_fused(variant: str, beta: float = 1.0) -> bool:
+    """Whether vLLM should fuse a ``variant`` MLP: a kernel exists for it, and for swiglu only with β = 1
+    (``nn.SiLU``); any other β needs an activation class of its own, which vLLM does not map."""
+    return variant in FUSED_VARIANTS and (variant != "swiglu" or beta == 1.0)
+
+
+def token_logprobs_from_logits(logits, ids: Sequence[int]) -> list[float]:
+    """Log-probability of each prompt token after the first, given the logits at every position (seq, vocab)."""
+    import torch
+
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    target = torch.tensor(ids[1:], dtype=torch.long)
+    return logp[:-1].gather(-1, target[:, None])[:, 0].tolist()
+
+
+def token_logprobs_from_vllm(prompt_logprobs: Sequence[dict | None], ids: Sequence[int]) -> list[float]:
+    """The prompt token's log-probability at each position after the first from vLLM's ``prompt_logprobs``
+    (one ``{token_id: Logprob}`` per position, ``None`` for the first)."""
+    out = []
+    for position, token in enumerate(ids[1:], start=1):
+        entry = prompt_logprobs[position]
+        if entry is None or token not in entry:
+            raise ValueError(f"vLLM returned no log-probability for prompt token {token} at position {position}")
+        out.append(float(entry[token].logprob))
+    return out
+
+
+def max_abs_diff(reference: Iterable[Sequence[float]], served: Iterable[Sequence[float]]) -> float:
+    """Largest |a - b| over every prompt and position; inf when the lengths differ or a value is not finite."""
+    worst = 0.0
+    for ref, got in zip(reference, served, strict=True):
+        if len(ref) != len(got):
+            return math.inf
+        for a, b in zip(ref, got, strict=True):
+            diff = abs(a - b)
+            if not math.isfinite(diff):
+                return math.inf
+            worst = max(worst, diff)
+    return worst
+
+
+@dataclass
+class MlpSummary:
+    """What vLLM made of the model's MLPs: merged gate/up projections and the fused activations."""
+
+    merged: int  # number of MergedColumnParallelLinear modules
+    and_mul: tuple[str, ...]  # class names of the `…AndMul` activations, sorted, each once
+
+    def fused(self, layers: int) -> bool:
+        return self.merged == layers and bool(self.and_mul)
+
+
+def summarize_mlps(model) -> MlpSummary:
+    """Walk an ``nn.Module`` and count what vLLM's GLU fuser leaves behind (by class name, so this needs no vLLM)."""
+    merged = 0
+    and_mul = set()
+    for module in model.modules():
+        name = type(module).__name__
+        if name == "MergedColumnParallelLinear":
+            merged += 1
+        elif name.endswith("AndMul"):
+            and_mul.add(name)
+    return MlpSummary(merged, tuple(sorted(and_mul)))
+
+
+@dataclass
+class Row:
+    family: str
+    variant: str
+    ok: bool
+    detail: str
+    seconds: float
+
+    def line(self) -> str:
+        verdict = "PASS" if self.ok else "FAIL"
+        return f"{verdict}  {self.family:<11} {self.variant:<11} {self.detail}  {self.seconds:.1f}s"
+
+
+def summary_line(rows: Sequence[Row]) -> str:
+    passed = sum(row.ok for row in rows)
+    return f"{passed} passed, {len(rows) - passed} failed"
+
+
+# -- tiny sources ------------------------------------------------------------------------------------------------
+
+
+def _source_configs() -> dict[str, Callable]:
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return {
+        "gpt2": lambda: tf.GPT2Config(
+            **common, n_positions=MAX_POSITIONS, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=96,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        ),
+        "gpt_neox": lambda: tf.GPTNeoXConfig(
+            **common, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=96,
+            max_position_embeddings=MAX_POSITIONS, rotary_pct=0.5, use_parallel_residual=False,
+        ),
+        "opt": lambda: tf.OPTConfig(
+            **common, hidden_size=HIDDEN, num_hidden_layers=LAYERS, ffn_dim=96, num_attention_heads=HEADS,
+            max_position_embeddings=MAX_POSITIONS, do_layer_norm_before=True, dropout=0.0,
+        ),
+        "gpt_neo": lambda: tf.GPTNeoConfig(
+            **common, max_position_embeddings=MAX_POSITIONS, hidden_size=HIDDEN, num_layers=LAYERS, num_heads=HEADS,
+            intermediate_size=96, attention_types=[[["global", "local"], 1]], window_size=8, resid_dropout=0.0,
+            embed_dropout=0.0, attention_dropout=0.0,
+        ),
+    }  # fmt: skip
+
+
+def tiny_source(family: str):
+    """A tiny causal LM of ``family`` with weights spread wider than init, so log-probs are far from uniform."""
+    import torch
+    import transformers as tf
+
+    config = _source_configs()[family]()
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() > 1:
+                param.normal_(0.0, 0.2, generator=generator)
+            elif "norm" not in name and "ln" not in name:
+                param.normal_(0.0, 0.05, generator=generator)
+    return model
+
+
+# -- the check ---------------------------------------------------------------------------------------------------
+
+
+def prompts(n: int = 2) -> list[list[int]]:
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randint(1, VOCAB, (length,), generator=generator).tolist() for length in (12, 23)[:n]]
+
+
+def reference_logprobs(folder: Path, prompt_ids: Sequence[Sequence[int]]) -> list[list[float]]:
+    """Per-token log-probs from Transformers, loaded as a user would (remote code, fp32)."""
+    import torch
+    import transformers as tf
+
+    model = tf.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = [token_logprobs_from_logits(model(torch.tensor([ids])).logits[0], ids) for ids in prompt_ids]
+    del model
+    return out
+
+
+def engine(folder: Path, memory_fraction: float):
+    from vllm import LLM
+
+    return LLM(
+        model=str(folder),
+        model_impl="transformers",
+        trust_remote_code=True,
+        dtype="float32",
+        enforce_eager=True,
+        skip_tokenizer_init=True,
+        gpu_memory_utilization=memory_fraction,
+        max_model_len=MAX_POSITIONS,
+        max_num_seqs=4,
+        seed=0,
+    )
+
+
+def engine_model(llm):
+    """The nn.Module vLLM runs (single process: reachable through the engine core's executor)."""
+    core = llm.llm_engine.engine_core.engine_core
+    return core.model_executor.driver_worker.worker.model_runner.model
+
+
+def served_logprobs(llm, prompt_ids: Sequence[Sequence[int]]) -> list[list[float]]:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids], params, use_tqdm=False)
+    return [token_logprobs_from_vllm(out.prompt_logprobs, ids) for out, ids in zip(outputs, prompt_ids, strict=True)]
+
+
+def free(llm) -> None:
+    del llm
+    gc.collect()
+
+
+def check_served(
+    family: str, variant: str, folder: Path, reference, prompt_ids, tolerance: float, memory_fraction: float
+) -> Row:
+    start = time.perf_counter()
+    try:
+        llm = engine(folder, memory_fraction)
+        try:
+            summary = summarize_mlps(engine_model(llm))
+            diff = max_abs_diff(reference, served_logprobs(llm, prompt_ids))
+        finally:
+            free(llm)
+    except Exception as error:  # one row per failure, the run goes on
+        return Row(family, variant, False, f"{type(error).__name__}: {error}"[:300], time.perf_counter() - start)
+    fused = summary.fused(LAYERS)
+    wanted = expect_fused(variant)
+    detail = (
+        f"max|Δlogprob|={diff:.1e}  fused={'yes' if fused else 'no'} (expected {'yes' if wanted else 'no'};"
+        f" merged={summary.merged}, act={','.join(summary.and_mul) or '-'})"
+    )
+    return Row(family, variant, diff <= tolerance and fused == wanted, detail, time.perf_counter() - start)
+
+
+def check_refused(family: str, folder: Path, memory_fraction: float) -> Row:
+    """vLLM must refuse the checkpoint with its own clean message, not crash inside the model's code."""
+    start = time.perf_counter()
+    try:
+        llm = engine(folder, memory_fraction)
+    except ValueError as error:
+        clean = "not compatible with vLLM" in str(error)
+        message = str(error).splitlines()[0][:200]
+        return Row(family, "(refusal)", clean, f"ValueError: {message}", time.perf_counter() - start)
+    except Exception as error:
+        return Row(family, "(refusal)", False, f"{type(error).__name__}: {error}"[:300], time.perf_counter() - start)
+    free(llm)
+    return Row(family, "(refusal)", False, "served: vLLM was expected to refuse it", time.perf_counter() - start)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", default="gpt2,gpt_neox,opt", help="comma-separated families to serve")
+    parser.add_argument("--variants", default=None, help="comma-separated GLU variants (default: every one)")
+    parser.add_argument("--refuse", default="gpt_neo", help="families vLLM must refuse ('' for none)")
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="max |Δlogprob| allowed (fp32)")
+    parser.add_argument("--memory-fraction", type=float, default=0.08, help="vLLM's gpu_memory_utilization")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    # Before vLLM is imported; the make target sets them too, this keeps a direct run right.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    import transformers
+    import vllm
+
+    import hf_glu
+    from hf_glu.convert import convert_to_folder
+
+    variants = args.variants.split(",") if args.variants else list(hf_glu.VARIANTS)
+    families = [f for f in args.families.split(",") if f]
+    refuse = [f for f in args.refuse.split(",") if f]
+    print(
+        f"vllm {vllm.__version__}, torch {torch.__version__}, transformers {transformers.__version__},"
+        f" hf_glu from {Path(hf_glu.__file__).parent}",
+        flush=True,
+    )
+    prompt_ids = prompts()
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="hf-glu-vllm-") as tmp:
+        # Every checkpoint and its Transformers reference first: vLLM patches the remote-code classes it loads.
+        jobs = []
+        for family in families + refuse:
+            source = tiny_source(family)
+            for variant in variants if family in families else ["swiglu"]:
+                folder = Path(tmp) / f"{family}-{variant}"
+                convert_to_folder(source, folder, variant)
+                reference = reference_logprobs(folder, prompt_ids) if family in families else None
+                jobs.append((family, variant, folder, reference))
+        print(
+            f"converted {len(jobs)} checkpoints and their references in {time.perf_counter() - started:.0f}s",
+            flush=True,
+        )
+        for family, variant, folder, reference in jobs:
+            if reference is None:
+                row = check_refused(family, folder, args.memory_fraction)
+            else:
+                row = check_served(family, variant, folder, reference, prompt_ids, args.tolerance, args.memory_fraction)
+            rows.append(row)
+            print(row.line(), flush=True)
+    print(f"total {time.perf_counter() - started:.0f}s")
+    print(summary_line(rows))
+    return 0 if all(row.ok for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
