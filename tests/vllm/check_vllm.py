@@ -18,8 +18,12 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
+import logging
 import math
 import os
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +40,7 @@ HIDDEN = 64
 HEADS = 2  # head_dim 32: vLLM's CPU attention refuses 16
 LAYERS = 2
 MAX_POSITIONS = 64
+KV_CACHE_BYTES = 64 * 2**20  # a few thousand tokens of these tiny models
 
 
 def expect_fused(variant: str, beta: float = 1.0) -> bool:
@@ -200,16 +205,14 @@ def engine(folder: Path, memory_fraction: float):
         enforce_eager=True,
         skip_tokenizer_init=True,
         gpu_memory_utilization=memory_fraction,
+        # An explicit KV cache size: by default vLLM's CPU worker sizes it as the reserved fraction of RAM minus
+        # this process's RSS, which the earlier engines and references have grown, and refuses the next engine.
+        # (It also skips a warm-up pass that only feeds that estimate.)
+        kv_cache_memory_bytes=KV_CACHE_BYTES,
         max_model_len=MAX_POSITIONS,
         max_num_seqs=4,
         seed=0,
     )
-
-
-def engine_model(llm):
-    """The nn.Module vLLM runs (single process: reachable through the engine core's executor)."""
-    core = llm.llm_engine.engine_core.engine_core
-    return core.model_executor.driver_worker.worker.model_runner.model
 
 
 def served_logprobs(llm, prompt_ids: Sequence[Sequence[int]]) -> list[list[float]]:
@@ -221,31 +224,77 @@ def served_logprobs(llm, prompt_ids: Sequence[Sequence[int]]) -> list[list[float
     return [token_logprobs_from_vllm(out.prompt_logprobs, ids) for out, ids in zip(outputs, prompt_ids, strict=True)]
 
 
+class FuserLog(logging.Handler):
+    """Collects the DEBUG lines of vLLM's Transformers-backend fusers, which say why an MLP was left unfused
+    (vLLM logs nothing above DEBUG when it serves a GLU MLP unfused)."""
+
+    LOGGER = "vllm.model_executor.models.transformers"
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def __enter__(self) -> FuserLog:
+        # vLLM's first engine applies its logging config (dictConfig), which resets the level and handlers of every
+        # logger below "vllm": apply the same (default) config first, so the engine finds it active and keeps ours.
+        from vllm.config.logging import LoggingConfig
+        from vllm.logger import configure_logging_if_needed
+
+        configure_logging_if_needed(LoggingConfig())
+
+        logger = logging.getLogger(self.LOGGER)
+        self._level = logger.level
+        logger.setLevel(logging.DEBUG)
+        logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logger = logging.getLogger(self.LOGGER)
+        logger.removeHandler(self)
+        logger.setLevel(self._level)
+
+    def about_mlp(self) -> list[str]:
+        """Why the GLU MLP was not fused: its failed trace or forward rewrite, or a missing kernel."""
+        keys = ("Could not fully trace", "Attempted to fuse", "AndMul", "differ in size")
+        return [line for line in self.lines if any(key in line for key in keys)]
+
+
 def free(llm) -> None:
+    """Stop the engine core now (not at some later collection) so the next engine starts from a clean slate."""
+    llm.llm_engine.engine_core.shutdown()
     del llm
     gc.collect()
 
 
-def check_served(
-    family: str, variant: str, folder: Path, reference, prompt_ids, tolerance: float, memory_fraction: float
-) -> Row:
+def check_served(job: dict, folder: Path, prompt_ids, tolerance: float, memory_fraction: float) -> Row:
+    family, variant, beta = job["family"], job["variant"], job["beta"]
+    label = variant if beta == 1.0 else f"{variant}(β={beta:g})"
     start = time.perf_counter()
     try:
-        llm = engine(folder, memory_fraction)
+        with FuserLog() as log:
+            llm = engine(folder, memory_fraction)
         try:
-            summary = summarize_mlps(engine_model(llm))
-            diff = max_abs_diff(reference, served_logprobs(llm, prompt_ids))
+            # vLLM's public hook into the engine's nn.Module (in this process: multiprocessing is off).
+            (summary,) = llm.apply_model(summarize_mlps)
+            diff = max_abs_diff(job["reference"], served_logprobs(llm, prompt_ids))
         finally:
             free(llm)
     except Exception as error:  # one row per failure, the run goes on
-        return Row(family, variant, False, f"{type(error).__name__}: {error}"[:300], time.perf_counter() - start)
+        return Row(family, label, False, f"{type(error).__name__}: {error}"[:300], time.perf_counter() - start)
     fused = summary.fused(LAYERS)
-    wanted = expect_fused(variant)
+    wanted = expect_fused(variant, beta)
     detail = (
         f"max|Δlogprob|={diff:.1e}  fused={'yes' if fused else 'no'} (expected {'yes' if wanted else 'no'};"
         f" merged={summary.merged}, act={','.join(summary.and_mul) or '-'})"
     )
-    return Row(family, variant, diff <= tolerance and fused == wanted, detail, time.perf_counter() - start)
+    if fused != wanted and log.about_mlp():
+        # Class paths shortened to module.Class: remote-code modules carry the folder's name and a hash.
+        reasons = [re.sub(r"<class '[\w.]*?(\w+\.\w+)'>", r"\1", line)[:200] for line in log.about_mlp()[:3]]
+        detail += "  vLLM: " + " | ".join(reasons)
+    return Row(family, label, diff <= tolerance and fused == wanted, detail, time.perf_counter() - start)
 
 
 def check_refused(family: str, folder: Path, memory_fraction: float) -> Row:
@@ -263,60 +312,89 @@ def check_refused(family: str, folder: Path, memory_fraction: float) -> Row:
     return Row(family, "(refusal)", False, "served: vLLM was expected to refuse it", time.perf_counter() - start)
 
 
+def prepare(folder: Path, families: Sequence[str], refuse: Sequence[str], variants: Sequence[str] | None) -> None:
+    """Convert every checkpoint into ``folder`` and list them in ``folder/manifest.json`` (run in a child process:
+    the serving process must not import hf_glu, see :func:`main`)."""
+    import hf_glu
+    from hf_glu.convert import convert_to_folder
+
+    variants = list(variants or hf_glu.VARIANTS)
+    jobs = []
+    for family in [*families, *refuse]:
+        source = tiny_source(family)
+        for variant in variants if family in families else ["swiglu"]:
+            name = f"{family}-{variant}"
+            convert_to_folder(source, folder / name, variant)
+            jobs.append(dict(family=family, variant=variant, beta=1.0, name=name, served=family in families))
+        if family == next(iter(families), None) and "swiglu" in variants:
+            # swiglu with β ≠ 1 is not nn.SiLU: vLLM has no kernel for it and must serve it unfused, correctly.
+            name = f"{family}-swiglu-beta2"
+            convert_to_folder(source, folder / name, "swiglu")
+            config = json.loads((folder / name / "config.json").read_text())
+            config["glu_beta"] = 2.0
+            (folder / name / "config.json").write_text(json.dumps(config, indent=2))
+            jobs.append(dict(family=family, variant="swiglu", beta=2.0, name=name, served=True))
+    manifest = dict(hf_glu=str(Path(hf_glu.__file__).parent), jobs=jobs)
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", default="gpt2,gpt_neox,opt", help="comma-separated families to serve")
-    parser.add_argument("--variants", default=None, help="comma-separated GLU variants (default: every one)")
+    parser.add_argument("--variants", default="", help="comma-separated GLU variants (default: every one)")
     parser.add_argument("--refuse", default="gpt_neo", help="families vLLM must refuse ('' for none)")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max |Δlogprob| allowed (fp32)")
     parser.add_argument("--memory-fraction", type=float, default=0.08, help="vLLM's gpu_memory_utilization")
+    parser.add_argument("--prepare", type=Path, help=argparse.SUPPRESS)  # the child's job: convert into this folder
     return parser.parse_args(argv)
+
+
+def _names(text: str) -> list[str]:
+    return [name for name in text.split(",") if name]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.prepare is not None:
+        prepare(args.prepare, _names(args.families), _names(args.refuse), _names(args.variants))
+        return 0
     started = time.perf_counter()
     # Before vLLM is imported; the make target sets them too, this keeps a direct run right.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-    import transformers
-    import vllm
-
-    import hf_glu
-    from hf_glu.convert import convert_to_folder
-
-    variants = args.variants.split(",") if args.variants else list(hf_glu.VARIANTS)
-    families = [f for f in args.families.split(",") if f]
-    refuse = [f for f in args.refuse.split(",") if f]
-    print(
-        f"vllm {vllm.__version__}, torch {torch.__version__}, transformers {transformers.__version__},"
-        f" hf_glu from {Path(hf_glu.__file__).parent}",
-        flush=True,
-    )
     prompt_ids = prompts()
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="hf-glu-vllm-") as tmp:
-        # Every checkpoint and its Transformers reference first: vLLM patches the remote-code classes it loads.
-        jobs = []
-        for family in families + refuse:
-            source = tiny_source(family)
-            for variant in variants if family in families else ["swiglu"]:
-                folder = Path(tmp) / f"{family}-{variant}"
-                convert_to_folder(source, folder, variant)
-                reference = reference_logprobs(folder, prompt_ids) if family in families else None
-                jobs.append((family, variant, folder, reference))
+        # Converted in a child process: once hf_glu is imported its Auto registration hands vLLM the installed
+        # package's classes; a user serving a checkpoint gets the modeling files copied into it (remote code).
+        child = [sys.executable, __file__, "--prepare", tmp, "--families", args.families, "--refuse", args.refuse]
+        subprocess.run([*child, "--variants", args.variants], check=True)
+        manifest = json.loads((Path(tmp) / "manifest.json").read_text())
+        import torch
+        import transformers
+        import vllm
+
         print(
-            f"converted {len(jobs)} checkpoints and their references in {time.perf_counter() - started:.0f}s",
+            f"vllm {vllm.__version__}, torch {torch.__version__}, transformers {transformers.__version__},"
+            f" checkpoints converted by {manifest['hf_glu']}",
             flush=True,
         )
-        for family, variant, folder, reference in jobs:
-            if reference is None:
-                row = check_refused(family, folder, args.memory_fraction)
+        # Every Transformers reference before any engine: vLLM patches the remote-code classes it loads.
+        jobs = manifest["jobs"]
+        for job in jobs:
+            job["reference"] = reference_logprobs(Path(tmp) / job["name"], prompt_ids) if job["served"] else None
+        print(f"{len(jobs)} checkpoints converted, references computed in {time.perf_counter() - started:.0f}s")
+        for job in jobs:
+            folder = Path(tmp) / job["name"]
+            if job["served"]:
+                row = check_served(job, folder, prompt_ids, args.tolerance, args.memory_fraction)
             else:
-                row = check_served(family, variant, folder, reference, prompt_ids, args.tolerance, args.memory_fraction)
+                row = check_refused(job["family"], folder, args.memory_fraction)
             rows.append(row)
             print(row.line(), flush=True)
+        if "hf_glu" in sys.modules:  # the route users take was not the one checked
+            rows.append(Row("-", "-", False, "hf_glu was imported: vLLM served its classes, not remote code", 0.0))
+            print(rows[-1].line())
     print(f"total {time.perf_counter() - started:.0f}s")
     print(summary_line(rows))
     return 0 if all(row.ok for row in rows) else 1
