@@ -89,3 +89,13 @@ def test_summary_line_is_the_closing_line_ci_reads(check):
 def test_tiny_sources_have_a_head_dim_vllm_cpu_serves(check, family):
     config = check._source_configs()[family]()
     assert config.hidden_size // config.num_attention_heads >= 32
+
+
+def test_only_vllms_own_refusal_counts_as_a_clean_refusal(check):
+    own = ValueError(
+        "1 validation error for ModelConfig\n  Value error, The Transformers implementation of"
+        " 'GluGPTNeoForCausalLM' is not compatible with vLLM. [type=value_error]"
+    )
+    assert check.refusal_message(own).startswith("Value error, The Transformers implementation")
+    assert check.refusal_message(KeyError("vllm")) is None  # a crash inside the model's own code
+    assert check.refusal_message(ValueError("Available memory on node 0 ...")) is None

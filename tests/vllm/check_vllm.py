@@ -118,7 +118,7 @@ class Row:
 
     def line(self) -> str:
         verdict = "PASS" if self.ok else "FAIL"
-        return f"{verdict}  {self.family:<11} {self.variant:<11} {self.detail}  {self.seconds:.1f}s"
+        return f"{verdict}  {self.family:<11} {self.variant:<16} {self.detail}  {self.seconds:.1f}s"
 
 
 def summary_line(rows: Sequence[Row]) -> str:
@@ -145,6 +145,27 @@ def _source_configs() -> dict[str, Callable]:
         "opt": lambda: tf.OPTConfig(
             **common, hidden_size=HIDDEN, num_hidden_layers=LAYERS, ffn_dim=96, num_attention_heads=HEADS,
             max_position_embeddings=MAX_POSITIONS, do_layer_norm_before=True, dropout=0.0,
+        ),
+        "gptj": lambda: tf.GPTJConfig(
+            **common, n_positions=MAX_POSITIONS, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, rotary_dim=8,
+            n_inner=96, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        ),
+        "gpt_bigcode": lambda: tf.GPTBigCodeConfig(
+            **common, n_positions=MAX_POSITIONS, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=96,
+            multi_query=True, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        ),
+        "phi": lambda: tf.PhiConfig(
+            **common, hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+            max_position_embeddings=MAX_POSITIONS, partial_rotary_factor=0.5, resid_pdrop=0.0, embd_pdrop=0.0,
+        ),
+        "falcon": lambda: tf.FalconConfig(
+            **common, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+            new_decoder_architecture=True, num_kv_heads=1, ffn_hidden_size=96, bias=False,
+            max_position_embeddings=MAX_POSITIONS,
+        ),
+        "starcoder2": lambda: tf.Starcoder2Config(
+            **common, hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+            num_key_value_heads=1, max_position_embeddings=MAX_POSITIONS, use_bias=True, residual_dropout=0.0,
         ),
         "gpt_neo": lambda: tf.GPTNeoConfig(
             **common, max_position_embeddings=MAX_POSITIONS, hidden_size=HIDDEN, num_layers=LAYERS, num_heads=HEADS,
@@ -297,19 +318,26 @@ def check_served(job: dict, folder: Path, prompt_ids, tolerance: float, memory_f
     return Row(family, label, diff <= tolerance and fused == wanted, detail, time.perf_counter() - start)
 
 
-def check_refused(family: str, folder: Path, memory_fraction: float) -> Row:
+def refusal_message(error: BaseException) -> str | None:
+    """vLLM's own refusal of a model class it cannot drive (wrapped by pydantic in a ValueError), else None."""
+    if not isinstance(error, ValueError):
+        return None
+    lines = (line.strip().split(" [type=")[0] for line in str(error).splitlines())
+    return next((line for line in lines if "is not compatible with vLLM" in line), None)
+
+
+def check_refused(job: dict, folder: Path, memory_fraction: float) -> Row:
     """vLLM must refuse the checkpoint with its own clean message, not crash inside the model's code."""
+    label = f"{job['variant']} (refused)"
     start = time.perf_counter()
     try:
         llm = engine(folder, memory_fraction)
-    except ValueError as error:
-        clean = "not compatible with vLLM" in str(error)
-        message = str(error).splitlines()[0][:200]
-        return Row(family, "(refusal)", clean, f"ValueError: {message}", time.perf_counter() - start)
     except Exception as error:
-        return Row(family, "(refusal)", False, f"{type(error).__name__}: {error}"[:300], time.perf_counter() - start)
+        message = refusal_message(error)
+        detail = message or f"{type(error).__name__}: {error}"
+        return Row(job["family"], label, message is not None, detail[:300], time.perf_counter() - start)
     free(llm)
-    return Row(family, "(refusal)", False, "served: vLLM was expected to refuse it", time.perf_counter() - start)
+    return Row(job["family"], label, False, "served: vLLM was expected to refuse it", time.perf_counter() - start)
 
 
 def prepare(folder: Path, families: Sequence[str], refuse: Sequence[str], variants: Sequence[str] | None) -> None:
@@ -322,6 +350,10 @@ def prepare(folder: Path, families: Sequence[str], refuse: Sequence[str], varian
     jobs = []
     for family in [*families, *refuse]:
         source = tiny_source(family)
+        if family not in families:
+            # The stock checkpoint beside the converted one: vLLM must refuse both the same way.
+            source.save_pretrained(folder / f"{family}-stock")
+            jobs.append(dict(family=family, variant="stock", beta=1.0, name=f"{family}-stock", served=False))
         for variant in variants if family in families else ["swiglu"]:
             name = f"{family}-{variant}"
             convert_to_folder(source, folder / name, variant)
@@ -389,7 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if job["served"]:
                 row = check_served(job, folder, prompt_ids, args.tolerance, args.memory_fraction)
             else:
-                row = check_refused(job["family"], folder, args.memory_fraction)
+                row = check_refused(job, folder, args.memory_fraction)
             rows.append(row)
             print(row.line(), flush=True)
         if "hf_glu" in sys.modules:  # the route users take was not the one checked
