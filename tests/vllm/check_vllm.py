@@ -304,7 +304,7 @@ def check_served(job: dict, folder: Path, prompt_ids, tolerance: float, memory_f
         finally:
             free(llm)
     except Exception as error:  # one row per failure, the run goes on
-        return Row(family, label, False, f"{type(error).__name__}: {error}"[:300], time.perf_counter() - start)
+        return Row(family, label, False, one_line(error), time.perf_counter() - start)
     fused = summary.fused(LAYERS)
     wanted = expect_fused(variant, beta)
     detail = (
@@ -316,6 +316,10 @@ def check_served(job: dict, folder: Path, prompt_ids, tolerance: float, memory_f
         reasons = [re.sub(r"<class '[\w.]*?(\w+\.\w+)'>", r"\1", line)[:200] for line in log.about_mlp()[:3]]
         detail += "  vLLM: " + " | ".join(reasons)
     return Row(family, label, diff <= tolerance and fused == wanted, detail, time.perf_counter() - start)
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(f"{type(error).__name__}: {error}".split())[:300]
 
 
 def refusal_message(error: BaseException) -> str | None:
@@ -334,13 +338,15 @@ def check_refused(job: dict, folder: Path, memory_fraction: float) -> Row:
         llm = engine(folder, memory_fraction)
     except Exception as error:
         message = refusal_message(error)
-        detail = message or f"{type(error).__name__}: {error}"
-        return Row(job["family"], label, message is not None, detail[:300], time.perf_counter() - start)
+        detail = message or one_line(error)
+        return Row(job["family"], label, message is not None, detail, time.perf_counter() - start)
     free(llm)
     return Row(job["family"], label, False, "served: vLLM was expected to refuse it", time.perf_counter() - start)
 
 
-def prepare(folder: Path, families: Sequence[str], refuse: Sequence[str], variants: Sequence[str] | None) -> None:
+def prepare(
+    folder: Path, families: Sequence[str], also: Sequence[str], refuse: Sequence[str], variants: Sequence[str]
+) -> None:
     """Convert every checkpoint into ``folder`` and list them in ``folder/manifest.json`` (run in a child process:
     the serving process must not import hf_glu, see :func:`main`)."""
     import hf_glu
@@ -348,17 +354,18 @@ def prepare(folder: Path, families: Sequence[str], refuse: Sequence[str], varian
 
     variants = list(variants or hf_glu.VARIANTS)
     jobs = []
-    for family in [*families, *refuse]:
+
+    def convert(source, family: str, variant: str, served: bool) -> Path:
+        name = f"{family}-{variant}"
+        convert_to_folder(source, folder / name, variant)
+        jobs.append(dict(family=family, variant=variant, beta=1.0, name=name, served=served))
+        return folder / name
+
+    for family in families:
         source = tiny_source(family)
-        if family not in families:
-            # The stock checkpoint beside the converted one: vLLM must refuse both the same way.
-            source.save_pretrained(folder / f"{family}-stock")
-            jobs.append(dict(family=family, variant="stock", beta=1.0, name=f"{family}-stock", served=False))
-        for variant in variants if family in families else ["swiglu"]:
-            name = f"{family}-{variant}"
-            convert_to_folder(source, folder / name, variant)
-            jobs.append(dict(family=family, variant=variant, beta=1.0, name=name, served=family in families))
-        if family == next(iter(families), None) and "swiglu" in variants:
+        for variant in variants:
+            convert(source, family, variant, served=True)
+        if family == families[0] and "swiglu" in variants:
             # swiglu with β ≠ 1 is not nn.SiLU: vLLM has no kernel for it and must serve it unfused, correctly.
             name = f"{family}-swiglu-beta2"
             convert_to_folder(source, folder / name, "swiglu")
@@ -366,6 +373,14 @@ def prepare(folder: Path, families: Sequence[str], refuse: Sequence[str], varian
             config["glu_beta"] = 2.0
             (folder / name / "config.json").write_text(json.dumps(config, indent=2))
             jobs.append(dict(family=family, variant="swiglu", beta=2.0, name=name, served=True))
+    for family in also:
+        convert(tiny_source(family), family, "swiglu", served=True)
+    for family in refuse:
+        source = tiny_source(family)
+        # The stock checkpoint beside the converted one: vLLM must refuse both the same way.
+        source.save_pretrained(folder / f"{family}-stock")
+        jobs.append(dict(family=family, variant="stock", beta=1.0, name=f"{family}-stock", served=False))
+        convert(source, family, "swiglu", served=False)
     manifest = dict(hf_glu=str(Path(hf_glu.__file__).parent), jobs=jobs)
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
@@ -374,7 +389,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", default="gpt2,gpt_neox,opt", help="comma-separated families to serve")
     parser.add_argument("--variants", default="", help="comma-separated GLU variants (default: every one)")
-    parser.add_argument("--refuse", default="gpt_neo", help="families vLLM must refuse ('' for none)")
+    parser.add_argument(
+        "--also", default="gpt_bigcode,phi,starcoder2", help="more families to serve, with swiglu only (the fused path)"
+    )
+    # Their attention is not on Transformers' attention interface: vLLM's Transformers backend cannot drive them.
+    parser.add_argument("--refuse", default="gpt_neo,gptj,falcon", help="families vLLM must refuse ('' for none)")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max |Δlogprob| allowed (fp32)")
     parser.add_argument("--memory-fraction", type=float, default=0.08, help="vLLM's gpu_memory_utilization")
     parser.add_argument("--prepare", type=Path, help=argparse.SUPPRESS)  # the child's job: convert into this folder
@@ -388,7 +407,7 @@ def _names(text: str) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.prepare is not None:
-        prepare(args.prepare, _names(args.families), _names(args.refuse), _names(args.variants))
+        prepare(args.prepare, _names(args.families), _names(args.also), _names(args.refuse), _names(args.variants))
         return 0
     started = time.perf_counter()
     # Before vLLM is imported; the make target sets them too, this keeps a direct run right.
@@ -399,8 +418,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="hf-glu-vllm-") as tmp:
         # Converted in a child process: once hf_glu is imported its Auto registration hands vLLM the installed
         # package's classes; a user serving a checkpoint gets the modeling files copied into it (remote code).
-        child = [sys.executable, __file__, "--prepare", tmp, "--families", args.families, "--refuse", args.refuse]
-        subprocess.run([*child, "--variants", args.variants], check=True)
+        child = [sys.executable, __file__, "--prepare", tmp, "--families", args.families, "--also", args.also]
+        subprocess.run([*child, "--refuse", args.refuse, "--variants", args.variants], check=True)
         manifest = json.loads((Path(tmp) / "manifest.json").read_text())
         import torch
         import transformers
