@@ -5,8 +5,10 @@ per-token log-probabilities are computed with Transformers (fp32), then the same
 Transformers backend (``model_impl="transformers"``, CPU build) and its prompt log-probabilities must agree within
 ``--tolerance``. The engine's model is inspected too: vLLM's GLU fuser must have merged gate/up into one
 ``MergedColumnParallelLinear`` with an ``…AndMul`` activation exactly where vLLM has a kernel for the variant
-(swiglu with β = 1, geglu, geglu_tanh); the other variants are served unfused. A converted family whose
-attention vLLM cannot drive (GPT-Neo) must be refused with vLLM's own "not compatible" message.
+(swiglu with β = 1, geglu, geglu_tanh); the other variants are served unfused. GPT-2, GPT-NeoX and OPT are
+served with every variant, GPT-BigCode, Phi and StarCoder2 with swiglu. A family whose attention vLLM cannot
+drive (GPT-Neo, GPT-J, Falcon) must be refused, converted, with vLLM's own "not compatible" message, as the stock
+checkpoint is (not a KeyError from inside the model's code).
 
 Runs in the venv `make test-vllm` builds (vLLM pins its own Transformers range), with HF_HUB_OFFLINE=1 and
 VLLM_ENABLE_V1_MULTIPROCESSING=0 (one process: the engine's model can be inspected, engines are built one after
