@@ -426,6 +426,8 @@ def convert_to_folder(
         match_params=match_params, calibration_text=calibration_text, calibration_tokens=calibration_tokens,
     )  # fmt: skip
     conversion.source.model = None  # measured already (a disk source is consumed already): free its memory
+    if "width" in conversion.report:  # the recipe can now name the real destination
+        conversion.report["width"]["recovery"] = recovery_command(conversion.report["source"], str(dst))
     with atomic_folder(dst, force, local) as tmp, writing_to(dst):
         write_checkpoint(conversion, tmp, max_shard_size, model_name=dst.name)
     return conversion

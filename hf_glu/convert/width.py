@@ -22,6 +22,7 @@ small trained GPT-2 (``benchmarks/recovery.py``): see the README's recovery stud
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 
 import torch
@@ -232,7 +233,8 @@ def fit_reduced_mlps(
 
 def recovery_command(source: str, destination: str) -> str:
     """The fine-tuning recipe that recovers what the width reduction lost: distillation from the source."""
+    model, teacher = shlex.quote(destination), shlex.quote(source)
     return (
-        f"python recipes/finetune_trainer.py --model {destination} --distill-from {source} --kd-alpha 0.5 "
-        f"--output-dir {destination}-recovered --max-steps 1000 --lr 1e-4"
+        f"python recipes/finetune_trainer.py --model {model} --distill-from {teacher} --kd-alpha 0.5 "
+        f"--output-dir {shlex.quote(destination + '-recovered')} --max-steps 1000 --lr 1e-4"
     )
