@@ -44,8 +44,8 @@ from hf_glu.data import builtin_corpus, read_text, split_train_eval  # noqa: E40
 # The MLP is 4·n_embd = 512 units; match_params keeps 344 (3·128·344 + biases ≈ 2·128·512 + biases).
 FULL = quality.Settings(
     corpus_chars=None, vocab_size=2048, block_size=128, n_embd=128, n_layer=4, n_head=4, batch_size=16,
-    seeds=(0,), pretrain_steps=300, pretrain_lr=3e-3, finetune_steps=48, finetune_lr=1e-3,
-    scratch_steps=0, scratch_lr=0.0, eval_tokens=8192,
+    seeds=(0,), pretrain_steps=300, pretrain_lr=3e-3, finetune_steps=24, finetune_lr=1e-3,
+    scratch_steps=0, scratch_lr=0.0, eval_tokens=4096,
 )  # fmt: skip
 QUICK = quality.Settings(
     corpus_chars=60_000, vocab_size=384, block_size=32, n_embd=32, n_layer=2, n_head=2, batch_size=8,
