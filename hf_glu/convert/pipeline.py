@@ -256,11 +256,17 @@ def convert(
             report["width"]["match_params"] = {
                 "source_mlp_per_layer": source_parameters["mlp"] // num_layers,
                 "glu_mlp_per_layer": glu_mlp_parameters(hidden, config.glu_width, biases),
-                "rule": f"the width whose GLU MLP (3·{hidden}·N weights + the gate, up and down biases it has: "
-                f"{dict(zip(('gate', 'up', 'down'), biases, strict=True))}) comes nearest the source MLP's count, "
-                "rounded to a multiple of 8",
+                "rule": f"the width N whose GLU MLP, 3·{hidden}·N weights{_bias_terms(hidden, biases)}, comes nearest "
+                "the source MLP's count, rounded to a multiple of 8",
             }
     return Conversion(model=model, report=report, source=loaded)
+
+
+def _bias_terms(hidden: int, biases: tuple[bool, bool, bool]) -> str:
+    """The GLU MLP's bias terms in the parameter count, e.g. `` + N (gate bias) + N (up bias) + 768 (down bias)``."""
+    sizes = ("N", "N", str(hidden))
+    return "".join(f" + {size} ({name} bias)" for name, size, has in zip(("gate", "up", "down"), sizes, biases,
+                                                                           strict=True) if has)  # fmt: skip
 
 
 def _count(model: torch.nn.Module) -> int:
