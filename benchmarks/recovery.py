@@ -6,8 +6,9 @@
    training part of the corpus) and ``down_proj`` re-fitted (``hf_glu.convert.width``). Step-0 held-out
    perplexity comes from the conversion report and is re-measured here.
 3. Each converted model is distilled from the source (α, T as quality.py) for a fixed budget, beside
-   (a) the source trained on for the same budget (plain cross-entropy) and (b) a GLU of the same width
-   with fresh MLP weights (``init="random"``, attention and embeddings kept), distilled the same way.
+   (a) the source trained on for the same budget (plain cross-entropy; and, as the distilled arms'
+   control, distilled from its own frozen copy) and (b) a GLU of the same width with fresh MLP weights
+   (``init="random"``, attention and embeddings kept), distilled the same way.
    Every arm sees the same batches; held-out perplexity is measured at fixed points of the budget.
 
 Writes ``recovery.json`` (every number), ``recovery.md`` (the table) and ``recovery.png`` into ``--out``
@@ -112,6 +113,12 @@ def run(settings: quality.Settings, args: argparse.Namespace, command: str) -> d
         "variant": None, "init": None, "intermediate_size": 4 * settings.n_embd,
         "mlp_parameters": count_mlp(base), "parameters": quality.count_parameters(base),
         **curve_run(copy.deepcopy(base), data, settings, schedule, None, "source trained on"),
+    }  # fmt: skip
+    # The distilled arms' control: how much of their gain is the distillation itself, not the GLU.
+    arms["source (distilled from itself)"] = {
+        "variant": None, "init": None, "intermediate_size": 4 * settings.n_embd,
+        "mlp_parameters": count_mlp(base), "parameters": quality.count_parameters(base),
+        **curve_run(copy.deepcopy(base), data, settings, schedule, teacher, "source self-distilled"),
     }  # fmt: skip
     step0: dict[str, dict] = {}
     for variant in args.variants:
@@ -219,20 +226,28 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")  # files only: no display on servers and CI
     import matplotlib.pyplot as plt
 
-    figure, ax = plt.subplots(figsize=(9, 5.5))
+    figure, (all_ax, zoom_ax) = plt.subplots(1, 2, figsize=(15, 5.5))
     colors = dict(zip(VARIANTS, plt.cm.tab10.colors, strict=False))
-    for name, arm in results["arms"].items():
-        if arm["variant"] is None:
-            style, color = {"linewidth": 2.5}, "black"
-        else:
-            style, color = {"linestyle": "-" if arm["init"] == "preserve" else ":"}, colors[arm["variant"]]
-        ax.plot(arm["tokens"], arm["perplexity"], marker="o", markersize=3, color=color, label=name, **style)
-    ax.axhline(results["source"]["perplexity"], color="grey", linestyle="--", linewidth=1, label="source before")
-    ax.set_yscale("log")
-    ax.set_xlabel("recovery tokens (distillation from the source; the source: plain training)")
-    ax.set_ylabel("held-out perplexity (log scale)")
-    ax.set_title("GPT-2 → GLU at equal parameters: held-out perplexity vs tokens")
-    ax.legend(fontsize=7, ncol=2)
+    # Left: every arm (log scale, random init included); right: the source and the equal-param conversions.
+    for ax, keep in ((all_ax, lambda arm: True), (zoom_ax, lambda arm: arm["init"] != "random")):
+        for name, arm in results["arms"].items():
+            if not keep(arm):
+                continue
+            if arm["variant"] is None:
+                style = {"linewidth": 2.5, "linestyle": "-" if "trained" in name else "--"}
+                color = "black"
+            else:
+                style, color = {"linestyle": "-" if arm["init"] == "preserve" else ":"}, colors[arm["variant"]]
+            ax.plot(arm["tokens"], arm["perplexity"], marker="o", markersize=3, color=color, label=name, **style)
+        ax.axhline(results["source"]["perplexity"], color="grey", linestyle=":", linewidth=1, label="source before")
+        ax.set_xlabel("recovery tokens (distilled from the source; 'trained on': plain training)")
+        ax.legend(fontsize=7, ncol=2)
+    all_ax.set_yscale("log")
+    all_ax.set_ylabel("held-out perplexity (log scale)")
+    all_ax.set_title("every arm")
+    zoom_ax.set_ylabel("held-out perplexity")
+    zoom_ax.set_title("the source and the equal-parameter conversions")
+    figure.suptitle("GPT-2 → GLU at equal parameters: held-out perplexity vs recovery tokens")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

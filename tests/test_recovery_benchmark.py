@@ -28,7 +28,8 @@ def test_quick_run_reports_every_arm_and_its_step0_figures_equal_a_remeasurement
     results = json.loads((tmp_path / "recovery.json").read_text())
 
     arms = results["arms"]
-    assert set(arms) == {"source (trained on)", *(f"{v} equal-param, distilled" for v in variants),
+    assert set(arms) == {"source (trained on)", "source (distilled from itself)",
+                         *(f"{v} equal-param, distilled" for v in variants),
                          *(f"{v} random-init, distilled" for v in variants)}  # fmt: skip
     for name, arm in arms.items():
         assert len(arm["tokens"]) == len(arm["perplexity"]) >= 2, name
