@@ -25,6 +25,7 @@ from typing import NoReturn
 logging.getLogger("kernels").setLevel(logging.ERROR)
 
 from .convert.surgery import SUPPORTED_MODEL_TYPES  # noqa: E402
+from .convert.width import DEFAULT_CALIBRATION_TOKENS  # noqa: E402
 from .glu import VARIANTS  # noqa: E402
 
 EXIT_BAD_INPUT = 2
@@ -67,7 +68,12 @@ def add_convert(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
         default=None,
         help="UTF-8 text file the width reduction fits on (default: the built-in corpus, without the eval part)",
     )
-    p.add_argument("--calibration-tokens", type=int, default=None, help="tokens of it to use (default: 8192)")
+    p.add_argument(
+        "--calibration-tokens",
+        type=int,
+        default=None,
+        help=f"tokens of it to use (default: {DEFAULT_CALIBRATION_TOKENS})",
+    )
     p.add_argument("--eval-text", default=None, help="UTF-8 text file for the fidelity report (default: built-in)")
     p.add_argument("--eval-tokens", type=int, default=None, help="tokens of it to evaluate (default: 256)")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"), help="weights' dtype")
@@ -86,7 +92,6 @@ def run_convert(args: argparse.Namespace) -> int:
     from .convert import DEFAULT_EVAL_TOKENS
     from .convert.pipeline import convert_to_folder
     from .convert.save import check_destination
-    from .convert.width import DEFAULT_CALIBRATION_TOKENS
     from .data import read_text
 
     _check_convert_options(args)  # refuse before the slow part
