@@ -221,11 +221,13 @@ def train(
     lr: float,
     teacher: PreTrainedModel | None = None,
     settings: Settings | None = None,
+    after_step: Callable[[int], None] | None = None,
 ) -> list[float]:
     """Train in place on ``blocks[schedule[step]]``; returns the cross-entropy of every step.
 
     With a ``teacher`` the loss is the library's distillation loss, but the returned curve stays the
-    plain cross-entropy, so distilled and undistilled runs plot on one scale.
+    plain cross-entropy, so distilled and undistilled runs plot on one scale. ``after_step(n)`` runs after
+    the n-th optimizer step (1-based), e.g. to evaluate mid-run (it must leave the model in train mode).
     """
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(len(schedule)))
@@ -253,6 +255,8 @@ def train(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(out.loss.item())
+        if after_step is not None:
+            after_step(len(losses))
     model.eval()
     return losses
 

@@ -123,8 +123,10 @@ def _scheme_text(report: dict) -> str:
     layer = report["layers"][0]["unit_map"]
     exact = all(entry["unit_map"]["exact"] for entry in report["layers"])
     proj_in, proj_out = report["source_projections"]
+    # A width-reduced conversion re-fits down_proj (the card's Width section says how).
+    down = "`down_proj` re-fitted (see Width below)" if "width" in report else f"`down_proj = {proj_out}`"
     text = (
-        f"`preserve`: with `z = {proj_in}(x)` the source's pre-activation, `down_proj = {proj_out}` and "
+        f"`preserve`: with `z = {proj_in}(x)` the source's pre-activation, {down} and "
         f"`gate = {layer['gate_scale']:.6g}·z + {layer['gate_shift']:.6g}`, "
         f"`up = {layer['up_scale']:.6g}·z + {layer['up_shift']:.6g}`"
     )
@@ -178,6 +180,40 @@ def _rounded_up(value: float) -> str:
     return f"{math.ceil(value / unit) * unit:.3g}"
 
 
+def _width_text(report: dict) -> str:
+    """The card's Width section: what was kept and re-fitted, the parameter counts, each layer's error on the
+    calibration and the evaluation text, and how to recover what was lost."""
+    width, counts = report["width"], report["parameters"]
+    kept, total = width["intermediate_size"], width["source_intermediate_size"]
+    how = "chosen so the GLU MLP has the source MLP's parameter count" if width["chosen_by"] == "match_params" else (
+        "chosen by the user")
+    lines = [
+        f"Each layer keeps {kept} of the source's {total} MLP units ({how}). Units are ranked by "
+        f"{width['importance']}; `down_proj` is re-fitted by {width['down_fit']}. Calibration: "
+        f"{width['calibration']['tokens']:,} tokens of {width['calibration']['data']}.",
+        "",
+        "| parameters | source | converted |",
+        "|---|---:|---:|",
+        f"| MLP (all layers) | {counts['source']['mlp']:,} | {counts['converted']['mlp']:,} |",
+        f"| total | {counts['source']['total']:,} | {counts['converted']['total']:,} |",
+        "",
+        f"Counted as: {counts['counting']}.",
+    ]
+    if "match_params" in width:
+        lines += ["", f"Width rule: {width['match_params']['rule']}."]
+    lines += [
+        "",
+        "| layer | MLP relative error, calibration text | MLP relative error, evaluation text |",
+        "|---|---:|---:|",
+        *(f"| {layer['layer']} | {layer['calibration_mlp_relative_error']:.3g} | {layer['mlp_relative_error']:.3g} |"
+          for layer in report["layers"]),  # fmt: skip
+        "",
+        f"({width['errors']}.) Fewer units cannot compute exactly what the source did: recover the rest by "
+        f"distilling from the source, e.g. {_code(width['recovery'])} (add `--train-file` with your own text).",
+    ]
+    return "\n".join(lines)
+
+
 def _eval_results(report: dict, dataset_name: str) -> list[EvalResult] | None:
     perplexity = report.get("perplexity")
     if not perplexity or perplexity.get("converted") is None or perplexity.get("source") is None:
@@ -227,7 +263,8 @@ def render_conversion_card(report: dict, model_name: str, repo_or_path: str | No
         formula=variant.formula,
         scheme_text=_scheme_text(report),
         what_changed=_what_changed(report),
-        has_units=report["init"] == "preserve",
+        has_units=report["init"] == "preserve" and "width" not in report,  # reduced: no unit-for-unit reference
+        width_text=_width_text(report) if "width" in report else "",
         auto_class=auto_class,
         repo_literal=json.dumps(repo or PLACEHOLDER_PATH, ensure_ascii=False),
         repo_is_pasted=repo is not None,

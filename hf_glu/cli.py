@@ -25,6 +25,7 @@ from typing import NoReturn
 logging.getLogger("kernels").setLevel(logging.ERROR)
 
 from .convert.surgery import SUPPORTED_MODEL_TYPES  # noqa: E402
+from .convert.width import DEFAULT_CALIBRATION_TOKENS  # noqa: E402
 from .glu import VARIANTS  # noqa: E402
 
 EXIT_BAD_INPUT = 2
@@ -50,7 +51,29 @@ def add_convert(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
     p.add_argument("dst", help="output folder (written atomically; must be empty unless --force)")
     p.add_argument("--variant", required=True, choices=sorted(VARIANTS), help="GLU variant")
     p.add_argument("--init", default="preserve", choices=("preserve", "random"), help="init scheme (default: preserve)")
-    p.add_argument("--intermediate-size", type=int, default=None, help="GLU width (only with --init random)")
+    p.add_argument(
+        "--intermediate-size",
+        type=int,
+        default=None,
+        help="GLU width; with --init preserve at most the source's: each layer keeps its most important units "
+        "and re-fits down_proj on calibration text (equal to the source's: every unit, as without the option)",
+    )
+    p.add_argument(
+        "--match-params",
+        action="store_true",
+        help="pick the GLU width at which the MLP has the source MLP's parameter count (rounded to a multiple of 8)",
+    )
+    p.add_argument(
+        "--calibration-text",
+        default=None,
+        help="UTF-8 text file the width reduction fits on (default: the built-in corpus, without the eval part)",
+    )
+    p.add_argument(
+        "--calibration-tokens",
+        type=int,
+        default=None,
+        help=f"tokens of it to use (default: {DEFAULT_CALIBRATION_TOKENS})",
+    )
     p.add_argument("--eval-text", default=None, help="UTF-8 text file for the fidelity report (default: built-in)")
     p.add_argument("--eval-tokens", type=int, default=None, help="tokens of it to evaluate (default: 256)")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"), help="weights' dtype")
@@ -75,7 +98,11 @@ def run_convert(args: argparse.Namespace) -> int:
     _release_freed_memory()
     if args.no_eval:
         return _run_streamed_convert(args)
-    eval_text = _eval_text_prefix(args) if args.eval_text is not None else None
+    eval_text = _text_prefix(args, args.eval_text, args.eval_tokens, "eval") if args.eval_text is not None else None
+    calibration_text = (
+        _text_prefix(args, args.calibration_text, args.calibration_tokens, "calibration")
+        if args.calibration_text is not None else None
+    )  # fmt: skip
     conversion = convert_to_folder(
         args.src,
         args.dst,
@@ -87,9 +114,17 @@ def run_convert(args: argparse.Namespace) -> int:
         max_shard_size=args.max_shard_size,
         eval_text=eval_text,
         eval_tokens=DEFAULT_EVAL_TOKENS if args.eval_tokens is None else args.eval_tokens,
+        match_params=args.match_params,
+        calibration_text=calibration_text,
+        calibration_tokens=args.calibration_tokens or DEFAULT_CALIBRATION_TOKENS,
     )
     report = conversion.report
     print(f"wrote {args.dst} ({report['converted_class']}, {report['variant']}, init={report['init']})")
+    if "width" in report:
+        width, counts = report["width"], report["parameters"]
+        print(f"width: {width['intermediate_size']} of the source's {width['source_intermediate_size']} units; "
+              f"MLP parameters {counts['source']['mlp']:,} → {counts['converted']['mlp']:,}, "
+              f"total {counts['source']['total']:,} → {counts['converted']['total']:,}")  # fmt: skip
     if "evaluation" in report:
         print(f"fidelity: {report['evaluation']}")
         return 0
@@ -118,29 +153,52 @@ def _check_convert_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-shard-size {args.max_shard_size!r} is invalid; expected a size such as 500MB or 5GB")
     if args.eval_text is not None and not Path(args.eval_text).is_file():
         raise ValueError(f"--eval-text {args.eval_text!r} is not a file; expected a UTF-8 text file")
+    _check_width_options(args)
 
 
-def _eval_text_prefix(args: argparse.Namespace) -> str:
-    """The start of ``--eval-text`` that makes the ``--eval-tokens`` evaluated, read with the source's own
-    tokenizer (as the conversion reads it): a large file is never read, nor tokenized, whole."""
+def _check_width_options(args: argparse.Namespace) -> None:
+    """--match-params, --calibration-text and --calibration-tokens, before anything is loaded."""
+    if args.match_params and args.intermediate_size is not None:
+        raise ValueError("--match-params picks --intermediate-size itself; pass one of them, not both")
+    if args.calibration_tokens is not None and args.calibration_tokens < 2:
+        raise ValueError(f"--calibration-tokens {args.calibration_tokens} is invalid; expected an integer >= 2")
+    calibrating = args.init == "preserve" and (args.match_params or args.intermediate_size is not None)
+    for option in ("calibration_text", "calibration_tokens"):
+        if getattr(args, option) is not None and not calibrating and not args.no_eval:
+            raise ValueError(
+                f"--{option.replace('_', '-')} is used by a width-reduced conversion only; expected it with "
+                "--match-params or --intermediate-size N (and --init preserve)"
+            )
+    if args.calibration_text is not None and not Path(args.calibration_text).is_file():
+        raise ValueError(f"--calibration-text {args.calibration_text!r} is not a file; expected a UTF-8 text file")
+
+
+def _text_prefix(args: argparse.Namespace, path: str, tokens: int | None, use: str) -> str:
+    """The start of the ``--eval-text`` or ``--calibration-text`` file that makes the tokens the conversion uses,
+    read with the source's own tokenizer (as the conversion reads it): a large file is never read, nor tokenized,
+    whole."""
     from .convert import DEFAULT_EVAL_TOKENS
     from .convert.source import read_tokenizer, source_folder
+    from .convert.width import DEFAULT_CALIBRATION_TOKENS
     from .data import iter_text, read_token_prefix
 
     tokenizer = read_tokenizer(source_folder(args.src))
-    if tokenizer is None:  # the conversion refuses eval text it cannot tokenize: a first piece is enough for that
-        return next(iter_text(args.eval_text), "")
-    eval_tokens = DEFAULT_EVAL_TOKENS if args.eval_tokens is None else args.eval_tokens
-    return read_token_prefix(args.eval_text, tokenizer, eval_tokens)[0]
+    if tokenizer is None:  # the conversion refuses text it cannot tokenize: a first piece is enough for that
+        return next(iter_text(path), "")
+    default = DEFAULT_EVAL_TOKENS if use == "eval" else DEFAULT_CALIBRATION_TOKENS
+    return read_token_prefix(path, tokenizer, default if tokens is None else tokens)[0]
 
 
 def _run_streamed_convert(args: argparse.Namespace) -> int:
     from .convert.stream import stream_convert
 
-    options = ("init", "intermediate_size", "eval_text", "eval_tokens", "dtype")
-    refused = [f"--{name.replace('_', '-')}" for name in options if getattr(args, name) not in (None, "preserve")]
+    options = ("init", "intermediate_size", "match_params", "calibration_text", "calibration_tokens", "eval_text",
+               "eval_tokens", "dtype")  # fmt: skip
+    refused = [f"--{name.replace('_', '-')}" for name in options
+               if getattr(args, name) not in (None, "preserve", False)]  # fmt: skip
     if refused:
-        raise ValueError(f"{', '.join(refused)} cannot be used with --no-eval, which streams the source as it is")
+        raise ValueError(f"{', '.join(refused)} cannot be used with --no-eval, which streams the source as it is "
+                         "(a width change runs calibration text through the model)")  # fmt: skip
     report = stream_convert(args.src, args.dst, args.variant, force=args.force, max_shard_size=args.max_shard_size)
     print(f"wrote {args.dst} ({report['converted_class']}, {report['variant']}, init=preserve, streamed)")
     print(f"fidelity: {report['evaluation']}")

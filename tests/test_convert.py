@@ -183,7 +183,7 @@ def test_torch_dtype_sets_the_result_dtype():
         (lambda: tiny_gpt2(activation_function="tanh"), {}, "activation_function='tanh'"),
         (lambda: tiny_gpt2(), {"variant": "nope"}, "expected one of"),
         (lambda: tiny_gpt2(), {"init": "zeros"}, "init='zeros'"),
-        (lambda: tiny_gpt2(), {"intermediate_size": 64}, "init='random'"),
+        (lambda: tiny_gpt2(), {"intermediate_size": 129}, "larger than the source's MLP width 128"),
         (lambda: tiny_gpt2(), {"torch_dtype": "int8"}, "dtype='int8'"),
         (lambda: torch.nn.Linear(2, 2), {}, "supported classes"),
     ],

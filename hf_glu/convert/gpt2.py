@@ -102,6 +102,7 @@ def convert_weights(
     unit_maps: list[UnitMap] | None,
     share: bool = False,
     layer_done: LayerDone | None = None,
+    mlps: list[dict[str, torch.Tensor | None]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The converted state dict; with ``unit_maps`` None (random init) the MLP weights are left out.
 
@@ -110,6 +111,7 @@ def convert_weights(
     converted, so the source and the result are never both whole in memory. ``source`` is unusable after.
     ``layer_done(i, source_block, converted)``: called with each block's converted tensors (named as in
     the block, e.g. ``mlp.gate_proj.weight``) while the source block still exists.
+    ``mlps``: each block's GLU MLP tensors (``gate_proj.weight``…), used instead of the preserve map.
     """
     take = (lambda v: v.detach()) if share else (lambda v: v.detach().clone())
     blocks = source.h if hasattr(source, "h") else source.transformer.h
@@ -134,7 +136,9 @@ def convert_weights(
             layer[f"attn.{proj}.bias"] = b
         layer["attn.o_proj.weight"] = _t(sd["attn.c_proj.weight"])
         layer["attn.o_proj.bias"] = sd["attn.c_proj.bias"]
-        if unit_maps is not None:
+        if mlps is not None:  # fitted elsewhere (a width-reduced conversion, hf_glu.convert.width)
+            layer.update({f"mlp.{k}": v for k, v in mlps[i].items()})
+        elif unit_maps is not None:
             layer.update(_preserved_mlp(sd, unit_maps[i]))
         del sd
         if layer_done is not None:

@@ -107,10 +107,11 @@ def check_scheme(
     if init not in INIT_SCHEMES:
         raise ConversionError(f"init={init!r} is not a known init scheme; expected one of {list(INIT_SCHEMES)}")
     check_activation(activation, field)
-    if init == "preserve" and width not in (None, source_width):
+    if init == "preserve" and width is not None and width > source_width:
+        # preserve keeps a subset of the source's units (hf_glu.convert.width): it cannot invent more.
         raise ConversionError(
-            f"intermediate_size={width} cannot be used with init='preserve', which keeps the source's "
-            f"{source_width}; use init='random' for another size"
+            f"intermediate_size={width} is larger than the source's MLP width {source_width}; init='preserve' "
+            f"keeps at most the source's units: expected an integer <= {source_width}, or init='random'"
         )
 
 

@@ -19,6 +19,19 @@ from .report import LayerStats, compare, mlp_weights, record_source
 from .save import atomic_folder, check_destination, writing_to
 from .source import Source, load_source
 from .surgery import Surgery, build_model, surgery_for
+from .width import (
+    DEFAULT_CALIBRATION_TOKENS,
+    DEFAULT_RIDGE_ALPHA,
+    IMPORTANCE,
+    calibration_batch,
+    fit_reduced_mlps,
+    glu_biases,
+    glu_mlp_parameters,
+    matched_width,
+    recovery_command,
+    source_mlp_parameters,
+    source_mlp_shape,
+)
 
 DEFAULT_EVAL_TOKENS = 256  # 256 × a 50257-word vocabulary: 12.9M logits compared; a 124M model scores it in seconds
 CALIBRATION_TOKENS = 512
@@ -106,9 +119,13 @@ def convert(
     eval_text: str | None = None,
     eval_tokens: int = DEFAULT_EVAL_TOKENS,
     seed: int = 0,
+    match_params: bool = False,
+    calibration_text: str | None = None,
+    calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS,
 ) -> Conversion:
     """Convert ``source`` and measure it; see :func:`hf_glu.convert.convert_gpt2` for the arguments."""
     dtype = parse_dtype(torch_dtype)
+    _check_width_options(init, intermediate_size, match_params, calibration_text, calibration_tokens)
     if isinstance(eval_tokens, bool) or not isinstance(eval_tokens, int) or eval_tokens < 2:
         raise ConversionError(f"eval_tokens={eval_tokens!r} is invalid; expected an integer >= 2")
     if intermediate_size is not None and (
@@ -126,10 +143,17 @@ def convert(
     src = loaded.model
     model_type = src.config.model_type
     surgery = surgery_for(model_type)
+    hidden, source_width = source_mlp_shape(surgery, src)
+    source_parameters = {"mlp": source_mlp_parameters(surgery, src), "total": _count(src)}
+    if match_params:  # the biases the GLU will have count too: they follow from the config, whatever its width
+        biases = glu_biases(surgery.config(src, variant, init, None))
+        per_layer = source_parameters["mlp"] // len(surgery.source_layers(src))
+        intermediate_size = matched_width(per_layer, hidden, source_width, biases)
     config = surgery.config(src, variant, init, intermediate_size)
+    reduced = init == "preserve" and config.glu_width < source_width
     max_length = min(surgery.max_positions(src.config) or _DEFAULT_WINDOW, _DEFAULT_WINDOW)
 
-    calibration_text, default_eval = split_train_eval(builtin_corpus(_DEFAULT_TEXT_CHARS), 0.5)
+    map_fit_text, default_eval = split_train_eval(builtin_corpus(_DEFAULT_TEXT_CHARS), 0.5)
     vocab = config.vocab_size
     eval_ids = _token_ids(eval_text if eval_text is not None else default_eval, loaded.tokenizer, vocab, eval_tokens)
     num_layers = len(surgery.source_layers(src))
@@ -138,11 +162,20 @@ def convert(
     unit_maps: list[UnitMap] | None = None
     if init == "preserve":
         if variant in CALIBRATED_VARIANTS:
-            calibration_ids = _token_ids(calibration_text, loaded.tokenizer, vocab, CALIBRATION_TOKENS)
+            calibration_ids = _token_ids(map_fit_text, loaded.tokenizer, vocab, CALIBRATION_TOKENS)
             recorded = _record_preactivations(src, surgery, calibration_ids, max_length)
             unit_maps = [fit_unit_map(variant, activation, config.glu_params, z) for z in recorded]
         else:  # a fixed map, the same for every layer
             unit_maps = [fit_unit_map(variant, activation, config.glu_params)] * num_layers
+    fits = None
+    if reduced:  # before the source is consumed: the fit runs it on calibration text
+        text = calibration_text if calibration_text is not None else _default_calibration_text()
+        calibration = calibration_batch(
+            _calibration_ids(text, loaded.tokenizer, vocab, calibration_tokens), max_length
+        )
+        down_bias = glu_biases(config)[2]
+        fits = fit_reduced_mlps(src, surgery, unit_maps, variant, config.glu_params, config.glu_width, calibration,
+                                dtype or next(src.parameters()).dtype, down_bias)  # fmt: skip
 
     # The source's pass comes first: a source read from disk is ours alone, so the conversion may then
     # consume it, block by block, and it is never whole in memory beside the converted model.
@@ -151,7 +184,8 @@ def convert(
     target = surgery.target_class(src)
     dtype = dtype or next(src.parameters()).dtype
     src_name, src_class = loaded.name or type(src).__name__, type(src).__name__
-    stats = [LayerStats(unit_maps is not None) for _ in range(num_layers)]
+    # A width-reduced MLP keeps a subset of the units and re-fits down: no unit-for-unit reference remains.
+    stats = [LayerStats(unit_maps is not None and not reduced) for _ in range(num_layers)]
 
     def layer_done(i: int, source_layer: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
         # The preserved MLP is measured against the source's while both exist; its records are then freed.
@@ -160,7 +194,8 @@ def convert(
                          config.glu_params, reference)  # fmt: skip
         record.mlp_io[i] = []
 
-    state_dict = surgery.weights(src, config, unit_maps, owned, layer_done if unit_maps is not None else None)
+    mlps = [fit.weights for fit in fits] if fits is not None else None
+    state_dict = surgery.weights(src, config, unit_maps, owned, layer_done if unit_maps is not None else None, mlps)
     if owned:
         loaded.model = src = None  # consumed by the conversion
     # Built as reloading the saved checkpoint builds it: parameters in `dtype`, buffers in their own dtype.
@@ -188,7 +223,94 @@ def convert(
         "eval_data": _describe_eval(eval_text, loaded.tokenizer),
         **compare(record, model, stats, unit_maps),
     }
+    glu_mlp = sum(p.numel() for mlp in surgery.glu_mlps(model) for p in mlp.parameters())
+    report["parameters"] = {
+        "source": source_parameters,
+        "converted": {"mlp": glu_mlp, "total": _count(model)},
+        "counting": "each parameter tensor once (a tied head counts once); MLP: the dense MLP's two projections "
+        "(weights and biases) against gate_proj, up_proj and down_proj with the biases the GLU MLP has",
+    }
+    if fits is not None:
+        for layer, fit in zip(report["layers"], fits, strict=True):
+            layer["calibration_mlp_relative_error"] = fit.calibration_relative_error
+        report["width"] = {
+            "source_intermediate_size": source_width,
+            "intermediate_size": config.glu_width,
+            "chosen_by": "match_params" if match_params else "intermediate_size",
+            "importance": IMPORTANCE,
+            "down_fit": f"ridge least squares (lambda = {DEFAULT_RIDGE_ALPHA} x the Gram matrix's mean diagonal, "
+            "intercept unpenalised) of the source MLP's output on the kept units' outputs, layer by layer, each "
+            "layer fed the already-converted layers' outputs",
+            "calibration": {
+                "data": _describe_calibration(calibration_text, loaded.tokenizer),
+                "tokens": int(calibration.numel()),
+                "windows": int(calibration.shape[0]),
+            },
+            "errors": "calibration_mlp_relative_error: on the calibration text, inputs from the converted layers "
+            "before; mlp_relative_error: on the evaluation text, inputs from the source's layers",
+            "recovery": recovery_command(src_name, "DST"),
+        }
+        if match_params:
+            biases = glu_biases(config)
+            report["width"]["match_params"] = {
+                "source_mlp_per_layer": source_parameters["mlp"] // num_layers,
+                "glu_mlp_per_layer": glu_mlp_parameters(hidden, config.glu_width, biases),
+                "rule": f"the width N whose GLU MLP, 3·{hidden}·N weights{_bias_terms(hidden, biases)}, comes nearest "
+                "the source MLP's count, rounded to a multiple of 8",
+            }
     return Conversion(model=model, report=report, source=loaded)
+
+
+def _bias_terms(hidden: int, biases: tuple[bool, bool, bool]) -> str:
+    """The GLU MLP's bias terms in the parameter count, e.g. `` + N (gate bias) + N (up bias) + 768 (down bias)``."""
+    sizes = ("N", "N", str(hidden))
+    return "".join(f" + {size} ({name} bias)" for name, size, has in zip(("gate", "up", "down"), sizes, biases,
+                                                                           strict=True) if has)  # fmt: skip
+
+
+def _count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _check_width_options(
+    init: str, intermediate_size: int | None, match_params: bool, calibration_text: str | None, calibration_tokens: int
+) -> None:
+    """The width options' values and combinations, checked before the source is loaded."""
+    if not isinstance(match_params, bool):
+        raise ConversionError(f"match_params={match_params!r} is invalid; expected True or False")
+    if match_params and intermediate_size is not None:
+        raise ConversionError("match_params=True picks intermediate_size itself; pass one of them, not both")
+    if isinstance(calibration_tokens, bool) or not isinstance(calibration_tokens, int) or calibration_tokens < 2:
+        raise ConversionError(f"calibration_tokens={calibration_tokens!r} is invalid; expected an integer >= 2")
+    if calibration_text is not None and (init != "preserve" or (intermediate_size is None and not match_params)):
+        raise ConversionError(
+            "calibration_text is used by a width-reduced preserve conversion only; expected init='preserve' with "
+            "intermediate_size=N or match_params=True"
+        )
+
+
+def _default_calibration_text() -> str:
+    """The built-in corpus without the default evaluation text, so the default report scores held-out text."""
+    head = builtin_corpus(_DEFAULT_TEXT_CHARS)
+    calibration, _ = split_train_eval(head, 0.5)
+    return calibration + "\n\n" + builtin_corpus()[len(head) :].lstrip("\n")
+
+
+def _calibration_ids(
+    text: str, tokenizer: PreTrainedTokenizerBase | None, vocab_size: int, n: int
+) -> torch.Tensor:
+    if tokenizer is None:  # random ids, seeded apart from the evaluation's (seed 0), so they differ from them
+        return torch.randint(0, vocab_size, (1, n), generator=torch.Generator().manual_seed(1))
+    # A token is rarely longer than 16 characters: tokenising more of a long file would be thrown away.
+    return _token_ids(text[: 16 * n], tokenizer, vocab_size, n)
+
+
+def _describe_calibration(calibration_text: str | None, tokenizer: PreTrainedTokenizerBase | None) -> str:
+    if tokenizer is None:
+        return "random token ids (the source has no tokenizer)"
+    if calibration_text is None:
+        return "built-in corpus (hf_glu.data.builtin_corpus) without the default evaluation text"
+    return "user text"
 
 
 def _describe_eval(eval_text: str | None, tokenizer: PreTrainedTokenizerBase | None) -> str:
@@ -208,6 +330,9 @@ def convert_checkpoint(
     eval_text: str | None = None,
     eval_tokens: int = DEFAULT_EVAL_TOKENS,
     seed: int = 0,
+    match_params: bool = False,
+    calibration_text: str | None = None,
+    calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS,
 ) -> PreTrainedModel:
     """Turn a GPT-2-style model's MLPs into GLU MLPs; returns the converted model.
 
@@ -222,7 +347,9 @@ def convert_checkpoint(
         init: ``"preserve"`` (the converted model computes what the source did, exactly or within the
             variant's documented bound: see :mod:`hf_glu.convert.init_schemes`) or ``"random"``
             (fresh MLP weights; attention, embeddings and norms kept).
-        intermediate_size: the GLU width; only ``"random"`` may change it (e.g. ``2/3 · 4 · n_embd``).
+        intermediate_size: the GLU width. ``"random"`` takes any; ``"preserve"`` at most the source's: below
+            it, each layer keeps its most important units and re-fits ``down_proj`` on calibration text
+            (:mod:`hf_glu.convert.width`); equal to it, every unit is kept exactly as without it.
         torch_dtype: dtype of the result's parameters (default: the source's); buffers keep the dtype their
             class gives them (float32 rotary frequencies), so the result is what reloading its checkpoint gives.
         tokenizer: tokenizer for the calibration and evaluation text when ``source`` is an instance
@@ -230,6 +357,11 @@ def convert_checkpoint(
         eval_text: text for the fidelity report (default: part of the built-in corpus).
         eval_tokens: how many tokens of it to evaluate.
         seed: seed of the random scheme's fresh weights.
+        match_params: pick ``intermediate_size`` so the GLU MLP has the source MLP's parameter count (biases
+            counted), rounded to a multiple of 8 (GPT-2: 2/3 of the source width).
+        calibration_text: text the width-reduced ``preserve`` conversion chooses units and fits ``down_proj``
+            on (default: the built-in corpus without the default evaluation text).
+        calibration_tokens: how many tokens of it to use.
 
     The fidelity report (per-layer MLP error, max |Δlogit|, perplexities) is attached to the result as
     ``model.conversion_report``. Bad input raises :class:`hf_glu.convert.ConversionError`.
@@ -244,6 +376,9 @@ def convert_checkpoint(
         eval_text=eval_text,
         eval_tokens=eval_tokens,
         seed=seed,
+        match_params=match_params,
+        calibration_text=calibration_text,
+        calibration_tokens=calibration_tokens,
     )
     conversion.model.conversion_report = conversion.report
     return conversion.model
@@ -284,15 +419,21 @@ def convert_to_folder(
     eval_text: str | None = None,
     eval_tokens: int = DEFAULT_EVAL_TOKENS,
     seed: int = 0,
+    match_params: bool = False,
+    calibration_text: str | None = None,
+    calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS,
 ) -> Conversion:
     """Convert ``source`` and write the checkpoint to ``dst`` atomically: ``dst`` is replaced only once
     everything is written (a non-empty ``dst`` only with ``force``); any failure leaves it untouched."""
     local = source if isinstance(source, (str, Path)) else None  # a folder or a Hub id; an instance has no files
     dst = check_destination(dst, force, local)  # before the work, so a refusal costs nothing
     conversion = convert(
-        source, variant, init, intermediate_size, torch_dtype, eval_text=eval_text, eval_tokens=eval_tokens, seed=seed
-    )
+        source, variant, init, intermediate_size, torch_dtype, eval_text=eval_text, eval_tokens=eval_tokens, seed=seed,
+        match_params=match_params, calibration_text=calibration_text, calibration_tokens=calibration_tokens,
+    )  # fmt: skip
     conversion.source.model = None  # measured already (a disk source is consumed already): free its memory
+    if "width" in conversion.report:  # the recipe can now name the real destination
+        conversion.report["width"]["recovery"] = recovery_command(conversion.report["source"], str(dst))
     with atomic_folder(dst, force, local) as tmp, writing_to(dst):
         write_checkpoint(conversion, tmp, max_shard_size, model_name=dst.name)
     return conversion

@@ -69,7 +69,11 @@ class Surgery:
         unit_maps: list[UnitMap] | None,
         share: bool,
         layer_done: LayerDone | None,
+        mlps: list[dict[str, torch.Tensor | None]] | None = None,
     ) -> dict[str, torch.Tensor]:
+        """The converted state dict. ``mlps``: each layer's GLU MLP tensors (named as
+        :func:`~.init_schemes.preserved_projections` names them), used instead of the preserve map: the
+        width-reduced conversion (:mod:`.width`) fits them itself."""
         raise NotImplementedError
 
     def activation(self, source: PreTrainedModel) -> str:
@@ -103,12 +107,12 @@ class Gpt2Surgery(Surgery):
     def target_class(self, source):
         return gpt2.target_class(source)
 
-    def weights(self, source, config, unit_maps, share, layer_done):
+    def weights(self, source, config, unit_maps, share, layer_done, mlps=None):
         def mlp_done(i: int, block: nn.Module, layer: dict[str, torch.Tensor]) -> None:
             layer_done(i, block, {k.removeprefix("mlp."): v for k, v in layer.items() if k.startswith("mlp.")})
 
         done = mlp_done if layer_done is not None else None
-        return gpt2.convert_weights(source, config, unit_maps, share=share, layer_done=done)
+        return gpt2.convert_weights(source, config, unit_maps, share=share, layer_done=done, mlps=mlps)
 
     def activation(self, source):
         return source.config.activation_function
@@ -187,7 +191,7 @@ class FamilySurgery(Surgery):
     def glu_mlps(self, model):
         return [getattr(layer, mlp_attribute(self.family)) for layer in self.source_layers(model)]
 
-    def weights(self, source, config, unit_maps, share, layer_done):
+    def weights(self, source, config, unit_maps, share, layer_done, mlps=None):
         """The source's state dict with each layer's MLP tensors replaced (left out with ``unit_maps``
         None: the random scheme's fresh weights come from the model's own init)."""
         take = (lambda v: v.detach()) if share else (lambda v: v.detach().clone())
@@ -198,7 +202,9 @@ class FamilySurgery(Surgery):
             w_in, b_in = (out.pop(f"{module_names[id(proj_in)]}.{k}", None) for k in ("weight", "bias"))
             w_out, b_out = (out.pop(f"{module_names[id(proj_out)]}.{k}", None) for k in ("weight", "bias"))
             glu: dict[str, torch.Tensor] = {}
-            if unit_maps is not None:
+            if mlps is not None:
+                glu = self._kept_biases(dict(mlps[i]), config)
+            elif unit_maps is not None:
                 if self.family.conv1d:  # GPT-2-style [in, out] storage
                     w_in, w_out = w_in.t().contiguous(), w_out.t().contiguous()
                 glu = self._kept_biases(preserved_projections(w_in, b_in, w_out, b_out, unit_maps[i]), config)
