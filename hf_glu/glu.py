@@ -178,8 +178,15 @@ def glu_activation(
 # computes these activations in fp32 internally and rounds once to the input dtype. Every other variant gets a
 # class of its own that no engine maps by exact class (engines have no fused kernel for them): glu, bilinear and
 # reglu (computed by the table in fp32; subclasses of torch's Sigmoid/Identity/ReLU, which compute the same
-# function, for engines that test ``isinstance``), swiglu with beta != 1 (``Swish``, not SiLU) and gpt-oss's clamped SwiGLU,
-# which takes ``up`` too, so its MLP is not even ``act(gate) * up``.
+# function, for engines that test ``isinstance``), swiglu with beta != 1 (``Swish``, not SiLU) and gpt-oss's
+# clamped SwiGLU, which takes ``up`` too, so its MLP is not even ``act(gate) * up``.
+
+
+@torch.fx.wrap
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    # One node under torch.fx (which records rather than runs it): choosing the dtype is a branch that a traced
+    # tensor cannot take, and an engine tracing the MLP must get through these modules too.
+    return t.to(compute_dtype(t.dtype))
 
 
 class _TableActivation(nn.Module):
@@ -191,7 +198,7 @@ class _TableActivation(nn.Module):
         self.params = params
 
     def forward(self, gate: torch.Tensor) -> torch.Tensor:
-        return self.variant.gate_act(gate.to(compute_dtype(gate.dtype)), self.params).to(gate.dtype)
+        return self.variant.gate_act(_upcast(gate), self.params).to(gate.dtype)
 
     def extra_repr(self) -> str:
         return self.variant.formula
@@ -225,7 +232,9 @@ class ClampedSwiGLU(nn.Module):
         self.params = params
 
     def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        return glu_activation(gate, up, self.variant, self.params)
+        # glu_activation's maths, written without its checks (branches a traced tensor cannot take): gate and up
+        # come from two projections of one input here.
+        return self.variant.fn(_upcast(gate), _upcast(up), self.params).to(gate.dtype)
 
     def extra_repr(self) -> str:
         return f"alpha={self.params.alpha}, limit={self.params.limit}"
