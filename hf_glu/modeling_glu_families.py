@@ -83,6 +83,21 @@ class GluFamilyModelMixin(ShardedModelMixin):
     """Builds the family's model, then swaps each layer's MLP for a GLU MLP; saves a complete auto_map; works
     under FSDP2 (see ``ShardedModelMixin``)."""
 
+    # The family's own Transformers class this GLU class extends (set on each generated class).
+    family_class: type[transformers.PreTrainedModel]
+
+    # Transformers answers these by reading the source file of the module defining the class (an attention class
+    # there that does not call `ALL_ATTENTION_FUNCTIONS.get_interface(` means "no"), caching the answer on the
+    # class it was asked of. This file defines no attention class, so each GLU class would claim the attention
+    # interface (and the experts one) whatever its family does; the family's own class answers instead.
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        return cls.family_class._can_set_attn_implementation()
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        return cls.family_class._can_set_experts_implementation()
+
     def __init__(self, config: transformers.PretrainedConfig, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         self._family_mlp_class = _swap_in_glu_mlps(self, family_of(config))
@@ -127,6 +142,7 @@ def _glu_model_class(family: Family, base_name: str) -> type[transformers.PreTra
         "__qualname__": name,
         "__doc__": f"{base_name} with every MLP a GLU MLP (see {__name__}).",
         "config_class": GLU_FAMILY_CONFIGS[family.model_type],
+        "family_class": base,
     }
     return type(name, (GluFamilyModelMixin, base), namespace)
 
