@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib
+import inspect
 import os
 import subprocess
 import sys
@@ -27,6 +28,7 @@ import types
 import unittest
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -182,10 +184,24 @@ def _test_case(mixin: type, model_type: str, kind: str) -> type[unittest.TestCas
     return type(f"{kind.capitalize()}{family.config}Test", (mixin, unittest.TestCase), namespace)
 
 
+def _getfile_as_family(real_getfile):
+    """``inspect.getfile`` answering for each GLU config class with its family config's file. The mixin's meta-device
+    init test runs only for models whose config file carries a copyright year from 2023 (Transformers 5.17 has no
+    opt-in flag): a GLU class is as old as its family."""
+    family_configs = {glu: next(c for c in glu.__mro__ if c.__module__.startswith("transformers.")) for glu in
+                      GLU_FAMILY_CONFIGS.values()}  # fmt: skip
+
+    def getfile(obj):
+        return real_getfile(family_configs.get(obj, obj))
+
+    return getfile
+
+
 def _outcome(case_class: type[unittest.TestCase], test_name: str) -> tuple[str, str]:
     """``("passed" | "skipped" | "failed", detail)`` of one mixin test."""
     result = unittest.TestResult()
-    case_class(test_name).run(result)
+    with mock.patch.object(inspect, "getfile", _getfile_as_family(inspect.getfile)):
+        case_class(test_name).run(result)
     if result.skipped:
         return "skipped", result.skipped[0][1]
     for _, trace in result.errors + result.failures:
@@ -198,6 +214,8 @@ def _outcome(case_class: type[unittest.TestCase], test_name: str) -> tuple[str, 
 @pytest.mark.parametrize("test_name", UPSTREAM_TESTS)
 @pytest.mark.parametrize("model_type", FAMILIES_UNDER_TEST)
 def test_upstream_model_test_passes_on_glu_classes_where_it_passes_on_stock(mixin, model_type, test_name):
+    if not hasattr(mixin, test_name):
+        pytest.skip(f"Transformers {transformers.__version__}'s ModelTesterMixin has no {test_name}")
     stock, stock_detail = _outcome(_test_case(mixin, model_type, "stock"), test_name)
     glu, glu_detail = _outcome(_test_case(mixin, model_type, "glu"), test_name)
     if stock != "passed":
