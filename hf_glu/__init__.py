@@ -89,8 +89,8 @@ class _ModelClassByName:
 
     Transformers' Auto mappings hold (config class → model class); building a family's GLU classes imports
     that family's modeling code, so the mapping is given this stand-in, and hands out the class it stands for
-    (``_ResolvedOnRead``). ``config_class`` and ``auto_name`` answer
-    at once (registration reads them); any other attribute, or a call, builds the class and defers to it.
+    (``_ResolvedOnRead``). ``config_class`` and ``auto_name`` answer at once (registration reads them); any
+    other attribute, or a call, builds the class and defers to it.
     """
 
     _OWN_FIELDS = frozenset({"config_class", "_module", "_resolve", "auto_name", "_model_class"})
