@@ -88,8 +88,9 @@ class _ModelClassByName:
     """Stands in an Auto mapping for a model class not built yet: the class is imported on first use.
 
     Transformers' Auto mappings hold (config class → model class); building a family's GLU classes imports
-    that family's modeling code, so the mapping holds this stand-in. ``config_class`` and ``auto_name`` answer
-    at once (registration reads them); any other attribute, or a call, builds the class and defers to it.
+    that family's modeling code, so the mapping is given this stand-in, and hands out the class it stands for
+    (``_ResolvedOnRead``). ``config_class`` and ``auto_name`` answer at once (registration reads them); any
+    other attribute, or a call, builds the class and defers to it.
     """
 
     _OWN_FIELDS = frozenset({"config_class", "_module", "_resolve", "auto_name", "_model_class"})
@@ -120,6 +121,42 @@ class _ModelClassByName:
 
     def __repr__(self) -> str:
         return f"<{self.auto_name} model for {self.config_class.__name__}, built on first use>"
+
+
+class _ResolvedOnRead(dict):
+    """The entries registered in one Auto mapping (Transformers' ``_LazyAutoMapping._extra_content``), handing
+    out real classes: a stand-in is built into its class the first time it is read, and replaced by it.
+
+    So ``MODEL_FOR_CAUSAL_LM_MAPPING[config_class]`` is the model class itself (``isinstance``, ``issubclass``,
+    subclassing behave) while registering costs no import: the mapping is read when a model is built, which
+    builds the class anyway, as Transformers' own lazy mapping imports a model's module when it is read.
+    """
+
+    def __getitem__(self, key: Any) -> Any:
+        value = super().__getitem__(key)
+        if isinstance(value, _ModelClassByName):
+            value = value.resolved()
+            super().__setitem__(key, value)
+        return value
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return self[key] if key in self else default
+
+    def values(self) -> list[Any]:  # type: ignore[override]
+        return [self[key] for key in self]
+
+    def items(self) -> list[tuple[Any, Any]]:  # type: ignore[override]
+        return [(key, self[key]) for key in self]
+
+
+def _reads_real_classes(auto_class: type) -> bool:
+    """Makes ``auto_class``'s mapping hand out real classes for stand-ins; False where its layout is not the one
+    known (Transformers 5.17-5.25), and the caller must register real classes."""
+    mapping = getattr(auto_class, "_model_mapping", None)
+    registered = getattr(mapping, "_extra_content", None)
+    if type(registered) is dict:
+        mapping._extra_content = _ResolvedOnRead(registered)
+    return isinstance(getattr(mapping, "_extra_content", None), _ResolvedOnRead)
 
 
 # Transformers' Auto mappings live in these modules. Importing them imports torch (seconds), which
@@ -162,7 +199,9 @@ def _register_auto_classes() -> None:
         auto_config.register(config_class.model_type, config_class, exist_ok=True)
         config_class.register_for_auto_class()
     for stand_in in glu_model_classes().values():
-        getattr(auto_models, stand_in.auto_name).register(stand_in.config_class, stand_in, exist_ok=True)
+        auto_class = getattr(auto_models, stand_in.auto_name)
+        model_class = stand_in if _reads_real_classes(auto_class) else stand_in.resolved()
+        auto_class.register(stand_in.config_class, model_class, exist_ok=True)
 
 
 def _import_the_model_mapping() -> None:

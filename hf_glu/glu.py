@@ -43,6 +43,7 @@ class GluVariant:
     ``fn(gate, up, params)`` receives tensors already in the compute dtype (fp32 or float64).
     ``gate_act(gate, params)``: the activation applied to the gate alone, for the variants that are
     ``gate_act(gate) * up``; ``None`` for a variant that also transforms ``up`` (gpt-oss's clamped SwiGLU).
+    ``param_names``: the fields of :class:`GluParams` the maths reads.
     """
 
     name: str
@@ -50,6 +51,11 @@ class GluVariant:
     origin: str
     fn: Callable[[torch.Tensor, torch.Tensor, GluParams], torch.Tensor]
     gate_act: Callable[[torch.Tensor, GluParams], torch.Tensor] | None = None
+    param_names: tuple[str, ...] = ()
+
+    def reads_defaults_only(self, params: GluParams) -> bool:
+        """Whether every parameter this variant reads has its default value in ``params``."""
+        return all(getattr(params, field) == getattr(GluParams(), field) for field in self.param_names)
 
 
 def _sigmoid(gate: torch.Tensor, p: GluParams) -> torch.Tensor:
@@ -83,10 +89,14 @@ def _swiglu_oai(gate: torch.Tensor, up: torch.Tensor, p: GluParams) -> torch.Ten
 
 
 def _gated(
-    name: str, formula: str, origin: str, gate_act: Callable[[torch.Tensor, GluParams], torch.Tensor]
+    name: str,
+    formula: str,
+    origin: str,
+    gate_act: Callable[[torch.Tensor, GluParams], torch.Tensor],
+    param_names: tuple[str, ...] = (),
 ) -> GluVariant:
     """A variant of the form ``gate_act(gate) * up``: its ``fn`` is derived from ``gate_act``, never restated."""
-    return GluVariant(name, formula, origin, partial(_times_up, gate_act), gate_act)
+    return GluVariant(name, formula, origin, partial(_times_up, gate_act), gate_act, param_names)
 
 
 def _times_up(
@@ -104,12 +114,13 @@ VARIANTS: dict[str, GluVariant] = {
         _gated("reglu", "up * relu(gate)", "Shazeer 2020", _relu),
         _gated("geglu", "up * gelu_erf(gate)", "Shazeer 2020", _gelu),
         _gated("geglu_tanh", "up * gelu_tanh(gate)", "GPT-2 gelu_new, Gemma gelu_pytorch_tanh", _gelu_tanh),
-        _gated("swiglu", "up * gate * sigmoid(beta * gate)", "Shazeer 2020; Llama", _swish),
+        _gated("swiglu", "up * gate * sigmoid(beta * gate)", "Shazeer 2020; Llama", _swish, ("beta",)),
         GluVariant(
             "swiglu_oai",
             "(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)",
             "gpt-oss",
             _swiglu_oai,
+            param_names=("alpha", "limit"),
         ),
     )
 }
@@ -159,12 +170,23 @@ def glu_activation(
 # ----------------------------------------------------------------------------------------------------
 # The activation as a module, for the GLU MLP's eager form ``down(act_fn(gate(x)) * up(x))``.
 #
-# Serving engines (vLLM's Transformers backend, kernel hubs) recognise that form by the activation module's
-# class and fuse it into their own ``SiluAndMul``/``GeluAndMul``-style kernels. So each class says exactly what
-# it computes: the standard activations subclass torch's own (an engine testing ``isinstance(act, nn.SiLU)``
-# or the class name finds them), and every other variant gets a class of its own name that matches no
-# standard pattern (tanh GELU is not ``nn.GELU``; SwiGLU with beta != 1 is not ``SiLU``; gpt-oss's clamped
-# SwiGLU takes ``up`` too, so its MLP is not even ``act(gate) * up``). The maths is the variant table's.
+# Serving engines recognise that form by the activation module's EXACT class (vLLM's GLU fuser looks
+# ``type(act_fn)`` up in Transformers' ``ACT2CLS`` or tests ``type(act_fn) is nn.GELU``) and put their own
+# ``SiluAndMul``/``GeluAndMul`` kernels in its place. So where torch has the module for a variant's activation
+# it is that module itself, not a subclass: ``nn.SiLU`` (swiglu with beta = 1), ``nn.GELU`` (geglu) and
+# ``nn.GELU(approximate="tanh")`` (geglu_tanh). They round as the table does for half-precision inputs: torch
+# computes these activations in fp32 internally and rounds once to the input dtype. Every other variant gets a
+# class of its own that no engine maps by exact class (engines have no fused kernel for them): glu, bilinear and
+# reglu (computed by the table in fp32; subclasses of torch's Sigmoid/Identity/ReLU, which compute the same
+# function, for engines that test ``isinstance``), swiglu with beta != 1 (``Swish``, not SiLU) and gpt-oss's
+# clamped SwiGLU, which takes ``up`` too, so its MLP is not even ``act(gate) * up``.
+
+
+@torch.fx.wrap
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    # One node under torch.fx (which records rather than runs it): choosing the dtype is a branch that a traced
+    # tensor cannot take, and an engine tracing the MLP must get through these modules too.
+    return t.to(compute_dtype(t.dtype))
 
 
 class _TableActivation(nn.Module):
@@ -176,7 +198,7 @@ class _TableActivation(nn.Module):
         self.params = params
 
     def forward(self, gate: torch.Tensor) -> torch.Tensor:
-        return self.variant.gate_act(gate.to(compute_dtype(gate.dtype)), self.params).to(gate.dtype)
+        return self.variant.gate_act(_upcast(gate), self.params).to(gate.dtype)
 
     def extra_repr(self) -> str:
         return self.variant.formula
@@ -192,19 +214,6 @@ class Identity(_TableActivation, nn.Identity):
 
 class ReLU(_TableActivation, nn.ReLU):
     """``relu(gate)``: the ``reglu`` variant."""
-
-
-class GELU(_TableActivation, nn.GELU):
-    """The erf GELU: the ``geglu`` variant (``nn.GELU(approximate="none")``)."""
-
-
-class GELUTanh(_TableActivation):
-    """The tanh GELU (GPT-2's ``gelu_new``): the ``geglu_tanh`` variant. Deliberately not an ``nn.GELU``, whose
-    pattern engines fuse as the erf GELU."""
-
-
-class SiLU(_TableActivation, nn.SiLU):
-    """``gate * sigmoid(gate)``: the ``swiglu`` variant with beta = 1, Llama's activation."""
 
 
 class Swish(_TableActivation):
@@ -223,28 +232,37 @@ class ClampedSwiGLU(nn.Module):
         self.params = params
 
     def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        return glu_activation(gate, up, self.variant, self.params)
+        # glu_activation's maths, written without its checks (branches a traced tensor cannot take): gate and up
+        # come from two projections of one input here.
+        return self.variant.fn(_upcast(gate), _upcast(up), self.params).to(gate.dtype)
 
     def extra_repr(self) -> str:
         return f"alpha={self.params.alpha}, limit={self.params.limit}"
 
 
-_ACTIVATION_MODULES: dict[str, type[nn.Module]] = {
+def _torch_activation(variant: GluVariant, params: GluParams) -> nn.Module | None:
+    """torch's own module computing ``variant.gate_act`` with ``params``, or ``None`` where torch has none."""
+    if variant.name == "swiglu" and params.beta == 1.0:
+        return nn.SiLU()
+    if variant.name == "geglu":
+        return nn.GELU()
+    if variant.name == "geglu_tanh":
+        return nn.GELU(approximate="tanh")
+    return None
+
+
+# The variants torch has no module for (swiglu only where beta != 1).
+_TABLE_ACTIVATIONS: dict[str, type[nn.Module]] = {
     "glu": Sigmoid,
     "bilinear": Identity,
     "reglu": ReLU,
-    "geglu": GELU,
-    "geglu_tanh": GELUTanh,
-    "swiglu": SiLU,
+    "swiglu": Swish,
     "swiglu_oai": ClampedSwiGLU,
 }
 
 
 def activation_module(variant: str | GluVariant, params: GluParams = GluParams()) -> nn.Module:
     """The activation module of ``variant``: called as ``act(gate)``, or ``act(gate, up)`` where the variant's
-    ``gate_act`` is ``None``."""
+    ``gate_act`` is ``None``. torch's own module (``nn.SiLU``, ``nn.GELU``) where one computes the variant."""
     spec = variant if isinstance(variant, GluVariant) else get_variant(variant)
-    cls = _ACTIVATION_MODULES[spec.name]
-    if cls is SiLU and params.beta != 1.0:
-        cls = Swish
-    return cls(spec, params)
+    return _torch_activation(spec, params) or _TABLE_ACTIVATIONS[spec.name](spec, params)

@@ -61,15 +61,17 @@ def _with_cache(cache: Cache | None) -> dict:
 
 
 # The kernels-hub name of the GLU MLP: `KernelConfig(kernel_mapping={"GluMLP": "org/repo:Layer"})` with
-# `use_kernels=True` (or the kernels library's own `kernelize`) swaps its forward for the hub layer's.
+# `use_kernels=True` (or the kernels library's own `kernelize`) swaps its forward for the hub layer's. The forward
+# is the GLU maths alone, `down(act(gate(x)) * up(x))`; the MLP's dropout and residual stay the module's.
 HUB_KERNEL_NAME = "GluMLP"
 
 
 def hub_layer_names(variant: str) -> frozenset[str]:
     """The hub layer names trusted to compute ``variant``: ``GluMLP``, a build of this package's kernels that
     reads ``self.variant`` and ``self.params`` as ``fused_glu_mlp`` does, and ``GluMLP_<variant>``, a build of
-    that one variant (e.g. ``GluMLP_swiglu``). A layer named for a fixed activation (``SwiGLUMLP``…) is never
-    trusted: it would silently compute another function for the other variants."""
+    that one variant with its default parameters (e.g. ``GluMLP_swiglu``: beta = 1). A layer named for a fixed
+    activation (``SwiGLUMLP``…) is never trusted: it would silently compute another function for the other
+    variants."""
     return frozenset({HUB_KERNEL_NAME, f"{HUB_KERNEL_NAME}_{variant}"})
 
 
@@ -88,14 +90,22 @@ def _mapped_hub_layers() -> list[object] | None:
         return None
 
 
+def _hub_layer_computes(layer_name: object, mlp: nn.Module) -> bool:
+    if layer_name == HUB_KERNEL_NAME:  # reads the MLP's own variant and parameters
+        return True
+    # A one-variant build knows its variant's name, not the parameters a config may give it (swiglu's beta,
+    # gpt-oss's alpha and limit): trusted only where the MLP keeps that variant's defaults.
+    return layer_name == f"{HUB_KERNEL_NAME}_{mlp.variant.name}" and mlp.variant.reads_defaults_only(mlp.params)
+
+
 def hub_kernel_matches(mlp: nn.Module) -> bool:
-    """Whether hub layers are mapped to ``GluMLP`` and every one computes ``mlp``'s variant (the kernels
-    ``condition``, checked by ``kernelize`` for each GLU MLP before it swaps the forward)."""
+    """Whether hub layers are mapped to ``GluMLP`` and every one computes ``mlp``'s variant with ``mlp``'s
+    parameters (the kernels ``condition``, checked by ``kernelize`` for each GLU MLP before it swaps the
+    forward)."""
     repos = _mapped_hub_layers()
-    trusted = hub_layer_names(mlp.variant.name)
     # Nothing mapped is a "no" too: Transformers kernelizes every model it loads (`use_kernels` defaults on),
     # and kernels warns for each layer it finds no mapping for; declining first keeps such loads quiet.
-    return bool(repos) and all(getattr(repo, "layer_name", None) in trusted for repo in repos)
+    return bool(repos) and all(_hub_layer_computes(getattr(repo, "layer_name", None), mlp) for repo in repos)
 
 
 def _hub_kernel_layer(cls: type[nn.Module]) -> type[nn.Module]:
@@ -115,16 +125,29 @@ class GluMLP(nn.Module):
     The one GLU MLP of every model here: the GPT-2-style ``GluModel`` builds it from its config alone;
     the other families (``modeling_glu_families``) pass their own width, biases and dropout. ``config``
     is any config with the GLU fields (``glu_variant``, ``glu_params``, ``glu_kernel``), read at each call
-    so a changed ``glu_kernel`` takes effect at once.
+    so a changed ``glu_kernel`` takes effect at once. ``GluMLP(config)`` of gpt-oss's clamped SwiGLU builds a
+    :class:`GluClampedMLP`, whose activation takes ``up`` too.
+
+    ``forward`` is the GLU maths alone, written exactly as serving engines trace and rewrite it (vLLM's GLU
+    fuser: each of ``act_fn``, ``gate_proj``, ``up_proj`` called once as ``self.name(x)``, no branch) and as
+    kernel hubs replace it. Calling the module (``__call__``) picks the implementation first: the fused
+    Triton kernels where ``glu_kernel`` wants them, else ``forward`` (with the module's hooks, as any module);
+    then it applies the MLP's output dropout and, where the family wants it, adds the residual.
 
     Args:
         intermediate_size: the GLU width (default ``config.intermediate_size``).
         bias: biases of ``gate_proj`` and ``down_proj`` (default ``config.mlp_bias``).
         up_bias: bias of ``up_proj`` (default ``bias``); exact conversions of bias-free MLPs need one.
         dropout: dropout on the output (default ``config.resid_pdrop``); 0 where the layer applies it.
-        adds_residual: ``forward(hidden_states, residual)`` returns ``residual + dropout(mlp)``, for the
+        adds_residual: ``mlp(hidden_states, residual)`` returns ``residual + dropout(mlp)``, for the
             families whose MLP adds the residual itself (BLOOM, MPT).
     """
+
+    def __new__(cls, config: PretrainedConfig | None = None, *args, **kwargs):
+        # The class follows the variant's form, chosen once here (copy and pickle call __new__ without a config).
+        if cls is GluMLP and config is not None and get_variant(config.glu_variant).gate_act is None:
+            cls = GluClampedMLP
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -152,13 +175,14 @@ class GluMLP(nn.Module):
         self.dropout = nn.Dropout(config.resid_pdrop if dropout is None else dropout)
         self.adds_residual = adds_residual
 
-    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    def __call__(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if self.use_fused_path(hidden_states):
             out = fused_glu_mlp(self, hidden_states)
-        elif self.variant.gate_act is None:  # gpt-oss's clamped SwiGLU transforms up too: not act(gate) * up
-            out = self.down_proj(self.act_fn(self.gate_proj(hidden_states), self.up_proj(hidden_states)))
         else:
-            out = self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+            out = super().__call__(hidden_states)
         out = self.dropout(out)
         if self.adds_residual:
             if residual is None:
@@ -167,18 +191,26 @@ class GluMLP(nn.Module):
         return out
 
     def use_fused_path(self, hidden_states: torch.Tensor) -> bool:
-        """The single dispatch point between the fused kernels and the eager form.
+        """The single dispatch point between the fused kernels and ``forward``.
 
-        Symbolic tracing (``torch.fx``, as vLLM's Transformers backend does) always records the eager form:
-        that is the graph engines pattern-match to put in their own fused kernels, and a traced input has no
-        device or dtype to decide on.
+        Symbolic tracing (``torch.fx``) always records ``forward``: a traced input has no device or dtype to
+        decide on. A forward swapped in on this instance (a kernels-hub layer, vLLM's fused rewrite, which also
+        removes ``gate_proj`` and ``up_proj``) is what the user asked for, so it runs instead of the kernels.
         """
-        if isinstance(hidden_states, torch.fx.Proxy):
+        if isinstance(hidden_states, torch.fx.Proxy) or "forward" in self.__dict__:
             return False
         return fused_path_wanted(self.config.glu_kernel, hidden_states, self.variant)
 
     def extra_repr(self) -> str:
         return f"variant={self.variant.name}, params={self.params}"
+
+
+class GluClampedMLP(GluMLP):
+    """gpt-oss's clamped SwiGLU MLP, ``down(act(gate(x), up(x)))``: its activation clamps and shifts ``up`` too,
+    so it is no ``act(gate) * up`` and no engine's GLU pattern. Built by ``GluMLP(config)`` for that variant."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x), self.up_proj(x)))
 
 
 def glu_eager_attention_forward(
@@ -616,6 +648,7 @@ del _auto_name, _head
 
 __all__ = [
     "GluMLP",
+    "GluClampedMLP",
     "GluAttention",
     "GluBlock",
     "GluPreTrainedModel",

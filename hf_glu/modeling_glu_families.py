@@ -83,18 +83,36 @@ class GluFamilyModelMixin(ShardedModelMixin):
     """Builds the family's model, then swaps each layer's MLP for a GLU MLP; saves a complete auto_map; works
     under FSDP2 (see ``ShardedModelMixin``)."""
 
+    # The family's own Transformers class this GLU class extends (set on each generated class).
+    family_class: type[transformers.PreTrainedModel]
+
+    # Transformers answers these by reading the source file of the module defining the class (an attention class
+    # there that does not call `ALL_ATTENTION_FUNCTIONS.get_interface(` means "no"), caching the answer on the
+    # class it was asked of. This file defines no attention class, so each GLU class would claim the attention
+    # interface (and the experts one) whatever its family does; the family's own class answers instead.
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        return cls.family_class._can_set_attn_implementation()
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        return cls.family_class._can_set_experts_implementation()
+
     def __init__(self, config: transformers.PretrainedConfig, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         self._family_mlp_class = _swap_in_glu_mlps(self, family_of(config))
         self.post_init()  # initialises the new projections only; the rest is initialised already
 
-    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
-        # Transformers treats classes outside its package as custom code and then marks parameter-less
-        # modules initialised without running _init_weights on them (their parameters live in children). The
-        # _init_weights here is the family's own, written with transformers.initialization (which leaves
-        # loaded tensors alone): run it as Transformers runs it for the family's own classes, or the family's
-        # rules on container modules (GPT-BigCode's scaled attention c_proj) are lost.
-        super()._initialize_weights(module, is_custom_code=False)
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        # Transformers treats classes outside its package as custom code, and initialises custom code differently:
+        # it marks parameter-less modules initialised without running _init_weights on them (their parameters live
+        # in children), in the model and in every sub-model (a head's base model is the family's own class). The
+        # _init_weights here is the family's own, written with transformers.initialization (which leaves loaded
+        # tensors alone): initialised as Transformers initialises the family's own classes, a model built on the
+        # meta device and filled by from_pretrained gets the family's rules on container modules (GPT-BigCode's
+        # scaled attention c_proj) as one built in memory does. Its other use, module tying, does not occur here.
+        return False
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
@@ -105,12 +123,16 @@ class GluFamilyModelMixin(ShardedModelMixin):
         # The GLU MLP takes the family MLP's place: apply the family's rule for its MLP (GPT-BigCode scales
         # c_proj) to both input projections and the output projection. Run from the top model because the
         # base model inside a head is the family's own class, whose init does not know GLU MLPs. Loaded
-        # tensors are left alone (transformers.initialization skips them).
+        # tensors are left alone (transformers.initialization skips them). Through _initialize_weights, as
+        # Transformers initialises every module: whatever it wraps around each module's init (a seed, in its own
+        # tests) applies here too, so a model built on the meta device and filled by from_pretrained gets the
+        # same weights as one built in memory.
         family = family_of(self.config)
         for module in self.modules():
             if isinstance(module, GluMLP):
                 for proj_in in (module.gate_proj, module.up_proj):
-                    self._init_weights(_family_mlp_stand_in(family_mlp_class, family, proj_in, module.down_proj))
+                    stand_in = _family_mlp_stand_in(family_mlp_class, family, proj_in, module.down_proj)
+                    self._initialize_weights(stand_in)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         if self._auto_class is not None:  # the code files travel with the weights: name every head
@@ -127,6 +149,7 @@ def _glu_model_class(family: Family, base_name: str) -> type[transformers.PreTra
         "__qualname__": name,
         "__doc__": f"{base_name} with every MLP a GLU MLP (see {__name__}).",
         "config_class": GLU_FAMILY_CONFIGS[family.model_type],
+        "family_class": base,
     }
     return type(name, (GluFamilyModelMixin, base), namespace)
 

@@ -369,3 +369,34 @@ def test_the_converted_model_equals_its_reloaded_checkpoint(model_type, init, tm
     ids = _eval_ids(source.config.vocab_size, 16)
     assert torch.equal(_logits(conversion.model, ids), _logits(reloaded, ids))
     assert (_logits(reloaded, ids) - _logits(source, ids)).abs().max().item() <= conversion.report["max_abs_logit_diff"]
+
+
+# Every capability question Transformers (and vLLM's Transformers backend) asks of a model class. The first is
+# answered by reading the source file of the class's module and cached on the class asked first: asked of the
+# stock class first, a subclass inherits that answer; asked of the subclass first, it reads the subclass's file.
+_CAPABILITY_SCRIPT = """
+import json, sys
+from hf_glu.modeling_glu_families import GLU_FAMILY_MODELS
+FLAGS = ("_supports_attention_backend", "_supports_sdpa", "_supports_flash_attn", "_supports_flex_attn")
+answers = {}
+for heads in GLU_FAMILY_MODELS.values():
+    for glu_class in heads.values():
+        stock = glu_class.family_class
+        for cls in ((stock, glu_class) if sys.argv[1] == "stock-first" else (glu_class, stock)):
+            can_set = cls._can_set_attn_implementation(), cls._can_set_experts_implementation()
+            answers[cls.__name__] = [*can_set, *(getattr(cls, flag) for flag in FLAGS)]
+print(json.dumps(answers))
+"""
+
+
+@pytest.mark.parametrize("order", ["stock-first", "glu-first"])
+def test_every_glu_class_answers_capability_questions_as_its_stock_class(order):
+    run = subprocess.run([sys.executable, "-c", _CAPABILITY_SCRIPT, order], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    answers = json.loads(run.stdout)
+    for heads in GLU_FAMILY_MODELS.values():
+        for glu_class in heads.values():
+            assert answers[glu_class.__name__] == answers[glu_class.family_class.__name__], glu_class.__name__
+    # The families whose attention does not use Transformers' interface (vLLM refuses them by this answer).
+    for stock in ("GPTNeoModel", "BloomModel", "MptModel", "XGLMModel", "OpenAIGPTModel", "GPTNeoXJapaneseModel"):
+        assert answers[f"Glu{stock}"][0] is False, stock

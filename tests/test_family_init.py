@@ -56,9 +56,19 @@ def _mlp_source_name(name: str, model_type: str) -> str | None:
     return None
 
 
+# Families whose stock classes themselves leave tensors uninitialised when built on the meta device (Transformers
+# 5.25: OpenAI GPT's Conv1D weights hold whatever the memory held): nothing to compare the GLU classes with.
+_STOCK_META_INIT_BROKEN = {"openai-gpt"}
+
+
+@pytest.mark.parametrize("route", ["in_memory", "meta_device"])
 @pytest.mark.parametrize("auto_class", ["AutoModel", "AutoModelForCausalLM"])
 @pytest.mark.parametrize("model_type", sorted(FAMILY_CONFIGS))
-def test_glu_family_initialises_as_its_family(model_type, auto_class):
+def test_glu_family_initialises_as_its_family(model_type, auto_class, route):
+    """Built in memory, or on the meta device and filled by ``from_pretrained`` with no weights (every tensor then
+    comes from ``_init_weights`` alone), as Transformers does for a checkpoint missing some tensors."""
+    if route == "meta_device" and model_type in _STOCK_META_INIT_BROKEN:
+        pytest.skip(f"the stock {model_type} classes leave tensors uninitialised on the meta device")
     torch.manual_seed(0)
     stock_config = _widen(FAMILY_CONFIGS[model_type]())
     stock = getattr(tf, FAMILIES[model_type].heads[auto_class])(stock_config)
@@ -66,7 +76,11 @@ def test_glu_family_initialises_as_its_family(model_type, auto_class):
 
     glu_config = GLU_FAMILY_CONFIGS[model_type](**stock_config.to_dict(), glu_variant="swiglu")
     torch.manual_seed(0)
-    glu = GLU_FAMILY_MODELS[model_type][auto_class](glu_config)
+    glu_class = GLU_FAMILY_MODELS[model_type][auto_class]
+    if route == "in_memory":
+        glu = glu_class(glu_config)
+    else:
+        glu = glu_class.from_pretrained(None, config=glu_config, state_dict={})
 
     wrong = []
     compared = 0

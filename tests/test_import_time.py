@@ -46,15 +46,47 @@ def test_auto_classes_know_glu_models_whatever_the_import_order(order):
         _IMPORT_ORDERS[order]
         + textwrap.dedent(
             """
-            import json, transformers
+            import inspect, json, transformers
             from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
             config = transformers.AutoConfig.for_model("glu_gpt_neox")
+            model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
             print(json.dumps([type(config).__name__, transformers.AutoConfig.for_model("glu_gpt2").model_type,
-                              MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].__name__]))
+                              model_class.__name__, inspect.isclass(model_class)]))
             """
         )
     )
-    assert found == ["GluGPTNeoXConfig", "glu_gpt2", "GluGPTNeoXForCausalLM"]
+    assert found == ["GluGPTNeoXConfig", "glu_gpt2", "GluGPTNeoXForCausalLM", True]
+
+
+def test_auto_mappings_hand_out_real_classes_built_only_when_read():
+    found = _run(
+        """
+        import inspect, json, sys
+        import hf_glu
+        import transformers
+        from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING, PreTrainedModel
+
+        before = "hf_glu.modeling_glu_families" in sys.modules  # registered, not built
+        config = hf_glu.GLU_FAMILY_CONFIGS["gpt_neox"](
+            vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48
+        )
+        model = transformers.AutoModelForCausalLM.from_config(config)
+        head, base = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)], MODEL_MAPPING[type(config)]
+        subclass = type("MyModel", (base,), {})  # Transformers' own test_torch_save_load does this
+        # (the mapping's values() fails in Transformers 5.25 on a stock entry: read each GLU entry instead)
+        glu_values = [MODEL_MAPPING[c] for c in (hf_glu.GluConfig, *hf_glu.GLU_FAMILY_CONFIGS.values())]
+        print(json.dumps({
+            "built_at_import": before,
+            "isinstance": isinstance(model, head),
+            "classes": inspect.isclass(head) and inspect.isclass(base),
+            "issubclass": issubclass(head, PreTrainedModel) and issubclass(subclass, base),
+            "values_are_classes": bool(glu_values) and all(inspect.isclass(v) for v in glu_values),
+            "get": MODEL_MAPPING.get(type(config), None) is base,
+        }))
+        """
+    )
+    assert found == {"built_at_import": False, "isinstance": True, "classes": True, "issubclass": True,
+                     "values_are_classes": True, "get": True}  # fmt: skip
 
 
 def test_auto_classes_and_lora_targets_work_right_after_import(tmp_path):

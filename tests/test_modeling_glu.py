@@ -1,5 +1,9 @@
 """The GLU model family: MLP maths, training, attention backends, cache, checkpointing, compile, save/load."""
 
+import ast
+import inspect
+import textwrap
+
 import pytest
 import torch
 from conftest import tiny_config
@@ -8,7 +12,8 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 import hf_glu
 from hf_glu import GluForCausalLM, GluForSequenceClassification, GluForTokenClassification, GluMLP, GluModel
-from hf_glu.glu import VARIANTS
+from hf_glu.glu import VARIANTS, GluParams
+from hf_glu.modeling_glu import GluClampedMLP
 
 ALL_VARIANTS = sorted(VARIANTS)
 
@@ -315,3 +320,124 @@ def test_past_key_values_warns_only_where_cache_is_the_name():
         assert len(deprecations) == 1 and "cache=" in str(deprecations[0].message)
     else:
         assert deprecations == []
+
+
+# ----------------------------------------------------------------------------------------------------
+# The traced-pattern contract with serving engines (vLLM's GLU fuser), checked without the engine: it fx-traces
+# the MLP class, then rewrites `forward`'s source, where each of act_fn, gate_proj and up_proj must be called
+# exactly once as `self.name(arg)`, and maps the activation by its exact class.
+
+# The class engines map for each variant with default parameters; None: a class of its own, never fused.
+_ENGINE_CLASS = {
+    "swiglu": (torch.nn.SiLU, {}),
+    "geglu": (torch.nn.GELU, {"approximate": "none"}),
+    "geglu_tanh": (torch.nn.GELU, {"approximate": "tanh"}),
+    "glu": None,
+    "bilinear": None,
+    "reglu": None,
+    "swiglu_oai": None,
+}
+
+
+def _forward_calls(cls) -> tuple[list[str], list[ast.AST]]:
+    """The ``self.<name>(...)`` calls and the branches in ``cls.forward``'s source."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+    calls = [
+        node.func.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id == "self"
+    ]
+    branches = [node for node in ast.walk(tree) if isinstance(node, (ast.If, ast.IfExp, ast.Match, ast.Try))]
+    return calls, branches
+
+
+def test_mlp_forward_source_is_the_one_glu_expression_engines_rewrite():
+    calls, branches = _forward_calls(GluMLP)
+    assert sorted(calls) == ["act_fn", "down_proj", "gate_proj", "up_proj"]  # each exactly once
+    assert branches == []
+    body = ast.parse(textwrap.dedent(inspect.getsource(GluMLP.forward))).body[0].body
+    expected = ast.parse("return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))").body[0]
+    assert [ast.dump(statement) for statement in body[-1:]] == [ast.dump(expected)]
+    assert all(isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant) for s in body[:-1])  # a docstring
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+@pytest.mark.parametrize("beta", [1.0, 1.702])
+def test_activation_is_exactly_the_class_engines_map_and_the_mlp_traces(variant, beta):
+    mlp = GluMLP(tiny_config(glu_variant=variant, glu_beta=beta, glu_kernel="triton"))
+    mapped = _ENGINE_CLASS[variant] if variant != "swiglu" or beta == 1.0 else None
+    if mapped is None:
+        assert type(mlp.act_fn) not in (torch.nn.SiLU, torch.nn.GELU)
+        assert type(mlp.act_fn).__module__ == "hf_glu.glu"
+    else:
+        cls, fields = mapped
+        assert type(mlp.act_fn) is cls
+        assert {name: getattr(mlp.act_fn, name) for name in fields} == fields
+    # Plain fx (nn.Linear and torch's activations are leaves; hf_glu's own activations are traced through).
+    traced = torch.fx.symbolic_trace(mlp)
+    x = torch.randn(2, 5, 32)
+    torch.testing.assert_close(traced(x), mlp.forward(x), rtol=0, atol=0)
+    targets = [n.target for n in traced.graph.nodes if n.op == "call_module"]
+    assert targets.count("gate_proj") == targets.count("up_proj") == targets.count("down_proj") == 1
+    if variant == "swiglu_oai":  # its own class: the activation takes up too, so it is no act(gate) * up
+        assert type(mlp) is GluClampedMLP
+    else:
+        assert type(mlp) is GluMLP
+
+
+def test_engine_activations_compute_the_variant_table_and_round_once():
+    for variant in (v for v, mapped in _ENGINE_CLASS.items() if mapped):
+        act = GluMLP(tiny_config(glu_variant=variant)).act_fn
+        gate = torch.linspace(-12, 12, 20001, dtype=torch.float64)
+        torch.testing.assert_close(act(gate), VARIANTS[variant].gate_act(gate, GluParams()), rtol=1e-15, atol=1e-15)
+        bf16 = gate.to(torch.bfloat16)  # fp32 inside, one rounding: the table's rounding exactly
+        assert torch.equal(act(bf16), VARIANTS[variant].gate_act(bf16.float(), GluParams()).to(torch.bfloat16))
+
+
+def test_fused_dispatch_stays_outside_forward_and_defers_to_a_swapped_in_forward(monkeypatch):
+    mlp = GluMLP(tiny_config(glu_variant="swiglu", glu_kernel="triton"))
+    fused = []
+    monkeypatch.setattr(hf_glu.modeling_glu, "fused_glu_mlp", lambda m, x: fused.append(x.shape) or m.forward(x))
+    x = torch.randn(1, 3, 32)
+    mlp(x)
+    assert fused == [(1, 3, 32)]
+    # An engine (vLLM's fuser, a kernels-hub layer) binds its own forward on the instance: that one runs.
+    mlp.forward = lambda hidden_states: torch.zeros_like(hidden_states)
+    fused.clear()
+    assert torch.equal(mlp.eval()(x), torch.zeros_like(x)) and fused == []
+
+
+# ----------------------------------------------------------------------------------------------------
+# The kernels-hub guard: a one-variant hub layer knows its variant's defaults only.
+
+
+class _Repository:
+    def __init__(self, layer_name: str):
+        self.layer_name = layer_name
+
+
+@pytest.mark.parametrize(
+    "variant, fields, layer_name, accepted",
+    [
+        ("swiglu", {}, "GluMLP_swiglu", True),
+        ("swiglu", {"glu_beta": 2.0}, "GluMLP_swiglu", False),  # standard SwiGLU is not z * sigmoid(2 z)
+        ("swiglu", {"glu_beta": 2.0}, "GluMLP", True),  # reads the MLP's own parameters
+        ("swiglu", {"glu_limit": 3.0}, "GluMLP_swiglu", True),  # a parameter swiglu does not read
+        ("swiglu_oai", {}, "GluMLP_swiglu_oai", True),
+        ("swiglu_oai", {"glu_alpha": 1.0}, "GluMLP_swiglu_oai", False),
+        ("swiglu_oai", {"glu_limit": 3.0}, "GluMLP_swiglu_oai", False),
+        ("geglu", {"glu_beta": 2.0}, "GluMLP_geglu", True),
+        ("geglu", {}, "GluMLP_swiglu", False),
+    ],
+)
+def test_hub_guard_accepts_a_layer_only_for_the_variant_and_parameters_it_computes(
+    monkeypatch, variant, fields, layer_name, accepted
+):
+    import hf_glu.modeling_glu as modeling
+
+    mlp = GluMLP(tiny_config(glu_variant=variant, **fields))
+    monkeypatch.setattr(modeling, "_mapped_hub_layers", lambda: [_Repository(layer_name)])
+    assert modeling.hub_kernel_matches(mlp) is accepted
