@@ -21,6 +21,7 @@ from operator import attrgetter
 import torch
 import transformers
 from torch import nn
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
 from .configuration_glu_families import FAMILIES, GLU_FAMILY_CONFIGS, Family, family_of, mlp_attribute
 from .modeling_glu import GluMLP, ShardedModelMixin
@@ -151,7 +152,14 @@ def _glu_model_class(family: Family, base_name: str) -> type[transformers.PreTra
         "config_class": GLU_FAMILY_CONFIGS[family.model_type],
         "family_class": base,
     }
-    return type(name, (GluFamilyModelMixin, base), namespace)
+    cls = type(name, (GluFamilyModelMixin, base), namespace)
+    # The family's own key renamings (GPT-NeoX's head is `embed_out` in its files, `lm_head` in the model) apply to
+    # this class too: Transformers looks them up by class name, so without this a GLU checkpoint would save the
+    # head under the model's name, not the family's (and could not load a file that uses the family's).
+    renamings = get_checkpoint_conversion_mapping(base_name)
+    if renamings:
+        register_checkpoint_conversion_mapping(name, renamings, overwrite=True)
+    return cls
 
 
 # model_type of the source family -> Auto class name -> GLU model class

@@ -6,6 +6,7 @@ the variant that reproduces its activation exactly, so the converted model must 
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -19,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, Trainer
 
 import hf_glu
 from hf_glu import FAMILIES, GLU_FAMILY_CONFIGS, GLU_FAMILY_MODELS, convert_checkpoint
+from hf_glu.configuration_glu_families import mlp_attribute
 from hf_glu.convert import ConversionError
 from hf_glu.convert.surgery import FamilySurgery
 from hf_glu.modeling_glu import GluMLP
@@ -400,3 +402,35 @@ def test_every_glu_class_answers_capability_questions_as_its_stock_class(order):
     # The families whose attention does not use Transformers' interface (vLLM refuses them by this answer).
     for stock in ("GPTNeoModel", "BloomModel", "MptModel", "XGLMModel", "OpenAIGPTModel", "GPTNeoXJapaneseModel"):
         assert answers[f"Glu{stock}"][0] is False, stock
+
+
+def _safetensors_keys(folder) -> set[str]:
+    from safetensors import safe_open
+
+    keys = set()
+    for path in folder.glob("*.safetensors"):
+        with safe_open(path, "pt") as f:
+            keys.update(f.keys())
+    return keys
+
+
+@pytest.mark.parametrize("route", ["in-memory", "streamed"])
+@pytest.mark.parametrize("model_type", ALL_FAMILIES)
+def test_every_tensor_outside_the_mlp_keeps_the_name_its_source_file_used(model_type, route, tmp_path):
+    """Compared in the files, not in the models' state dicts: a family whose load renames a key (GPT-NeoX's head is
+    `embed_out` in its files, `lm_head` in the model) is written back under the file's name, as its own save does."""
+    from hf_glu.cli import main
+
+    source = tiny_source(model_type)
+    source.save_pretrained(tmp_path / "src")
+    options = ["--no-eval"] if route == "streamed" else ["--eval-tokens", "8"]
+    variant = exact_variant(model_type, source.config)
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "out"), "--variant", variant, *options]) == 0
+    family = FAMILIES[model_type]
+    # A projection of the MLP module, or of the layer itself where the family writes its MLP inline (OPT's fc1).
+    owner = rf"(\.{mlp_attribute(family)}|\.\d+)"
+    source_mlp = re.compile(rf"{owner}\.({family.proj_in}|{family.proj_out})\.(weight|bias)$")
+    glu = re.compile(rf"\.{mlp_attribute(family)}\.(gate_proj|up_proj|down_proj)\.(weight|bias)$")
+    kept = {k for k in _safetensors_keys(tmp_path / "src") if not source_mlp.search(k)}
+    written = {k for k in _safetensors_keys(tmp_path / "out") if not glu.search(k)}
+    assert written == kept

@@ -24,6 +24,7 @@ class CheckpointNames:
         self.prefix = skeleton.base_model_prefix
         self.ignored = [re.compile(p) for p in getattr(skeleton, "_keys_to_ignore_on_load_unexpected", None) or []]
         self.renamings = _renamings(skeleton)
+        self.saved_renamings = _renamings(skeleton, reverse=True)
         self.seen: set[str] = set()
         # The heads a tied model takes from its embedding (GPT-2's lm_head, BioGPT's output_projection,
         # GPT-NeoX-Japanese's embed_out): a checkpoint saved tied leaves them out.
@@ -40,6 +41,13 @@ class CheckpointNames:
         if any(p.search(key) for p in self.ignored):
             return None
         raise ConversionError(f"the checkpoint holds {key!r}, which the model does not have")
+
+    def saved_name(self, name: str) -> str:
+        """The name Transformers' own ``save_pretrained`` writes for the model's tensor ``name``: the family's
+        renamings reversed (GPT-NeoX's ``lm_head`` is saved as ``embed_out``)."""
+        for pattern, replacement in self.saved_renamings:
+            name = pattern.sub(replacement, name)
+        return name
 
     def check_entry(self, entry: Entry, name: str) -> None:
         """Refuse a tensor whose shape or kind of dtype is not what the config implies for ``name``."""
@@ -78,9 +86,9 @@ def head_is_tied(model: torch.nn.Module) -> bool:
     return not head.weight.is_meta and head.weight.data_ptr() == embedding.weight.data_ptr()
 
 
-def _renamings(model: torch.nn.Module) -> list[tuple[re.Pattern, str]]:
-    """The plain renamings Transformers applies when loading this class's checkpoints; checkpoints needing
-    more than renaming are refused."""
+def _renamings(model: torch.nn.Module, reverse: bool = False) -> list[tuple[re.Pattern, str]]:
+    """The plain renamings Transformers applies when loading this class's checkpoints (``reverse``: when saving
+    them, in the order it applies them); checkpoints needing more than renaming are refused."""
     try:
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
     except ImportError:  # a Transformers without conversion mappings renames nothing
@@ -89,7 +97,8 @@ def _renamings(model: torch.nn.Module) -> list[tuple[re.Pattern, str]]:
     if transforms is None:
         transforms = get_checkpoint_conversion_mapping(model.config.model_type) or []
     renamings = []
-    for t in transforms:
+    for t in transforms[::-1] if reverse else transforms:
+        t = t.reverse_transform() if reverse else t
         sources, targets = getattr(t, "source_patterns", None), getattr(t, "target_patterns", None)
         if type(t).__name__ != "WeightRenaming" or sources is None or targets is None:
             raise ConversionError(f"{type(model).__name__} checkpoints need weight conversions beyond renaming")

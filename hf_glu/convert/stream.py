@@ -219,8 +219,8 @@ def _plan_shard(
             read_tensor(f, entry), entry
         ).to(cast)
         entry = dataclasses.replace(entry, dtype=cast)  # the planned tensor's dtype from here on
-        if name not in names.mlp:
-            planned.append(Planned(name, entry.shape, entry.dtype, read))
+        if name not in names.mlp:  # under the name the family's own save gives it (GPT-NeoX's embed_out)
+            planned.append(Planned(names.saved_name(name), entry.shape, entry.dtype, read))
             continue
         _, role, kind, glu = names.mlp[name]
         if conv1d and kind == "weight":  # GPT-2-style [in, out] storage
