@@ -40,22 +40,37 @@ _IMPORT_ORDERS = {
 }
 
 
+# The GLU heads of the GPT-2-style model family, as the README lists them.
+_GPT2_HEADS = {"AutoModel": "GluModel", "AutoModelForCausalLM": "GluForCausalLM",
+               "AutoModelForSequenceClassification": "GluForSequenceClassification",
+               "AutoModelForTokenClassification": "GluForTokenClassification"}  # fmt: skip
+
+
 @pytest.mark.parametrize("order", _IMPORT_ORDERS)
-def test_auto_classes_know_glu_models_whatever_the_import_order(order):
+def test_auto_classes_know_every_glu_config_and_head_whatever_the_import_order(order):
+    """Every GLU model type through AutoConfig, and every head of each through its Auto class's mapping, as a real
+    class: asked after the imports of ``order``, in a fresh process."""
     found = _run(
         _IMPORT_ORDERS[order]
         + textwrap.dedent(
             """
             import inspect, json, transformers
-            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-            config = transformers.AutoConfig.for_model("glu_gpt_neox")
-            model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-            print(json.dumps([type(config).__name__, transformers.AutoConfig.for_model("glu_gpt2").model_type,
-                              model_class.__name__, inspect.isclass(model_class)]))
+            from hf_glu.configuration_glu_families import FAMILIES
+
+            heads = {"glu_gpt2": GPT2_HEADS}
+            heads.update({f"glu_{t}": {a: f"Glu{b}" for a, b in f.heads.items()} for t, f in FAMILIES.items()})
+            found = {}
+            for model_type, expected in heads.items():
+                config_class = type(transformers.AutoConfig.for_model(model_type))
+                for auto, name in expected.items():
+                    model_class = getattr(transformers, auto)._model_mapping[config_class]
+                    found[f"{model_type} {auto}"] = [model_class.__name__ == name, inspect.isclass(model_class)]
+            print(json.dumps(found))
             """
-        )
+        ).replace("GPT2_HEADS", json.dumps(_GPT2_HEADS))
     )
-    assert found == ["GluGPTNeoXConfig", "glu_gpt2", "GluGPTNeoXForCausalLM", True]
+    assert len({key.split()[0] for key in found}) == 19 and len(found) >= 2 * 19  # GPT-2 and 18 families
+    assert {key: value for key, value in found.items() if value != [True, True]} == {}
 
 
 def test_auto_mappings_hand_out_real_classes_built_only_when_read():
