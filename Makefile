@@ -24,7 +24,8 @@ lint: $(STAMP)
 test: lint
 	HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
 
-# The oldest Transformers we support (the GPU image's): the model family's and every family's tests on 5.17.
+# The oldest Transformers we support (the GPU image's): the model family's and every family's tests on 5.17, and
+# Transformers' own ModelTesterMixin (5.17's) on six families' GLU classes.
 COMPAT_VENV ?= .venv-tf517
 COMPAT_STAMP := $(COMPAT_VENV)/.hf_glu-installed
 
@@ -37,7 +38,7 @@ $(COMPAT_STAMP): pyproject.toml
 test-compat: $(COMPAT_STAMP)
 	HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 $(COMPAT_VENV)/bin/python -m pytest -q \
 		tests/test_configuration_glu.py tests/test_modeling_glu.py tests/test_remote_code.py tests/test_training.py \
-		tests/test_families.py
+		tests/test_families.py tests/test_transformers_common.py
 
 # A real serving check: vLLM's CPU build serves converted checkpoints of several families with every variant
 # through its Transformers backend; log-probs must match Transformers' and swiglu/geglu/geglu_tanh must be fused.
