@@ -162,7 +162,6 @@ def layerwise_fidelity(
     return compare(record, model, stats, [unit_map] * len(stats))
 
 
-
 def stream_convert_measured(
     source: str | Path,
     dst: str | Path,
