@@ -1,4 +1,5 @@
-"""Streaming conversion (`hf-glu convert --no-eval`) of a checkpoint larger than we would like in memory.
+"""Streaming conversion (`hf-glu convert --no-eval`, or `--max-memory SIZE` with the full fidelity report) of a
+checkpoint larger than we would like in memory.
 
 Writes a random Pythia-1.4B-shaped GPT-NeoX checkpoint (1.41B parameters, bf16, ~2.8 GB) in ~1 GB
 safetensors shards, tensor by tensor (the generator never holds the model either), then converts it in a
@@ -8,6 +9,11 @@ child process too: Linux carries a parent's resident size at fork into the child
 a parent that held the generated weights would inflate the figure.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_stream.py [--variant geglu] [--out FILE]
+    HF_HUB_OFFLINE=1 nice .venv/bin/python benchmarks/bench_stream.py --max-memory 1GB  # bench_stream_max_memory.json
+
+With ``--max-memory`` the conversion runs the layer-by-layer fidelity pass (max |Δlogit|, perplexities of source
+and converted, per-layer MLP error, in bf16 as Transformers loads the checkpoint), and its figures are recorded
+beside the peak RSS and wall time.
 
 Needs ~6 GB of free disk in the temporary folder (source and result).
 """
@@ -70,7 +76,11 @@ def write_random_checkpoint(folder: Path) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", default="geglu")
-    parser.add_argument("--out", default=str(Path(__file__).with_name("bench_stream.json")))
+    parser.add_argument("--out", default=None, help="(default: bench_stream.json, with --max-memory "
+                        "bench_stream_max_memory.json, beside this script)")  # fmt: skip
+    parser.add_argument("--max-memory", default=None, metavar="SIZE", help="measure the full report layer by layer")
+    parser.add_argument("--eval-tokens", type=int, default=None, help="with --max-memory (default: the CLI's, 256)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of the conversion (OMP_NUM_THREADS)")
     parser.add_argument("--generate", metavar="DIR", help=argparse.SUPPRESS)  # the child that writes the source
     args = parser.parse_args()
     if args.generate:
@@ -82,17 +92,25 @@ def main() -> None:
         if generated.returncode:
             raise SystemExit(f"generating the checkpoint failed:\n{generated.stderr[-3000:]}")
         size = int(generated.stdout.split()[-1])
-        command = [sys.executable, "-m", "hf_glu.cli", "convert", str(src), str(dst), "--variant", args.variant,
-                   "--no-eval"]  # fmt: skip
+        command = [sys.executable, "-m", "hf_glu.cli", "convert", str(src), str(dst), "--variant", args.variant]
+        if args.max_memory is None:
+            command.append("--no-eval")
+        else:
+            command += ["--max-memory", args.max_memory]
+            command += [] if args.eval_tokens is None else ["--eval-tokens", str(args.eval_tokens)]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        if args.threads is not None:
+            env["OMP_NUM_THREADS"] = str(args.threads)
         load = os.getloadavg()[0]
         start = time.perf_counter()
-        process = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        process = subprocess.Popen(command, env=env)
         _, status, usage = os.wait4(process.pid, 0)
         seconds = time.perf_counter() - start
         if os.waitstatus_to_exitcode(status):
             raise SystemExit(f"conversion failed: {' '.join(command)}")
         output = sum(p.stat().st_size for p in dst.glob("*.safetensors"))
         shards = len(list(src.glob("*.safetensors")))
+        report = json.loads((dst / "conversion_report.json").read_text())
     peak = usage.ru_maxrss * 1024
     result = {
         "shape": "pythia-1.4b (GPT-NeoX), bf16, random",
@@ -106,9 +124,17 @@ def main() -> None:
         "peak_rss_over_checkpoint": round(peak / size, 3),
         "goal_peak_under_half_checkpoint": peak < size / 2,
         "load_average_1m_before": round(load, 2),
+        "command": "hf-glu " + " ".join(command[3:]).replace(str(Path(tmp)), "$TMP"),
+        "threads": args.threads,
     }
+    if args.max_memory is not None:  # the report's figures, measured layer by layer
+        keys = ("dtype", "eval_tokens", "max_abs_logit_diff", "max_mlp_relative_error", "perplexity", "fidelity_pass")
+        result["fidelity"] = {key: report[key] for key in keys}
+    else:
+        result["fidelity"] = report["evaluation"]
     print(json.dumps(result, indent=2))
-    Path(args.out).write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    default = "bench_stream.json" if args.max_memory is None else "bench_stream_max_memory.json"
+    Path(args.out or Path(__file__).with_name(default)).write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
 
 
 if __name__ == "__main__":

@@ -85,6 +85,13 @@ def add_convert(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
         help="stream a checkpoint larger than memory shard by shard (families other than GPT-2, fixed-map "
         "variants, safetensors): no model is built and no fidelity pass runs; the card says so",
     )
+    p.add_argument(
+        "--max-memory",
+        default=None,
+        metavar="SIZE",
+        help="stream the conversion as --no-eval does, then run the full fidelity report layer by layer, with one "
+        "module's weights in memory at a time (largest module at most SIZE, e.g. 4GB)",
+    )
     return p
 
 
@@ -96,7 +103,7 @@ def run_convert(args: argparse.Namespace) -> int:
     _check_convert_options(args)  # refuse before the slow part
     check_destination(args.dst, args.force, args.src)
     _release_freed_memory()
-    if args.no_eval:
+    if args.no_eval or args.max_memory is not None:
         return _run_streamed_convert(args)
     eval_text = _text_prefix(args, args.eval_text, args.eval_tokens, "eval") if args.eval_text is not None else None
     calibration_text = (
@@ -151,6 +158,8 @@ def _check_convert_options(args: argparse.Namespace) -> None:
         size = None
     if not isinstance(size, int) or size <= 0:
         raise ValueError(f"--max-shard-size {args.max_shard_size!r} is invalid; expected a size such as 500MB or 5GB")
+    if args.max_memory is not None:
+        _check_max_memory(args)
     if args.eval_text is not None and not Path(args.eval_text).is_file():
         raise ValueError(f"--eval-text {args.eval_text!r} is not a file; expected a UTF-8 text file")
     _check_width_options(args)
@@ -173,6 +182,17 @@ def _check_width_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--calibration-text {args.calibration_text!r} is not a file; expected a UTF-8 text file")
 
 
+def _check_max_memory(args: argparse.Namespace) -> None:
+    from .convert.layerwise import parse_max_memory
+
+    if args.no_eval:
+        raise ValueError("--max-memory runs the fidelity pass that --no-eval skips; pass one of them, not both")
+    try:
+        parse_max_memory(args.max_memory)
+    except ValueError:
+        raise ValueError(f"--max-memory {args.max_memory!r} is invalid; expected a size such as 500MB or 4GB") from None
+
+
 def _text_prefix(args: argparse.Namespace, path: str, tokens: int | None, use: str) -> str:
     """The start of the ``--eval-text`` or ``--calibration-text`` file that makes the tokens the conversion uses,
     read with the source's own tokenizer (as the conversion reads it): a large file is never read, nor tokenized,
@@ -192,16 +212,37 @@ def _text_prefix(args: argparse.Namespace, path: str, tokens: int | None, use: s
 def _run_streamed_convert(args: argparse.Namespace) -> int:
     from .convert.stream import stream_convert
 
-    options = ("init", "intermediate_size", "match_params", "calibration_text", "calibration_tokens", "eval_text",
-               "eval_tokens", "dtype")  # fmt: skip
+    measured = args.max_memory is not None  # the evaluation options are --max-memory's too
+    options = ("init", "intermediate_size", "match_params", "calibration_text", "calibration_tokens", "dtype",
+               *(() if measured else ("eval_text", "eval_tokens")))  # fmt: skip
     refused = [f"--{name.replace('_', '-')}" for name in options
                if getattr(args, name) not in (None, "preserve", False)]  # fmt: skip
     if refused:
-        raise ValueError(f"{', '.join(refused)} cannot be used with --no-eval, which streams the source as it is "
+        route = "--max-memory" if measured else "--no-eval"
+        raise ValueError(f"{', '.join(refused)} cannot be used with {route}, which streams the source as it is "
                          "(a width change runs calibration text through the model)")  # fmt: skip
-    report = stream_convert(args.src, args.dst, args.variant, force=args.force, max_shard_size=args.max_shard_size)
+    if not measured:
+        report = stream_convert(args.src, args.dst, args.variant, force=args.force, max_shard_size=args.max_shard_size)
+        print(f"wrote {args.dst} ({report['converted_class']}, {report['variant']}, init=preserve, streamed)")
+        print(f"fidelity: {report['evaluation']}")
+        return 0
+    from .convert import DEFAULT_EVAL_TOKENS
+    from .convert.layerwise import stream_convert_measured
+
+    eval_text = _text_prefix(args, args.eval_text, args.eval_tokens, "eval") if args.eval_text is not None else None
+    report = stream_convert_measured(
+        args.src, args.dst, args.variant, args.max_memory, eval_text=eval_text,
+        eval_tokens=DEFAULT_EVAL_TOKENS if args.eval_tokens is None else args.eval_tokens, force=args.force,
+        max_shard_size=args.max_shard_size,
+    )  # fmt: skip
     print(f"wrote {args.dst} ({report['converted_class']}, {report['variant']}, init=preserve, streamed)")
-    print(f"fidelity: {report['evaluation']}")
+    if "evaluation" in report:  # the source's own outputs are not finite: nothing to compare against
+        print(f"fidelity: {report['evaluation']}")
+        return 0
+    print(f"max |Δ {report['compared_output']}| = {report['max_abs_output_diff']:.3g} (measured layer by layer)")
+    if "perplexity" in report:
+        ppl = report["perplexity"]
+        print(f"perplexity: source {ppl['source']:.4f}, converted {ppl['converted']:.4f} (ratio {ppl['ratio']:.5f})")
     return 0
 
 

@@ -75,6 +75,20 @@ def _token_ids(text: str | None, tokenizer: PreTrainedTokenizerBase | None, voca
     return ids
 
 
+def evaluation_ids(
+    eval_text: str | None, tokenizer: PreTrainedTokenizerBase | None, vocab_size: int, eval_tokens: int
+) -> torch.Tensor:
+    """The token ids the fidelity report scores, whichever route measures it: ``eval_text``, else the default
+    evaluation text (random ids without a tokenizer)."""
+    _, default_eval = split_train_eval(builtin_corpus(_DEFAULT_TEXT_CHARS), 0.5)
+    return _token_ids(eval_text if eval_text is not None else default_eval, tokenizer, vocab_size, eval_tokens)
+
+
+def evaluation_window(surgery: Surgery, config) -> int:
+    """The fidelity report's window: the model's context, at most ``_DEFAULT_WINDOW`` tokens."""
+    return min(surgery.max_positions(config) or _DEFAULT_WINDOW, _DEFAULT_WINDOW)
+
+
 @torch.inference_mode()
 def _record_preactivations(
     model: PreTrainedModel, surgery: Surgery, ids: torch.Tensor, max_length: int
@@ -151,11 +165,11 @@ def convert(
         intermediate_size = matched_width(per_layer, hidden, source_width, biases)
     config = surgery.config(src, variant, init, intermediate_size)
     reduced = init == "preserve" and config.glu_width < source_width
-    max_length = min(surgery.max_positions(src.config) or _DEFAULT_WINDOW, _DEFAULT_WINDOW)
+    max_length = evaluation_window(surgery, src.config)
 
-    map_fit_text, default_eval = split_train_eval(builtin_corpus(_DEFAULT_TEXT_CHARS), 0.5)
+    map_fit_text, _ = split_train_eval(builtin_corpus(_DEFAULT_TEXT_CHARS), 0.5)
     vocab = config.vocab_size
-    eval_ids = _token_ids(eval_text if eval_text is not None else default_eval, loaded.tokenizer, vocab, eval_tokens)
+    eval_ids = evaluation_ids(eval_text, loaded.tokenizer, vocab, eval_tokens)
     num_layers = len(surgery.source_layers(src))
     activation = surgery.activation(src)
 
@@ -220,7 +234,7 @@ def convert(
         # A bias-free source MLP whose exact map needs a constant up path gets an up bias (said in the card).
         "up_bias_added": bool(getattr(config, "glu_up_bias", False)) and not getattr(config, "glu_bias", True),
         "dtype": str(model.dtype).removeprefix("torch."),
-        "eval_data": _describe_eval(eval_text, loaded.tokenizer),
+        "eval_data": describe_eval(eval_text, loaded.tokenizer),
         **compare(record, model, stats, unit_maps),
     }
     glu_mlp = sum(p.numel() for mlp in surgery.glu_mlps(model) for p in mlp.parameters())
@@ -313,7 +327,7 @@ def _describe_calibration(calibration_text: str | None, tokenizer: PreTrainedTok
     return "user text"
 
 
-def _describe_eval(eval_text: str | None, tokenizer: PreTrainedTokenizerBase | None) -> str:
+def describe_eval(eval_text: str | None, tokenizer: PreTrainedTokenizerBase | None) -> str:
     if tokenizer is None:
         return "random token ids (the source has no tokenizer)"
     return "built-in corpus (hf_glu.data.builtin_corpus)" if eval_text is None else "user text"

@@ -10,6 +10,7 @@ checkpoint's size.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import shutil
@@ -45,14 +46,26 @@ _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
 
 
+# --max-memory's fidelity pass: (the folder the weights were written to, the converted config, its class, the
+# unit map) -> the report's measured part, which replaces the "not measured" note.
+Evaluate = Callable[[Path, object, type, UnitMap], dict]
+
+
 def stream_convert(
-    source: str | Path, dst: str | Path, variant: str, *, force: bool = False, max_shard_size: str | int = "5GB"
+    source: str | Path,
+    dst: str | Path,
+    variant: str,
+    *,
+    force: bool = False,
+    max_shard_size: str | int = "5GB",
+    evaluate: Evaluate | None = None,
 ) -> dict:
     """Convert the family checkpoint ``source`` (folder or Hub id) to ``variant`` into ``dst``, one tensor at a
     time, without a fidelity pass; returns the report written beside the weights. ``dst`` is replaced only
     once complete (a non-empty one only with ``force``). Each source shard is written as one or more output
     shards of at most ``max_shard_size`` (as ``save_pretrained`` takes it: ``"500MB"`` or bytes) each; a
-    tensor larger than that gets a shard of its own."""
+    tensor larger than that gets a shard of its own. ``evaluate`` (:mod:`.layerwise`) measures the written
+    weights before ``dst`` is replaced, so a failed measurement publishes nothing."""
     max_bytes = _shard_limit(max_shard_size)
     dst = check_destination(dst, force, source)  # before the work, so a refusal costs nothing
     folder = source_folder(source)
@@ -111,6 +124,7 @@ def stream_convert(
         target = surgery.target_class(skeleton)
         glu_config.dtype = dtype
         glu_config.architectures = [target.__name__]
+        measured = evaluate(tmp, copy.deepcopy(glu_config), target, unit_map) if evaluate is not None else None
         report = {
             "source": str(source),
             "source_class": model_cls.__name__,
@@ -127,6 +141,9 @@ def stream_convert(
             "the model was never built or run",
             "layers": [{"layer": i, "unit_map": unit_map.to_dict()} for i in range(names.num_layers)],
         }
+        if measured is not None:
+            del report["evaluation"]
+            report.update(measured)  # the measured layers (with their unit maps) replace the bare ones
         with writing_to(dst):
             _write_config_and_code(glu_config, tmp)
             if tokenizer is not None:
