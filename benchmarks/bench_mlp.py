@@ -254,9 +254,7 @@ def design_impl(design: str) -> str:
 CANDIDATE_DESIGNS = [d for d in glu_triton.MLP_DESIGNS if d != glu_triton.DEFAULT_MLP_DESIGN]
 
 
-def implementations(
-    shape: Shape, device: str, designs: Sequence[str] = ()
-) -> dict[str, tuple[Callable | None, str]]:
+def implementations(shape: Shape, device: str, designs: Sequence[str] = ()) -> dict[str, tuple[Callable | None, str]]:
     """Each implementation (or None and why not) for ``shape``; one that fails to build gets an error note.
     ``designs``: candidate designs of the fused op timed beside the default one (rows ``fused[<design>]``)."""
     eager = build_mlp(shape, "eager", device)
@@ -828,7 +826,8 @@ def profile_kernels(
         total_calls = sum(e.count for e in kernels) / steps_profiled
         rows.append(KernelRow(shape.name, impl, "(all)", total_calls, total_us))
         for e in kernels[:PROFILE_TOP]:
-            rows.append(KernelRow(shape.name, impl, e.key[:90], e.count / steps_profiled, _event_us(e, device) / steps_profiled))
+            per_step = e.count / steps_profiled, _event_us(e, device) / steps_profiled
+            rows.append(KernelRow(shape.name, impl, e.key[:90], *per_step))
     return rows
 
 
@@ -905,7 +904,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--inference-only", action="store_true", help="skip the forward+backward table")
     parser.add_argument(
         "--designs", nargs="*", choices=CANDIDATE_DESIGNS, default=CANDIDATE_DESIGNS,
-        help="candidate designs of the fused op timed beside the default (rows fused[<design>]; none: only the default)",
+        help="candidate designs of the fused op timed beside the default (rows fused[<design>]; none: default only)",
     )  # fmt: skip
     parser.add_argument(
         "--profile", type=int, nargs="?", const=5, default=0, metavar="STEPS",
@@ -949,10 +948,11 @@ def main(argv: list[str] | None = None) -> None:
             inference.append(row)
             log.write("inference", row)
     profiled: list[KernelRow] = []
+    profile_steps = args.profile if device == "cuda" else 1
     for shape in shapes if args.profile else []:
         measured, error = attempt(
             f"profile of {shape.name}",
-            lambda shape=shape: profile_kernels(shape, device, args.profile if device == "cuda" else 1, warmup, designs),
+            lambda shape=shape: profile_kernels(shape, device, profile_steps, warmup, designs),
         )
         for row in measured or [KernelRow(shape.name, "all", "(all)", note=error)]:
             profiled.append(row)

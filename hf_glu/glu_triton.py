@@ -573,9 +573,9 @@ def _packed_act_backward(
     return dpacked, act, gate.new_empty((0, gate.shape[-1])) if sums is None else sums.to(gate.dtype)
 
 
-_glu_mlp_packed_act_backward_op = torch.library.custom_op(
-    f"{NAMESPACE}::glu_mlp_packed_act_backward", mutates_args=()
-)(_packed_act_backward)
+_glu_mlp_packed_act_backward_op = torch.library.custom_op(f"{NAMESPACE}::glu_mlp_packed_act_backward", mutates_args=())(
+    _packed_act_backward
+)
 
 
 @_glu_mlp_packed_act_backward_op.register_fake
@@ -651,7 +651,12 @@ def _save_for_mlp_backward(ctx, inputs: tuple, kept: torch.Tensor, other: torch.
 
 
 def _pre_activation_grads(
-    act: torch.Tensor, kept: torch.Tensor, other: torch.Tensor, packing: str, act_args: list, bias_grads: bool,
+    act: torch.Tensor,
+    kept: torch.Tensor,
+    other: torch.Tensor,
+    packing: str,
+    act_args: list,
+    bias_grads: bool,
     functional: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """(d gate, d up, d(gate|up) packed or None, the activation, the kernel's bias sums) from the backward
