@@ -1,7 +1,8 @@
 """GLU MLP benchmark: eager vs torch.compile vs Liger-Kernel vs the fused Triton path, against the GEMMs alone.
 
     python benchmarks/bench_mlp.py [--json results.json] [--shapes llama2-7b gpt2] [--iters 30] [--sweep]
-                                   [--repeat 5] [--inference-tokens 1 16 256 2048]
+                                   [--repeat 5] [--inference-tokens 1 16 256 2048] [--designs packed ...]
+                                   [--profile [STEPS]]
 
 On CUDA it runs the real shapes (bf16, 8192 tokens); on CPU a tiny smoke configuration (fp32, Triton's
 interpreter) so CI can check the script still runs — its timings mean nothing. Per implementation and
@@ -11,8 +12,12 @@ the ratio to the GEMMs alone timed in the same run, then the issue's goals as me
 table times the forward alone under ``torch.inference_mode`` at decode and prefill sizes (fused, eager,
 Transformers' LlamaMLP and what ``glu_kernel="auto"`` picks) and reports where fused overtakes eager: the
 measurement that sets ``glu_triton.INFERENCE_EAGER_BELOW_TOKENS``. On CUDA it also times the elementwise
-kernels alone against the card's copy bandwidth (``--sweep``: for each launch configuration). Prints
-markdown tables; ``--json`` also writes the rows.
+kernels alone against the card's copy bandwidth (``--sweep``: for each launch configuration). Every
+candidate design of the fused op (``glu_triton.MLP_DESIGNS``, ``--designs``; all by default) gets a row
+``fused[<design>]`` beside the default ``fused``, and a table names the fastest design per shape and whether
+its margin is beyond the rounds' spread. ``--profile`` replaces the timing tables by ``torch.profiler``
+per-kernel times of one forward+backward step per implementation. Prints markdown tables; ``--json`` also
+writes the rows.
 """
 
 from __future__ import annotations

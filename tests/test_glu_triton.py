@@ -1106,6 +1106,11 @@ def test_benchmark_smoke_mode_runs(tmp_path):
     tokens, hidden, inner = shape["tokens"], shape["hidden"], shape["inner"]
     assert rows["fused"]["saved_mib"] * 2**20 == 4 * (tokens * hidden + 2 * tokens * inner)  # fp32
     assert rows["fused"]["max_rel_err"] < 1e-5
+    # Every candidate design of the fused op (issue 27) runs beside the default, same maths, same memory kept.
+    for design in gt.MLP_DESIGNS.keys() - {gt.DEFAULT_MLP_DESIGN}:
+        row = rows[f"fused[{design}]"]
+        assert row["max_rel_err"] < 1e-5 and row["saved_mib"] == rows["fused"]["saved_mib"] and row["fwd_bwd_ms"] > 0
+    assert report["design_choice"][0]["shape"] == shape["name"] and "Fused designs" in result.stdout
     # Two interleaved timing rounds on CPU: every timed row has a spread, untimed ones (liger) none.
     assert all(rows[impl]["spread"] is not None for impl in ("gemms", "eager", "fused"))
     assert rows["liger"]["spread"] is None and rows["liger"]["fwd_bwd_ms"] is None
