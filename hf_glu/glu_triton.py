@@ -716,7 +716,7 @@ def _glu_mlp_grads(ctx, grad_out: torch.Tensor, functional: bool) -> tuple:
             grads[1], grads[3] = _unpack_rows(dpacked.t() @ rows, design.packing)
         if needs[0]:
             grads[0] = (dpacked @ _pack_rows(gate_weight, up_weight, design.packing)).view(x.shape)
-    for i in (1, 2, 3, 4):
+    for i in (1, 2, 3, 4):  # one packed GEMM or sum gives both halves: hand back only the gradients asked for
         grads[i] = grads[i] if needs[i] else None
     return (*grads, None, None, None, None, None)
 
