@@ -1,7 +1,8 @@
 """GLU MLP benchmark: eager vs torch.compile vs Liger-Kernel vs the fused Triton path, against the GEMMs alone.
 
     python benchmarks/bench_mlp.py [--json results.json] [--shapes llama2-7b gpt2] [--iters 30] [--sweep]
-                                   [--repeat 5] [--inference-tokens 1 16 256 2048]
+                                   [--repeat 5] [--inference-tokens 1 16 256 2048] [--designs packed ...]
+                                   [--profile [STEPS]]
 
 On CUDA it runs the real shapes (bf16, 8192 tokens); on CPU a tiny smoke configuration (fp32, Triton's
 interpreter) so CI can check the script still runs — its timings mean nothing. Per implementation and
@@ -11,8 +12,12 @@ the ratio to the GEMMs alone timed in the same run, then the issue's goals as me
 table times the forward alone under ``torch.inference_mode`` at decode and prefill sizes (fused, eager,
 Transformers' LlamaMLP and what ``glu_kernel="auto"`` picks) and reports where fused overtakes eager: the
 measurement that sets ``glu_triton.INFERENCE_EAGER_BELOW_TOKENS``. On CUDA it also times the elementwise
-kernels alone against the card's copy bandwidth (``--sweep``: for each launch configuration). Prints
-markdown tables; ``--json`` also writes the rows.
+kernels alone against the card's copy bandwidth (``--sweep``: for each launch configuration). Every
+candidate design of the fused op (``glu_triton.MLP_DESIGNS``, ``--designs``; all by default) gets a row
+``fused[<design>]`` beside the default ``fused``, and a table names the fastest design per shape and whether
+its margin is beyond the rounds' spread. ``--profile`` replaces the timing tables by ``torch.profiler``
+per-kernel times of one forward+backward step per implementation. Prints markdown tables; ``--json`` also
+writes the rows.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -233,8 +238,30 @@ def with_kernel(mlp: GluMLP, kernel: str) -> GluMLP:
     return other
 
 
-def implementations(shape: Shape, device: str) -> dict[str, tuple[Callable | None, str]]:
-    """Each implementation (or None and why not) for ``shape``; one that fails to build gets an error note."""
+class DesignMLP(torch.nn.Module):
+    """A fused MLP in one of ``glu_triton.MLP_DESIGNS`` (the candidates of issue 27), with ``mlp``'s weights:
+    calls ``glu_mlp_fused`` with ``design=`` as the model's dispatch would call it with the default."""
+
+    def __init__(self, mlp: GluMLP, design: str) -> None:
+        super().__init__()
+        self.mlp, self.design = mlp, design
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights = [t for p in (self.mlp.gate_proj, self.mlp.up_proj, self.mlp.down_proj) for t in (p.weight, p.bias)]
+        return glu_triton.glu_mlp_fused(x, *weights, self.mlp.variant, self.mlp.params, self.design)
+
+
+def design_impl(design: str) -> str:
+    """The row name of a fused design: ``fused`` for the default one (the model's path), ``fused[<design>]``."""
+    return "fused" if design == glu_triton.DEFAULT_MLP_DESIGN else f"fused[{design}]"
+
+
+CANDIDATE_DESIGNS = [d for d in glu_triton.MLP_DESIGNS if d != glu_triton.DEFAULT_MLP_DESIGN]
+
+
+def implementations(shape: Shape, device: str, designs: Sequence[str] = ()) -> dict[str, tuple[Callable | None, str]]:
+    """Each implementation (or None and why not) for ``shape``; one that fails to build gets an error note.
+    ``designs``: candidate designs of the fused op timed beside the default one (rows ``fused[<design>]``)."""
     eager = build_mlp(shape, "eager", device)
     on_cpu = device == "cpu"
     impls: dict[str, tuple[Callable | None, str]] = {"eager": (eager, "hf_glu's eager reference (fp32 maths)")}
@@ -261,6 +288,10 @@ def implementations(shape: Shape, device: str) -> dict[str, tuple[Callable | Non
         impls["fused"] = (None, "triton not installed")
     else:
         add("fused", lambda: (with_kernel(eager, "triton"), "Triton interpreter (CPU smoke)" if on_cpu else ""))
+        for design in designs:
+            what = glu_triton.MLP_DESIGNS[design]
+            note = f"{what.packing} gate/up GEMMs, bias sums by {what.bias_sums}"
+            add(design_impl(design), lambda design=design, note=note: (DesignMLP(copy.deepcopy(eager), design), note))
     return impls
 
 
@@ -379,7 +410,9 @@ def profile_impl(
     return row, out
 
 
-def measure(shape: Shape, device: str, iters: int, warmup: int, repeat: int = 1) -> list[Row]:
+def measure(
+    shape: Shape, device: str, iters: int, warmup: int, repeat: int = 1, designs: Sequence[str] = ()
+) -> list[Row]:
     """One row per implementation. Timings are interleaved: ``repeat`` rounds, each timing every
     implementation in turn, so a drift of the card's clock or temperature hits all of them alike; each
     figure is the median over rounds of the per-round medians, and ``spread`` is the fwd+bwd range over
@@ -392,7 +425,7 @@ def measure(shape: Shape, device: str, iters: int, warmup: int, repeat: int = 1)
     rows = [Row(shape.name, "gemms")]
     timed = {"gemms": (gemms.forward, gemms.forward_backward)}
     reference = None
-    for impl, (mlp, note) in implementations(shape, device).items():
+    for impl, (mlp, note) in implementations(shape, device, designs).items():
         if mlp is None:
             rows.append(Row(shape.name, impl, note=note))
             continue
@@ -435,6 +468,38 @@ def measure(shape: Shape, device: str, iters: int, warmup: int, repeat: int = 1)
     return rows
 
 
+def is_fused(impl: str) -> bool:
+    """Whether a row is hf_glu's fused op (the default design or a candidate), not a peer."""
+    return impl == "fused" or impl.startswith("fused[")
+
+
+def design_choice(shape: Shape, rows: list[Row]) -> dict | None:
+    """Which fused design was fastest at ``shape`` (fwd+bwd median) and whether it beat the default by more
+    than the run's noise: its margin must exceed the larger fwd+bwd spread (range over the interleaved rounds)
+    of the two rows. None when fewer than two designs were timed."""
+    timed = [r for r in rows if r.shape == shape.name and is_fused(r.impl) and r.fwd_bwd_ms is not None]
+    default = next((r for r in timed if r.impl == "fused"), None)
+    if default is None or len(timed) < 2:
+        return None
+    best = min(timed, key=lambda r: r.fwd_bwd_ms)
+    margin = default.fwd_bwd_ms / best.fwd_bwd_ms - 1.0
+    noise = max(default.spread or 0.0, best.spread or 0.0)
+    return dict(shape=shape.name, fastest=best.impl, fwd_bwd_ms=best.fwd_bwd_ms, default_ms=default.fwd_bwd_ms,
+                margin=margin, noise=noise, beyond_noise=best.impl != "fused" and margin > noise,
+                choose=best.impl if best.impl != "fused" and margin > noise else "fused")  # fmt: skip
+
+
+def design_markdown(choices: list[dict]) -> str:
+    lines = ["| shape | fastest fused design | fwd+bwd ms | default ms | margin | noise (spread) | choose |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for c in choices:
+        lines.append(
+            f"| {c['shape']} | {c['fastest']} | {c['fwd_bwd_ms']:.3f} | {c['default_ms']:.3f} | {c['margin']:+.1%} | "
+            f"{c['noise']:.1%} | {c['choose']} |"
+        )
+    return "\n".join(lines)
+
+
 def goals(shape: Shape, rows: list[Row]) -> list[tuple[str, str, bool | None]]:
     """The issue's goals for the fused path as (goal, measured, met); met is None when not measurable.
 
@@ -468,7 +533,7 @@ def goals(shape: Shape, rows: list[Row]) -> list[tuple[str, str, bool | None]]:
             peak = f"{fused.peak_mib:.0f} vs {liger.peak_mib:.0f} MiB"
             checks.append(("peak memory <= Liger's", peak, fused.peak_mib <= liger.peak_mib))
         return [*checks, saved_check]
-    peers = [r for r in by_impl.values() if r.impl not in ("fused", "gemms") and r.fwd_bwd_ms is not None]
+    peers = [r for r in by_impl.values() if not is_fused(r.impl) and r.impl != "gemms" and r.fwd_bwd_ms is not None]
     checks = []
     if peers:
         fastest = min(peers, key=lambda r: r.fwd_bwd_ms)
@@ -694,6 +759,97 @@ def kernels_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# --- Per-kernel profile ----------------------------------------------------------------------------------
+
+
+@dataclass
+class KernelRow:
+    shape: str
+    impl: str
+    kernel: str  # "(all)" for the implementation's total
+    calls: float | None = None  # launches per forward+backward step
+    us: float | None = None  # device time per step (CPU: self time of the op), microseconds
+    note: str = ""
+
+
+PROFILE_TOP = 8  # kernels listed per implementation (the rest still count in its "(all)" row)
+
+
+def _event_us(event: object, device: str) -> float:
+    # torch 2.6 names the device time cuda_time_total, later ones device_time_total (the old name deprecated).
+    if device != "cuda":
+        return event.self_cpu_time_total
+    return getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
+
+
+def profile_kernels(
+    shape: Shape, device: str, steps_profiled: int, warmup: int, designs: Sequence[str] = ()
+) -> list[KernelRow]:
+    """Per implementation, what one forward+backward step launches: ``torch.profiler`` over ``steps_profiled``
+    steps after ``warmup``, each kernel's device time and launches per step, the largest ``PROFILE_TOP`` and the
+    total. Shows where a fused design's time goes (GEMMs, the elementwise kernels, the weight concatenation of
+    the packed designs, the bias reductions, launch gaps) beside what Liger, LlamaMLP and torch.compile run.
+    On CPU (smoke) the CPU ops' self times stand in for kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    x = torch.randn(shape.tokens, shape.hidden, device=device, dtype=shape.dtype, requires_grad=True)
+    dy = torch.randn(shape.tokens, shape.hidden, device=device, dtype=shape.dtype)
+    gemms = Gemms(shape, device)
+    runnable: dict[str, Callable[[], None]] = {"gemms": gemms.forward_backward}
+    rows: list[KernelRow] = []
+    for impl, (mlp, note) in implementations(shape, device, designs).items():
+        if mlp is None or impl == "eager":  # eager (fp32 maths) is nobody's choice at these shapes
+            if mlp is None:
+                rows.append(KernelRow(shape.name, impl, "(all)", note=note))
+            continue
+        runnable[impl] = steps(mlp, x, dy)[1]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    for impl, step in runnable.items():
+
+        def profiled(step: Callable[[], None] = step) -> list:
+            for _ in range(warmup):
+                step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            with profile(activities=activities) as prof:
+                for _ in range(steps_profiled):
+                    step()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+            kernels = [
+                e for e in prof.key_averages()
+                if (e.device_type == torch.autograd.DeviceType.CUDA if device == "cuda" else e.key.startswith("aten::"))
+            ]  # fmt: skip
+            return sorted(kernels, key=lambda e: -_event_us(e, device))
+
+        kernels, error = attempt(f"profiling {impl} on {shape.name}", profiled)
+        if kernels is None:
+            rows.append(KernelRow(shape.name, impl, "(all)", note=error))
+            continue
+        total_us = sum(_event_us(e, device) for e in kernels) / steps_profiled
+        total_calls = sum(e.count for e in kernels) / steps_profiled
+        rows.append(KernelRow(shape.name, impl, "(all)", total_calls, total_us))
+        for e in kernels[:PROFILE_TOP]:
+            per_step = e.count / steps_profiled, _event_us(e, device) / steps_profiled
+            rows.append(KernelRow(shape.name, impl, e.key[:90], *per_step))
+    return rows
+
+
+def profile_markdown(rows: list[KernelRow]) -> str:
+    lines = ["| shape | impl | kernel | launches/step | µs/step | share |", "|---|---|---|---|---|---|"]
+    totals = {(r.shape, r.impl): r.us for r in rows if r.kernel == "(all)"}
+    for r in rows:
+        if r.us is None:
+            lines.append(f"| {r.shape} | {r.impl} | {r.kernel} | n/a | n/a | {r.note} |")
+            continue
+        total = totals.get((r.shape, r.impl))
+        share = f"{r.us / total:.0%}" if total else "n/a"
+        name = f"**{r.kernel}**" if r.kernel == "(all)" else r.kernel.replace("|", "/")
+        lines.append(f"| {r.shape} | {r.impl} | {name} | {r.calls:g} | {r.us:.1f} | {share} |")
+    return "\n".join(lines)
+
+
 # --- Report -------------------------------------------------------------------------------------------
 
 COLUMNS = [
@@ -751,6 +907,14 @@ def main(argv: list[str] | None = None) -> None:
         help="token counts of the inference_mode forward table (none: skip it)",
     )  # fmt: skip
     parser.add_argument("--inference-only", action="store_true", help="skip the forward+backward table")
+    parser.add_argument(
+        "--designs", nargs="*", choices=CANDIDATE_DESIGNS, default=CANDIDATE_DESIGNS,
+        help="candidate designs of the fused op timed beside the default (rows fused[<design>]; none: default only)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--profile", type=int, nargs="?", const=5, default=0, metavar="STEPS",
+        help="instead of the timing tables: torch.profiler per-kernel times over STEPS fwd+bwd steps (default 5)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
@@ -760,7 +924,9 @@ def main(argv: list[str] | None = None) -> None:
         names = dict.fromkeys(n for name in args.shapes for n in SHAPE_GROUPS.get(name, [name]))
         shapes, iters, warmup, sizes = [SHAPES[n] for n in names], args.iters, args.warmup, args.inference_tokens
     repeat = args.repeat if device == "cuda" else 2  # two rounds on CPU, so the smoke run covers interleaving
-    trained = [] if args.inference_only else shapes
+    trained = [] if args.inference_only or args.profile else shapes
+    sizes = [] if args.profile else sizes
+    designs = args.designs
     log = RowLog(args.rows or (args.json.with_suffix(".rows.jsonl") if args.json else None))
     rows: list[Row] = []
     kernels: list[dict] = []
@@ -769,7 +935,7 @@ def main(argv: list[str] | None = None) -> None:
     # of memory for the GEMMs alone, say) leaves one error row and the next shape runs.
     for shape in trained:
         measured, error = attempt(
-            f"shape {shape.name}", lambda shape=shape: measure(shape, device, iters, warmup, repeat)
+            f"shape {shape.name}", lambda shape=shape: measure(shape, device, iters, warmup, repeat, designs)
         )
         for row in measured or [Row(shape.name, "all", note=error)]:
             rows.append(row)
@@ -786,12 +952,29 @@ def main(argv: list[str] | None = None) -> None:
         for row in measured or [InferenceRow(shape.name, 0, "all", note=error)]:
             inference.append(row)
             log.write("inference", row)
+    profiled: list[KernelRow] = []
+    profile_steps = args.profile if device == "cuda" else 1
+    for shape in shapes if args.profile else []:
+        measured, error = attempt(
+            f"profile of {shape.name}",
+            lambda shape=shape: profile_kernels(shape, device, profile_steps, warmup, designs),
+        )
+        for row in measured or [KernelRow(shape.name, "all", "(all)", note=error)]:
+            profiled.append(row)
+            log.write("profile", row)
+    choices = [c for s in shapes if (c := design_choice(s, rows)) is not None]
     env = environment(device)
     print(f"GLU MLP benchmark on {env['device']} (torch {env['torch']}, triton {env.get('triton')})\n")
     if rows:
         print(markdown(rows), end="\n\n")
+    if choices:
+        print("Fused designs (glu_triton.MLP_DESIGNS), fastest per shape:\n")
+        print(design_markdown(choices), end="\n\n")
     if kernels:
         print(kernels_markdown(kernels), end="\n\n")
+    if profiled:
+        print("Per-kernel device time of one forward+backward step (torch.profiler):\n")
+        print(profile_markdown(profiled), end="\n\n")
     if inference:
         print("Forward under torch.inference_mode:\n")
         print(inference_markdown(inference), end="\n\n")
@@ -801,6 +984,8 @@ def main(argv: list[str] | None = None) -> None:
         payload = {"environment": env, "shapes": [asdict(s) | {"dtype": str(s.dtype)} for s in shapes]}
         payload["results"] = [asdict(r) for r in rows]
         payload["kernels"] = kernels
+        payload["design_choice"] = choices
+        payload["profile"] = [asdict(r) for r in profiled]
         payload["inference"] = [asdict(r) for r in inference]
         payload["inference_eager_below_tokens"] = glu_triton.INFERENCE_EAGER_BELOW_TOKENS
         payload["inference_crossover"] = {

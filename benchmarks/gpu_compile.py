@@ -115,8 +115,12 @@ _LAYOUTS = ("contiguous", "halves", "interleaved")
 # Where the launch rules spilled before (results/gpu_compile.md): the worst interleaved forward (geglu fp16,
 # 12 B on sm_90 at 4 warps) and the worst narrow bias-summing backward (geglu bf16 at 4 columns, 1.5 KB on
 # sm_90 at 4 warps). In the sample so that CI sees those rules regress.
+# And the packed designs' bias-summing backward over halves and interleaved views at GPT-2 widths (gpt2-small's
+# 3072 and gpt2-xl's 6400), the kernels a GPU run of those candidates launches first.
 _SAMPLE_EDGES = [("geglu", "fp16", "interleaved", *_PRODUCTION, ("forward",)),
-                 ("geglu", "bf16", "contiguous", 8192, 4, ("backward_inplace_bias",))]  # fmt: skip
+                 ("geglu", "bf16", "contiguous", 8192, 4, ("backward_inplace_bias",)),
+                 ("swiglu", "bf16", "halves", 8192, 3072, ("backward_inplace_bias",)),
+                 ("geglu_tanh", "bf16", "interleaved", 8192, 6400, ("backward_inplace_bias",))]  # fmt: skip
 SCOPES = ("sample", "full", "exhaustive")
 
 
@@ -253,9 +257,11 @@ def launched_kernels() -> list[str]:
 
 
 MODES = ("forward", "backward", "backward_inplace", "backward_inplace_bias")
-# What a layout can reach: views of a packed tensor enter through glu_act, whose backward is functional; the
-# in-place backward (with or without bias sums) only ever runs on glu_mlp's own contiguous F.linear outputs.
-LAYOUT_MODES = {"contiguous": MODES, "halves": MODES[:2], "interleaved": MODES[:2]}
+# What a layout can reach: every mode. Views of a packed tensor enter through glu_act (forward, functional
+# backward) and through glu_mlp's packed designs (glu_triton.MLP_DESIGNS: one GEMM for gate|up in halves or
+# interleaved columns), whose backward writes over the packed views, with or without the bias sums; their
+# functional (traced) backward writes views of a new packed tensor laid out alike, the same specialization.
+LAYOUT_MODES = {"contiguous": MODES, "halves": MODES, "interleaved": MODES}
 
 
 def _launch_modes(gate: Any, up: Any, out: Any, variant: str, p: Any) -> list[tuple[str, Callable[[], Any]]]:

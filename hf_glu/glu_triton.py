@@ -9,6 +9,11 @@ in place and re-emits the activation output (over its own gradient) for the down
 gradient. Under ``torch.compile`` that kernel writes new tensors instead (``<ns>::glu_mlp_act_backward``):
 Inductor would clone saved tensors before letting an op write over them.
 
+How the GEMMs sit around the kernels is a design (``MLP_DESIGNS``; ``glu_mlp_fused(..., design=)``, or
+``MLP_DESIGN`` for the model's dispatch): the default runs separate gate and up GEMMs; the packed candidates
+run one GEMM for gate|up and keep the packed pre-activation instead (same bytes), for the GPT-2 widths where
+launches and passes over memory weigh against GEMMs of under a millisecond (issue 27; a GPU run decides).
+
 Projections that are not plain ``nn.Linear`` (PEFT LoRA, quantised layers, hooked modules) are called
 as modules, and only the elementwise part runs fused (``<ns>::glu_act``), so adapters are never skipped.
 
@@ -30,6 +35,7 @@ import os
 import re
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +92,38 @@ BIAS_ROW_TILE_CHOICES = tuple(1 << i for i in range(_BIAS_ROW_TILES.bit_length()
 # other computes). Devices that cannot be asked (the interpreter, ahead-of-time checks) count as an H100's 132.
 _PROGRAMS_PER_SM = 2
 _DEFAULT_SM_COUNT = 132
+
+
+@dataclass(frozen=True)
+class MlpDesign:
+    """How the whole-MLP op arranges its GEMMs around the elementwise kernels (candidates for GPT-2's widths,
+    where the GEMMs take under a millisecond and every launch and pass over memory shows).
+
+    ``packing``: ``"separate"`` runs one GEMM each for gate and up (two [tokens, intermediate] outputs);
+    ``"halves"`` / ``"interleaved"`` concatenate the gate and up weights (and biases) per call into one
+    ``[2 * intermediate, hidden]`` matrix (gate rows then up rows, or alternating) and run one GEMM for both,
+    the kernels reading gate and up as column views of its output; backward then writes d(gate|up) over that
+    packed output and takes one GEMM for both weight gradients (returned as views) and one for the input's.
+    ``bias_sums``: ``"kernel"`` sums the gate and up bias gradients inside the backward kernel (per-program
+    partial sums); ``"torch"`` leaves the kernel without them and sums d(gate|up) over the tokens afterwards.
+    """
+
+    packing: str
+    bias_sums: str
+
+
+# The candidates benchmarks/bench_mlp.py times side by side (its --designs); "separate" is the default path.
+MLP_DESIGNS = {
+    "separate": MlpDesign("separate", "kernel"),
+    "separate_torch_bias": MlpDesign("separate", "torch"),
+    "packed": MlpDesign("halves", "kernel"),
+    "packed_torch_bias": MlpDesign("halves", "torch"),
+    "packed_interleaved": MlpDesign("interleaved", "kernel"),
+}
+DEFAULT_MLP_DESIGN = "separate"
+# The design fused_glu_mlp (the model's dispatch) passes at every call: set it to run a whole model on another
+# candidate (bench_train, a user's own measurement); bench_mlp passes design= to glu_mlp_fused instead.
+MLP_DESIGN = DEFAULT_MLP_DESIGN
 
 if TRITON_AVAILABLE:
 
@@ -517,6 +555,66 @@ def _(grad, gate, up, variant, beta, alpha, limit, bias_grads):
     return _empty(gate), _empty(up), _empty(grad), gate.new_empty((2 if bias_grads else 0, gate.shape[-1]))
 
 
+def _packed_act_backward(
+    grad: torch.Tensor,
+    packed: torch.Tensor,
+    packing: str,
+    variant: str,
+    beta: float,
+    alpha: float,
+    limit: float,
+    bias_grads: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The traced (torch.compile) backward node of the packed designs: (d(gate|up) in a new packed tensor laid
+    out as ``packed``, the activation, the bias sums or an empty ``[0, columns]`` tensor). Functional for the
+    reason ``_mlp_act_backward`` is."""
+    _check_launchable("packed", packed)
+    dpacked = _empty(packed)
+    gate, up = split_gate_up(packed, packing)
+    dgate, dup = split_gate_up(dpacked, packing)
+    _check_same(gate, grad=grad)
+    act = _empty(grad)
+    sums = _launch_backward(grad, gate, up, dgate, dup, act, variant, GluParams(beta, alpha, limit), bias_grads)
+    return dpacked, act, gate.new_empty((0, gate.shape[-1])) if sums is None else sums.to(gate.dtype)
+
+
+_glu_mlp_packed_act_backward_op = torch.library.custom_op(f"{NAMESPACE}::glu_mlp_packed_act_backward", mutates_args=())(
+    _packed_act_backward
+)
+
+
+@_glu_mlp_packed_act_backward_op.register_fake
+def _(grad, packed, packing, variant, beta, alpha, limit, bias_grads):
+    return _empty(packed), _empty(grad), packed.new_empty((2 if bias_grads else 0, packed.shape[-1] // 2))
+
+
+def _mlp_design(name: str) -> MlpDesign:
+    design = MLP_DESIGNS.get(name)
+    if design is None:
+        raise ValueError(f"design={name!r} is not a fused MLP design; expected one of {sorted(MLP_DESIGNS)}")
+    return design
+
+
+def _pack_rows(gate: torch.Tensor | None, up: torch.Tensor | None, packing: str) -> torch.Tensor | None:
+    """Gate and up weights ([intermediate, hidden]) or biases ([intermediate]) as one packed tensor along the
+    first dimension, laid out as ``split_gate_up`` reads the GEMM's output columns; a missing bias of the two
+    becomes zeros (None if both are)."""
+    if gate is None and up is None:
+        return None
+    gate = torch.zeros_like(up) if gate is None else gate
+    up = torch.zeros_like(gate) if up is None else up
+    if packing == "halves":
+        return torch.cat([gate, up])
+    return torch.stack([gate, up], 1).flatten(0, 1)
+
+
+def _unpack_rows(packed: torch.Tensor, packing: str) -> tuple[torch.Tensor, torch.Tensor]:
+    # Views, no copy: the packed designs' weight and bias gradients come out of one GEMM or one sum.
+    if packing == "halves":
+        return packed.chunk(2, dim=0)
+    return packed[0::2], packed[1::2]
+
+
 def _glu_mlp_forward(
     x: torch.Tensor,
     gate_weight: torch.Tensor,
@@ -529,49 +627,98 @@ def _glu_mlp_forward(
     beta: float,
     alpha: float,
     limit: float,
+    design: str = DEFAULT_MLP_DESIGN,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(MLP output, gate pre-activation, up pre-activation); the last two are kept for backward only."""
+    """(MLP output, then what backward keeps: the gate and up pre-activations, or for a packed design their
+    packed ``[tokens, 2 * intermediate]`` tensor and an empty one)."""
     _check_launchable("x", x)
+    packing = _mlp_design(design).packing
     rows = _as_rows(x)
-    gate = F.linear(rows, gate_weight, gate_bias)
-    up = F.linear(rows, up_weight, up_bias)
+    if packing == "separate":
+        gate = kept = F.linear(rows, gate_weight, gate_bias)
+        up = other = F.linear(rows, up_weight, up_bias)
+    else:
+        kept = F.linear(rows, _pack_rows(gate_weight, up_weight, packing), _pack_rows(gate_bias, up_bias, packing))
+        gate, up = split_gate_up(kept, packing)
+        other = kept.new_empty(0)
     act = _empty(gate)
     _launch_forward(gate, up, act, variant, GluParams(beta, alpha, limit))
     out = F.linear(act, down_weight, down_bias)
-    return out.view(*x.shape[:-1], out.shape[-1]), gate, up
+    return out.view(*x.shape[:-1], out.shape[-1]), kept, other
 
 
-def _save_for_mlp_backward(ctx, inputs: tuple, gate: torch.Tensor, up: torch.Tensor) -> None:
+def _save_for_mlp_backward(ctx, inputs: tuple, kept: torch.Tensor, other: torch.Tensor) -> None:
     x, gate_weight, _, up_weight, _, down_weight, _, *act_args = inputs
     # The whole memory cost of backward: x and two [tokens, intermediate] tensors (weights are parameters).
-    ctx.save_for_backward(x, gate_weight, up_weight, down_weight, gate, up)
-    ctx.act_args = act_args
+    ctx.save_for_backward(x, gate_weight, up_weight, down_weight, kept, other)
+    ctx.act_args = act_args[:4]
+    ctx.design = act_args[4] if len(act_args) > 4 else DEFAULT_MLP_DESIGN
 
 
-def _glu_mlp_grads(ctx, grad_out: torch.Tensor, act_backward: Callable[..., tuple[torch.Tensor, ...]]) -> tuple:
-    """Gradients of ``_glu_mlp_forward``'s inputs (None for the four scalars) from what
-    ``_save_for_mlp_backward`` kept; ``act_backward`` is ``_act_backward_inplace_eager`` (eager: overwrites the
-    saved gate and up) or the functional ``<ns>::glu_mlp_act_backward`` (traced graphs).
+def _pre_activation_grads(
+    act: torch.Tensor,
+    kept: torch.Tensor,
+    other: torch.Tensor,
+    packing: str,
+    act_args: list,
+    bias_grads: bool,
+    functional: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(d gate, d up, d(gate|up) packed or None, the activation, the kernel's bias sums) from the backward
+    kernel: in place over the saved tensors in eager mode, into new ones when traced (``functional``)."""
+    if packing == "separate":
+        act_backward = _glu_mlp_act_backward_op if functional else _act_backward_inplace_eager
+        dgate, dup, act, sums = act_backward(act, kept, other, *act_args, bias_grads)
+        return dgate, dup, None, act, sums
+    if functional:
+        dpacked, act, sums = _glu_mlp_packed_act_backward_op(act, kept, packing, *act_args, bias_grads)
+    else:
+        _, _, act, sums = _act_backward_inplace_eager(act, *split_gate_up(kept, packing), *act_args, bias_grads)
+        dpacked = kept
+    return *split_gate_up(dpacked, packing), dpacked, act, sums
+
+
+def _glu_mlp_grads(ctx, grad_out: torch.Tensor, functional: bool) -> tuple:
+    """Gradients of ``_glu_mlp_forward``'s inputs (None for the scalars and the design) from what
+    ``_save_for_mlp_backward`` kept; ``functional`` for traced graphs (see ``_pre_activation_grads``).
 
     Ordered for the smallest peak: the activation (re-emitted over its own gradient) is consumed by the
-    down projection's weight gradient and freed before the other weight gradients are allocated. The gate
-    and up bias gradients come out of the same kernel, not from two more passes over [tokens, intermediate].
+    down projection's weight gradient and freed before the other weight gradients are allocated. With the
+    default design the gate and up bias gradients come out of the same kernel, not from two more passes over
+    [tokens, intermediate].
     """
-    x, gate_weight, up_weight, down_weight, gate, up = ctx.saved_tensors
-    needs, act_args = ctx.needs_input_grad, ctx.act_args
+    x, gate_weight, up_weight, down_weight, kept, other = ctx.saved_tensors
+    needs, act_args, design = ctx.needs_input_grad, ctx.act_args, _mlp_design(ctx.design)
     rows, grad_rows = _as_rows(x), _as_rows(grad_out)
     act = grad_rows @ down_weight
-    # One kernel: the gradients of gate and up, the activation (its gradient's place in eager) and bias sums.
-    dgate, dup, act, bias_sums = act_backward(act, gate, up, *act_args, needs[2] or needs[4])
+    kernel_sums = (needs[2] or needs[4]) and design.bias_sums == "kernel"
+    dgate, dup, dpacked, act, bias_sums = _pre_activation_grads(
+        act, kept, other, design.packing, act_args, kernel_sums, functional
+    )
     grad_down_weight = grad_rows.t() @ act if needs[5] else None
     del act
     grads = [None] * 7
     grads[5], grads[6] = grad_down_weight, grad_rows.sum(0) if needs[6] else None
-    grads[1], grads[2] = dgate.t() @ rows if needs[1] else None, bias_sums[0] if needs[2] else None
-    grads[3], grads[4] = dup.t() @ rows if needs[3] else None, bias_sums[1] if needs[4] else None
-    if needs[0]:  # addmm_ in place: the out-of-place addmm would first copy the [tokens, hidden] product
-        grads[0] = (dgate @ gate_weight).addmm_(dup, up_weight).view(x.shape)
-    return (*grads, None, None, None, None)
+    if needs[2] or needs[4]:
+        if design.bias_sums == "kernel":
+            grads[2], grads[4] = bias_sums[0], bias_sums[1]
+        elif dpacked is None:
+            grads[2], grads[4] = dgate.sum(0), dup.sum(0)
+        else:
+            grads[2], grads[4] = _unpack_rows(dpacked.sum(0), design.packing)
+    if dpacked is None:
+        grads[1] = dgate.t() @ rows if needs[1] else None
+        grads[3] = dup.t() @ rows if needs[3] else None
+        if needs[0]:  # addmm_ in place: the out-of-place addmm would first copy the [tokens, hidden] product
+            grads[0] = (dgate @ gate_weight).addmm_(dup, up_weight).view(x.shape)
+    else:  # one GEMM for both weight gradients, one for the input's
+        if needs[1] or needs[3]:
+            grads[1], grads[3] = _unpack_rows(dpacked.t() @ rows, design.packing)
+        if needs[0]:
+            grads[0] = (dpacked @ _pack_rows(gate_weight, up_weight, design.packing)).view(x.shape)
+    for i in (1, 2, 3, 4):  # one packed GEMM or sum gives both halves: hand back only the gradients asked for
+        grads[i] = grads[i] if needs[i] else None
+    return (*grads, None, None, None, None, None)
 
 
 class _GluMlpFunction(torch.autograd.Function):
@@ -580,37 +727,40 @@ class _GluMlpFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        out, gate, up = _glu_mlp_forward(*inputs)
-        _save_for_mlp_backward(ctx, inputs, gate, up)
+        out, kept, other = _glu_mlp_forward(*inputs)
+        _save_for_mlp_backward(ctx, inputs, kept, other)
         return out
 
     @staticmethod
     @_first_order_only
     def backward(ctx, grad_out):
-        return _glu_mlp_grads(ctx, grad_out, _act_backward_inplace_eager)
+        return _glu_mlp_grads(ctx, grad_out, functional=False)
 
 
 _glu_mlp_op = torch.library.custom_op(f"{NAMESPACE}::glu_mlp", mutates_args=())(_glu_mlp_forward)
 
 
 @_glu_mlp_op.register_fake
-def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias, variant, beta, alpha, limit):
+def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias, variant, beta, alpha, limit,
+      design=DEFAULT_MLP_DESIGN):  # fmt: skip
     rows = math.prod(x.shape[:-1])
     out = x.new_empty((*x.shape[:-1], down_weight.shape[0]))
-    return out, x.new_empty((rows, gate_weight.shape[0])), x.new_empty((rows, up_weight.shape[0]))
+    if _mlp_design(design).packing == "separate":
+        return out, x.new_empty((rows, gate_weight.shape[0])), x.new_empty((rows, up_weight.shape[0]))
+    return out, x.new_empty((rows, 2 * gate_weight.shape[0])), x.new_empty(0)
 
 
 def _glu_mlp_setup(ctx, inputs, output) -> None:
-    _, gate, up = output
-    _save_for_mlp_backward(ctx, inputs, gate, up)
-    ctx.mark_non_differentiable(gate, up)
+    _, kept, other = output
+    _save_for_mlp_backward(ctx, inputs, kept, other)
+    ctx.mark_non_differentiable(kept, other)
     # Else autograd fills the two unused output gradients with zeros: 2 x [tokens, intermediate] more memory.
     ctx.set_materialize_grads(False)
 
 
 @_first_order_only
-def _glu_mlp_backward(ctx, grad_out, _grad_gate, _grad_up):
-    return _glu_mlp_grads(ctx, grad_out, _glu_mlp_act_backward_op)
+def _glu_mlp_backward(ctx, grad_out, _grad_kept, _grad_other):
+    return _glu_mlp_grads(ctx, grad_out, functional=True)
 
 
 _glu_mlp_op.register_autograd(_glu_mlp_backward, setup_context=_glu_mlp_setup)
@@ -672,14 +822,19 @@ def glu_mlp_fused(
     down_bias: torch.Tensor | None,
     variant: str | GluVariant,
     params: GluParams = DEFAULT_PARAMS,
+    design: str = DEFAULT_MLP_DESIGN,
 ) -> torch.Tensor:
-    """``down(act(gate(x)) * up(x))`` as one differentiable op; weights in ``nn.Linear`` layout."""
+    """``down(act(gate(x)) * up(x))`` as one differentiable op; weights in ``nn.Linear`` layout.
+
+    ``design`` names one of ``MLP_DESIGNS``: how the GEMMs are arranged around the kernels (the result is the
+    same maths; benchmarks/bench_mlp.py times them against each other)."""
+    _mlp_design(design)  # refused here, before any work, rather than inside the op
     tensors = _autocast([x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias], x.device.type)
     act_args = _act_args(variant, params)
     if torch.compiler.is_compiling():
-        out, _, _ = _glu_mlp_op(*tensors, *act_args)
+        out, _, _ = _glu_mlp_op(*tensors, *act_args, design)
         return out
-    return _GluMlpFunction.apply(*tensors, *act_args)
+    return _GluMlpFunction.apply(*tensors, *act_args, design)
 
 
 # torch.nn.modules.module's registries of hooks for every module. Private names: each is read with a default,
@@ -811,7 +966,7 @@ def fused_glu_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     projections = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     if not _is_dtensor(x) and all(_is_plain_linear(p) for p in projections):
         weights = [t for p in projections for t in (p.weight, p.bias)]
-        return glu_mlp_fused(x, *weights, mlp.variant, mlp.params)
+        return glu_mlp_fused(x, *weights, mlp.variant, mlp.params, MLP_DESIGN)
     gate, up = mlp.gate_proj(x), mlp.up_proj(x)
     # Projections that keep their outputs distributed (tensor parallelism with use_local_output=False) hand
     # over DTensors: only the eager maths, dispatched by DTensor, combines them correctly.

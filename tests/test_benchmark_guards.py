@@ -53,7 +53,7 @@ def test_a_failing_implementation_costs_its_row_only(bench, monkeypatch) -> None
         "late": (FailsAfter(bench.build_mlp(shape, "eager", "cpu"), 4), ""),
         "unbuilt": (None, "not installed"),
     }
-    monkeypatch.setattr(bench, "implementations", lambda shape, device: impls)
+    monkeypatch.setattr(bench, "implementations", lambda shape, device, designs=(): impls)
     rows = {r.impl: r for r in bench.measure(shape, "cpu", iters=1, warmup=1, repeat=2)}
     assert rows.keys() == {"gemms", "eager", "at once", "late", "unbuilt"}
     assert rows["eager"].fwd_bwd_ms > 0 and rows["gemms"].fwd_bwd_ms > 0 and rows["eager"].speedup == 1.0
@@ -78,7 +78,7 @@ def test_a_failing_builder_is_recorded(bench, monkeypatch) -> None:
 def test_rows_reach_the_file_as_measured_and_a_failing_shape_does_not_stop_the_run(bench, monkeypatch, tmp_path):
     shapes_seen, rows_file = [], tmp_path / "bench.rows.jsonl"
 
-    def measure(shape, device, iters, warmup, repeat):
+    def measure(shape, device, iters, warmup, repeat, designs=()):
         # The rows file already holds the earlier shapes' rows while the next one is measured.
         shapes_seen.append((shape.name, [json.loads(line)["shape"] for line in rows_file.read_text().splitlines()]))
         if shape.name == "second":
@@ -131,14 +131,67 @@ def test_a_failing_kernel_costs_its_training_row_only(bench, monkeypatch) -> Non
     assert rows["eager"].tokens_per_s > 0 and rows["eager"].note == ""
 
 
+def test_the_profile_lists_each_implementations_kernels_and_times_nothing(bench, monkeypatch, tmp_path) -> None:
+    # The GPU check's profile step: per implementation (each fused design, the peers, the GEMMs) its total per
+    # step and its largest kernels (on CPU, aten ops' self times); no timing table runs.
+    monkeypatch.setattr(bench, "SMOKE_SHAPES", [bench.Shape(**TINY)])
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "profile.json"
+    bench.main(["--profile", "--designs", "packed", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["results"] == [] and report["inference"] == []
+    totals = {r["impl"]: r for r in report["profile"] if r["kernel"] == "(all)"}
+    assert totals.keys() == {"gemms", "transformers LlamaMLP", "torch.compile", "liger", "liger LigerMLP",
+                             "fused", "fused[packed]"}  # fmt: skip
+    for impl in ("gemms", "transformers LlamaMLP", "torch.compile", "fused", "fused[packed]"):
+        kernels = [r for r in report["profile"] if r["impl"] == impl and r["kernel"] != "(all)"]
+        assert totals[impl]["us"] > 0 and totals[impl]["calls"] >= 1
+        assert 1 <= len(kernels) <= bench.PROFILE_TOP and sum(r["us"] for r in kernels) <= totals[impl]["us"] * 1.001
+    assert totals["liger"]["note"] == "needs CUDA" and totals["liger"]["us"] is None
+    # The packed design's one gate|up GEMM: fewer GEMM calls a step than the default design's.
+    gemms = ("aten::mm", "aten::addmm")
+    gemm_calls = {
+        impl: sum(r["calls"] for r in report["profile"] if r["impl"] == impl and r["kernel"] in gemms)
+        for impl in ("fused", "fused[packed]")
+    }
+    assert gemm_calls["fused[packed]"] < gemm_calls["fused"]
+
+
+def test_the_design_choice_needs_a_margin_beyond_the_spread(bench) -> None:
+    shape = bench.Shape(**TINY)
+
+    def rows(packed_ms: float) -> list:
+        return [bench.Row("tiny", "fused", fwd_bwd_ms=1.0, spread=0.02, x_gemms=1.5),
+                bench.Row("tiny", "fused[packed]", fwd_bwd_ms=packed_ms, spread=0.03),
+                bench.Row("tiny", "fused[packed_interleaved]", note="failed: stand-in"),
+                bench.Row("tiny", "transformers LlamaMLP", fwd_bwd_ms=0.5)]  # fmt: skip
+
+    won = bench.design_choice(shape, rows(0.9))
+    assert won["fastest"] == "fused[packed]" and won["choose"] == "fused[packed]" and won["beyond_noise"]
+    assert abs(won["margin"] - 1 / 0.9 + 1) < 1e-12 and won["noise"] == 0.03
+    within = bench.design_choice(shape, rows(0.99))  # 1% faster, 3% spread: not a decision
+    assert within["fastest"] == "fused[packed]" and within["choose"] == "fused" and not within["beyond_noise"]
+    assert bench.design_choice(shape, rows(1.2))["choose"] == "fused"
+    assert bench.design_choice(shape, rows(0.9)[:1]) is None  # one design timed: nothing to choose
+    # A fused candidate is never counted as the peer to beat.
+    goal = {g: m for g, m, _ in bench.goals(shape, rows(0.2))}["fwd+bwd >= 1.00x the fastest peer"]
+    assert goal.endswith("transformers LlamaMLP")
+
+
 def test_gpu_check_budget_fits_one_device_call() -> None:
     # The step limits gpu_check.sh enforces: under 8 minutes in all (one 10-minute device call, with time to
     # start and to bring results back), and the test step above the last measured run (93 s on an H100).
     script = (REPO / "benchmarks" / "gpu_check.sh").read_text()
     (line,) = [line for line in script.splitlines() if line.startswith("declare -A STEP_SECONDS=")]
     steps = {k: int(v) for k, v in re.findall(r"\[(\w+)\]=(\d+)", line)}
-    assert steps.keys() == {"setup", "llama", "geglu", "swiglu", "train", "tests"}
+    assert steps.keys() == {"setup", "llama", "geglu", "swiglu", "profile", "train", "tests"}
     assert sum(steps.values()) < 8 * 60 and steps["tests"] > 93
     # Every step the script runs takes its limit from that table.
     assert set(re.findall(r"^bench (\w+) ", script, re.MULTILINE)) | {"setup", "tests"} == steps.keys()
     assert "time budget $total s" in script and str(sum(steps.values())) in script.splitlines()[3]
+    # What the one GPU run decides from (issue 27): every fused design at every GPT-2 shape, and the profile at
+    # gpt2-small and gpt2-medium for both variants.
+    commands = {m[0]: m[1] for m in re.findall(r"^bench (\w+) ((?:.*\\\n)*.*)$", script, re.MULTILINE)}
+    assert "--designs" not in commands["geglu"] + commands["swiglu"]
+    profiled = [f"gpt2-{size}-{variant}" for size in ("small", "medium") for variant in ("geglu_tanh", "swiglu")]
+    assert "--profile" in commands["profile"] and all(shape in commands["profile"] for shape in profiled)

@@ -352,6 +352,137 @@ def test_backward_takes_no_extra_pass_over_the_pre_activations_and_never_syncs()
     assert mlp.gate_proj.bias.grad is not None and mlp.up_proj.bias.grad is not None
 
 
+# --- Candidate designs of the whole-MLP op (issue 27: decided by one GPU run of benchmarks/gpu_check.sh) ----
+
+
+def _mlp_weights(mlp: GluMLP) -> list:
+    return [t for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj) for t in (p.weight, p.bias)]
+
+
+def _design_grads(mlp: GluMLP, x: torch.Tensor, grad: torch.Tensor, design: str, entry: str = "function"):
+    """Output and gradients (input, then each parameter) of the whole-MLP op in ``design``, entered through the
+    eager ``autograd.Function`` or the custom op torch.compile sees."""
+    x_leaf, weights = _leaf(x), _mlp_weights(mlp)
+    if entry == "function":
+        out = gt.glu_mlp_fused(x_leaf, *weights, mlp.variant, mlp.params, design)
+    else:
+        out, _, _ = torch.ops.hf_glu.glu_mlp(x_leaf, *weights, mlp.variant.name, *_params(mlp.params), design)
+    inputs = [x_leaf, *(w for w in weights if w is not None)]
+    return (out.detach(), *torch.autograd.grad(out, inputs, grad))
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("variant", ["geglu_tanh", "swiglu", "swiglu_oai"])
+@pytest.mark.parametrize("design", sorted(gt.MLP_DESIGNS))
+def test_every_mlp_design_matches_float64_eager(design, variant, bias):
+    # Each candidate, through both entries: the eager Function (in-place backward over the saved pre-activations,
+    # packed or not) and the custom op (functional backward ops), against the float64 reference.
+    mlp = make_mlp(variant, bias, hidden=24, inner=40)
+    x, grad = torch.randn(2, 7, 24, device=DEVICE), torch.randn(2, 7, 24, device=DEVICE)
+    expected = run_mlp(mlp.double(), x.double(), grad.double(), "eager")
+    mlp.float()
+    results = [_design_grads(mlp, x, grad, design, entry) for entry in ("function", "op")]
+    for actual in results:
+        assert len(actual) == len(expected) == (8 if bias else 5)
+        for a, e in zip(actual, expected, strict=True):
+            assert a.shape == e.shape and a.dtype == torch.float32
+            torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-5 * float(e.abs().max()))
+    for a, e in zip(*results, strict=True):  # the two entries are the same maths, bit for bit
+        assert torch.equal(a, e)
+
+
+@pytest.mark.parametrize("design", ["packed", "packed_interleaved"])
+def test_an_up_bias_alone_gets_its_gradient_in_packed_designs(design):
+    # The packed bias is the gate's zeros beside the up bias; the gate bias has no gradient to return.
+    config = tiny_config(glu_variant="geglu_tanh", n_embd=24, n_inner=40, glu_kernel="triton")
+    mlp = GluMLP(config, bias=False, up_bias=True).to(DEVICE)
+    x, grad = torch.randn(11, 24, device=DEVICE), torch.randn(11, 24, device=DEVICE)
+    expected = run_mlp(mlp.double(), x.double(), grad.double(), "eager")
+    actual = _design_grads(mlp.float(), x, grad, design)
+    assert len(actual) == len(expected) == 6
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-5 * float(e.abs().max()))
+
+
+def _gemm_shapes(mlp: GluMLP, x: torch.Tensor, design: str) -> tuple[list, list]:
+    """(forward, backward) GEMM calls of one forward+backward in ``design``: the shapes of their operands."""
+    gemms = (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_)
+    x = _leaf(x)
+    with _AtenCalls() as forward:
+        out = gt.glu_mlp_fused(x, *_mlp_weights(mlp), mlp.variant, mlp.params, design)
+    with _AtenCalls() as backward:
+        out.sum().backward()
+    return [[s for op, s in calls.calls if op in gemms] for calls in (forward, backward)]
+
+
+def test_packed_designs_run_one_gemm_for_gate_and_up_and_fewer_in_backward():
+    mlp = make_mlp("geglu_tanh", bias=True, hidden=24, inner=40)
+    x = torch.randn(14, 24, device=DEVICE)
+    forward, backward = _gemm_shapes(mlp, x, "separate")
+    assert len(forward) == 3 and len(backward) == 6  # gate, up, down; d act, d down, d gate, d up, d x (2)
+    for design in ("packed", "packed_interleaved"):
+        forward, backward = _gemm_shapes(mlp, x, design)
+        # One [tokens, 2 x intermediate] GEMM (bias added in it: addmm), the down GEMM.
+        assert len(forward) == 2 and forward[0][1:] == [(14, 24), (24, 80)]
+        # d act, d down, one GEMM for both weight gradients, one for d x.
+        assert len(backward) == 4 and [(80, 14), (14, 24)] in backward and [(14, 80), (80, 24)] in backward
+
+
+@pytest.mark.parametrize("design", sorted(gt.MLP_DESIGNS))
+def test_every_design_saves_the_input_and_two_pre_activations_only(design):
+    mlp = make_mlp("swiglu", bias=True, hidden=24, inner=40)
+    x = torch.randn(2, 7, 24, device=DEVICE, requires_grad=True)
+    params = {p.untyped_storage().data_ptr() for p in mlp.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        gt.glu_mlp_fused(x, *_mlp_weights(mlp), mlp.variant, mlp.params, design).sum().backward()
+    assert sum(saved.values()) == 4 * (14 * 24 + 2 * 14 * 40)  # fp32: x, then gate and up (apart or packed)
+
+
+def test_the_model_dispatch_reads_the_module_level_design(monkeypatch):
+    mlp = make_mlp("geglu_tanh", bias=True, hidden=24, inner=40)
+    x, grad = torch.randn(14, 24, device=DEVICE), torch.randn(14, 24, device=DEVICE)
+    seen = []
+    real = gt.glu_mlp_fused
+    monkeypatch.setattr(gt, "glu_mlp_fused", lambda *args: seen.append(args[-1]) or real(*args))
+    default = run_mlp(mlp, x, grad, "triton")
+    monkeypatch.setattr(gt, "MLP_DESIGN", "packed_interleaved")
+    packed = run_mlp(mlp, x, grad, "triton")
+    assert seen == [gt.DEFAULT_MLP_DESIGN, "packed_interleaved"] and gt.DEFAULT_MLP_DESIGN == "separate"
+    for a, e in zip(packed, default, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+def test_an_unknown_design_is_refused_naming_the_choices():
+    mlp = make_mlp()
+    with pytest.raises(ValueError, match=r"design='fast' is not a fused MLP design; expected one of \['packed'"):
+        gt.glu_mlp_fused(torch.randn(3, 24, device=DEVICE), *_mlp_weights(mlp), "swiglu", PARAMS, "fast")
+
+
+def test_packed_designs_compile_with_fullgraph_and_match_eager():
+    mlp = make_mlp("swiglu", bias=True, hidden=24, inner=40)
+    x, grad = torch.randn(2, 5, 24, device=DEVICE), torch.randn(2, 5, 24, device=DEVICE)
+    for design in ("packed", "packed_torch_bias"):
+        expected = _design_grads(mlp, x, grad, design)
+        torch._dynamo.reset()
+
+        def step(x, *weights, design=design):
+            return gt.glu_mlp_fused(x, *weights, "swiglu", mlp.params, design)
+
+        x_leaf = _leaf(x)
+        out = torch.compile(step, backend="aot_eager", fullgraph=True)(x_leaf, *_mlp_weights(mlp))
+        actual = (out.detach(), *torch.autograd.grad(out, [x_leaf, *mlp.parameters()], grad))
+        for a, e in zip(actual, expected, strict=True):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_fused_mlp_matches_eager_in_half_precision(dtype):
     mlp = make_mlp("geglu_tanh", bias=True, dtype=dtype)
@@ -541,14 +672,20 @@ def test_opcheck_passes():
     act_args = ("swiglu_oai", *_params())
     torch.library.opcheck(torch.ops.hf_glu.glu_act, (_leaf(gate), _leaf(up), *act_args))
     torch.library.opcheck(torch.ops.hf_glu.glu_act_backward, (grad, gate, up, *act_args))
+    packed = torch.randn(5, 24, device=DEVICE)
     for bias_grads in (False, True):
         torch.library.opcheck(torch.ops.hf_glu.glu_mlp_act_backward, (grad, gate, up, *act_args, bias_grads))
+        for packing in ("halves", "interleaved"):
+            args = (grad, packed, packing, *act_args, bias_grads)
+            torch.library.opcheck(torch.ops.hf_glu.glu_mlp_packed_act_backward, args)
     # glu_mlp hands its saved pre-activations out as outputs that its backward overwrites; the
     # aot_dispatch check returns them to the caller, which no user of glu_mlp_fused can do, so that
     # one check runs instead through torch.compile in test_compile_* below.
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
     for w in (weights, [w if w.dim() == 2 else None for w in weights]):
         torch.library.opcheck(torch.ops.hf_glu.glu_mlp, (x, *w, *act_args), test_utils=checks)
+        for design in ("packed", "packed_interleaved"):
+            torch.library.opcheck(torch.ops.hf_glu.glu_mlp, (x, *w, *act_args, design), test_utils=checks)
 
 
 def test_compile_fullgraph_sees_one_node():
@@ -969,6 +1106,11 @@ def test_benchmark_smoke_mode_runs(tmp_path):
     tokens, hidden, inner = shape["tokens"], shape["hidden"], shape["inner"]
     assert rows["fused"]["saved_mib"] * 2**20 == 4 * (tokens * hidden + 2 * tokens * inner)  # fp32
     assert rows["fused"]["max_rel_err"] < 1e-5
+    # Every candidate design of the fused op (issue 27) runs beside the default, same maths, same memory kept.
+    for design in gt.MLP_DESIGNS.keys() - {gt.DEFAULT_MLP_DESIGN}:
+        row = rows[f"fused[{design}]"]
+        assert row["max_rel_err"] < 1e-5 and row["saved_mib"] == rows["fused"]["saved_mib"] and row["fwd_bwd_ms"] > 0
+    assert report["design_choice"][0]["shape"] == shape["name"] and "Fused designs" in result.stdout
     # Two interleaved timing rounds on CPU: every timed row has a spread, untimed ones (liger) none.
     assert all(rows[impl]["spread"] is not None for impl in ("gemms", "eager", "fused"))
     assert rows["liger"]["spread"] is None and rows["liger"]["fwd_bwd_ms"] is None

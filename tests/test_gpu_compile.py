@@ -72,6 +72,9 @@ def test_sample_compiles_for_every_target_without_spills(tmp_path: Path) -> None
     assert {(r["kernel"], o["dtype"]) for r in results for o in r["origins"]} == {
         (k, d) for k in ("_glu_fwd_kernel", "_glu_bwd_kernel") for d in ("fp32", "bf16", "fp16")
     }
+    # The packed MLP designs' backward (with bias sums) on halves and interleaved views of gate|up, at GPT-2 widths.
+    packed = {(o["layout"], o["cols"], o["mode"]) for r in results for o in r["origins"] if r["target"] == 90}
+    assert {("halves", 3072, "backward_inplace_bias"), ("interleaved", 6400, "backward_inplace_bias")} <= packed
 
 
 def test_full_scope_covers_every_launch_config() -> None:
@@ -96,10 +99,10 @@ def test_full_scope_covers_every_launch_config() -> None:
     assert run.returncode == 0, run.stderr[-3000:]
     found = json.loads(run.stdout.splitlines()[-1])
     dtypes = ("fp32", "bf16", "fp16")
-    # Packed views reach the forward and the functional backward (glu_act); the in-place backward runs on
-    # glu_mlp's contiguous projections only.
-    layouts = {"contiguous": ("forward", "backward", "backward_inplace", "backward_inplace_bias")}
-    layouts |= {"halves": ("forward", "backward"), "interleaved": ("forward", "backward")}
+    # Packed views reach every mode: the forward and the functional backward (glu_act), the in-place backward
+    # with and without bias sums (glu_mlp's packed designs).
+    modes = ("forward", "backward", "backward_inplace", "backward_inplace_bias")
+    layouts = {layout: modes for layout in ("contiguous", "halves", "interleaved")}
     expected = {
         (v, d, lay, m) for v in gt.KERNEL_VARIANTS for d in dtypes for lay, modes in layouts.items() for m in modes
     }
