@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from hf_glu import GluConfig, GluForCausalLM  # noqa: E402
 from hf_glu.data import builtin_corpus, train_bpe_tokenizer  # noqa: E402
+from hf_glu.jsonio import write_json  # noqa: E402
 
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "bench_eval_memory.json"
 
@@ -120,7 +121,7 @@ def main() -> int:
         "cpus": os.cpu_count(),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    write_json(args.json, summary)
     print(f"wrote {args.json}")
     return 0 if ratio <= args.bound and same_scores else 1
 
