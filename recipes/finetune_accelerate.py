@@ -10,9 +10,13 @@ Writes checkpoint-N/ (accelerator.save_state, renamed into place only once compl
 --save-steps, final/ (a complete checkpoint, LoRA merged), adapter/ (with --lora), results.json, and
 weights-rank{R}.sha256 per process when the weights are replicated (DDP), to check the ranks agree.
 
-With --tp-size/--fsdp-size, Transformers shards the model at load time and a plain PyTorch loop trains
-it (Accelerate would wrap the sharded model in DDP, and it refuses its own TP/FSDP on CPU);
+With --tp-size/--fsdp-size, Transformers shards the model at load time and the same loop trains it in plain
+PyTorch (Accelerate would wrap the sharded model in DDP, and it refuses its own TP/FSDP on CPU);
 checkpoint-N/ is then a torch.distributed.checkpoint of model and optimizer, one shard file per process.
+
+One program, main → train → evaluate → finish; what differs between the two ways of running it (data loaders,
+the optimizer step, reductions over processes, checkpoints, the final gather) is in ``Accelerated`` and
+``ShardedAtLoad`` below, which answer the same calls.
 """
 
 from __future__ import annotations
@@ -145,7 +149,7 @@ def training_loss(model, batch, teacher, args) -> torch.Tensor:
     )
 
 
-def train(job, model, teacher, optimizer, scheduler, train_loader, eval_loader, args, step: int):
+def train(job: Job, model, teacher, optimizer, scheduler, train_loader, eval_loader, args, step: int):
     """Run optimizer steps from ``step`` to ``args.max_steps``; returns the last step and this run's logs."""
     output_dir = Path(args.output_dir)
     micro_batches = step * args.grad_accum  # where in the data stream the checkpoint stopped
@@ -185,7 +189,7 @@ def train(job, model, teacher, optimizer, scheduler, train_loader, eval_loader, 
 
 
 @torch.no_grad()
-def evaluate(job, model, eval_loader) -> float:
+def evaluate(job: Job, model, eval_loader) -> float:
     """Token-weighted eval loss over the whole held-out set, gathered from every process that holds a part."""
     model.eval()
     total, count = 0.0, 0.0
@@ -198,7 +202,7 @@ def evaluate(job, model, eval_loader) -> float:
     return total / count
 
 
-def finish(job, model, tokenizer, args, results: dict) -> None:
+def finish(job: Job, model, tokenizer, args, results: dict) -> None:
     """Per-rank weight digests (replicated weights only), then the final folder from the main process."""
     output_dir = Path(args.output_dir)
     job.wait_for_everyone()
@@ -474,6 +478,9 @@ class ShardedAtLoad:
 
     def end(self) -> None:
         pass
+
+
+Job = Accelerated | ShardedAtLoad
 
 
 @torch.no_grad()
