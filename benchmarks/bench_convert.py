@@ -30,6 +30,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
 
 from hf_glu.data import builtin_corpus, train_bpe_tokenizer
+from hf_glu.jsonio import strict_json, write_json
 
 # name -> (model class, config, default results file)
 SHAPES = {
@@ -82,8 +83,8 @@ def main() -> None:
         "eval_tokens": report["eval_tokens"],
         "max_abs_logit_diff": report["max_abs_logit_diff"],
     }
-    print(json.dumps(result, indent=2))
-    out.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    print(strict_json(result))
+    write_json(out, result)
 
 
 def _timed(command: list[str], size: int) -> dict:

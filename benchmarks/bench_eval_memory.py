@@ -26,8 +26,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from hf_glu import GluConfig, GluForCausalLM  # noqa: E402
-from hf_glu.data import builtin_corpus, train_bpe_tokenizer  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_streaming_data.py, the same tiny model
+from bench_streaming_data import tiny_model  # noqa: E402
+
+from hf_glu.data import builtin_corpus  # noqa: E402
+from hf_glu.jsonio import write_json  # noqa: E402
 
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "bench_eval_memory.json"
 
@@ -44,16 +47,6 @@ def write_corpus(path: Path, kilobytes: int) -> None:
                 if written >= target:
                     break
             copy += 1
-
-
-def tiny_model(folder: Path) -> None:
-    tokenizer = train_bpe_tokenizer(builtin_corpus(max_chars=200_000), vocab_size=1024)
-    config = GluConfig(
-        vocab_size=len(tokenizer), n_positions=256, n_embd=64, n_layer=2, n_head=4, n_inner=128,
-        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
-    GluForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
 
 
 def run_eval(model: Path, text: Path, max_tokens: int, threads: int) -> dict:
@@ -120,7 +113,7 @@ def main() -> int:
         "cpus": os.cpu_count(),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    write_json(args.json, summary)
     print(f"wrote {args.json}")
     return 0 if ratio <= args.bound and same_scores else 1
 

@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from hf_glu import GluConfig, GluForCausalLM  # noqa: E402
-from hf_glu.convert.report import without_non_finite  # noqa: E402
 from hf_glu.data import builtin_corpus, train_bpe_tokenizer  # noqa: E402
+from hf_glu.jsonio import write_json  # noqa: E402
 
 EVAL_DOCUMENTS = 50  # paragraphs held out of the stream
 
@@ -149,7 +149,7 @@ def main() -> None:
         print(f"one line vs paragraphs of {streamed[0]['corpus_mb']} MiB: peak RSS x{ratio:.3f}")
         summary["one_line_rss_ratio"] = round(ratio, 3)
     if args.json:
-        args.json.write_text(json.dumps(without_non_finite(summary), indent=2, allow_nan=False) + "\n")
+        write_json(args.json, summary)
 
 
 if __name__ == "__main__":

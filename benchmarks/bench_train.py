@@ -21,7 +21,6 @@ interpreter. Its timings mean nothing: it checks that every path still runs.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -41,7 +40,7 @@ from bench_mlp import RowLog, attempt, environment  # noqa: E402  (benchmarks/ i
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from hf_glu import GluConfig, GluForCausalLM, glu_triton  # noqa: E402
-from hf_glu.convert.report import without_non_finite  # noqa: E402
+from hf_glu.jsonio import write_json  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -352,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
         payload["train"] = [asdict(r) for r in train]
         payload["generate"] = [asdict(r) for r in generate]
         payload["goals"] = [dict(zip(("goal", "measured", "met"), g, strict=True)) for g in checks]
-        args.json.write_text(json.dumps(without_non_finite(payload), indent=2, allow_nan=False))
+        write_json(args.json, payload)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from hf_glu import VARIANTS, convert_gpt2
-from hf_glu.convert.report import without_non_finite
 from hf_glu.data import builtin_corpus, split_train_eval, train_bpe_tokenizer
+from hf_glu.jsonio import write_json
 
 
 def pretrain(steps: int, train_text: str, tokenizer) -> GPT2LMHeadModel:
@@ -63,7 +63,7 @@ def main() -> None:
             "max_unit_bound": max(layer["unit_map"]["bound"] for layer in report["layers"]),
         }
         print(variant, json.dumps(results["variants"][variant]), flush=True)
-    Path(args.out).write_text(json.dumps(without_non_finite(results), indent=2, allow_nan=False) + "\n")
+    write_json(args.out, results)
 
 
 if __name__ == "__main__":

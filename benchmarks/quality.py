@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import multiprocessing
 import os
@@ -46,9 +45,9 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTraine
 
 from hf_glu import VARIANTS, GluConfig, GluForCausalLM, convert_gpt2
 from hf_glu.convert.perplexity import perplexity
-from hf_glu.convert.report import without_non_finite
 from hf_glu.data import builtin_corpus, pack_token_blocks, read_text, split_train_eval, train_bpe_tokenizer
 from hf_glu.finetune import distillation_loss
+from hf_glu.jsonio import write_json
 
 INIT_SCHEMES = ("preserve", "random")
 DISTILLED_INITS = ("preserve",)  # distillation arms; the random init's would add 7 runs per seed
@@ -773,8 +772,7 @@ def run(settings: Settings, args: argparse.Namespace, device: torch.device, comm
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    strict = json.dumps(without_non_finite(results), indent=2, allow_nan=False)  # a diverged arm: null, not NaN
-    (out / "quality.json").write_text(strict + "\n", encoding="utf-8")
+    write_json(out / "quality.json", results)  # a diverged arm: null, not NaN
     (out / "quality.md").write_text(markdown(results, settings), encoding="utf-8")
     plot(results, out / "quality.png")
     return results

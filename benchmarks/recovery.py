@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import shlex
 import sys
@@ -39,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # quality.py, the fixt
 import quality  # noqa: E402
 
 from hf_glu import VARIANTS, convert_checkpoint  # noqa: E402
-from hf_glu.convert.report import without_non_finite  # noqa: E402
 from hf_glu.data import builtin_corpus, read_text, split_train_eval  # noqa: E402
+from hf_glu.jsonio import write_json  # noqa: E402
 
 # The MLP is 4·n_embd = 512 units; match_params keeps 344 (3·128·344 + biases ≈ 2·128·512 + biases).
 FULL = quality.Settings(
@@ -182,8 +181,7 @@ def run(settings: quality.Settings, args: argparse.Namespace, command: str) -> d
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    strict = json.dumps(without_non_finite(results), indent=2, allow_nan=False)
-    (out / "recovery.json").write_text(strict + "\n", encoding="utf-8")
+    write_json(out / "recovery.json", results)
     (out / "recovery.md").write_text(markdown(results), encoding="utf-8")
     plot(results, out / "recovery.png")
     return results

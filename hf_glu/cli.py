@@ -9,14 +9,12 @@ stderr and exit code 2; a traceback means a bug.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NoReturn
 
 # Transformers probes the kernels hub for flash-attention fallbacks whenever a modeling module is
 # imported; offline, `kernels` logs "Skipping publisher trust check …" once per kernel. The CLI loads no hub
@@ -24,19 +22,11 @@ from typing import NoReturn
 # the imports below, which import modeling modules.
 logging.getLogger("kernels").setLevel(logging.ERROR)
 
+from .bad_input import BAD_INPUT, OneLineParser, refuse  # noqa: E402
 from .convert.surgery import SUPPORTED_MODEL_TYPES  # noqa: E402
 from .convert.width import DEFAULT_CALIBRATION_TOKENS  # noqa: E402
 from .glu import VARIANTS  # noqa: E402
-
-EXIT_BAD_INPUT = 2
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse's parser, whose errors are one line (``hf-glu convert: error: argument --variant: invalid
-    choice …``) instead of the usage block followed by the message; ``--help`` still shows the usage."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {' '.join(message.split())}\n")
+from .jsonio import strict_json  # noqa: E402
 
 
 def add_convert(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -327,10 +317,7 @@ def run_eval(args: argparse.Namespace) -> int:
             f"of {vocab}; expected the tokenizer the model was trained with"
         )
     result = perplexity(model, ids, max_length=max_length, stride=stride)
-    from .convert.report import without_non_finite
-
-    result = without_non_finite({"model": args.model, "text_file": args.text_file, **result})  # inf -> null
-    print(json.dumps(result, indent=2, allow_nan=False))
+    print(strict_json({"model": args.model, "text_file": args.text_file, **result}))  # inf -> null
     return 0
 
 
@@ -443,12 +430,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return args.run(args)
     except Signalled as e:
         return _stopped(args, e.signum)
-    except (OSError, ValueError) as e:  # ConversionError is a ValueError; OSError covers missing files
+    except BAD_INPUT as e:
         if received:  # raised by clean-up the signal cut into (e.g. a descriptor closed twice): not bad input
             return _stopped(args, received[0])
-        message = " ".join(str(e).split())  # one line, whatever the library's formatting
-        print(f"hf-glu {args.command}: error: {message}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return refuse(f"hf-glu {args.command}", e)
     except KeyboardInterrupt:
         print(f"hf-glu {args.command}: interrupted", file=sys.stderr)
         return 130

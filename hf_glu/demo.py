@@ -43,9 +43,9 @@ from transformers.trainer_callback import ProgressCallback
 
 from .convert import convert_to_folder
 from .convert.perplexity import perplexity
-from .convert.report import without_non_finite
 from .data import builtin_corpus, pack_token_blocks, read_text, split_train_eval, train_bpe_tokenizer
 from .glu import VARIANTS
+from .jsonio import write_json
 
 DEMO_VARIANTS = ("geglu_tanh", "swiglu")
 RESULTS_FILE = "results.json"
@@ -399,7 +399,7 @@ def _prepare_output(output_dir: str | Path) -> Path:
             "expected an empty or new folder, or an earlier demo's output folder"
         )
     out.mkdir(parents=True, exist_ok=True)
-    (out / RESULTS_FILE).write_text(json.dumps({"status": "running"}) + "\n", encoding="utf-8")  # marks it as ours
+    write_json(out / RESULTS_FILE, {"status": "running"})  # marks it as ours
     return out
 
 
@@ -530,8 +530,7 @@ def _run_stages(
         "stage_seconds": stages.seconds,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    strict = json.dumps(without_non_finite(results), indent=2, allow_nan=False)  # a diverged run: null, not NaN
-    (out / RESULTS_FILE).write_text(strict + "\n", encoding="utf-8")
+    write_json(out / RESULTS_FILE, results)  # a diverged run: null, not NaN
     print("\n" + format_table(rows, finetune_tokens))
     print(f"\nwrote {out}/ (models, {RESULTS_FILE}, {PLOT_FILE}) in {results['wall_seconds']:.0f} s")
     return results
@@ -543,17 +542,3 @@ def _fidelity_summary(report: dict) -> dict:
         "max_mlp_relative_error": report["max_mlp_relative_error"],
         "perplexity": report.get("perplexity"),
     }
-
-
-# --- command line -----------------------------------------------------------------------------------
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m hf_glu.demo``: the same as ``hf-glu demo``."""
-    from .cli import main as cli_main
-
-    return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

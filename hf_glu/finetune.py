@@ -1,5 +1,5 @@
-"""What the fine-tuning recipes share: loading the model (or converting a GPT-2 on the spot), packed
-train/eval blocks, the distillation loss, checkpoint discovery and the final save.
+"""What the fine-tuning recipes share: their command line, their start (the model, or a GPT-2 converted on the
+spot, and the packed train/eval blocks), the distillation loss, checkpoint discovery, the final save and push.
 
 The recipes in ``recipes/`` stay short by calling these; the training loops themselves (Trainer or a
 plain Accelerate loop) live in the recipes, where users copy and edit them.
@@ -14,9 +14,9 @@ import math
 import os
 import re
 import shutil
-import sys
 import zipfile
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -33,6 +33,7 @@ from transformers import (
     Trainer,
 )
 
+from .bad_input import OneLineParser
 from .glu import VARIANTS
 from .positions import max_positions
 from .training_data import STREAM_EVAL_DOCUMENTS, build_block_datasets
@@ -52,8 +53,7 @@ def load_model_and_tokenizer(
     checkpoint ``convert_from`` (any supported family) to ``variant`` (its tokenizer is used). Exactly one
     must be given. ``distributed_config`` shards ``model`` at load time (tensor parallel and/or FSDP2, under
     torchrun); a conversion happens in one process's memory, so it cannot be sharded that way."""
-    if (model is None) == (convert_from is None):
-        raise ValueError("pass exactly one of a GLU checkpoint (--model) or a GPT-2-style source (--convert-from)")
+    check_one_model(model, convert_from)
     if model is not None:
         loaded = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, distributed_config=distributed_config)
         return loaded, _tokenizer(model)
@@ -70,6 +70,12 @@ def load_model_and_tokenizer(
         convert_from, variant=variant, init=init, torch_dtype=torch.float32, tokenizer=tokenizer
     )
     return converted, tokenizer
+
+
+def check_one_model(model: str | Path | None, convert_from: str | Path | None) -> None:
+    """A run starts from exactly one model: a GLU checkpoint, or a source converted on the spot."""
+    if (model is None) == (convert_from is None):
+        raise ValueError("pass exactly one of --model DIR or --convert-from SOURCE_DIR")
 
 
 def _tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
@@ -140,10 +146,7 @@ def distillation_loss(
     count of the whole accumulated batch, which is how ``ce_loss`` was normalised then), else by this
     batch's count: either way both terms weigh every token alike, so gradient accumulation stays exact.
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"kd alpha={alpha!r} is invalid; expected a number in [0, 1]")
-    if temperature <= 0:
-        raise ValueError(f"kd temperature={temperature!r} is invalid; expected a number > 0")
+    check_distillation(alpha, temperature)
     mask = labels[:, 1:] != IGNORE_INDEX
     student = F.log_softmax(student_logits[:, :-1][mask].float() / temperature, dim=-1)
     teacher = F.log_softmax(teacher_logits[:, :-1][mask].float() / temperature, dim=-1)
@@ -152,6 +155,14 @@ def distillation_loss(
     if torch.is_tensor(count):
         count = count.to(kl_sum.device)
     return (1 - alpha) * ce_loss + alpha * temperature**2 * kl_sum / count
+
+
+def check_distillation(alpha: float, temperature: float) -> None:
+    """The KL term's weight (``--kd-alpha``) and temperature (``--kd-temperature``), each with what it accepts."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"--kd-alpha={alpha!r} is invalid; expected a number in [0, 1]")
+    if temperature <= 0:
+        raise ValueError(f"--kd-temperature={temperature!r} is invalid; expected a number > 0")
 
 
 class DistillationTrainer(Trainer):
@@ -422,16 +433,9 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def write_json(path: str | Path, data: dict) -> None:
-    """Strict JSON: a diverged run's NaN or inf loss is written as null, never as a number."""
-    from .convert.report import without_non_finite
-
-    Path(path).write_text(json.dumps(without_non_finite(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-
-
 def finetune_arg_parser(description: str) -> argparse.ArgumentParser:
     """The flags both recipes accept, so the Trainer and Accelerate scripts take the same job description."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = OneLineParser(description=description)
     source = parser.add_argument_group("model (exactly one)")
     source.add_argument("--model", help="GLU checkpoint folder or Hub id (its tokenizer is used)")
     source.add_argument(
@@ -504,8 +508,7 @@ def finetune_arg_parser(description: str) -> argparse.ArgumentParser:
 
 def check_finetune_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject flag combinations argparse cannot express, naming what is accepted."""
-    if (args.model is None) == (args.convert_from is None):
-        parser.error("pass exactly one of --model DIR or --convert-from SOURCE_DIR")
+    _refuse_with(parser, check_one_model, args.model, args.convert_from)
     if args.train_file and args.dataset:
         parser.error("pass either --train-file or --dataset, not both")
     for name in ("max_steps", "batch_size", "grad_accum", "save_steps", "logging_steps"):
@@ -519,11 +522,17 @@ def check_finetune_args(parser: argparse.ArgumentParser, args: argparse.Namespac
             parser.error(f"{flag}={value} is invalid; expected an integer >= 1")
     if args.preprocessing_workers is not None and args.preprocessing_workers < 1:
         parser.error(f"--preprocessing-workers={args.preprocessing_workers} is invalid; expected an integer >= 1")
-    if not 0.0 <= args.kd_alpha <= 1.0:
-        parser.error(f"--kd-alpha={args.kd_alpha} is invalid; expected a number in [0, 1]")
-    if args.kd_temperature <= 0:
-        parser.error(f"--kd-temperature={args.kd_temperature} is invalid; expected a number > 0")
+    _refuse_with(parser, check_distillation, args.kd_alpha, args.kd_temperature)
     _check_sharding_args(parser, args)
+
+
+def _refuse_with(parser: argparse.ArgumentParser, check: Callable[..., None], *values) -> None:
+    """Run one of the library's checks before anything loads (it runs again where the values are used, for its
+    other callers), its ValueError becoming the parser's one-line error."""
+    try:
+        check(*values)
+    except ValueError as e:
+        parser.error(str(e))
 
 
 def _check_sharding_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -562,13 +571,52 @@ def lora_config(args: argparse.Namespace) -> LoraConfig:
     return LoraConfig(task_type="CAUSAL_LM", r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
 
 
-def run_recipe(main: Callable[[], None]) -> int:
-    """Run a recipe's ``main`` as the CLI runs its commands: bad input (a ``ValueError`` or ``OSError``: a missing
-    folder, an unknown variant, a source that cannot be converted) ends with one line on stderr and exit 2."""
-    try:
-        main()
-    except (OSError, ValueError) as e:
-        message = " ".join(str(e).split())
-        print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
-        return 2
-    return 0
+def parse_finetune_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The recipe's command line, parsed by ``parser`` (``finetune_arg_parser``'s, with the recipe's own flags added)
+    and checked (``check_finetune_args``)."""
+    args = parser.parse_args()
+    check_finetune_args(parser, args)
+    return args
+
+
+def start_finetuning(
+    args: argparse.Namespace,
+    *,
+    data_part: Callable[[], tuple[int, int]] = lambda: (0, 1),
+    batch_processes: int | None = None,
+    main_process_first: Callable[[], AbstractContextManager] = nullcontext,
+):
+    """What every recipe does first, after seeding, as its command line asks: the model and its tokenizer (converted
+    on the spot for ``--convert-from``, sharded at load time for ``--tp-size``/``--fsdp-size``), checked against
+    ``--block-size``; the packed train and held-out blocks (``data_part()`` is asked once the model is loaded, which
+    joins the process group of a run sharded at load time: ``(rank, parts)``, a stream split into ``parts``, this
+    process reading part ``rank``), with a full batch for each of ``batch_processes`` when given; LoRA for ``--lora``;
+    the frozen teacher for ``--distill-from``. Returns ``(model, tokenizer, teacher or None, train_data,
+    eval_data)``."""
+    if args.tp_size > 1:
+        check_tensor_parallel(args.model, args.tp_size)
+    model, tokenizer = load_model_and_tokenizer(
+        args.model, args.convert_from, args.variant, args.init, distributed_config=distributed_config_from_args(args)
+    )
+    check_block_size(args.block_size, model)
+    rank, parts = data_part()
+    with main_process_first():  # a dataset download (--dataset) happens once
+        train_data, eval_data = build_datasets_from_args(tokenizer, args, rank=rank, world_size=parts)
+    if batch_processes is not None and not args.streaming:  # a stream was split above, before packing
+        check_one_batch(len(train_data), args.batch_size, batch_processes, args.block_size)
+    if args.lora:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_config(args))
+    teacher = load_teacher(args.distill_from, model) if args.distill_from else None
+    return model, tokenizer, teacher, train_data, eval_data
+
+
+def push_final(final: str | Path, args: argparse.Namespace) -> None:
+    """Push the final folder to ``--push-to-hub`` (``--private``), when asked; from one process only."""
+    if not args.push_to_hub:
+        return
+    from .hub import push_checkpoint  # imported here: only a pushing run needs the Hub client
+
+    push_checkpoint(final, args.push_to_hub, private=args.private)
+    print(f"pushed {final} to {args.push_to_hub}")

@@ -16,25 +16,22 @@ from pathlib import Path
 from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
 
 import hf_glu  # noqa: F401  (registers the GLU classes with the Auto classes and PEFT)
+from hf_glu.bad_input import run_script
 from hf_glu.finetune import (
     DistillationTrainer,
-    build_datasets_from_args,
-    check_block_size,
     check_checkpoint,
     check_checkpoint_fits,
-    check_finetune_args,
     checkpoint_step,
     finetune_arg_parser,
     is_sharded,
     latest_checkpoint,
-    load_model_and_tokenizer,
-    load_teacher,
-    lora_config,
+    parse_finetune_args,
     perplexity_from_loss,
-    run_recipe,
+    push_final,
     save_final,
-    write_json,
+    start_finetuning,
 )
+from hf_glu.jsonio import write_json
 
 # Trainer writes trainer_state.json last into a checkpoint: without it the folder was cut short.
 COMPLETE_MARKER = "trainer_state.json"
@@ -43,8 +40,7 @@ COMPLETE_MARKER = "trainer_state.json"
 def parse_args():
     parser = finetune_arg_parser(__doc__.splitlines()[0])
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
-    args = parser.parse_args()
-    check_finetune_args(parser, args)
+    args = parse_finetune_args(parser)
     if is_sharded(args):
         # Transformers' Trainer keeps no resumable checkpoint of a model sharded at load time, and its TP needs
         # Accelerate's ParallelismConfig, which refuses CPU processes; the Accelerate recipe does both.
@@ -87,13 +83,8 @@ def main() -> None:
     args = parse_args()
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
-    model, tokenizer = load_model_and_tokenizer(args.model, args.convert_from, args.variant, args.init)
-    check_block_size(args.block_size, model)
-    train_data, eval_data = build_datasets_from_args(tokenizer, args)
+    model, tokenizer, teacher, train_data, eval_data = start_finetuning(args)
     if args.lora:
-        from peft import get_peft_model
-
-        model = get_peft_model(model, lora_config(args))
         model.print_trainable_parameters()
 
     common = dict(
@@ -104,8 +95,7 @@ def main() -> None:
         data_collator=default_data_collator,
         processing_class=tokenizer,  # saved into every checkpoint and the final folder
     )
-    if args.distill_from:
-        teacher = load_teacher(args.distill_from, model)
+    if teacher is not None:
         trainer = DistillationTrainer(
             **common, teacher=teacher, kd_alpha=args.kd_alpha, kd_temperature=args.kd_temperature
         )
@@ -140,12 +130,8 @@ def main() -> None:
     if trainer.is_world_process_zero():
         write_json(output_dir / "results.json", results)
         print(f"saved {final}")
-        if args.push_to_hub:
-            from hf_glu.hub import push_checkpoint  # imported here: only a pushing run needs the Hub client
-
-            push_checkpoint(final, args.push_to_hub, private=args.private)
-            print(f"pushed {final} to {args.push_to_hub}")
+        push_final(final, args)
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_recipe(main))
+    raise SystemExit(run_script(main))

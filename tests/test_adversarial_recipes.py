@@ -209,3 +209,12 @@ def test_a_sharded_checkpoint_of_another_model_is_refused_naming_the_difference(
         check_checkpoint_fits(checkpoint, wider)
     assert f"checkpoint '{checkpoint}' was saved from another model: " in str(refused.value)
     assert "transformer.h.0.mlp.gate_proj.weight is [48, 32] there, [64, 32] here" in str(refused.value)
+
+
+@pytest.mark.parametrize("script", BOTH)
+def test_a_bad_flag_value_is_one_line_without_the_usage_block(assets, tmp_path, monkeypatch, capsys, script):  # noqa: F811
+    out = tmp_path / "out"
+    status, stderr = run_in_process(script, recipe_argv(script, assets, out, "--max-steps", "0"), monkeypatch, capsys)
+    assert_refused(status, stderr, script, "--max-steps=0 is invalid", "expected an integer >= 1")
+    assert len(stderr.strip().splitlines()) == 1, stderr  # argparse's usage block is not repeated before it
+    assert listing(out) == ["<absent>"]

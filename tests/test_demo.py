@@ -1,10 +1,13 @@
 """``hf-glu demo --quick`` end to end: the exact conversion starts at the source's perplexity, fine-tuning
 improves both conversions, the checkpoints reload in a fresh process, and the plot is a real PNG."""
 
+import ast
 import json
+from pathlib import Path
 
 import pytest
 
+import hf_glu.demo
 from hf_glu.demo import DEMO_VARIANTS, PLOT_FILE, RESULTS_FILE, run_demo
 from hf_glu.hub import check_checkpoint_folders
 
@@ -91,3 +94,11 @@ def test_cli_demo_refuses_a_foreign_folder_with_one_line_and_exit_2(tmp_path, ca
     err = capsys.readouterr().err
     assert err.startswith("hf-glu demo: error:") and "results.json" in err and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_the_demo_module_does_not_import_the_cli():
+    """The CLI calls the demo, never the other way: no import cycle between hf_glu/cli.py and hf_glu/demo.py."""
+    tree = ast.parse(Path(hf_glu.demo.__file__).read_text(encoding="utf-8"))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert not {"cli", "hf_glu.cli"} & imported, imported

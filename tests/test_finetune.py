@@ -1,4 +1,8 @@
-"""hf_glu.finetune: the distillation loss and its gradient-accumulation exactness, data, checkpoints."""
+"""hf_glu.finetune: the distillation loss and its gradient-accumulation exactness, data, checkpoints, and the strict
+JSON its results are written in."""
+
+import json
+import math
 
 import pytest
 import torch
@@ -19,6 +23,7 @@ from hf_glu.finetune import (
     perplexity_from_loss,
     token_loss_sums,
 )
+from hf_glu.jsonio import write_json
 
 
 def _logits_and_labels(batch=3, length=10, vocab=17, seed=0):
@@ -204,3 +209,15 @@ def test_check_checkpoint_names_a_damaged_state_file(tmp_path):
     (tmp_path / "trainer_state.json").write_text('{"global_step": ')
     with pytest.raises(ValueError, match=r"checkpoint file '.*trainer_state.json' is damaged"):
         check_checkpoint(tmp_path)
+
+
+def test_results_are_strict_json_with_null_for_a_diverged_loss(tmp_path):
+    path = tmp_path / "results.json"
+    write_json(path, {"eval_loss": math.nan, "perplexity": math.inf, "log_history": [{"loss": -math.inf}, (1.5,)]})
+
+    def refuse(constant):  # a bare NaN/Infinity in the file would reach this
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    loaded = json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
+    assert loaded == {"eval_loss": None, "perplexity": None, "log_history": [{"loss": None}, [1.5]]}
+    assert path.read_text(encoding="utf-8").endswith("}\n")

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from ..glu import GluParams, get_variant, glu_activation
+from ..jsonio import without_non_finite
 from .errors import ConversionError
 from .init_schemes import UnitMap
 from .perplexity import windows
@@ -276,17 +277,6 @@ def compare(
 def _worst(a: float, b: float) -> float:
     """The larger of two errors, where NaN is worse than anything (Python's max would drop it)."""
     return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
-
-
-def without_non_finite(value):
-    """``value`` with every non-finite float (NaN, ±inf) replaced by ``None``: JSON ``null``, never a number."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: without_non_finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [without_non_finite(v) for v in value]
-    return value
 
 
 def fidelity_report(

@@ -31,18 +31,20 @@ def load_recipe():
 
 
 def record_sharded_logits(recipe, ids: torch.Tensor, tag: str) -> None:
-    """Wrap the recipe's final save: every rank runs the sharded model on ``ids`` first (a collective forward)."""
-    original = recipe.finish_sharded
+    """Wrap the recipe's final save: in a sharded run every rank runs the model on ``ids`` first (a collective
+    forward)."""
+    original = recipe.finish
 
-    def finish(model, tokenizer, args, results):
-        model.eval()
-        with torch.no_grad():
-            logits = model(ids).logits
-        if dist.get_rank() == 0:
-            torch.save(logits, Path(args.output_dir) / f"sharded-logits-{tag}.pt")
-        original(model, tokenizer, args, results)
+    def finish(job, model, tokenizer, args, results):
+        if isinstance(job, recipe.ShardedAtLoad):
+            model.eval()
+            with torch.no_grad():
+                logits = model(ids).logits
+            if dist.get_rank() == 0:
+                torch.save(logits, Path(args.output_dir) / f"sharded-logits-{tag}.pt")
+        original(job, model, tokenizer, args, results)
 
-    recipe.finish_sharded = finish
+    recipe.finish = finish
 
 
 def record_training_blocks(recipe, output_dir: Path, tag: str) -> None:
@@ -55,14 +57,14 @@ def record_training_blocks(recipe, output_dir: Path, tag: str) -> None:
         return original(model, batch, teacher, args)
 
     recipe.training_loss = training_loss
-    original_finish = recipe.finish_sharded
+    original_finish = recipe.finish
 
-    def finish(model, tokenizer, args, results):
+    def finish(job, model, tokenizer, args, results):
         rank = dist.get_rank() if dist.is_initialized() else 0
         (output_dir / f"blocks-{tag}-rank{rank}.json").write_text(json.dumps(seen))
-        original_finish(model, tokenizer, args, results)
+        original_finish(job, model, tokenizer, args, results)
 
-    recipe.finish_sharded = finish
+    recipe.finish = finish
 
 
 def main() -> None:
