@@ -144,3 +144,13 @@ def hub_cache(tmp_path, monkeypatch):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """Benchmarks run in-process by their smoke tests set torch's thread count for the rest of the process; a later
+    test comparing logits bit for bit with a fresh process (which uses the default count) would then see other
+    reduction orders. Each test starts with the count the process started with."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

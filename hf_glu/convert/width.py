@@ -17,7 +17,7 @@ two (GPT-2 small: 124M → 152M parameters). At a smaller width ``N`` (``--inter
    unseen.
 
 A width equal to the source's never comes here: it is today's ``preserve``, bit for bit. Measured on a
-small trained GPT-2 (``benchmarks/recovery.py``): see the README's recovery study.
+small trained GPT-2 (``benchmarks/recovery.py``): see the recovery study in docs/results.md.
 """
 
 from __future__ import annotations
