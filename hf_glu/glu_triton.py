@@ -56,8 +56,6 @@ try:
 except ImportError:  # CPU-only installs: the eager path serves
     TRITON_AVAILABLE = False
 
-# Each variant of glu.VARIANTS has a branch in the kernels, selected at compile time by this id.
-KERNEL_VARIANTS = {"glu": 0, "bilinear": 1, "reglu": 2, "geglu": 3, "geglu_tanh": 4, "swiglu": 5, "swiglu_oai": 6}
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -126,6 +124,11 @@ DEFAULT_MLP_DESIGN = "separate"
 MLP_DESIGN = DEFAULT_MLP_DESIGN
 
 if TRITON_AVAILABLE:
+    # The kernels branch on the variant at compile time, by glu.py's table position (GluVariant.kernel_id).
+    _GLU, _BILINEAR, _REGLU, _GEGLU, _GEGLU_TANH, _SWIGLU, _SWIGLU_OAI = (
+        tl.constexpr(get_variant(name).kernel_id)
+        for name in ("glu", "bilinear", "reglu", "geglu", "geglu_tanh", "swiglu", "swiglu_oai")
+    )
 
     @triton.jit
     def _sigmoid_and_grad(z):
@@ -180,31 +183,31 @@ if TRITON_AVAILABLE:
         as torch's autograd applies them, so a NaN elsewhere does not leak through: relu passes the gradient
         unless its output is <= 0; clamp passes it inside the closed range.
         """
-        if VARIANT == 0:  # glu
+        if VARIANT == _GLU:
             act, dsig = _sigmoid_and_grad(g)
             dg = grad * dsig
-        elif VARIANT == 1:  # bilinear
+        elif VARIANT == _BILINEAR:
             act, dg = g, grad
-        elif VARIANT == 2:  # reglu: where(g < 0) keeps NaN, as torch.relu does
+        elif VARIANT == _REGLU:  # where(g < 0) keeps NaN, as torch.relu does
             act, dg = tl.where(g < 0, 0.0, g), tl.where(g <= 0, 0.0, grad)
-        elif VARIANT == 3:  # geglu, erf form; F.gelu's backward: one product with cdf + g * pdf
+        elif VARIANT == _GEGLU:  # erf form; F.gelu's backward: one product with cdf + g * pdf
             cdf = _normal_cdf(g)
             act = g * cdf
             dg = grad * (cdf + g * _exp_neg_half_square(g) * 0.3989422804014327)
-        elif VARIANT == 4:  # geglu_tanh: 0.5(1 + tanh(y)) = σ(2y), stable for any |g|
+        elif VARIANT == _GEGLU_TANH:  # 0.5(1 + tanh(y)) = σ(2y), stable for any |g|
             s, ds = _sigmoid_and_grad(1.5957691216057308 * (g + 0.044715 * g * g * g))
             act = g * s
             dg = grad * (s + g * ds * 1.5957691216057308 * (1.0 + 0.134145 * g * g))
-        elif VARIANT == 5:  # swiglu
+        elif VARIANT == _SWIGLU:
             act, dg = _swish_and_grad(grad, g, beta)
-        else:  # swiglu_oai: min(gate, limit) keeps NaN, as torch.clamp does
+        else:  # _SWIGLU_OAI: min(gate, limit) keeps NaN, as torch.clamp does
             act, dg = _swish_and_grad(grad, tl.where(g > limit, limit, g), alpha)
             dg = tl.where(g <= limit, dg, 0.0)
         return act, dg
 
     @triton.jit
     def _up_term(u, VARIANT: tl.constexpr, limit):
-        if VARIANT == 6:  # swiglu_oai: clamp(up, -limit, limit) + 1, NaN kept
+        if VARIANT == _SWIGLU_OAI:  # clamp(up, -limit, limit) + 1, NaN kept
             return tl.where(u > limit, limit, tl.where(u < -limit, -limit, u)) + 1.0
         return u
 
@@ -253,7 +256,7 @@ if TRITON_AVAILABLE:
             h = _up_term(u, VARIANT, limit)
             act, dg = _gate_act_and_grad(g, do * h, VARIANT, beta, alpha, limit)
             du = do * act
-            if VARIANT == 6:  # clamp(up): the gradient passes inside the closed range only
+            if VARIANT == _SWIGLU_OAI:  # clamp(up): the gradient passes inside the closed range only
                 du = tl.where((u >= -limit) & (u <= limit), du, 0.0)
             tl.store(DGATE + r * s_dgm + c * s_dgn, dg.to(DGATE.dtype.element_ty), mask=mask)
             tl.store(DUP + r * s_dum + c * s_dun, du.to(DUP.dtype.element_ty), mask=mask)
@@ -349,7 +352,7 @@ def _launch_forward(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor, var
     with _device_guard(g.device):
         _glu_fwd_kernel[grid](
             g, u, o, *g.shape, *_strides(g, u, o), p.beta, p.alpha, p.limit,
-            VARIANT=KERNEL_VARIANTS[variant], BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+            VARIANT=get_variant(variant).kernel_id, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
         )  # fmt: skip
 
 
@@ -380,7 +383,7 @@ def _launch_backward(
     with _device_guard(g.device):
         _glu_bwd_kernel[grid](
             do, g, u, dg, du, o, partial, rows, cols, *_strides(do, g, u, dg, du, o), p.beta, p.alpha, p.limit,
-            VARIANT=KERNEL_VARIANTS[variant], STORE_OUT=out is not None, BIAS_GRADS=bias_grads,
+            VARIANT=get_variant(variant).kernel_id, STORE_OUT=out is not None, BIAS_GRADS=bias_grads,
             ROW_TILES=row_tiles, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_WIDE_NUM_WARPS,
         )  # fmt: skip
     return partial.sum(1) if bias_grads else None
