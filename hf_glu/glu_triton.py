@@ -199,9 +199,11 @@ if TRITON_AVAILABLE:
             dg = grad * (s + g * ds * 1.5957691216057308 * (1.0 + 0.134145 * g * g))
         elif VARIANT == _SWIGLU:
             act, dg = _swish_and_grad(grad, g, beta)
-        else:  # _SWIGLU_OAI: min(gate, limit) keeps NaN, as torch.clamp does
+        elif VARIANT == _SWIGLU_OAI:  # min(gate, limit) keeps NaN, as torch.clamp does
             act, dg = _swish_and_grad(grad, tl.where(g > limit, limit, g), alpha)
             dg = tl.where(g <= limit, dg, 0.0)
+        else:  # a row of glu.VARIANTS without a branch here: a compile error, never another variant's maths
+            tl.static_assert(False, "the fused GLU kernels have no branch for this variant")
         return act, dg
 
     @triton.jit

@@ -5,6 +5,7 @@ must be set before triton is imported). On a CUDA machine without it, the same t
 (``benchmarks/gpu_check.sh``). Shapes stay tiny because the interpreter is slow.
 """
 
+import dataclasses
 import importlib
 import json
 import math
@@ -75,6 +76,15 @@ def assert_all_match(actual, expected) -> None:
 def random_inputs(rows, cols, dtype, scale=2.0):
     gate, up, grad = (torch.randn(rows, cols, device=DEVICE) * scale for _ in range(3))
     return gate.to(dtype), up.to(dtype), (grad / scale).to(dtype)
+
+
+def test_a_table_row_without_a_kernel_branch_fails_to_compile(monkeypatch):
+    # The kernels' variant id is the row's position in glu.VARIANTS: a row appended without a kernel branch must
+    # be a compile error (auto's probe then runs it eager), never another variant's maths.
+    monkeypatch.setitem(VARIANTS, "new_variant", dataclasses.replace(VARIANTS["glu"], name="new_variant"))
+    gate, up, _ = random_inputs(4, 8, torch.float32)
+    with pytest.raises(Exception, match="no branch for this variant"):
+        gt.glu_activation_fused(gate, up, "new_variant", PARAMS)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
