@@ -240,7 +240,7 @@ def with_kernel(mlp: GluMLP, kernel: str) -> GluMLP:
 
 class DesignMLP(torch.nn.Module):
     """A fused MLP in one of ``glu_triton.MLP_DESIGNS`` (the candidates of issue 27), with ``mlp``'s weights:
-    calls ``glu_mlp_fused`` with ``design=`` as the model's dispatch would call it with the default."""
+    calls ``fused_mlp_from_weights`` with ``design=`` as the model's dispatch would call it with the default."""
 
     def __init__(self, mlp: GluMLP, design: str) -> None:
         super().__init__()
@@ -248,7 +248,7 @@ class DesignMLP(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights = [t for p in (self.mlp.gate_proj, self.mlp.up_proj, self.mlp.down_proj) for t in (p.weight, p.bias)]
-        return glu_triton.glu_mlp_fused(x, *weights, self.mlp.variant, self.mlp.params, self.design)
+        return glu_triton.fused_mlp_from_weights(x, *weights, self.mlp.variant, self.mlp.params, self.design)
 
 
 def design_impl(design: str) -> str:

@@ -138,8 +138,9 @@ def scenarios(scope: str) -> list[tuple[str, Any, str, int, int, tuple[str, ...]
     import torch
 
     from hf_glu import glu_triton
+    from hf_glu.glu import VARIANTS
 
-    variants, dtypes, modes = list(glu_triton.KERNEL_VARIANTS), glu_triton.SUPPORTED_DTYPES, MODES
+    variants, dtypes, modes = list(VARIANTS), glu_triton.SUPPORTED_DTYPES, MODES
     if scope == "sample":
         kernels = ("forward", "backward_inplace_bias")
         rotation = [(v, dtypes[i % len(dtypes)], "contiguous", *_PRODUCTION, (kernels[i % 2],))

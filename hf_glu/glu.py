@@ -1,7 +1,8 @@
-"""The GLU variant table: the single source of truth for every variant's maths.
+"""The GLU variant table: the single source of truth for every variant.
 
-A GLU feed-forward layer computes ``down(act(gate(x)) * up(x))``. This module holds, per variant, the
-eager reference of the elementwise part ``(gate, up) -> out``. Everything else (the fused kernels, the
+A GLU feed-forward layer computes ``down(act(gate(x)) * up(x))``. One row of ``VARIANTS`` holds, per variant,
+the eager reference of the elementwise part ``(gate, up) -> out``, the activation module of the eager MLP,
+and (by its position) the id the fused kernels branch on. Everything else (the fused kernels, the
 conversion schemes, the tests) is checked against these functions.
 
 Rounding follows Transformers' eager models: inputs narrower than fp32 are upcast once, the whole
@@ -38,9 +39,11 @@ class GluParams:
 
 @dataclass(frozen=True)
 class GluVariant:
-    """One GLU variant: its name, the paper or model it comes from, and its eager elementwise maths.
+    """One GLU variant: its name, the paper or model it comes from, its eager elementwise maths and the
+    activation module of its eager MLP.
 
     ``fn(gate, up, params)`` receives tensors already in the compute dtype (fp32 or float64).
+    ``module(variant, params)`` builds the activation module (see ``activation_module``).
     ``gate_act(gate, params)``: the activation applied to the gate alone, for the variants that are
     ``gate_act(gate) * up``; ``None`` for a variant that also transforms ``up`` (gpt-oss's clamped SwiGLU).
     ``param_names``: the fields of :class:`GluParams` the maths reads.
@@ -50,8 +53,14 @@ class GluVariant:
     formula: str
     origin: str
     fn: Callable[[torch.Tensor, torch.Tensor, GluParams], torch.Tensor]
+    module: Callable[[GluVariant, GluParams], nn.Module]
     gate_act: Callable[[torch.Tensor, GluParams], torch.Tensor] | None = None
     param_names: tuple[str, ...] = ()
+
+    @property
+    def kernel_id(self) -> int:
+        """The id the fused kernels branch on (a compile-time constant): this variant's position in ``VARIANTS``."""
+        return list(VARIANTS).index(self.name)
 
     def reads_defaults_only(self, params: GluParams) -> bool:
         """Whether every parameter this variant reads has its default value in ``params``."""
@@ -86,85 +95,6 @@ def _swiglu_oai(gate: torch.Tensor, up: torch.Tensor, p: GluParams) -> torch.Ten
     gate = gate.clamp(max=p.limit)
     up = up.clamp(min=-p.limit, max=p.limit)
     return (up + 1) * (gate * torch.sigmoid(p.alpha * gate))
-
-
-def _gated(
-    name: str,
-    formula: str,
-    origin: str,
-    gate_act: Callable[[torch.Tensor, GluParams], torch.Tensor],
-    param_names: tuple[str, ...] = (),
-) -> GluVariant:
-    """A variant of the form ``gate_act(gate) * up``: its ``fn`` is derived from ``gate_act``, never restated."""
-    return GluVariant(name, formula, origin, partial(_times_up, gate_act), gate_act, param_names)
-
-
-def _times_up(
-    gate_act: Callable[[torch.Tensor, GluParams], torch.Tensor], gate: torch.Tensor, up: torch.Tensor, p: GluParams
-) -> torch.Tensor:
-    # A module-level function under functools.partial, not a lambda: models holding a variant stay picklable.
-    return up * gate_act(gate, p)
-
-
-VARIANTS: dict[str, GluVariant] = {
-    v.name: v
-    for v in (
-        _gated("glu", "up * sigmoid(gate)", "Dauphin et al. 2017", _sigmoid),
-        _gated("bilinear", "up * gate", "Shazeer 2020", _identity),
-        _gated("reglu", "up * relu(gate)", "Shazeer 2020", _relu),
-        _gated("geglu", "up * gelu_erf(gate)", "Shazeer 2020", _gelu),
-        _gated("geglu_tanh", "up * gelu_tanh(gate)", "GPT-2 gelu_new, Gemma gelu_pytorch_tanh", _gelu_tanh),
-        _gated("swiglu", "up * gate * sigmoid(beta * gate)", "Shazeer 2020; Llama", _swish, ("beta",)),
-        GluVariant(
-            "swiglu_oai",
-            "(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)",
-            "gpt-oss",
-            _swiglu_oai,
-            param_names=("alpha", "limit"),
-        ),
-    )
-}
-
-
-def get_variant(name: str) -> GluVariant:
-    """Return the spec of ``name``; an unknown name raises ValueError listing the known variants."""
-    try:
-        return VARIANTS[name]
-    except (KeyError, TypeError):
-        known = sorted(VARIANTS)
-        raise ValueError(f"glu_variant={name!r} is not a known GLU variant; expected one of {known}") from None
-
-
-def require_finite_positive(field: str, value: object) -> None:
-    """Raise ValueError naming ``field`` unless ``value`` is a finite real number > 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{field}={value!r} is invalid; expected a finite number > 0")
-
-
-def check_params(params: GluParams) -> None:
-    """Raise ValueError naming the parameter when β, α or the limit is not a finite positive number."""
-    for field, value in (("glu_beta", params.beta), ("glu_alpha", params.alpha), ("glu_limit", params.limit)):
-        require_finite_positive(field, value)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the activation maths runs in for inputs of ``dtype``: at least fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def glu_activation(
-    gate: torch.Tensor, up: torch.Tensor, variant: str | GluVariant, params: GluParams = GluParams()
-) -> torch.Tensor:
-    """The eager reference of the elementwise GLU: ``act(gate) * up`` for ``variant``.
-
-    Differentiable by autograd; computed in fp32 (float64 for float64 inputs) and cast back once to
-    the dtype of ``gate`` and ``up`` (which must match).
-    """
-    spec = variant if isinstance(variant, GluVariant) else get_variant(variant)
-    if gate.dtype != up.dtype:
-        raise ValueError(f"gate and up must share a dtype, got {gate.dtype} and {up.dtype}")
-    work = compute_dtype(gate.dtype)
-    return spec.fn(gate.to(work), up.to(work), params).to(gate.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -240,29 +170,109 @@ class ClampedSwiGLU(nn.Module):
         return f"alpha={self.params.alpha}, limit={self.params.limit}"
 
 
-def _torch_activation(variant: GluVariant, params: GluParams) -> nn.Module | None:
-    """torch's own module computing ``variant.gate_act`` with ``params``, or ``None`` where torch has none."""
-    if variant.name == "swiglu" and params.beta == 1.0:
-        return nn.SiLU()
-    if variant.name == "geglu":
-        return nn.GELU()
-    if variant.name == "geglu_tanh":
-        return nn.GELU(approximate="tanh")
-    return None
+def _gelu_module(variant: GluVariant, params: GluParams) -> nn.Module:
+    return nn.GELU()
 
 
-# The variants torch has no module for (swiglu only where beta != 1).
-_TABLE_ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "glu": Sigmoid,
-    "bilinear": Identity,
-    "reglu": ReLU,
-    "swiglu": Swish,
-    "swiglu_oai": ClampedSwiGLU,
+def _gelu_tanh_module(variant: GluVariant, params: GluParams) -> nn.Module:
+    return nn.GELU(approximate="tanh")
+
+
+def _silu_or_swish(variant: GluVariant, params: GluParams) -> nn.Module:
+    # swish with beta = 1 is SiLU exactly; any other beta is a function no engine has a kernel for.
+    return nn.SiLU() if params.beta == 1.0 else Swish(variant, params)
+
+
+def _gated(
+    name: str,
+    formula: str,
+    origin: str,
+    gate_act: Callable[[torch.Tensor, GluParams], torch.Tensor],
+    module: Callable[[GluVariant, GluParams], nn.Module],
+    param_names: tuple[str, ...] = (),
+) -> GluVariant:
+    """A variant of the form ``gate_act(gate) * up``: its ``fn`` is derived from ``gate_act``, never restated."""
+    return GluVariant(name, formula, origin, partial(_times_up, gate_act), module, gate_act, param_names)
+
+
+def _times_up(
+    gate_act: Callable[[torch.Tensor, GluParams], torch.Tensor], gate: torch.Tensor, up: torch.Tensor, p: GluParams
+) -> torch.Tensor:
+    # A module-level function under functools.partial, not a lambda: models holding a variant stay picklable.
+    return up * gate_act(gate, p)
+
+
+# The table. Its order is the kernels' variant ids (GluVariant.kernel_id): append, never reorder.
+VARIANTS: dict[str, GluVariant] = {
+    v.name: v
+    for v in (
+        _gated("glu", "up * sigmoid(gate)", "Dauphin et al. 2017", _sigmoid, Sigmoid),
+        _gated("bilinear", "up * gate", "Shazeer 2020", _identity, Identity),
+        _gated("reglu", "up * relu(gate)", "Shazeer 2020", _relu, ReLU),
+        _gated("geglu", "up * gelu_erf(gate)", "Shazeer 2020", _gelu, _gelu_module),
+        _gated(
+            "geglu_tanh",
+            "up * gelu_tanh(gate)",
+            "GPT-2 gelu_new, Gemma gelu_pytorch_tanh",
+            _gelu_tanh,
+            _gelu_tanh_module,
+        ),
+        _gated("swiglu", "up * gate * sigmoid(beta * gate)", "Shazeer 2020; Llama", _swish, _silu_or_swish, ("beta",)),
+        GluVariant(
+            "swiglu_oai",
+            "(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)",
+            "gpt-oss",
+            _swiglu_oai,
+            ClampedSwiGLU,
+            param_names=("alpha", "limit"),
+        ),
+    )
 }
+
+
+def get_variant(name: str) -> GluVariant:
+    """Return the spec of ``name``; an unknown name raises ValueError listing the known variants."""
+    try:
+        return VARIANTS[name]
+    except (KeyError, TypeError):
+        known = sorted(VARIANTS)
+        raise ValueError(f"glu_variant={name!r} is not a known GLU variant; expected one of {known}") from None
+
+
+def require_finite_positive(field: str, value: object) -> None:
+    """Raise ValueError naming ``field`` unless ``value`` is a finite real number > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{field}={value!r} is invalid; expected a finite number > 0")
+
+
+def check_params(params: GluParams) -> None:
+    """Raise ValueError naming the parameter when β, α or the limit is not a finite positive number."""
+    for field, value in (("glu_beta", params.beta), ("glu_alpha", params.alpha), ("glu_limit", params.limit)):
+        require_finite_positive(field, value)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the activation maths runs in for inputs of ``dtype``: at least fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def glu_activation(
+    gate: torch.Tensor, up: torch.Tensor, variant: str | GluVariant, params: GluParams = GluParams()
+) -> torch.Tensor:
+    """The eager reference of the elementwise GLU: ``act(gate) * up`` for ``variant``.
+
+    Differentiable by autograd; computed in fp32 (float64 for float64 inputs) and cast back once to
+    the dtype of ``gate`` and ``up`` (which must match).
+    """
+    spec = variant if isinstance(variant, GluVariant) else get_variant(variant)
+    if gate.dtype != up.dtype:
+        raise ValueError(f"gate and up must share a dtype, got {gate.dtype} and {up.dtype}")
+    work = compute_dtype(gate.dtype)
+    return spec.fn(gate.to(work), up.to(work), params).to(gate.dtype)
 
 
 def activation_module(variant: str | GluVariant, params: GluParams = GluParams()) -> nn.Module:
     """The activation module of ``variant``: called as ``act(gate)``, or ``act(gate, up)`` where the variant's
     ``gate_act`` is ``None``. torch's own module (``nn.SiLU``, ``nn.GELU``) where one computes the variant."""
     spec = variant if isinstance(variant, GluVariant) else get_variant(variant)
-    return _torch_activation(spec, params) or _TABLE_ACTIVATIONS[spec.name](spec, params)
+    return spec.module(spec, params)

@@ -9,7 +9,7 @@ in place and re-emits the activation output (over its own gradient) for the down
 gradient. Under ``torch.compile`` that kernel writes new tensors instead (``<ns>::glu_mlp_act_backward``):
 Inductor would clone saved tensors before letting an op write over them.
 
-How the GEMMs sit around the kernels is a design (``MLP_DESIGNS``; ``glu_mlp_fused(..., design=)``, or
+How the GEMMs sit around the kernels is a design (``MLP_DESIGNS``; ``fused_mlp_from_weights(..., design=)``, or
 ``MLP_DESIGN`` for the model's dispatch): the default runs separate gate and up GEMMs; the packed candidates
 run one GEMM for gate|up and keep the packed pre-activation instead (same bytes), for the GPT-2 widths where
 launches and passes over memory weigh against GEMMs of under a millisecond (issue 27; a GPU run decides).
@@ -56,8 +56,6 @@ try:
 except ImportError:  # CPU-only installs: the eager path serves
     TRITON_AVAILABLE = False
 
-# Each variant of glu.VARIANTS has a branch in the kernels, selected at compile time by this id.
-KERNEL_VARIANTS = {"glu": 0, "bilinear": 1, "reglu": 2, "geglu": 3, "geglu_tanh": 4, "swiglu": 5, "swiglu_oai": 6}
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -71,20 +69,19 @@ DEFAULT_PARAMS = GluParams()
 _BLOCK_ELEMENTS = 4096
 _NUM_WARPS = 4
 # Warps of the backward kernel, and of the forward when gate or up has a column stride other than 1
-# (interleaved views: nothing to vectorize, one address per element). At 4 warps, 32 elements a thread,
-# ptxas needed up to 255 registers there and spilled (benchmarks/gpu_compile.py --full, triton 3.9); 8 warps
-# hold 16 a thread. Timed on an H100 (llama2-7b, bench_mlp --sweep, results/h100-run1): the backward at 4096
-# elements ran at 2408 GB/s with 4 or 8 warps, the contiguous forward slower at 8 (1953 against 2354).
+# (interleaved views: nothing to vectorize, one address per element). Those kernels hold more live values per
+# element, and at 4 warps the registers a thread needs for its share of a block run out (spills); 8 warps halve
+# each thread's share. The contiguous forward keeps 4, where 8 ran slower. Spill counts and timings:
+# benchmarks/results/gpu_compile.md (`make gpu-compile`, bench_mlp --sweep).
 _WIDE_NUM_WARPS = 8
-# Rows a tile holds, at most: caps tiles of 16 columns or fewer (intermediate widths under 16), where a row is
-# too narrow for vector loads and each element takes its own 64-bit address. At 4096 elements (2048 x 2 ...
-# 256 x 16) those tiles spilled in the backward, 1.5 KB at 4 warps (geglu, sm_90), still 8-16 B at 8 warps
-# (glu, bilinear); at 128 rows none of the 504 narrow compiles (1 to 32 columns, every variant and mode) did.
+# Rows a tile holds, at most. Binding only for tiles of 16 columns or fewer (intermediate widths under 16), where
+# a row is too narrow for vector loads and each element takes its own 64-bit address: taller tiles of
+# _BLOCK_ELEMENTS spill registers in the backward; at this cap no narrow compile does (same record).
 _MAX_BLOCK_M = 128
-# Row tiles one backward program walks when it also sums the bias gradients, at most: at 4 rows a tile
-# (intermediate >= 1024) a program covers 64 rows, so the partial sums are 1/64 of [tokens, intermediate] in
-# fp32 and their reduction is small. Fewer tokens get fewer tiles a program (_bias_row_tiles), halving down to
-# 1, so the kernel compiles for these few ROW_TILES values only (the AOT compile check enumerates them).
+# Row tiles one backward program walks when it also sums the bias gradients, at most: the more rows a program
+# sums, the fewer fp32 partial sums (one row per program) are written and reduced afterwards; 16 tiles of 4 rows
+# make them 1/64 of [tokens, intermediate]. Fewer tokens get fewer tiles a program (_bias_row_tiles), halving
+# down to 1, so the kernel compiles for these few ROW_TILES values only (the AOT compile check enumerates them).
 # Provisional: not yet timed on a GPU against other values.
 _BIAS_ROW_TILES = 16
 BIAS_ROW_TILE_CHOICES = tuple(1 << i for i in range(_BIAS_ROW_TILES.bit_length()))
@@ -121,11 +118,16 @@ MLP_DESIGNS = {
     "packed_interleaved": MlpDesign("interleaved", "kernel"),
 }
 DEFAULT_MLP_DESIGN = "separate"
-# The design fused_glu_mlp (the model's dispatch) passes at every call: set it to run a whole model on another
-# candidate (bench_train, a user's own measurement); bench_mlp passes design= to glu_mlp_fused instead.
+# The design fused_mlp_forward (the model's dispatch) passes at every call: set it to run a whole model on another
+# candidate (bench_train, a user's own measurement); bench_mlp passes design= to fused_mlp_from_weights instead.
 MLP_DESIGN = DEFAULT_MLP_DESIGN
 
 if TRITON_AVAILABLE:
+    # The kernels branch on the variant at compile time, by glu.py's table position (GluVariant.kernel_id).
+    _GLU, _BILINEAR, _REGLU, _GEGLU, _GEGLU_TANH, _SWIGLU, _SWIGLU_OAI = (
+        tl.constexpr(get_variant(name).kernel_id)
+        for name in ("glu", "bilinear", "reglu", "geglu", "geglu_tanh", "swiglu", "swiglu_oai")
+    )
 
     @triton.jit
     def _sigmoid_and_grad(z):
@@ -180,31 +182,33 @@ if TRITON_AVAILABLE:
         as torch's autograd applies them, so a NaN elsewhere does not leak through: relu passes the gradient
         unless its output is <= 0; clamp passes it inside the closed range.
         """
-        if VARIANT == 0:  # glu
+        if VARIANT == _GLU:
             act, dsig = _sigmoid_and_grad(g)
             dg = grad * dsig
-        elif VARIANT == 1:  # bilinear
+        elif VARIANT == _BILINEAR:
             act, dg = g, grad
-        elif VARIANT == 2:  # reglu: where(g < 0) keeps NaN, as torch.relu does
+        elif VARIANT == _REGLU:  # where(g < 0) keeps NaN, as torch.relu does
             act, dg = tl.where(g < 0, 0.0, g), tl.where(g <= 0, 0.0, grad)
-        elif VARIANT == 3:  # geglu, erf form; F.gelu's backward: one product with cdf + g * pdf
+        elif VARIANT == _GEGLU:  # erf form; F.gelu's backward: one product with cdf + g * pdf
             cdf = _normal_cdf(g)
             act = g * cdf
             dg = grad * (cdf + g * _exp_neg_half_square(g) * 0.3989422804014327)
-        elif VARIANT == 4:  # geglu_tanh: 0.5(1 + tanh(y)) = σ(2y), stable for any |g|
+        elif VARIANT == _GEGLU_TANH:  # 0.5(1 + tanh(y)) = σ(2y), stable for any |g|
             s, ds = _sigmoid_and_grad(1.5957691216057308 * (g + 0.044715 * g * g * g))
             act = g * s
             dg = grad * (s + g * ds * 1.5957691216057308 * (1.0 + 0.134145 * g * g))
-        elif VARIANT == 5:  # swiglu
+        elif VARIANT == _SWIGLU:
             act, dg = _swish_and_grad(grad, g, beta)
-        else:  # swiglu_oai: min(gate, limit) keeps NaN, as torch.clamp does
+        elif VARIANT == _SWIGLU_OAI:  # min(gate, limit) keeps NaN, as torch.clamp does
             act, dg = _swish_and_grad(grad, tl.where(g > limit, limit, g), alpha)
             dg = tl.where(g <= limit, dg, 0.0)
+        else:  # a row of glu.VARIANTS without a branch here: a compile error, never another variant's maths
+            tl.static_assert(False, "the fused GLU kernels have no branch for this variant")
         return act, dg
 
     @triton.jit
     def _up_term(u, VARIANT: tl.constexpr, limit):
-        if VARIANT == 6:  # swiglu_oai: clamp(up, -limit, limit) + 1, NaN kept
+        if VARIANT == _SWIGLU_OAI:  # clamp(up, -limit, limit) + 1, NaN kept
             return tl.where(u > limit, limit, tl.where(u < -limit, -limit, u)) + 1.0
         return u
 
@@ -253,7 +257,7 @@ if TRITON_AVAILABLE:
             h = _up_term(u, VARIANT, limit)
             act, dg = _gate_act_and_grad(g, do * h, VARIANT, beta, alpha, limit)
             du = do * act
-            if VARIANT == 6:  # clamp(up): the gradient passes inside the closed range only
+            if VARIANT == _SWIGLU_OAI:  # clamp(up): the gradient passes inside the closed range only
                 du = tl.where((u >= -limit) & (u <= limit), du, 0.0)
             tl.store(DGATE + r * s_dgm + c * s_dgn, dg.to(DGATE.dtype.element_ty), mask=mask)
             tl.store(DUP + r * s_dum + c * s_dun, du.to(DUP.dtype.element_ty), mask=mask)
@@ -349,7 +353,7 @@ def _launch_forward(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor, var
     with _device_guard(g.device):
         _glu_fwd_kernel[grid](
             g, u, o, *g.shape, *_strides(g, u, o), p.beta, p.alpha, p.limit,
-            VARIANT=KERNEL_VARIANTS[variant], BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+            VARIANT=get_variant(variant).kernel_id, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
         )  # fmt: skip
 
 
@@ -380,7 +384,7 @@ def _launch_backward(
     with _device_guard(g.device):
         _glu_bwd_kernel[grid](
             do, g, u, dg, du, o, partial, rows, cols, *_strides(do, g, u, dg, du, o), p.beta, p.alpha, p.limit,
-            VARIANT=KERNEL_VARIANTS[variant], STORE_OUT=out is not None, BIAS_GRADS=bias_grads,
+            VARIANT=get_variant(variant).kernel_id, STORE_OUT=out is not None, BIAS_GRADS=bias_grads,
             ROW_TILES=row_tiles, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_WIDE_NUM_WARPS,
         )  # fmt: skip
     return partial.sum(1) if bias_grads else None
@@ -434,10 +438,10 @@ def _act_forward(
     return out
 
 
-def _act_backward(
+def _act_grads(
     grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, variant: str, beta: float, alpha: float, limit: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    # Functional, not in place: the caller's projections may still hold gate and up.
+    """(d(gate), d(up)) of the elementwise op in new tensors: the caller's projections may still hold gate and up."""
     _check_launchable("gate", gate)
     _check_same(gate, up=up, grad=grad)
     dgate, dup = _empty(gate), _empty(up)
@@ -460,7 +464,7 @@ class _GluActFunction(torch.autograd.Function):
     @staticmethod
     @_first_order_only
     def backward(ctx, grad):
-        return (*_act_backward(grad, *ctx.saved_tensors, *ctx.act_args), None, None, None, None)
+        return (*_act_grads(grad, *ctx.saved_tensors, *ctx.act_args), None, None, None, None)
 
 
 _glu_act_op = torch.library.custom_op(f"{NAMESPACE}::glu_act", mutates_args=())(_act_forward)
@@ -471,7 +475,7 @@ def _(gate, up, variant, beta, alpha, limit):
     return _empty(gate)
 
 
-_glu_act_backward_op = torch.library.custom_op(f"{NAMESPACE}::glu_act_backward", mutates_args=())(_act_backward)
+_glu_act_backward_op = torch.library.custom_op(f"{NAMESPACE}::glu_act_backward", mutates_args=())(_act_grads)
 
 
 @_glu_act_backward_op.register_fake
@@ -480,14 +484,14 @@ def _(grad, gate, up, variant, beta, alpha, limit):
 
 
 @_first_order_only
-def _glu_act_backward(ctx, grad):
+def _glu_act_op_backward(ctx, grad):
     return (*_glu_act_backward_op(grad, *ctx.saved_tensors, *ctx.act_args), None, None, None, None)
 
 
-_glu_act_op.register_autograd(_glu_act_backward, setup_context=_glu_act_setup)
+_glu_act_op.register_autograd(_glu_act_op_backward, setup_context=_glu_act_setup)
 
 
-def _act_backward_inplace(
+def _mlp_act_grads(
     grad: torch.Tensor,
     gate: torch.Tensor,
     up: torch.Tensor,
@@ -496,58 +500,41 @@ def _act_backward_inplace(
     alpha: float,
     limit: float,
     bias_grads: bool,
-) -> torch.Tensor:
-    """Overwrites gate with d(gate), up with d(up) and grad with the activation output.
+    in_place: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The MLP backward's kernel call: (d(gate), d(up), the activation output for the down projection's weight
+    gradient, and with ``bias_grads`` the column sums of d(gate) and d(up) as one ``[2, columns]`` tensor in the
+    gate's dtype, else an empty ``[0, columns]`` one).
 
-    Returns the column sums of d(gate) and d(up) (the gate and up bias gradients) as one ``[2, columns]``
-    tensor in the gate's dtype when ``bias_grads``, else an empty ``[0, columns]`` one.
+    ``in_place`` (the eager backward) writes the first three over gate, up and grad, and bumps their version
+    counters as a mutating op would, so a second backward through the overwritten tensors is refused rather than
+    silently wrong. Without it (the traced backward's node, ``<ns>::glu_mlp_act_backward``) they are new tensors:
+    Inductor never writes over a backward graph's inputs (the tensors saved by forward), so a mutating op there
+    becomes a clone of each [tokens, intermediate] input first, two extra passes over memory; fresh outputs cost
+    the same allocations and no copies, and the saved tensors die after it.
     """
     _check_launchable("gate", gate)
     _check_same(gate, up=up, grad=grad)
-    for name, t in (("grad", grad), ("gate", gate), ("up", up)):
-        _check_rows_view(name, t)
-    sums = _launch_backward(grad, gate, up, gate, up, grad, variant, GluParams(beta, alpha, limit), bias_grads)
-    return gate.new_empty((0, gate.shape[-1])) if sums is None else sums.to(gate.dtype)
-
-
-def _act_backward_inplace_eager(
-    grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, *args
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The eager MLP backward's kernel call: ``_act_backward_inplace``, returning (d(gate), d(up), activation,
-    bias sums), the first three over its inputs. Bumps the version counters as a mutating op would, so a
-    second backward through the overwritten tensors is refused rather than silently wrong."""
-    sums = _act_backward_inplace(grad, gate, up, *args)
-    for t in (grad, gate, up):
-        torch.autograd.graph.increment_version(t)
-    return gate, up, grad, sums
-
-
-def _mlp_act_backward(
-    grad: torch.Tensor,
-    gate: torch.Tensor,
-    up: torch.Tensor,
-    variant: str,
-    beta: float,
-    alpha: float,
-    limit: float,
-    bias_grads: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``_act_backward_inplace_eager``'s results in new tensors: the traced (torch.compile) MLP backward's node.
-
-    Functional because Inductor never writes over a backward graph's inputs (the tensors saved by forward):
-    a mutating op there becomes a clone of each [tokens, intermediate] input first, two extra passes over
-    memory. Writing fresh outputs costs the same allocations and no copies; the saved tensors die after it.
-    """
-    _check_launchable("gate", gate)
-    _check_same(gate, up=up, grad=grad)
-    dgate, dup, act = _empty(gate), _empty(up), _empty(grad)
+    if in_place:
+        for name, t in (("grad", grad), ("gate", gate), ("up", up)):
+            _check_rows_view(name, t)
+        dgate, dup, act = gate, up, grad
+    else:
+        dgate, dup, act = _empty(gate), _empty(up), _empty(grad)
     sums = _launch_backward(grad, gate, up, dgate, dup, act, variant, GluParams(beta, alpha, limit), bias_grads)
+    if in_place:
+        for t in (grad, gate, up):
+            torch.autograd.graph.increment_version(t)
     return dgate, dup, act, gate.new_empty((0, gate.shape[-1])) if sums is None else sums.to(gate.dtype)
 
 
-_glu_mlp_act_backward_op = torch.library.custom_op(f"{NAMESPACE}::glu_mlp_act_backward", mutates_args=())(
-    _mlp_act_backward
-)
+# The schema leaves in_place out: the op is the functional form only.
+_glu_mlp_act_backward_op = torch.library.custom_op(
+    f"{NAMESPACE}::glu_mlp_act_backward",
+    mutates_args=(),
+    schema="(Tensor grad, Tensor gate, Tensor up, str variant, float beta, float alpha, float limit, "
+    "bool bias_grads) -> (Tensor, Tensor, Tensor, Tensor)",
+)(_mlp_act_grads)
 
 
 @_glu_mlp_act_backward_op.register_fake
@@ -555,7 +542,7 @@ def _(grad, gate, up, variant, beta, alpha, limit, bias_grads):
     return _empty(gate), _empty(up), _empty(grad), gate.new_empty((2 if bias_grads else 0, gate.shape[-1]))
 
 
-def _packed_act_backward(
+def _packed_mlp_act_grads(
     grad: torch.Tensor,
     packed: torch.Tensor,
     packing: str,
@@ -567,7 +554,7 @@ def _packed_act_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The traced (torch.compile) backward node of the packed designs: (d(gate|up) in a new packed tensor laid
     out as ``packed``, the activation, the bias sums or an empty ``[0, columns]`` tensor). Functional for the
-    reason ``_mlp_act_backward`` is."""
+    reason ``_mlp_act_grads`` is without ``in_place``."""
     _check_launchable("packed", packed)
     dpacked = _empty(packed)
     gate, up = split_gate_up(packed, packing)
@@ -579,7 +566,7 @@ def _packed_act_backward(
 
 
 _glu_mlp_packed_act_backward_op = torch.library.custom_op(f"{NAMESPACE}::glu_mlp_packed_act_backward", mutates_args=())(
-    _packed_act_backward
+    _packed_mlp_act_grads
 )
 
 
@@ -667,13 +654,16 @@ def _pre_activation_grads(
     """(d gate, d up, d(gate|up) packed or None, the activation, the kernel's bias sums) from the backward
     kernel: in place over the saved tensors in eager mode, into new ones when traced (``functional``)."""
     if packing == "separate":
-        act_backward = _glu_mlp_act_backward_op if functional else _act_backward_inplace_eager
-        dgate, dup, act, sums = act_backward(act, kept, other, *act_args, bias_grads)
+        if functional:
+            dgate, dup, act, sums = _glu_mlp_act_backward_op(act, kept, other, *act_args, bias_grads)
+        else:
+            dgate, dup, act, sums = _mlp_act_grads(act, kept, other, *act_args, bias_grads, in_place=True)
         return dgate, dup, None, act, sums
     if functional:
         dpacked, act, sums = _glu_mlp_packed_act_backward_op(act, kept, packing, *act_args, bias_grads)
     else:
-        _, _, act, sums = _act_backward_inplace_eager(act, *split_gate_up(kept, packing), *act_args, bias_grads)
+        gate, up = split_gate_up(kept, packing)
+        _, _, act, sums = _mlp_act_grads(act, gate, up, *act_args, bias_grads, in_place=True)
         dpacked = kept
     return *split_gate_up(dpacked, packing), dpacked, act, sums
 
@@ -759,11 +749,11 @@ def _glu_mlp_setup(ctx, inputs, output) -> None:
 
 
 @_first_order_only
-def _glu_mlp_backward(ctx, grad_out, _grad_kept, _grad_other):
+def _glu_mlp_op_backward(ctx, grad_out, _grad_kept, _grad_other):
     return _glu_mlp_grads(ctx, grad_out, functional=True)
 
 
-_glu_mlp_op.register_autograd(_glu_mlp_backward, setup_context=_glu_mlp_setup)
+_glu_mlp_op.register_autograd(_glu_mlp_op_backward, setup_context=_glu_mlp_setup)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -812,7 +802,7 @@ def _autocast(tensors: list[torch.Tensor | None], device_type: str) -> list[torc
     return [t if t is None else t.to(dtype) for t in tensors]
 
 
-def glu_mlp_fused(
+def fused_mlp_from_weights(
     x: torch.Tensor,
     gate_weight: torch.Tensor,
     gate_bias: torch.Tensor | None,
@@ -957,7 +947,7 @@ def _kernel_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
 
 
-def fused_glu_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def fused_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The whole GLU MLP through the fused kernels.
 
     Plain ``nn.Linear`` projections run as one op; any other projection (an adapter, a quantised layer) is
@@ -966,7 +956,7 @@ def fused_glu_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     projections = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     if not _is_dtensor(x) and all(_is_plain_linear(p) for p in projections):
         weights = [t for p in projections for t in (p.weight, p.bias)]
-        return glu_mlp_fused(x, *weights, mlp.variant, mlp.params, MLP_DESIGN)
+        return fused_mlp_from_weights(x, *weights, mlp.variant, mlp.params, MLP_DESIGN)
     gate, up = mlp.gate_proj(x), mlp.up_proj(x)
     # Projections that keep their outputs distributed (tensor parallelism with use_local_output=False) hand
     # over DTensors: only the eager maths, dispatched by DTensor, combines them correctly.

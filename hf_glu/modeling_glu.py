@@ -34,7 +34,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 
 from .configuration_glu import AUTO_MAP, GluConfig
 from .glu import activation_module, get_variant
-from .glu_triton import fused_glu_mlp, fused_path_wanted
+from .glu_triton import fused_mlp_forward, fused_path_wanted
 
 # Transformers renamed the KV cache from `past_key_values` to `cache` during 5.x (argument of
 # `create_causal_mask`, field of the model outputs, keyword passed by `generate`). We support both
@@ -68,7 +68,7 @@ HUB_KERNEL_NAME = "GluMLP"
 
 def hub_layer_names(variant: str) -> frozenset[str]:
     """The hub layer names trusted to compute ``variant``: ``GluMLP``, a build of this package's kernels that
-    reads ``self.variant`` and ``self.params`` as ``fused_glu_mlp`` does, and ``GluMLP_<variant>``, a build of
+    reads ``self.variant`` and ``self.params`` as ``fused_mlp_forward`` does, and ``GluMLP_<variant>``, a build of
     that one variant with its default parameters (e.g. ``GluMLP_swiglu``: beta = 1). A layer named for a fixed
     activation (``SwiGLUMLP``…) is never trusted: it would silently compute another function for the other
     variants."""
@@ -180,7 +180,7 @@ class GluMLP(nn.Module):
 
     def __call__(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if self.use_fused_path(hidden_states):
-            out = fused_glu_mlp(self, hidden_states)
+            out = fused_mlp_forward(self, hidden_states)
         else:
             out = super().__call__(hidden_states)
         out = self.dropout(out)

@@ -5,6 +5,7 @@ must be set before triton is imported). On a CUDA machine without it, the same t
 (``benchmarks/gpu_check.sh``). Shapes stay tiny because the interpreter is slow.
 """
 
+import dataclasses
 import importlib
 import json
 import math
@@ -77,8 +78,13 @@ def random_inputs(rows, cols, dtype, scale=2.0):
     return gate.to(dtype), up.to(dtype), (grad / scale).to(dtype)
 
 
-def test_kernels_cover_every_variant():
-    assert set(gt.KERNEL_VARIANTS) == set(VARIANTS)
+def test_a_table_row_without_a_kernel_branch_fails_to_compile(monkeypatch):
+    # The kernels' variant id is the row's position in glu.VARIANTS: a row appended without a kernel branch must
+    # be a compile error (auto's probe then runs it eager), never another variant's maths.
+    monkeypatch.setitem(VARIANTS, "new_variant", dataclasses.replace(VARIANTS["glu"], name="new_variant"))
+    gate, up, _ = random_inputs(4, 8, torch.float32)
+    with pytest.raises(Exception, match="no branch for this variant"):
+        gt.glu_activation_fused(gate, up, "new_variant", PARAMS)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -190,7 +196,7 @@ def test_in_place_backward_overwrites_gate_up_and_grad(bias_grads):
     expected_out = gt.glu_activation_fused(gate, up, "swiglu_oai", PARAMS)
     expected_dgate, expected_dup = torch.ops.hf_glu.glu_act_backward(grad, gate, up, "swiglu_oai", *_params())
     functional = torch.ops.hf_glu.glu_mlp_act_backward(grad, gate, up, "swiglu_oai", *_params(), bias_grads)
-    sums = gt._act_backward_inplace(grad, gate, up, "swiglu_oai", *_params(), bias_grads)
+    *_, sums = gt._mlp_act_grads(grad, gate, up, "swiglu_oai", *_params(), bias_grads, in_place=True)
     assert torch.equal(gate, expected_dgate) and torch.equal(up, expected_dup) and torch.equal(grad, expected_out)
     # The traced graphs' functional form computes the same, bit for bit.
     for a, e in zip(functional, (gate, up, grad, sums), strict=True):
@@ -254,7 +260,7 @@ def test_bias_gradients_summed_in_the_kernel_match_float64(variant, dtype, monke
     assert gt._launch_config(37, 1030) == ((19, 2), 2, 1024)
     gate, up, grad = random_inputs(37, 1030, dtype)
     _, ref_dgate, ref_dup = reference(gate, up, grad, variant)
-    sums = gt._act_backward_inplace(grad.clone(), gate.clone(), up.clone(), variant, *_params(), True)
+    *_, sums = gt._mlp_act_grads(grad.clone(), gate.clone(), up.clone(), variant, *_params(), True, in_place=True)
     assert sums.dtype == dtype and sums.shape == (2, 1030)
     for actual, expected in zip(sums, (ref_dgate.sum(0), ref_dup.sum(0)), strict=True):
         # fp32 sums of unrounded terms, rounded once to the dtype; cancellation bounded by the terms' sizes.
@@ -274,7 +280,7 @@ def test_narrow_widths_tile_rows_in_several_blocks_and_sum_them():
     ref_out, ref_dgate, ref_dup = reference(gate, up, grad, "swiglu_oai")
     out = gt._act_forward(gate, up, "swiglu_oai", *_params())
     dgate, dup, act = gate.clone(), up.clone(), grad.clone()
-    sums = gt._act_backward_inplace(act, dgate, dup, "swiglu_oai", *_params(), True)
+    *_, sums = gt._mlp_act_grads(act, dgate, dup, "swiglu_oai", *_params(), True, in_place=True)
     assert_all_match((out, act, dgate, dup), (ref_out, ref_out, ref_dgate, ref_dup))
     for actual, expected in zip(sums, (ref_dgate.sum(0), ref_dup.sum(0)), strict=True):
         torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-5 * (float(expected.abs().max()) + 1))
@@ -364,7 +370,7 @@ def _design_grads(mlp: GluMLP, x: torch.Tensor, grad: torch.Tensor, design: str,
     eager ``autograd.Function`` or the custom op torch.compile sees."""
     x_leaf, weights = _leaf(x), _mlp_weights(mlp)
     if entry == "function":
-        out = gt.glu_mlp_fused(x_leaf, *weights, mlp.variant, mlp.params, design)
+        out = gt.fused_mlp_from_weights(x_leaf, *weights, mlp.variant, mlp.params, design)
     else:
         out, _, _ = torch.ops.hf_glu.glu_mlp(x_leaf, *weights, mlp.variant.name, *_params(mlp.params), design)
     inputs = [x_leaf, *(w for w in weights if w is not None)]
@@ -409,7 +415,7 @@ def _gemm_shapes(mlp: GluMLP, x: torch.Tensor, design: str) -> tuple[list, list]
     gemms = (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_)
     x = _leaf(x)
     with _AtenCalls() as forward:
-        out = gt.glu_mlp_fused(x, *_mlp_weights(mlp), mlp.variant, mlp.params, design)
+        out = gt.fused_mlp_from_weights(x, *_mlp_weights(mlp), mlp.variant, mlp.params, design)
     with _AtenCalls() as backward:
         out.sum().backward()
     return [[s for op, s in calls.calls if op in gemms] for calls in (forward, backward)]
@@ -442,7 +448,7 @@ def test_every_design_saves_the_input_and_two_pre_activations_only(design):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        gt.glu_mlp_fused(x, *_mlp_weights(mlp), mlp.variant, mlp.params, design).sum().backward()
+        gt.fused_mlp_from_weights(x, *_mlp_weights(mlp), mlp.variant, mlp.params, design).sum().backward()
     assert sum(saved.values()) == 4 * (14 * 24 + 2 * 14 * 40)  # fp32: x, then gate and up (apart or packed)
 
 
@@ -450,8 +456,8 @@ def test_the_model_dispatch_reads_the_module_level_design(monkeypatch):
     mlp = make_mlp("geglu_tanh", bias=True, hidden=24, inner=40)
     x, grad = torch.randn(14, 24, device=DEVICE), torch.randn(14, 24, device=DEVICE)
     seen = []
-    real = gt.glu_mlp_fused
-    monkeypatch.setattr(gt, "glu_mlp_fused", lambda *args: seen.append(args[-1]) or real(*args))
+    real = gt.fused_mlp_from_weights
+    monkeypatch.setattr(gt, "fused_mlp_from_weights", lambda *args: seen.append(args[-1]) or real(*args))
     default = run_mlp(mlp, x, grad, "triton")
     monkeypatch.setattr(gt, "MLP_DESIGN", "packed_interleaved")
     packed = run_mlp(mlp, x, grad, "triton")
@@ -463,7 +469,7 @@ def test_the_model_dispatch_reads_the_module_level_design(monkeypatch):
 def test_an_unknown_design_is_refused_naming_the_choices():
     mlp = make_mlp()
     with pytest.raises(ValueError, match=r"design='fast' is not a fused MLP design; expected one of \['packed'"):
-        gt.glu_mlp_fused(torch.randn(3, 24, device=DEVICE), *_mlp_weights(mlp), "swiglu", PARAMS, "fast")
+        gt.fused_mlp_from_weights(torch.randn(3, 24, device=DEVICE), *_mlp_weights(mlp), "swiglu", PARAMS, "fast")
 
 
 def test_packed_designs_compile_with_fullgraph_and_match_eager():
@@ -474,7 +480,7 @@ def test_packed_designs_compile_with_fullgraph_and_match_eager():
         torch._dynamo.reset()
 
         def step(x, *weights, design=design):
-            return gt.glu_mlp_fused(x, *weights, "swiglu", mlp.params, design)
+            return gt.fused_mlp_from_weights(x, *weights, "swiglu", mlp.params, design)
 
         x_leaf = _leaf(x)
         out = torch.compile(step, backend="aot_eager", fullgraph=True)(x_leaf, *_mlp_weights(mlp))
@@ -521,7 +527,7 @@ def test_eager_entry_and_custom_op_compute_the_same(bias):
     for entry in ("function", "op"):
         x_leaf = _leaf(x)
         if entry == "function":
-            out = gt.glu_mlp_fused(x_leaf, *weights, "geglu", PARAMS)
+            out = gt.fused_mlp_from_weights(x_leaf, *weights, "geglu", PARAMS)
         else:
             out, gate, up = torch.ops.hf_glu.glu_mlp(x_leaf, *weights, "geglu", *_params())
             assert not gate.requires_grad and not up.requires_grad
@@ -679,7 +685,7 @@ def test_opcheck_passes():
             args = (grad, packed, packing, *act_args, bias_grads)
             torch.library.opcheck(torch.ops.hf_glu.glu_mlp_packed_act_backward, args)
     # glu_mlp hands its saved pre-activations out as outputs that its backward overwrites; the
-    # aot_dispatch check returns them to the caller, which no user of glu_mlp_fused can do, so that
+    # aot_dispatch check returns them to the caller, which no user of fused_mlp_from_weights can do, so that
     # one check runs instead through torch.compile in test_compile_* below.
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
     for w in (weights, [w if w.dim() == 2 else None for w in weights]):
@@ -796,8 +802,10 @@ def test_auto_runs_small_inference_calls_eager_and_larger_ones_fused(no_grad, mo
 
     monkeypatch.setattr(gt, "on_cuda", lambda x: True)  # stands in for CUDA: auto would fuse
     ran_fused = []
-    real = hf_glu.modeling_glu.fused_glu_mlp
-    monkeypatch.setattr(hf_glu.modeling_glu, "fused_glu_mlp", lambda mlp, x: ran_fused.append(x.shape) or real(mlp, x))
+    real = hf_glu.modeling_glu.fused_mlp_forward
+    monkeypatch.setattr(
+        hf_glu.modeling_glu, "fused_mlp_forward", lambda mlp, x: ran_fused.append(x.shape) or real(mlp, x)
+    )
     mlp = make_mlp("geglu_tanh", kernel="auto")
     threshold = gt.INFERENCE_EAGER_BELOW_TOKENS
     for tokens, fused_expected in ((1, False), (threshold - 1, False), (threshold, True)):

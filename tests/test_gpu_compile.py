@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from hf_glu import glu_triton as gt
+from hf_glu.glu import VARIANTS
 
 if not gt.TRITON_AVAILABLE:
     pytest.skip("triton is not installed", allow_module_level=True)
@@ -64,7 +65,7 @@ def test_sample_compiles_for_every_target_without_spills(tmp_path: Path) -> None
     assert report["problems"] == []
     results = report["results"]
     # Every variant, both kernels, every target, each with a ptxas report and no spill.
-    assert {o["variant"] for r in results for o in r["origins"]} == set(gt.KERNEL_VARIANTS)
+    assert {o["variant"] for r in results for o in r["origins"]} == set(VARIANTS)
     assert {(r["kernel"], r["target"]) for r in results} == {
         (k, t) for k in ("_glu_fwd_kernel", "_glu_bwd_kernel") for t in TARGETS
     }
@@ -103,9 +104,7 @@ def test_full_scope_covers_every_launch_config() -> None:
     # with and without bias sums (glu_mlp's packed designs).
     modes = ("forward", "backward", "backward_inplace", "backward_inplace_bias")
     layouts = {layout: modes for layout in ("contiguous", "halves", "interleaved")}
-    expected = {
-        (v, d, lay, m) for v in gt.KERNEL_VARIANTS for d in dtypes for lay, modes in layouts.items() for m in modes
-    }
+    expected = {(v, d, lay, m) for v in VARIANTS for d in dtypes for lay, modes in layouts.items() for m in modes}
     assert {tuple(c) for c in found["cross"]} == expected
     assert found["blocks"] == found["launcher"]
     assert set(found["choices"]) <= set(found["row_tiles"])  # one row tile up to the cap, and every choice between

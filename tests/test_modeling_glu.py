@@ -293,8 +293,8 @@ def test_auto_model_takes_the_fused_path_where_cuda_would_be(monkeypatch):
     with torch.no_grad():
         eager = model(ids).logits
     calls = []
-    real = hf_glu.modeling_glu.fused_glu_mlp
-    monkeypatch.setattr(hf_glu.modeling_glu, "fused_glu_mlp", lambda mlp, x: calls.append(x.shape) or real(mlp, x))
+    real = hf_glu.modeling_glu.fused_mlp_forward
+    monkeypatch.setattr(hf_glu.modeling_glu, "fused_mlp_forward", lambda mlp, x: calls.append(x.shape) or real(mlp, x))
     monkeypatch.setattr(hf_glu.glu_triton, "on_cuda", lambda x: True)
     # The device decision only: small no-grad calls falling back to eager is tested in test_glu_triton.
     monkeypatch.setattr(hf_glu.glu_triton, "INFERENCE_EAGER_BELOW_TOKENS", 0)
@@ -400,7 +400,7 @@ def test_engine_activations_compute_the_variant_table_and_round_once():
 def test_fused_dispatch_stays_outside_forward_and_defers_to_a_swapped_in_forward(monkeypatch):
     mlp = GluMLP(tiny_config(glu_variant="swiglu", glu_kernel="triton"))
     fused = []
-    monkeypatch.setattr(hf_glu.modeling_glu, "fused_glu_mlp", lambda m, x: fused.append(x.shape) or m.forward(x))
+    monkeypatch.setattr(hf_glu.modeling_glu, "fused_mlp_forward", lambda m, x: fused.append(x.shape) or m.forward(x))
     x = torch.randn(1, 3, 32)
     mlp(x)
     assert fused == [(1, 3, 32)]
