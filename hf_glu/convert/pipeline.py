@@ -44,12 +44,14 @@ CALIBRATION_TOKENS = 512
 _DEFAULT_TEXT_CHARS = 40_000
 _MAX_FIT_SAMPLES = 200_000
 _DEFAULT_WINDOW = 1024  # evaluation window: the model's context, at most this
-T = TypeVar("T")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 @dataclass
 class Conversion:
+    """A conversion's result: the converted model, its fidelity report, and the loaded source (its tokenizer
+    and generation config go into the checkpoint; its model is ``None`` once consumed)."""
+
     model: PreTrainedModel
     report: dict
     source: Source
@@ -73,6 +75,9 @@ class ConvertOptions:
     match_params: bool = False
     calibration_text: str | None = None
     calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS
+
+
+T = TypeVar("T")
 
 
 def _takes_options(wrapper: Callable[..., T]) -> Callable[..., T]:
