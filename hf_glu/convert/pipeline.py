@@ -195,8 +195,7 @@ def _check(options: ConvertOptions) -> torch.dtype | None:
     """The options' values and combinations, before the source is loaded: a refusal then costs nothing.
     Returns the dtype asked for (``None``: the source's)."""
     dtype = parse_dtype(options.torch_dtype)
-    _check_width_options(options.init, options.intermediate_size, options.match_params, options.calibration_text,
-                         options.calibration_tokens)  # fmt: skip
+    _check_width_options(options)
     eval_tokens, intermediate_size = options.eval_tokens, options.intermediate_size
     if isinstance(eval_tokens, bool) or not isinstance(eval_tokens, int) or eval_tokens < 2:
         raise ConversionError(f"eval_tokens={eval_tokens!r} is invalid; expected an integer >= 2")
@@ -445,21 +444,28 @@ def _count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _check_width_options(
-    init: str, intermediate_size: int | None, match_params: bool, calibration_text: str | None, calibration_tokens: int
-) -> None:
+def _check_width_options(options: ConvertOptions) -> None:
     """The width options' values and combinations, checked before the source is loaded."""
+    match_params, intermediate_size, calibration_tokens = (
+        options.match_params, options.intermediate_size, options.calibration_tokens
+    )  # fmt: skip
     if not isinstance(match_params, bool):
         raise ConversionError(f"match_params={match_params!r} is invalid; expected True or False")
     if match_params and intermediate_size is not None:
         raise ConversionError("match_params=True picks intermediate_size itself; pass one of them, not both")
     if isinstance(calibration_tokens, bool) or not isinstance(calibration_tokens, int) or calibration_tokens < 2:
         raise ConversionError(f"calibration_tokens={calibration_tokens!r} is invalid; expected an integer >= 2")
-    if calibration_text is not None and (init != "preserve" or (intermediate_size is None and not match_params)):
+    if options.calibration_text is not None and not calibrates(options.init, intermediate_size, match_params):
         raise ConversionError(
             "calibration_text is used by a width-reduced preserve conversion only; expected init='preserve' with "
             "intermediate_size=N or match_params=True"
         )
+
+
+def calibrates(init: str, intermediate_size: int | None, match_params: bool) -> bool:
+    """Whether a conversion is asked for a width of its own under ``preserve`` (``intermediate_size`` or
+    ``match_params``): the only kind that reads calibration text. The CLI's flag checks ask it too."""
+    return init == "preserve" and (match_params or intermediate_size is not None)
 
 
 def _default_calibration_text() -> str:
