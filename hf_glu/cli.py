@@ -157,11 +157,13 @@ def _check_convert_options(args: argparse.Namespace) -> None:
 
 def _check_width_options(args: argparse.Namespace) -> None:
     """--match-params, --calibration-text and --calibration-tokens, before anything is loaded."""
+    from .convert.pipeline import calibrates
+
     if args.match_params and args.intermediate_size is not None:
         raise ValueError("--match-params picks --intermediate-size itself; pass one of them, not both")
     if args.calibration_tokens is not None and args.calibration_tokens < 2:
         raise ValueError(f"--calibration-tokens {args.calibration_tokens} is invalid; expected an integer >= 2")
-    calibrating = args.init == "preserve" and (args.match_params or args.intermediate_size is not None)
+    calibrating = calibrates(args.init, args.intermediate_size, args.match_params)
     for option in ("calibration_text", "calibration_tokens"):
         if getattr(args, option) is not None and not calibrating and not args.no_eval:
             raise ValueError(

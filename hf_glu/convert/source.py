@@ -1,4 +1,5 @@
-"""Loading a source: a model instance, a local folder or a Hub id, checked before anything is built.
+"""Loading a source of any supported family (GPT-2 and ``hf_glu.FAMILIES``): a model instance, a local folder
+or a Hub id, checked before anything is built.
 
 GPT-2 weights are read by us rather than by ``from_pretrained``, which would fill missing weights with
 random values after only a warning; the other families go through ``from_pretrained`` (which knows each
@@ -23,6 +24,7 @@ from transformers import (
     GPT2ForTokenClassification,
     GPT2LMHeadModel,
     GPT2Model,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -50,7 +52,8 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
 @dataclass
 class Source:
-    """A loaded, validated GPT-2 model with what travels with it into the converted checkpoint."""
+    """A loaded, validated source model (any supported family) with what travels with it into the converted
+    checkpoint."""
 
     model: PreTrainedModel
     name: str  # the Hub id or folder it came from; "" for an in-memory model
@@ -89,7 +92,8 @@ def all_finite(tensor: torch.Tensor) -> bool:
 
 
 def load_source(source: str | Path | PreTrainedModel) -> Source:
-    """Load ``source`` (a GPT2* instance, a folder or a Hub id) and validate its config and weights."""
+    """Load ``source`` (an instance of a supported source class, a folder or a Hub id) and validate its config and
+    weights."""
     if isinstance(source, PreTrainedModel):
         check_source_model(source)
         return Source(
@@ -99,15 +103,15 @@ def load_source(source: str | Path | PreTrainedModel) -> Source:
         )
     if not isinstance(source, (str, Path)):
         raise ConversionError(
-            f"source must be a GPT-2 model, a folder or a Hub id; got a {type(source).__name__} "
+            f"source must be a model, a folder or a Hub id; got a {type(source).__name__} "
             f"(supported classes: {supported_classes_text()})"
         )
     folder = source_folder(source)
     config, model_cls = read_config(folder)
     if config.model_type == "gpt2":
         weights = checkpoint_weights(folder)
-        loaded = _read_weights(weights)
-        model = _build(model_cls, config, loaded, load_dtype(config, weights, loaded))
+        loaded = _read_gpt2_weights(weights)
+        model = _build_gpt2(model_cls, config, loaded, load_dtype(config, weights, loaded))
     else:
         model = _from_pretrained(model_cls, config, folder)
     tokenizer, generation_config = read_tokenizer(folder), read_generation_config(folder)
@@ -139,7 +143,9 @@ def download(repo_id: str) -> Path:
         ) from None
 
 
-def read_config(folder: Path) -> tuple[GPT2Config, type[PreTrainedModel]]:
+def read_config(folder: Path) -> tuple[PretrainedConfig, type[PreTrainedModel]]:
+    """The source's config and the class it names (its ``architectures``, else the family's causal LM), each
+    checked against the supported families before anything is built."""
     path = folder / "config.json"
     if not path.is_file():
         raise ConversionError(f"{str(folder)!r} has no config.json; expected a Transformers checkpoint folder")
@@ -233,7 +239,8 @@ def load_dtype(config, weights: WeightFiles, loaded: dict[str, torch.Tensor] | N
     return next((dtypes[name] for name in sorted(dtypes) if dtypes[name].is_floating_point), torch.float32)
 
 
-def _read_weights(weights: WeightFiles) -> dict[str, torch.Tensor]:
+def _read_gpt2_weights(weights: WeightFiles) -> dict[str, torch.Tensor]:
+    """Every tensor of a GPT-2 checkpoint, read by us (see the module's docstring for why GPT-2 only)."""
     state_dict: dict[str, torch.Tensor] = {}
     for path in weights.files:
         state_dict.update(_read_weight_file(path))
@@ -317,7 +324,7 @@ def _from_pretrained(model_cls: type[PreTrainedModel], config, folder: Path) -> 
     return model.eval()
 
 
-def _build(
+def _build_gpt2(
     model_cls: type[PreTrainedModel], config: GPT2Config, loaded: dict[str, torch.Tensor], dtype: torch.dtype
 ) -> PreTrainedModel:
     """Put ``loaded`` into a ``model_cls`` built on the meta device (no second copy of the weights), each
