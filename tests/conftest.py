@@ -1,9 +1,11 @@
-"""Shared test setup: offline Hub, deterministic seeds, tiny configs, the checks every refused command must pass."""
+"""Shared test setup and helpers: offline Hub, deterministic seeds, tiny configs and models (GLU and GPT-2), a recording
+stand-in for the Hub API, and the checks every refused command must pass."""
 
 import hashlib
 import os
 import tempfile
 import textwrap
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Tokenized and packed blocks go to a fresh cache (set before `datasets` is imported), never the user's.
@@ -12,7 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from transformers import TrainingArguments  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments  # noqa: E402
 
 import hf_glu  # noqa: E402
 from hf_glu.cli import main  # noqa: E402
@@ -51,6 +53,40 @@ BLOCK_HF_GLU = textwrap.dedent(
 def tiny_config(**overrides) -> hf_glu.GluConfig:
     """A GLU decoder small enough for many CPU tests per second."""
     return hf_glu.GluConfig(**{**TINY_FIELDS, "n_inner": 48, **overrides})
+
+
+def tiny_gpt2(cls=GPT2LMHeadModel, spread: float = 0.2, **overrides):
+    """A tiny GPT-2 whose weights are spread wider than init, so activations reach GELU's curved range."""
+    config = GPT2Config(**{**TINY_FIELDS, "num_labels": 3, **overrides})
+    config._attn_implementation = "eager"  # reorder_and_upcast_attn only acts on the eager path
+    model = cls(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * spread)
+    return model.eval()
+
+
+class FakeHfApi:
+    """Records calls instead of talking to the Hub; snapshots the list of files the real ``upload_folder`` would
+    send at call time (its own listing and pattern filter)."""
+
+    def __init__(self):
+        self.calls = []
+        self.uploaded_files = None
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, *, repo_id, folder_path, allow_patterns=None, ignore_patterns=None, **kwargs):
+        from huggingface_hub.utils import filter_repo_objects
+        from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
+
+        self.calls.append(("upload_folder", repo_id, kwargs))
+        root = Path(folder_path).resolve()
+        listed = sorted(p.relative_to(root).as_posix() for p in root.glob("**/*") if p.is_file())
+        ignored = [*(ignore_patterns or []), *DEFAULT_IGNORE_PATTERNS]
+        self.uploaded_files = list(filter_repo_objects(listed, allow_patterns=allow_patterns, ignore_patterns=ignored))
 
 
 def ragged_rows(n: int = 4, length: int = 12) -> list[dict[str, torch.Tensor]]:

@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 import transformers
-from test_convert import tiny_gpt2
+from conftest import tiny_gpt2
 
 from hf_glu import convert_checkpoint
 from hf_glu.cli import main

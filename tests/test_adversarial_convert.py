@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import refused as _refused
+from conftest import tiny_gpt2
 from conftest import tree as _tree
 from families import exact_variant, tiny_source
-from test_convert import tiny_gpt2
 from transformers import AutoModelForCausalLM
 
 from hf_glu.cli import main
@@ -266,7 +266,7 @@ def glu_folder(tmp_path_factory):
 @pytest.mark.parametrize("case", UNLOADABLE)
 def test_push_refuses_a_folder_that_would_not_load_before_sending_anything(case, glu_folder, tmp_path, capsys,
                                                                            monkeypatch):  # fmt: skip
-    from test_hub import FakeHfApi
+    from conftest import FakeHfApi
 
     from hf_glu import hub
 

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import BLOCK_HF_GLU
-from test_convert import tiny_gpt2
+from conftest import BLOCK_HF_GLU, tiny_gpt2
 from transformers import AutoModelForCausalLM
 
 from hf_glu import convert_gpt2

@@ -5,9 +5,8 @@ import re
 
 import pytest
 import torch
-from conftest import TINY_FIELDS, train_steps
+from conftest import tiny_gpt2, train_steps
 from transformers import (
-    GPT2Config,
     GPT2DoubleHeadsModel,
     GPT2ForSequenceClassification,
     GPT2ForTokenClassification,
@@ -49,15 +48,6 @@ CONFIG_OPTIONS = [
 ]
 
 
-def tiny_gpt2(cls=GPT2LMHeadModel, spread: float = 0.2, **overrides):
-    """A tiny GPT-2 whose weights are spread wider than init, so activations reach GELU's curved range."""
-    config = GPT2Config(**{**TINY_FIELDS, "num_labels": 3, **overrides})
-    config._attn_implementation = "eager"  # reorder_and_upcast_attn only acts on the eager path
-    model = cls(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * spread)
-    return model.eval()
 
 
 def _outputs(model, ids, token_type_ids=None):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import FakeHfApi, tiny_config
 
 from hf_glu import GluForCausalLM
 from hf_glu.data import train_bpe_tokenizer
@@ -15,27 +15,6 @@ from hf_glu.hub import CheckpointFolderError, check_checkpoint_folder, push_chec
 CODE_FILES = ("configuration_glu.py", "modeling_glu.py", "glu.py", "glu_triton.py")
 
 
-class FakeHfApi:
-    """Records calls instead of talking to the Hub; snapshots the list of files the real ``upload_folder`` would
-    send at call time (its own listing and pattern filter)."""
-
-    def __init__(self):
-        self.calls = []
-        self.uploaded_files = None
-
-    def create_repo(self, repo_id, **kwargs):
-        self.calls.append(("create_repo", repo_id, kwargs))
-        return f"https://huggingface.co/{repo_id}"
-
-    def upload_folder(self, *, repo_id, folder_path, allow_patterns=None, ignore_patterns=None, **kwargs):
-        from huggingface_hub.utils import filter_repo_objects
-        from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
-
-        self.calls.append(("upload_folder", repo_id, kwargs))
-        root = Path(folder_path).resolve()
-        listed = sorted(p.relative_to(root).as_posix() for p in root.glob("**/*") if p.is_file())
-        ignored = [*(ignore_patterns or []), *DEFAULT_IGNORE_PATTERNS]
-        self.uploaded_files = list(filter_repo_objects(listed, allow_patterns=allow_patterns, ignore_patterns=ignored))
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,9 @@ import shutil
 
 import pytest
 import torch
-from conftest import refused, tree
+from conftest import refused, tiny_gpt2, tree
 from families import exact_variant, tiny_source
 from hub_cache import hub_snapshot
-from test_convert import tiny_gpt2
 from transformers import AutoModelForCausalLM
 
 from hf_glu.cli import main
@@ -64,7 +63,7 @@ def test_a_hub_cache_snapshot_converts_to_what_transformers_loads(family, route,
 
 
 def test_the_converted_hub_cache_snapshot_passes_the_push_check(hub_cache, tmp_path):
-    from test_hub import FakeHfApi
+    from conftest import FakeHfApi
 
     from hf_glu.hub import push_checkpoint
 

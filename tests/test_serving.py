@@ -215,8 +215,8 @@ SERVE_STARTUP_S = 240  # model processes start by spawn: imports torch and trans
 @pytest.fixture(scope="module")
 def served_checkpoints(tmp_path_factory):
     """A converted GPT-2 and a converted GPT-NeoX checkpoint, each with a tokenizer the server can load."""
+    from conftest import tiny_gpt2
     from families import FAMILY_CONFIGS
-    from test_convert import tiny_gpt2
 
     from hf_glu import convert_checkpoint, convert_gpt2
     from hf_glu.data import builtin_corpus, train_bpe_tokenizer

@@ -10,9 +10,8 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BLOCK_HF_GLU
+from conftest import BLOCK_HF_GLU, tiny_gpt2
 from families import FAMILY_CONFIGS, exact_variant, tiny_source
-from test_convert import tiny_gpt2
 
 from hf_glu import convert_checkpoint
 from hf_glu.cli import main
