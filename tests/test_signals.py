@@ -228,3 +228,30 @@ def test_the_swap_takes_place_only_onto_what_was_checked(state, renameat2, tmp_p
             (dst / "notes.txt").write_text("mine")
     assert str(dst) in str(raised.value)
     assert _tree(tmp_path) == {"dst{0}": "dir", "dst{0}/notes.txt": b"mine".hex()}
+
+
+def test_a_signal_while_the_temporary_folder_is_made_still_removes_it(tmp_path, monkeypatch):
+    """The stop lands between the temporary folder's mkdir and the moment it is known to need removing."""
+    from hf_glu.convert import save
+
+    class Stopped(BaseException):
+        pass
+
+    def stop(signum, frame):
+        raise Stopped
+
+    made = save._make_temporary
+
+    def make_then_signal(dst):
+        folder = made(dst)
+        signal.raise_signal(signal.SIGTERM)  # the handler raises here, before the caller holds the folder
+        return folder
+
+    monkeypatch.setattr(save, "_make_temporary", make_then_signal)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        with pytest.raises(Stopped), atomic_folder(tmp_path / "dst", force=False):
+            pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert list(tmp_path.iterdir()) == [], "the temporary folder was left behind"

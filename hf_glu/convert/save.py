@@ -248,9 +248,14 @@ def atomic_folder(dst: str | Path, force: bool, src: str | Path | None = None) -
         _remove_ours(path)
     container = None
     try:
-        container = _make_temporary(dst)
-        tmp = container / _INNER
-        tmp.mkdir()  # mkdir's mode follows the umask: the checkpoint gets the user's usual permissions
+        # A stop signal between the folder's mkdir and `container` being set would leave a folder nobody removes:
+        # it is held until the folder is ours to clean up, then acted on.
+        with _signals_deferred() as arrived:
+            container = _make_temporary(dst)
+            tmp = container / _INNER
+            tmp.mkdir()  # mkdir's mode follows the umask: the checkpoint gets the user's usual permissions
+        for signum in arrived:
+            signal.raise_signal(signum)
         yield tmp
         with _signals_deferred() as late:
             _swap_in(tmp, dst, force, seen)
