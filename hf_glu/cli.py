@@ -122,14 +122,19 @@ def run_convert(args: argparse.Namespace) -> int:
         print(f"width: {width['intermediate_size']} of the source's {width['source_intermediate_size']} units; "
               f"MLP parameters {counts['source']['mlp']:,} → {counts['converted']['mlp']:,}, "
               f"total {counts['source']['total']:,} → {counts['converted']['total']:,}")  # fmt: skip
+    _print_fidelity(report)
+    return 0
+
+
+def _print_fidelity(report: dict, how: str = "") -> None:
+    """The report's fidelity figures in two lines, or why there are none."""
     if "evaluation" in report:
         print(f"fidelity: {report['evaluation']}")
-        return 0
-    print(f"max |Δ {report['compared_output']}| = {report['max_abs_output_diff']:.3g}")
+        return
+    print(f"max |Δ {report['compared_output']}| = {report['max_abs_output_diff']:.3g}{how}")
     if "perplexity" in report:
         ppl = report["perplexity"]
         print(f"perplexity: source {ppl['source']:.4f}, converted {ppl['converted']:.4f} (ratio {ppl['ratio']:.5f})")
-    return 0
 
 
 def _check_convert_options(args: argparse.Namespace) -> None:
@@ -228,13 +233,7 @@ def _run_streamed_convert(args: argparse.Namespace) -> int:
         max_shard_size=args.max_shard_size,
     )  # fmt: skip
     print(f"wrote {args.dst} ({report['converted_class']}, {report['variant']}, init=preserve, streamed)")
-    if "evaluation" in report:  # the source's own outputs are not finite: nothing to compare against
-        print(f"fidelity: {report['evaluation']}")
-        return 0
-    print(f"max |Δ {report['compared_output']}| = {report['max_abs_output_diff']:.3g} (measured layer by layer)")
-    if "perplexity" in report:
-        ppl = report["perplexity"]
-        print(f"perplexity: source {ppl['source']:.4f}, converted {ppl['converted']:.4f} (ratio {ppl['ratio']:.5f})")
+    _print_fidelity(report, " (measured layer by layer)")
     return 0
 
 

@@ -3,6 +3,8 @@ stand-in for the Hub API, and the checks every refused command must pass."""
 
 import hashlib
 import os
+import subprocess
+import sys
 import tempfile
 import textwrap
 from pathlib import Path
@@ -87,6 +89,50 @@ class FakeHfApi:
         listed = sorted(p.relative_to(root).as_posix() for p in root.glob("**/*") if p.is_file())
         ignored = [*(ignore_patterns or []), *DEFAULT_IGNORE_PATTERNS]
         self.uploaded_files = list(filter_repo_objects(listed, allow_patterns=allow_patterns, ignore_patterns=ignored))
+
+
+def assert_reloads_without_hf_glu(models: dict, tmp_path) -> None:
+    """Save each model under its key, then load every one in a process that cannot import hf_glu, through the
+    checkpoint's own code (``trust_remote_code``): each must give exactly the logits it gave here."""
+    ids = torch.randint(1, 101, (2, 9), generator=torch.Generator().manual_seed(0))
+    expected = {}
+    for name, model in models.items():
+        model.save_pretrained(tmp_path / name)
+        with torch.no_grad():
+            expected[name] = model(ids).logits
+    torch.save({"ids": ids, "logits": expected}, tmp_path / "expected.pt")
+    script = BLOCK_HF_GLU + textwrap.dedent(
+        """
+        import torch
+        from transformers import AutoModelForCausalLM
+        e = torch.load("expected.pt")
+        for name, logits in e["logits"].items():
+            load = dict(trust_remote_code=True, attn_implementation="eager")
+            model = AutoModelForCausalLM.from_pretrained(name, **load).eval()
+            assert "hf_glu" not in type(model).__module__, type(model).__module__
+            with torch.no_grad():
+                assert torch.equal(model(e["ids"]).logits, logits), f"{name}: logits differ"
+            print("LOADED", name)
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("LOADED") == len(models)
+
+
+@pytest.fixture
+def gpt2_folder(tmp_path):
+    """A tiny saved GPT-2 with its own tokenizer in ``tmp_path/src``, and a text file beside it (``text.txt``)."""
+    from hf_glu.data import builtin_corpus, train_bpe_tokenizer
+
+    folder = tmp_path / "src"
+    tokenizer = train_bpe_tokenizer(builtin_corpus(5_000), vocab_size=101)
+    tiny_gpt2(vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (tmp_path / "text.txt").write_text(builtin_corpus(3_000))
+    return folder
 
 
 def ragged_rows(n: int = 4, length: int = 12) -> list[dict[str, torch.Tensor]]:

@@ -173,18 +173,6 @@ def test_hostile_sources_fail_in_one_line_and_touch_nothing(name, family, damage
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"], "debris left beside DST"
 
 
-@pytest.fixture
-def gpt2_folder(tmp_path):
-    from hf_glu.data import builtin_corpus, train_bpe_tokenizer
-
-    folder = tmp_path / "src"
-    tokenizer = train_bpe_tokenizer(builtin_corpus(5_000), vocab_size=101)
-    tiny_gpt2(vocab_size=len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    (tmp_path / "text.txt").write_text(builtin_corpus(3_000))
-    return folder
-
-
 # (options after `convert SRC DST --variant swiglu`, expected fragment of the one-line error)
 BAD_CONVERT_OPTIONS = [
     (["--intermediate-size", "0", "--init", "random"], "--intermediate-size 0"),

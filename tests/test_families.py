@@ -5,15 +5,13 @@ the variant that reproduces its activation exactly, so the converted model must 
 """
 
 import json
-import os
 import re
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
-from conftest import BLOCK_HF_GLU, one_sgd_step_args, ragged_rows
+from conftest import assert_reloads_without_hf_glu, one_sgd_step_args, ragged_rows
 from families import CORE_FAMILIES, FAMILY_CONFIGS, exact_variant, tiny_source
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, Trainer
@@ -128,34 +126,7 @@ def test_lora_with_the_default_targets_runs_forward_and_backward(model_type):
 
 
 def test_process_without_hf_glu_loads_every_family_with_trust_remote_code(tmp_path):
-    ids = torch.randint(1, 101, (2, 9))
-    expected = {}
-    for model_type in ALL_FAMILIES:
-        _, converted = _converted_lm(model_type)
-        converted.save_pretrained(tmp_path / model_type)
-        with torch.no_grad():
-            expected[model_type] = converted(ids).logits
-    torch.save({"ids": ids, "logits": expected}, tmp_path / "expected.pt")
-    script = BLOCK_HF_GLU + textwrap.dedent(
-        """
-        import torch
-        from transformers import AutoModelForCausalLM
-        e = torch.load("expected.pt")
-        for model_type, logits in e["logits"].items():
-            load = dict(trust_remote_code=True, attn_implementation="eager")
-            model = AutoModelForCausalLM.from_pretrained(model_type, **load)
-            model.eval()
-            assert "hf_glu" not in type(model).__module__, type(model).__module__
-            with torch.no_grad():
-                assert torch.equal(model(e["ids"]).logits, logits), f"{model_type}: logits differ"
-            print("LOADED", model_type, type(model).__name__)
-        """
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=600)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("LOADED") == len(ALL_FAMILIES)
+    assert_reloads_without_hf_glu({t: _converted_lm(t)[1] for t in ALL_FAMILIES}, tmp_path)
 
 
 @pytest.mark.parametrize("model_type", ALL_FAMILIES)

@@ -2,15 +2,11 @@
 the parameter count, the width-equal case bit for bit, the report against a re-measurement, the CLI."""
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BLOCK_HF_GLU, tiny_gpt2
+from conftest import assert_reloads_without_hf_glu, tiny_gpt2
 from families import FAMILY_CONFIGS, exact_variant, tiny_source
 
 from hf_glu import convert_checkpoint
@@ -97,31 +93,7 @@ def test_match_params_gives_every_family_the_source_mlp_parameter_count(model_ty
 
 
 def test_every_family_reloads_with_trust_remote_code_in_a_process_without_hf_glu(converted_all, tmp_path):
-    ids = torch.randint(1, 101, (2, 9), generator=torch.Generator().manual_seed(0))
-    expected = {}
-    for model_type, (_, _, converted) in converted_all.items():
-        converted.save_pretrained(tmp_path / model_type)
-        with torch.no_grad():
-            expected[model_type] = converted(ids).logits
-    torch.save({"ids": ids, "logits": expected}, tmp_path / "expected.pt")
-    script = BLOCK_HF_GLU + textwrap.dedent(
-        """
-        import torch
-        from transformers import AutoModelForCausalLM
-        e = torch.load("expected.pt")
-        for model_type, logits in e["logits"].items():
-            load = dict(trust_remote_code=True, attn_implementation="eager")
-            model = AutoModelForCausalLM.from_pretrained(model_type, **load)
-            with torch.no_grad():
-                assert torch.equal(model.eval()(e["ids"]).logits, logits), f"{model_type}: logits differ"
-            print("LOADED", model_type)
-        """
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=600)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("LOADED") == len(ALL)
+    assert_reloads_without_hf_glu({t: converted for t, (_, _, converted) in converted_all.items()}, tmp_path)
 
 
 @pytest.mark.parametrize("model_type", ALL)
@@ -224,18 +196,6 @@ def test_the_card_tells_the_width_the_counts_and_the_recovery_recipe(tmp_path):
     assert "down_proj` re-fitted" in card and "max unit error" not in card
     for layer in report["layers"]:
         assert f"| {layer['layer']} | {layer['calibration_mlp_relative_error']:.3g} |" in card
-
-
-@pytest.fixture
-def gpt2_folder(tmp_path):
-    from hf_glu.data import builtin_corpus, train_bpe_tokenizer
-
-    folder = tmp_path / "src"
-    tokenizer = train_bpe_tokenizer(builtin_corpus(5_000), vocab_size=101)
-    tiny_gpt2(vocab_size=len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    (tmp_path / "text.txt").write_text(builtin_corpus(3_000))
-    return folder
 
 
 def test_the_cli_converts_at_equal_parameters_with_calibration_text(gpt2_folder, tmp_path, capsys):
