@@ -139,7 +139,7 @@ def _print_fidelity(report: dict, how: str = "") -> None:
 
 def _check_convert_options(args: argparse.Namespace) -> None:
     """The options' values, checked before anything is loaded; each error names the option and what it takes."""
-    from transformers.utils.hub import convert_file_size_to_int
+    from .convert.stream import parse_size
 
     if not args.src.strip():
         raise ValueError("SRC is empty; expected a checkpoint folder or a Hub model id")
@@ -147,12 +147,7 @@ def _check_convert_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--intermediate-size {args.intermediate_size} is invalid; expected an integer >= 1")
     if args.eval_tokens is not None and args.eval_tokens < 2:
         raise ValueError(f"--eval-tokens {args.eval_tokens} is invalid; expected an integer >= 2")
-    try:
-        size = convert_file_size_to_int(args.max_shard_size)
-    except (ValueError, TypeError):
-        size = None
-    if not isinstance(size, int) or size <= 0:
-        raise ValueError(f"--max-shard-size {args.max_shard_size!r} is invalid; expected a size such as 500MB or 5GB")
+    parse_size(args.max_shard_size, f"--max-shard-size {args.max_shard_size!r}", "500MB or 5GB")
     if args.max_memory is not None:
         _check_max_memory(args)
     if args.eval_text is not None and not Path(args.eval_text).is_file():
@@ -180,14 +175,11 @@ def _check_width_options(args: argparse.Namespace) -> None:
 
 
 def _check_max_memory(args: argparse.Namespace) -> None:
-    from .convert.layerwise import parse_max_memory
+    from .convert.stream import parse_size
 
     if args.no_eval:
         raise ValueError("--max-memory runs the fidelity pass that --no-eval skips; pass one of them, not both")
-    try:
-        parse_max_memory(args.max_memory)
-    except ValueError:
-        raise ValueError(f"--max-memory {args.max_memory!r} is invalid; expected a size such as 500MB or 4GB") from None
+    parse_size(args.max_memory, f"--max-memory {args.max_memory!r}", "500MB or 4GB")
 
 
 def _text_prefix(args: argparse.Namespace, path: str, tokens: int | None, use: str) -> str:

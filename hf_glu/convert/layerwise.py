@@ -33,15 +33,9 @@ from .surgery import FamilySurgery
 
 def parse_max_memory(size: str | int) -> int:
     """``size`` (``"500MB"``, ``"4GB"``, ``"4GiB"`` or bytes) in bytes; anything else is a ConversionError."""
-    from transformers.utils.hub import convert_file_size_to_int
+    from .stream import parse_size
 
-    try:
-        limit = convert_file_size_to_int(size)
-    except (ValueError, TypeError):
-        limit = None
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
-        raise ConversionError(f"max_memory={size!r} is invalid; expected a size such as 500MB or 4GB")
-    return limit
+    return parse_size(size, f"max_memory={size!r}", "500MB or 4GB")
 
 
 class FileWeights(Mapping):

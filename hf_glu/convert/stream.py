@@ -66,7 +66,7 @@ def stream_convert(
     shards of at most ``max_shard_size`` (as ``save_pretrained`` takes it: ``"500MB"`` or bytes) each; a
     tensor larger than that gets a shard of its own. ``evaluate`` (:mod:`.layerwise`) measures the written
     weights before ``dst`` is replaced, so a failed measurement publishes nothing."""
-    max_bytes = _shard_limit(max_shard_size)
+    max_bytes = parse_size(max_shard_size, f"max_shard_size={max_shard_size!r}", "500MB or 5GB")
     dst = check_destination(dst, force, source)  # before the work, so a refusal costs nothing
     folder = source_folder(source)
     config, model_cls = read_config(folder)
@@ -155,15 +155,17 @@ def stream_convert(
     return report
 
 
-def _shard_limit(max_shard_size: str | int) -> int:
+def parse_size(size: str | int, label: str, example: str) -> int:
+    """``size`` (``"500MB"``, ``"4GiB"`` or bytes) in bytes, as Transformers reads ``max_shard_size``; anything else is
+    a ConversionError saying ``{label} is invalid`` and naming ``example`` as what is accepted."""
     from transformers.utils.hub import convert_file_size_to_int
 
     try:
-        limit = convert_file_size_to_int(max_shard_size)
+        limit = convert_file_size_to_int(size)
     except (ValueError, TypeError):
         limit = None
     if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
-        raise ConversionError(f"max_shard_size={max_shard_size!r} is invalid; expected a size such as 500MB or 5GB")
+        raise ConversionError(f"{label} is invalid; expected a size such as {example}")
     return limit
 
 
