@@ -37,8 +37,8 @@ $(COMPAT_STAMP): pyproject.toml
 
 test-compat: $(COMPAT_STAMP)
 	HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 $(COMPAT_VENV)/bin/python -m pytest -q \
-		tests/test_configuration_glu.py tests/test_modeling_glu.py tests/test_remote_code.py tests/test_training.py \
-		tests/test_families.py tests/test_transformers_common.py
+		tests/model/test_configuration_glu.py tests/model/test_modeling_glu.py tests/model/test_remote_code.py tests/model/test_training.py \
+		tests/model/test_families.py tests/model/test_transformers_common.py
 
 # A real serving check: vLLM's CPU build serves converted checkpoints of several families with every variant
 # through its Transformers backend; log-probs must match Transformers' and swiglu/geglu/geglu_tanh must be fused.
@@ -59,7 +59,7 @@ $(VLLM_STAMP): pyproject.toml
 	touch $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)
-	HF_HUB_OFFLINE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_VENV)/bin/python tests/vllm/check_vllm.py
+	HF_HUB_OFFLINE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_VENV)/bin/python tests/serving/check_vllm.py
 
 # Ahead-of-time compile check of the fused kernels for real GPUs (sm_80, sm_90, sm_100) on this CPU-only
 # machine: every specialization of the full scope, registers / spills / shared memory per kernel written to

@@ -16,7 +16,7 @@
 #               variants: every fused design, Liger, LlamaMLP, torch.compile, the GEMMs alone
 #   train   65  bench_train.py: the whole training step and generation (GPT-2-medium shape, auto vs eager vs
 #               dense), 2 rounds
-#   tests   120 tests/test_glu_triton.py without TRITON_INTERPRET: the same tests as CI, on the GPU (93 s last
+#   tests   120 tests/kernels/test_glu_triton.py without TRITON_INTERPRET: the same tests as CI, on the GPU (93 s last
 #               measured on an H100 with 95 tests; 230 now, the new ones tiny)
 # The limits are estimates until a run prints "step X took N s": set them from those lines.
 # A step that fails or times out marks the run failed; the others still run. Inside the benchmarks each
@@ -83,7 +83,7 @@ bench profile bench_profile bench_mlp.py --profile 5 --shapes gpt2-small-geglu_t
   gpt2-small-swiglu gpt2-medium-swiglu
 bench train bench_train bench_train.py --repeat 2
 begin=$SECONDS
-timeout "${STEP_SECONDS[tests]}" "$PY" -m pytest -q -p no:cacheprovider --maxfail 10 tests/test_glu_triton.py \
+timeout "${STEP_SECONDS[tests]}" "$PY" -m pytest -q -p no:cacheprovider --maxfail 10 tests/kernels/test_glu_triton.py \
   --junitxml "$OUT/test_glu_triton.xml" 2>&1 | tee "$OUT/tests.log" || status=1
 echo "gpu_check: step tests took $((SECONDS - begin)) s of ${STEP_SECONDS[tests]}; all steps $((SECONDS - started)) s"
 exit $status

@@ -4,7 +4,7 @@ The templates live in the repository's top-level ``model_cards/`` folder, next t
 documents, edited as such. pyproject.toml maps that folder to the data-only package ``hf_glu.model_cards``,
 so a wheel or plain ``pip install .`` ships them as ``hf_glu/model_cards/*.md`` and an editable install
 resolves the same name to the folder itself; ``template_text`` reads them through ``importlib.resources``,
-which finds them either way (tests/test_cards.py checks both).
+which finds them either way (tests/hub/test_cards.py checks both).
 
 The YAML header is written by ``huggingface_hub.ModelCardData`` (with ``EvalResult`` entries for the
 model-index), so it is what the Hub validates.

@@ -1,7 +1,7 @@
 """The docs stay true: every test, file, option and make target they name exists, and their cheap commands run.
 
-Reads README.md, recipes/README.md, benchmarks/README.md and docs/*.md as a reader would: a claim that goes
-stale (a renamed test, a removed option, a snippet that no longer runs) fails here.
+Reads README.md, recipes/README.md, benchmarks/README.md, tests/README.md and docs/*.md as a reader would: a claim
+that goes stale (a renamed test, a removed option, a snippet that no longer runs) fails here.
 """
 
 from __future__ import annotations
@@ -15,18 +15,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_FIELDS
-from families import FAMILY_CONFIGS
 from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel
 
 import hf_glu.hub as hub
 from hf_glu.cli import build_parser, main
 from hf_glu.data import builtin_corpus, train_bpe_tokenizer
 
+from helpers import FAMILY_CONFIGS, TINY_FIELDS
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = sorted(
     p for p in [ROOT / "README.md", ROOT / "recipes" / "README.md", ROOT / "benchmarks" / "README.md",
-                *(ROOT / "docs").glob("**/*.md")] if p.is_file()
+                ROOT / "tests" / "README.md", *(ROOT / "docs").glob("**/*.md")] if p.is_file()
 )  # fmt: skip
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
 # Options of programs that are not ours, named where the docs show how to launch or install.

@@ -1,4 +1,4 @@
-"""Run by tests/test_distributed.py under `torchrun --nproc_per_node 2` (CPU, gloo): loads the prepared
+"""Run by tests/distributed/test_parallel_model.py under `torchrun --nproc_per_node 2` (CPU, gloo): loads the prepared
 checkpoints with Transformers' tensor parallelism (mode `tp`) or FSDP2 (mode `fsdp`) and writes what each rank
 saw to <mode>-rank<N>.json."""
 

@@ -1,4 +1,4 @@
-"""Run by tests/test_recipes_distributed.py: several runs of recipes/finetune_accelerate.py in one process, so
+"""Run by tests/distributed/test_parallel_recipes.py: several runs of recipes/finetune_accelerate.py in one process, so
 one launch (python, or `torchrun --nproc_per_node 2` for the sharded runs) pays the start-up cost once.
 
     run_recipe_jobs.py JOBS.json
