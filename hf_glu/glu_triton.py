@@ -122,6 +122,29 @@ DEFAULT_MLP_DESIGN = "separate"
 # candidate (bench_train, a user's own measurement); bench_mlp passes design= to fused_mlp_from_weights instead.
 MLP_DESIGN = DEFAULT_MLP_DESIGN
 
+
+# Below this many tokens, a forward without autograd (generation, evaluation) runs eager under "auto": at
+# decode sizes the GEMMs take microseconds and the fused path's host-side work per call (checks, launch
+# configuration, the Triton launch) can cost more than the eager elementwise kernels it replaces.
+# Provisional: not yet measured on a GPU; benchmarks/bench_mlp.py's inference table reports the crossover.
+INFERENCE_EAGER_BELOW_TOKENS = 64
+# The probe's tensor: 1024 columns pick the block shape most models' widths (>= 1024) use.
+_PROBE_SHAPE = (16, 1024)
+# torch.nn.modules.module's registries of hooks for every module. Private names: each is read with a default,
+# so a torch version that lacks one (checkpoint copies run on the user's torch) still runs this file.
+_nn_module = torch.nn.modules.module
+_GLOBAL_HOOK_REGISTRIES = (
+    "_global_forward_pre_hooks",
+    "_global_forward_hooks",
+    "_global_backward_pre_hooks",
+    "_global_backward_hooks",
+)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton kernels.
+
+
 if TRITON_AVAILABLE:
     # The kernels branch on the variant at compile time, by glu.py's table position (GluVariant.kernel_id).
     _GLU, _BILINEAR, _REGLU, _GEGLU, _GEGLU_TANH, _SWIGLU, _SWIGLU_OAI = (
@@ -282,6 +305,10 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _empty(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
 def _check_launchable(name: str, t: torch.Tensor) -> None:
     if not TRITON_AVAILABLE:
         raise ImportError("the fused GLU kernels need triton; install it with `pip install 'hf-glu[gpu]'`")
@@ -304,6 +331,27 @@ def _check_same(reference: torch.Tensor, **others: torch.Tensor) -> None:
                 f"{name} is {tuple(t.shape)} {t.dtype} on {t.device}; expected the gate's "
                 f"{tuple(reference.shape)} {reference.dtype} on {reference.device}"
             )
+
+
+def _check_rows_view(name: str, t: torch.Tensor) -> None:
+    # The in-place kernel writes through the [rows, columns] view: a reshape that copied would lose it.
+    if _as_rows(t).data_ptr() != t.data_ptr() or (t.dim() != 2 and not t.is_contiguous()):
+        raise ValueError(f"{name} must be 2-D or contiguous to be written in place, got strides {t.stride()}")
+
+
+def split_gate_up(packed: torch.Tensor, layout: str = "halves") -> tuple[torch.Tensor, torch.Tensor]:
+    """Views (no copy) of gate and up in a packed ``[..., 2 * intermediate]`` tensor.
+
+    ``"halves"``: gate then up (``torch.chunk`` order); ``"interleaved"``: gate in even columns, up in odd
+    ones (gpt-oss's layout).
+    """
+    if packed.shape[-1] % 2:
+        raise ValueError(f"packed gate/up has {packed.shape[-1]} columns; expected an even number")
+    if layout == "halves":
+        return packed.chunk(2, dim=-1)
+    if layout == "interleaved":
+        return packed[..., 0::2], packed[..., 1::2]
+    raise ValueError(f"layout={layout!r} is invalid; expected 'halves' or 'interleaved'")
 
 
 def _launch_config(rows: int, cols: int) -> tuple[tuple[int, int], int, int]:
@@ -390,44 +438,6 @@ def _launch_backward(
     return partial.sum(1) if bias_grads else None
 
 
-def _check_rows_view(name: str, t: torch.Tensor) -> None:
-    # The in-place kernel writes through the [rows, columns] view: a reshape that copied would lose it.
-    if _as_rows(t).data_ptr() != t.data_ptr() or (t.dim() != 2 and not t.is_contiguous()):
-        raise ValueError(f"{name} must be 2-D or contiguous to be written in place, got strides {t.stride()}")
-
-
-# ----------------------------------------------------------------------------------------------------
-# The ops. Each is a plain function, entered through an autograd.Function in eager mode (the custom op's
-# Python dispatch costs more than the GPU work at small sizes, and the GPU waits for it) and through a
-# torch.library custom op under torch.compile, which needs one opaque graph node. Variant and parameters
-# travel as plain str/float so the schema stays simple.
-
-
-def _first_order_only(backward: Callable) -> Callable:
-    """Refuses a backward that would build a graph (``create_graph=True``): the kernels' gradients are not
-    themselves differentiable, so a second-order gradient through them would be silently wrong.
-
-    Raised at once rather than deferred as ``torch.autograd.function.once_differentiable`` does: its deferred
-    error sits off the path to the weights, so ``torch.autograd.grad(..., weights)`` would drop this MLP's
-    second-order terms without a word. The engine enables grad mode in a backward only for create_graph.
-    """
-
-    @functools.wraps(backward)
-    def checked(ctx, *grads):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "the fused GLU kernels have no second-order gradient: a backward with create_graph=True (double "
-                "backward) through this MLP needs glu_kernel='eager'"
-            )
-        return backward(ctx, *grads)
-
-    return checked
-
-
-def _empty(t: torch.Tensor) -> torch.Tensor:
-    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
-
-
 def _act_forward(
     gate: torch.Tensor, up: torch.Tensor, variant: str, beta: float, alpha: float, limit: float
 ) -> torch.Tensor:
@@ -447,48 +457,6 @@ def _act_grads(
     dgate, dup = _empty(gate), _empty(up)
     _launch_backward(grad, gate, up, dgate, dup, None, variant, GluParams(beta, alpha, limit))
     return dgate, dup
-
-
-def _glu_act_setup(ctx, inputs, output) -> None:
-    gate, up, *act_args = inputs
-    ctx.save_for_backward(gate, up)
-    ctx.act_args = act_args
-
-
-class _GluActFunction(torch.autograd.Function):
-    """The eager entry of the elementwise op; ``<ns>::glu_act`` is the same under ``torch.compile``."""
-
-    forward = staticmethod(_act_forward)
-    setup_context = staticmethod(_glu_act_setup)
-
-    @staticmethod
-    @_first_order_only
-    def backward(ctx, grad):
-        return (*_act_grads(grad, *ctx.saved_tensors, *ctx.act_args), None, None, None, None)
-
-
-_glu_act_op = torch.library.custom_op(f"{NAMESPACE}::glu_act", mutates_args=())(_act_forward)
-
-
-@_glu_act_op.register_fake
-def _(gate, up, variant, beta, alpha, limit):
-    return _empty(gate)
-
-
-_glu_act_backward_op = torch.library.custom_op(f"{NAMESPACE}::glu_act_backward", mutates_args=())(_act_grads)
-
-
-@_glu_act_backward_op.register_fake
-def _(grad, gate, up, variant, beta, alpha, limit):
-    return _empty(gate), _empty(up)
-
-
-@_first_order_only
-def _glu_act_op_backward(ctx, grad):
-    return (*_glu_act_backward_op(grad, *ctx.saved_tensors, *ctx.act_args), None, None, None, None)
-
-
-_glu_act_op.register_autograd(_glu_act_op_backward, setup_context=_glu_act_setup)
 
 
 def _mlp_act_grads(
@@ -528,20 +496,6 @@ def _mlp_act_grads(
     return dgate, dup, act, gate.new_empty((0, gate.shape[-1])) if sums is None else sums.to(gate.dtype)
 
 
-# The schema leaves in_place out: the op is the functional form only.
-_glu_mlp_act_backward_op = torch.library.custom_op(
-    f"{NAMESPACE}::glu_mlp_act_backward",
-    mutates_args=(),
-    schema="(Tensor grad, Tensor gate, Tensor up, str variant, float beta, float alpha, float limit, "
-    "bool bias_grads) -> (Tensor, Tensor, Tensor, Tensor)",
-)(_mlp_act_grads)
-
-
-@_glu_mlp_act_backward_op.register_fake
-def _(grad, gate, up, variant, beta, alpha, limit, bias_grads):
-    return _empty(gate), _empty(up), _empty(grad), gate.new_empty((2 if bias_grads else 0, gate.shape[-1]))
-
-
 def _packed_mlp_act_grads(
     grad: torch.Tensor,
     packed: torch.Tensor,
@@ -563,16 +517,6 @@ def _packed_mlp_act_grads(
     act = _empty(grad)
     sums = _launch_backward(grad, gate, up, dgate, dup, act, variant, GluParams(beta, alpha, limit), bias_grads)
     return dpacked, act, gate.new_empty((0, gate.shape[-1])) if sums is None else sums.to(gate.dtype)
-
-
-_glu_mlp_packed_act_backward_op = torch.library.custom_op(f"{NAMESPACE}::glu_mlp_packed_act_backward", mutates_args=())(
-    _packed_mlp_act_grads
-)
-
-
-@_glu_mlp_packed_act_backward_op.register_fake
-def _(grad, packed, packing, variant, beta, alpha, limit, bias_grads):
-    return _empty(packed), _empty(grad), packed.new_empty((2 if bias_grads else 0, packed.shape[-1] // 2))
 
 
 def _mlp_design(name: str) -> MlpDesign:
@@ -632,6 +576,100 @@ def _glu_mlp_forward(
     _launch_forward(gate, up, act, variant, GluParams(beta, alpha, limit))
     out = F.linear(act, down_weight, down_bias)
     return out.view(*x.shape[:-1], out.shape[-1]), kept, other
+
+
+# ----------------------------------------------------------------------------------------------------
+# The ops. Each is a plain function, entered through an autograd.Function in eager mode (the custom op's
+# Python dispatch costs more than the GPU work at small sizes, and the GPU waits for it) and through a
+# torch.library custom op under torch.compile, which needs one opaque graph node. Variant and parameters
+# travel as plain str/float so the schema stays simple.
+
+
+def _first_order_only(backward: Callable) -> Callable:
+    """Refuses a backward that would build a graph (``create_graph=True``): the kernels' gradients are not
+    themselves differentiable, so a second-order gradient through them would be silently wrong.
+
+    Raised at once rather than deferred as ``torch.autograd.function.once_differentiable`` does: its deferred
+    error sits off the path to the weights, so ``torch.autograd.grad(..., weights)`` would drop this MLP's
+    second-order terms without a word. The engine enables grad mode in a backward only for create_graph.
+    """
+
+    @functools.wraps(backward)
+    def checked(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "the fused GLU kernels have no second-order gradient: a backward with create_graph=True (double "
+                "backward) through this MLP needs glu_kernel='eager'"
+            )
+        return backward(ctx, *grads)
+
+    return checked
+
+
+def _glu_act_setup(ctx, inputs, output) -> None:
+    gate, up, *act_args = inputs
+    ctx.save_for_backward(gate, up)
+    ctx.act_args = act_args
+
+
+class _GluActFunction(torch.autograd.Function):
+    """The eager entry of the elementwise op; ``<ns>::glu_act`` is the same under ``torch.compile``."""
+
+    forward = staticmethod(_act_forward)
+    setup_context = staticmethod(_glu_act_setup)
+
+    @staticmethod
+    @_first_order_only
+    def backward(ctx, grad):
+        return (*_act_grads(grad, *ctx.saved_tensors, *ctx.act_args), None, None, None, None)
+
+
+_glu_act_op = torch.library.custom_op(f"{NAMESPACE}::glu_act", mutates_args=())(_act_forward)
+
+
+@_glu_act_op.register_fake
+def _(gate, up, variant, beta, alpha, limit):
+    return _empty(gate)
+
+
+_glu_act_backward_op = torch.library.custom_op(f"{NAMESPACE}::glu_act_backward", mutates_args=())(_act_grads)
+
+
+@_glu_act_backward_op.register_fake
+def _(grad, gate, up, variant, beta, alpha, limit):
+    return _empty(gate), _empty(up)
+
+
+@_first_order_only
+def _glu_act_op_backward(ctx, grad):
+    return (*_glu_act_backward_op(grad, *ctx.saved_tensors, *ctx.act_args), None, None, None, None)
+
+
+_glu_act_op.register_autograd(_glu_act_op_backward, setup_context=_glu_act_setup)
+
+
+# The schema leaves in_place out: the op is the functional form only.
+_glu_mlp_act_backward_op = torch.library.custom_op(
+    f"{NAMESPACE}::glu_mlp_act_backward",
+    mutates_args=(),
+    schema="(Tensor grad, Tensor gate, Tensor up, str variant, float beta, float alpha, float limit, "
+    "bool bias_grads) -> (Tensor, Tensor, Tensor, Tensor)",
+)(_mlp_act_grads)
+
+
+@_glu_mlp_act_backward_op.register_fake
+def _(grad, gate, up, variant, beta, alpha, limit, bias_grads):
+    return _empty(gate), _empty(up), _empty(grad), gate.new_empty((2 if bias_grads else 0, gate.shape[-1]))
+
+
+_glu_mlp_packed_act_backward_op = torch.library.custom_op(f"{NAMESPACE}::glu_mlp_packed_act_backward", mutates_args=())(
+    _packed_mlp_act_grads
+)
+
+
+@_glu_mlp_packed_act_backward_op.register_fake
+def _(grad, packed, packing, variant, beta, alpha, limit, bias_grads):
+    return _empty(packed), _empty(grad), packed.new_empty((2 if bias_grads else 0, packed.shape[-1] // 2))
 
 
 def _save_for_mlp_backward(ctx, inputs: tuple, kept: torch.Tensor, other: torch.Tensor) -> None:
@@ -756,10 +794,6 @@ def _glu_mlp_op_backward(ctx, grad_out, _grad_kept, _grad_other):
 _glu_mlp_op.register_autograd(_glu_mlp_op_backward, setup_context=_glu_mlp_setup)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Public entry points and the dispatch.
-
-
 def _act_args(variant: str | GluVariant, params: GluParams) -> tuple[str, float, float, float]:
     """The ops' trailing scalar arguments: the variant's name and its parameters."""
     name = variant.name if isinstance(variant, GluVariant) else get_variant(variant).name
@@ -777,21 +811,6 @@ def glu_activation_fused(
     if torch.compiler.is_compiling():
         return _glu_act_op(gate, up, *act_args)
     return _GluActFunction.apply(gate, up, *act_args)
-
-
-def split_gate_up(packed: torch.Tensor, layout: str = "halves") -> tuple[torch.Tensor, torch.Tensor]:
-    """Views (no copy) of gate and up in a packed ``[..., 2 * intermediate]`` tensor.
-
-    ``"halves"``: gate then up (``torch.chunk`` order); ``"interleaved"``: gate in even columns, up in odd
-    ones (gpt-oss's layout).
-    """
-    if packed.shape[-1] % 2:
-        raise ValueError(f"packed gate/up has {packed.shape[-1]} columns; expected an even number")
-    if layout == "halves":
-        return packed.chunk(2, dim=-1)
-    if layout == "interleaved":
-        return packed[..., 0::2], packed[..., 1::2]
-    raise ValueError(f"layout={layout!r} is invalid; expected 'halves' or 'interleaved'")
 
 
 def _autocast(tensors: list[torch.Tensor | None], device_type: str) -> list[torch.Tensor | None]:
@@ -827,45 +846,8 @@ def fused_mlp_from_weights(
     return _GluMlpFunction.apply(*tensors, *act_args, design)
 
 
-# torch.nn.modules.module's registries of hooks for every module. Private names: each is read with a default,
-# so a torch version that lacks one (checkpoint copies run on the user's torch) still runs this file.
-_nn_module = torch.nn.modules.module
-_GLOBAL_HOOK_REGISTRIES = (
-    "_global_forward_pre_hooks",
-    "_global_forward_hooks",
-    "_global_backward_pre_hooks",
-    "_global_backward_hooks",
-)
-
-
-def _is_plain_linear(module: nn.Module) -> bool:
-    # Subclasses (quantised layers), wrappers (PEFT LoRA) and hooked layers must run their own forward, and so
-    # must layers that tensor parallelism sharded: Transformers replaces their `forward` on the instance (no
-    # hook) and turns their weights into DTensors, which only that forward knows how to combine. Hooks of any
-    # kind count, backward ones and those registered for every module (torch.nn.modules.module's global
-    # hooks) included: the one-op path never calls the module, so none of them would fire.
-    return (
-        type(module) is nn.Linear
-        and not module._forward_hooks
-        and not module._forward_pre_hooks
-        and not module._backward_hooks
-        and not module._backward_pre_hooks
-        and not any(getattr(_nn_module, name, None) for name in _GLOBAL_HOOK_REGISTRIES)
-        and "forward" not in vars(module)
-        and all(type(p) is nn.Parameter for p in module.parameters(recurse=False))  # a DTensor's type is DTensor
-    )
-
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    # A DTensor's is_cuda is its local shard's, but its data pointer is not one the kernels can read.
-    return _DTensor is not None and isinstance(t, _DTensor)
-
-
-# Below this many tokens, a forward without autograd (generation, evaluation) runs eager under "auto": at
-# decode sizes the GEMMs take microseconds and the fused path's host-side work per call (checks, launch
-# configuration, the Triton launch) can cost more than the eager elementwise kernels it replaces.
-# Provisional: not yet measured on a GPU; benchmarks/bench_mlp.py's inference table reports the crossover.
-INFERENCE_EAGER_BELOW_TOKENS = 64
+# ----------------------------------------------------------------------------------------------------
+# Public entry points and the dispatch.
 
 
 def fused_path_wanted(glu_kernel: str, x: torch.Tensor, variant: str | GluVariant | None = None) -> bool:
@@ -900,8 +882,6 @@ def on_cuda(x: torch.Tensor) -> bool:
 # What auto's fail-safe learnt at the first use of each (variant, dtype, device): whether the kernels compiled
 # and launched there. A key that failed runs eager for the rest of the process.
 _KERNELS_WORK: dict[tuple[str, torch.dtype, torch.device], bool] = {}
-# The probe's tensor: 1024 columns pick the block shape most models' widths (>= 1024) use.
-_PROBE_SHAPE = (16, 1024)
 
 
 def _probe_kernels(variant: str, dtype: torch.dtype, device: torch.device) -> None:
@@ -945,6 +925,29 @@ def _kernel_dtype(x: torch.Tensor) -> torch.dtype:
     # The dtype the kernels would see: the autocast dtype where autocast casts the op's inputs.
     device_type = x.device.type
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+
+
+def _is_plain_linear(module: nn.Module) -> bool:
+    # Subclasses (quantised layers), wrappers (PEFT LoRA) and hooked layers must run their own forward, and so
+    # must layers that tensor parallelism sharded: Transformers replaces their `forward` on the instance (no
+    # hook) and turns their weights into DTensors, which only that forward knows how to combine. Hooks of any
+    # kind count, backward ones and those registered for every module (torch.nn.modules.module's global
+    # hooks) included: the one-op path never calls the module, so none of them would fire.
+    return (
+        type(module) is nn.Linear
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+        and not module._backward_hooks
+        and not module._backward_pre_hooks
+        and not any(getattr(_nn_module, name, None) for name in _GLOBAL_HOOK_REGISTRIES)
+        and "forward" not in vars(module)
+        and all(type(p) is nn.Parameter for p in module.parameters(recurse=False))  # a DTensor's type is DTensor
+    )
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    # A DTensor's is_cuda is its local shard's, but its data pointer is not one the kernels can read.
+    return _DTensor is not None and isinstance(t, _DTensor)
 
 
 def fused_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
