@@ -309,7 +309,10 @@ def _empty(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 
-def _check_launchable(name: str, t: torch.Tensor) -> None:
+def _check_kernel_inputs(name: str, t: torch.Tensor, *, in_place: bool = False, **same_as_t: torch.Tensor) -> None:
+    """The argument check every op body makes before a launch: triton imports; ``t`` (``name`` in the messages)
+    has a dtype the kernels take, on a device they reach; each of ``same_as_t`` has its shape, dtype and device;
+    with ``in_place``, each of them can be written through its [rows, columns] view."""
     if not TRITON_AVAILABLE:
         raise ImportError("the fused GLU kernels need triton; install it with `pip install 'hf-glu[gpu]'`")
     if t.dtype not in SUPPORTED_DTYPES:
@@ -322,21 +325,18 @@ def _check_launchable(name: str, t: torch.Tensor) -> None:
             f"{name} is on {t.device}; the fused GLU kernels need CUDA tensors, or TRITON_INTERPRET=1 set "
             "before triton is imported to run them on CPU"
         )
-
-
-def _check_same(reference: torch.Tensor, **others: torch.Tensor) -> None:
-    for name, t in others.items():
-        if t.shape != reference.shape or t.dtype != reference.dtype or t.device != reference.device:
+    for other_name, other in same_as_t.items():
+        if other.shape != t.shape or other.dtype != t.dtype or other.device != t.device:
             raise ValueError(
-                f"{name} is {tuple(t.shape)} {t.dtype} on {t.device}; expected the gate's "
-                f"{tuple(reference.shape)} {reference.dtype} on {reference.device}"
+                f"{other_name} is {tuple(other.shape)} {other.dtype} on {other.device}; expected the {name}'s "
+                f"{tuple(t.shape)} {t.dtype} on {t.device}"
             )
-
-
-def _check_rows_view(name: str, t: torch.Tensor) -> None:
-    # The in-place kernel writes through the [rows, columns] view: a reshape that copied would lose it.
-    if _as_rows(t).data_ptr() != t.data_ptr() or (t.dim() != 2 and not t.is_contiguous()):
-        raise ValueError(f"{name} must be 2-D or contiguous to be written in place, got strides {t.stride()}")
+    if in_place:  # the kernel writes through the [rows, columns] view: a reshape that copied would lose it
+        for written_name, w in ((name, t), *same_as_t.items()):
+            if _as_rows(w).data_ptr() != w.data_ptr() or (w.dim() != 2 and not w.is_contiguous()):
+                raise ValueError(
+                    f"{written_name} must be 2-D or contiguous to be written in place, got strides {w.stride()}"
+                )
 
 
 def split_gate_up(packed: torch.Tensor, layout: str = "halves") -> tuple[torch.Tensor, torch.Tensor]:
@@ -441,8 +441,7 @@ def _launch_backward(
 def _act_forward(
     gate: torch.Tensor, up: torch.Tensor, variant: str, beta: float, alpha: float, limit: float
 ) -> torch.Tensor:
-    _check_launchable("gate", gate)
-    _check_same(gate, up=up)
+    _check_kernel_inputs("gate", gate, up=up)
     out = _empty(gate)
     _launch_forward(gate, up, out, variant, GluParams(beta, alpha, limit))
     return out
@@ -452,8 +451,7 @@ def _act_grads(
     grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, variant: str, beta: float, alpha: float, limit: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(d(gate), d(up)) of the elementwise op in new tensors: the caller's projections may still hold gate and up."""
-    _check_launchable("gate", gate)
-    _check_same(gate, up=up, grad=grad)
+    _check_kernel_inputs("gate", gate, up=up, grad=grad)
     dgate, dup = _empty(gate), _empty(up)
     _launch_backward(grad, gate, up, dgate, dup, None, variant, GluParams(beta, alpha, limit))
     return dgate, dup
@@ -481,11 +479,8 @@ def _mlp_act_grads(
     becomes a clone of each [tokens, intermediate] input first, two extra passes over memory; fresh outputs cost
     the same allocations and no copies, and the saved tensors die after it.
     """
-    _check_launchable("gate", gate)
-    _check_same(gate, up=up, grad=grad)
+    _check_kernel_inputs("gate", gate, in_place=in_place, up=up, grad=grad)
     if in_place:
-        for name, t in (("grad", grad), ("gate", gate), ("up", up)):
-            _check_rows_view(name, t)
         dgate, dup, act = gate, up, grad
     else:
         dgate, dup, act = _empty(gate), _empty(up), _empty(grad)
@@ -509,11 +504,10 @@ def _packed_mlp_act_grads(
     """The traced (torch.compile) backward node of the packed designs: (d(gate|up) in a new packed tensor laid
     out as ``packed``, the activation, the bias sums or an empty ``[0, columns]`` tensor). Functional for the
     reason ``_mlp_act_grads`` is without ``in_place``."""
-    _check_launchable("packed", packed)
-    dpacked = _empty(packed)
     gate, up = split_gate_up(packed, packing)
+    _check_kernel_inputs("gate", gate, grad=grad)
+    dpacked = _empty(packed)
     dgate, dup = split_gate_up(dpacked, packing)
-    _check_same(gate, grad=grad)
     act = _empty(grad)
     sums = _launch_backward(grad, gate, up, dgate, dup, act, variant, GluParams(beta, alpha, limit), bias_grads)
     return dpacked, act, gate.new_empty((0, gate.shape[-1])) if sums is None else sums.to(gate.dtype)
@@ -562,7 +556,7 @@ def _glu_mlp_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(MLP output, then what backward keeps: the gate and up pre-activations, or for a packed design their
     packed ``[tokens, 2 * intermediate]`` tensor and an empty one)."""
-    _check_launchable("x", x)
+    _check_kernel_inputs("x", x)
     packing = _mlp_design(design).packing
     rows = _as_rows(x)
     if packing == "separate":

@@ -924,6 +924,16 @@ def test_bad_inputs_raise_errors_naming_them():
         gt.split_gate_up(gate, "stacked")
 
 
+def test_in_place_backward_refuses_a_tensor_it_cannot_write_through_a_rows_view():
+    # A transposed 3-D tensor reshapes to [rows, columns] by copying: results written there would be lost.
+    gate = torch.randn(2, 3, 4, device=DEVICE).transpose(0, 1)
+    up, grad = gate.clone(), gate.clone()
+    with pytest.raises(ValueError, match=r"gate must be 2-D or contiguous to be written in place"):
+        gt._mlp_act_grads(grad, gate, up, "swiglu", *_params(), False, in_place=True)
+    dgate, *_ = gt._mlp_act_grads(grad, gate, up, "swiglu", *_params(), False)  # new tensors: nothing to lose
+    assert dgate.shape == gate.shape
+
+
 class CountingLinear(nn.Linear):
     """A subclass, as quantised layers are: the fused path must call its forward."""
 
