@@ -297,7 +297,9 @@ if TRITON_AVAILABLE:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Launchers: plain Python, called by the custom ops' implementations.
+# Launchers: plain tensor functions, no autograd. _launch_forward and _launch_backward start the kernels; the op
+# bodies after them (_act_forward, _act_grads, _mlp_act_grads, _packed_mlp_act_grads, _glu_mlp_forward) check
+# their arguments (_check_kernel_inputs), allocate the outputs and call them, around the GEMMs for the whole MLP.
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -573,10 +575,12 @@ def _glu_mlp_forward(
 
 
 # ----------------------------------------------------------------------------------------------------
-# The ops. Each is a plain function, entered through an autograd.Function in eager mode (the custom op's
-# Python dispatch costs more than the GPU work at small sizes, and the GPU waits for it) and through a
-# torch.library custom op under torch.compile, which needs one opaque graph node. Variant and parameters
-# travel as plain str/float so the schema stays simple.
+# The ops: the op bodies above as autograd and torch.compile see them. Each is entered through an
+# autograd.Function in eager mode (the custom op's Python dispatch costs more than the GPU work at small sizes,
+# and the GPU waits for it) and through a torch.library custom op under torch.compile, which needs one opaque
+# graph node; the _traced_* functions are the custom ops' autograd registrations. Variant and parameters travel
+# as plain str/float so the schema stays simple. glu_activation_fused and fused_mlp_from_weights, at the end,
+# pick the entry.
 
 
 def _first_order_only(backward: Callable) -> Callable:
@@ -635,11 +639,11 @@ def _(grad, gate, up, variant, beta, alpha, limit):
 
 
 @_first_order_only
-def _glu_act_op_backward(ctx, grad):
+def _traced_glu_act_backward(ctx, grad):
     return (*_glu_act_backward_op(grad, *ctx.saved_tensors, *ctx.act_args), None, None, None, None)
 
 
-_glu_act_op.register_autograd(_glu_act_op_backward, setup_context=_glu_act_setup)
+_glu_act_op.register_autograd(_traced_glu_act_backward, setup_context=_glu_act_setup)
 
 
 # The schema leaves in_place out: the op is the functional form only.
@@ -681,28 +685,29 @@ def _pre_activation_grads(
     packing: str,
     act_args: list,
     bias_grads: bool,
-    functional: bool,
+    in_place: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """(d gate, d up, d(gate|up) packed or None, the activation, the kernel's bias sums) from the backward
-    kernel: in place over the saved tensors in eager mode, into new ones when traced (``functional``)."""
+    kernel: ``in_place`` over the saved tensors in eager mode, into new ones through the ops when traced."""
     if packing == "separate":
-        if functional:
-            dgate, dup, act, sums = _glu_mlp_act_backward_op(act, kept, other, *act_args, bias_grads)
-        else:
+        if in_place:
             dgate, dup, act, sums = _mlp_act_grads(act, kept, other, *act_args, bias_grads, in_place=True)
+        else:
+            dgate, dup, act, sums = _glu_mlp_act_backward_op(act, kept, other, *act_args, bias_grads)
         return dgate, dup, None, act, sums
-    if functional:
-        dpacked, act, sums = _glu_mlp_packed_act_backward_op(act, kept, packing, *act_args, bias_grads)
-    else:
+    if in_place:
         gate, up = split_gate_up(kept, packing)
         _, _, act, sums = _mlp_act_grads(act, gate, up, *act_args, bias_grads, in_place=True)
         dpacked = kept
+    else:
+        dpacked, act, sums = _glu_mlp_packed_act_backward_op(act, kept, packing, *act_args, bias_grads)
     return *split_gate_up(dpacked, packing), dpacked, act, sums
 
 
-def _glu_mlp_grads(ctx, grad_out: torch.Tensor, functional: bool) -> tuple:
+def _glu_mlp_backward(ctx, grad_out: torch.Tensor, in_place: bool) -> tuple:
     """Gradients of ``_glu_mlp_forward``'s inputs (None for the scalars and the design) from what
-    ``_save_for_mlp_backward`` kept; ``functional`` for traced graphs (see ``_pre_activation_grads``).
+    ``_save_for_mlp_backward`` kept; ``in_place`` in eager mode, not in traced graphs (see
+    ``_pre_activation_grads``).
 
     Ordered for the smallest peak: the activation (re-emitted over its own gradient) is consumed by the
     down projection's weight gradient and freed before the other weight gradients are allocated. With the
@@ -715,7 +720,7 @@ def _glu_mlp_grads(ctx, grad_out: torch.Tensor, functional: bool) -> tuple:
     act = grad_rows @ down_weight
     kernel_sums = (needs[2] or needs[4]) and design.bias_sums == "kernel"
     dgate, dup, dpacked, act, bias_sums = _pre_activation_grads(
-        act, kept, other, design.packing, act_args, kernel_sums, functional
+        act, kept, other, design.packing, act_args, kernel_sums, in_place
     )
     grad_down_weight = grad_rows.t() @ act if needs[5] else None
     del act
@@ -756,7 +761,7 @@ class _GluMlpFunction(torch.autograd.Function):
     @staticmethod
     @_first_order_only
     def backward(ctx, grad_out):
-        return _glu_mlp_grads(ctx, grad_out, functional=False)
+        return _glu_mlp_backward(ctx, grad_out, in_place=True)
 
 
 _glu_mlp_op = torch.library.custom_op(f"{NAMESPACE}::glu_mlp", mutates_args=())(_glu_mlp_forward)
@@ -772,7 +777,7 @@ def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias, var
     return out, x.new_empty((rows, 2 * gate_weight.shape[0])), x.new_empty(0)
 
 
-def _glu_mlp_setup(ctx, inputs, output) -> None:
+def _traced_glu_mlp_setup(ctx, inputs, output) -> None:
     _, kept, other = output
     _save_for_mlp_backward(ctx, inputs, kept, other)
     ctx.mark_non_differentiable(kept, other)
@@ -781,11 +786,11 @@ def _glu_mlp_setup(ctx, inputs, output) -> None:
 
 
 @_first_order_only
-def _glu_mlp_op_backward(ctx, grad_out, _grad_kept, _grad_other):
-    return _glu_mlp_grads(ctx, grad_out, functional=True)
+def _traced_glu_mlp_backward(ctx, grad_out, _grad_kept, _grad_other):
+    return _glu_mlp_backward(ctx, grad_out, in_place=False)
 
 
-_glu_mlp_op.register_autograd(_glu_mlp_op_backward, setup_context=_glu_mlp_setup)
+_glu_mlp_op.register_autograd(_traced_glu_mlp_backward, setup_context=_traced_glu_mlp_setup)
 
 
 def _act_args(variant: str | GluVariant, params: GluParams) -> tuple[str, float, float, float]:
@@ -841,7 +846,8 @@ def fused_mlp_from_weights(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Public entry points and the dispatch.
+# Dispatch: whether a GLU MLP runs fused (fused_path_wanted, GluMLP's one decision point) and how its
+# projections enter the ops (fused_mlp_forward).
 
 
 def fused_path_wanted(glu_kernel: str, x: torch.Tensor, variant: str | GluVariant | None = None) -> bool:
