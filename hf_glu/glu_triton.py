@@ -80,7 +80,7 @@ _WIDE_NUM_WARPS = 8
 _MAX_BLOCK_M = 128
 # Row tiles one backward program walks when it also sums the bias gradients, at most: the more rows a program
 # sums, the fewer fp32 partial sums (one row per program) are written and reduced afterwards; 16 tiles of 4 rows
-# make them 1/64 of [tokens, intermediate]. Fewer tokens get fewer tiles a program (_bias_row_tiles), halving
+# make them 1/64 of [tokens, intermediate]. Fewer tokens get fewer tiles a program (_row_tiles_per_program), halving
 # down to 1, so the kernel compiles for these few ROW_TILES values only (the AOT compile check enumerates them).
 # Provisional: not yet timed on a GPU against other values.
 _BIAS_ROW_TILES = 16
@@ -130,8 +130,9 @@ MLP_DESIGN = DEFAULT_MLP_DESIGN
 INFERENCE_EAGER_BELOW_TOKENS = 64
 # The probe's tensor: 1024 columns pick the block shape most models' widths (>= 1024) use.
 _PROBE_SHAPE = (16, 1024)
-# torch.nn.modules.module's registries of hooks for every module. Private names: each is read with a default,
-# so a torch version that lacks one (checkpoint copies run on the user's torch) still runs this file.
+# torch.nn.modules.module's registries of hooks for every module, which _is_plain_linear asks about. Private names:
+# each is read with a default, so a torch version that lacks one (checkpoint copies run on the user's torch) still
+# runs this file.
 _nn_module = torch.nn.modules.module
 _GLOBAL_HOOK_REGISTRIES = (
     "_global_forward_pre_hooks",
@@ -373,7 +374,7 @@ def _sm_count(device: torch.device) -> int:
     return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _bias_row_tiles(row_blocks: int, col_blocks: int, target_programs: int) -> int:
+def _row_tiles_per_program(row_blocks: int, col_blocks: int, target_programs: int) -> int:
     """Row tiles per program for the bias-summing backward: the most (fewest partial sums) of
     ``BIAS_ROW_TILE_CHOICES`` that still give ``target_programs`` programs, else 1 (the most programs the work
     allows). Powers of two, so each token count does not compile a kernel of its own."""
@@ -427,7 +428,7 @@ def _launch_backward(
         return torch.zeros(2, cols, dtype=torch.float32, device=g.device) if bias_grads else None
     (row_blocks, col_blocks), block_m, block_n = _launch_config(rows, cols)
     target = _PROGRAMS_PER_SM * _sm_count(g.device)
-    row_tiles = _bias_row_tiles(row_blocks, col_blocks, target) if bias_grads else 1
+    row_tiles = _row_tiles_per_program(row_blocks, col_blocks, target) if bias_grads else 1
     grid = (triton.cdiv(rows, block_m * row_tiles), col_blocks)
     # One fp32 row of partial sums per row program, for gate and for up; unused (and tiny) without bias_grads.
     partial = torch.empty((2, grid[0] if bias_grads else 1, cols), dtype=torch.float32, device=g.device)
@@ -515,7 +516,7 @@ def _packed_mlp_act_grads(
     return dpacked, act, gate.new_empty((0, gate.shape[-1])) if sums is None else sums.to(gate.dtype)
 
 
-def _mlp_design(name: str) -> MlpDesign:
+def _design_named(name: str) -> MlpDesign:
     design = MLP_DESIGNS.get(name)
     if design is None:
         raise ValueError(f"design={name!r} is not a fused MLP design; expected one of {sorted(MLP_DESIGNS)}")
@@ -559,7 +560,7 @@ def _glu_mlp_forward(
     """(MLP output, then what backward keeps: the gate and up pre-activations, or for a packed design their
     packed ``[tokens, 2 * intermediate]`` tensor and an empty one)."""
     _check_kernel_inputs("x", x)
-    packing = _mlp_design(design).packing
+    packing = _design_named(design).packing
     rows = _as_rows(x)
     if packing == "separate":
         gate = kept = F.linear(rows, gate_weight, gate_bias)
@@ -715,7 +716,7 @@ def _glu_mlp_backward(ctx, grad_out: torch.Tensor, in_place: bool) -> tuple:
     [tokens, intermediate].
     """
     x, gate_weight, up_weight, down_weight, kept, other = ctx.saved_tensors
-    needs, act_args, design = ctx.needs_input_grad, ctx.act_args, _mlp_design(ctx.design)
+    needs, act_args, design = ctx.needs_input_grad, ctx.act_args, _design_named(ctx.design)
     rows, grad_rows = _as_rows(x), _as_rows(grad_out)
     act = grad_rows @ down_weight
     kernel_sums = (needs[2] or needs[4]) and design.bias_sums == "kernel"
@@ -772,7 +773,7 @@ def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias, var
       design=DEFAULT_MLP_DESIGN):  # fmt: skip
     rows = math.prod(x.shape[:-1])
     out = x.new_empty((*x.shape[:-1], down_weight.shape[0]))
-    if _mlp_design(design).packing == "separate":
+    if _design_named(design).packing == "separate":
         return out, x.new_empty((rows, gate_weight.shape[0])), x.new_empty((rows, up_weight.shape[0]))
     return out, x.new_empty((rows, 2 * gate_weight.shape[0])), x.new_empty(0)
 
@@ -836,7 +837,7 @@ def fused_mlp_from_weights(
 
     ``design`` names one of ``MLP_DESIGNS``: how the GEMMs are arranged around the kernels (the result is the
     same maths; benchmarks/bench_mlp.py times them against each other)."""
-    _mlp_design(design)  # refused here, before any work, rather than inside the op
+    _design_named(design)  # refused here, before any work, rather than inside the op
     tensors = _autocast([x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias], x.device.type)
     act_args = _act_args(variant, params)
     if torch.compiler.is_compiling():

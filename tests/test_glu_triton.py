@@ -317,7 +317,7 @@ def test_bias_summing_backward_fills_the_gpu_and_compiles_few_variants(tokens, m
 
 def test_bias_row_tiles_take_few_values_over_all_token_counts():
     # Each ROW_TILES value is one more compile of the backward kernel: token counts must share them.
-    chosen = {gt._bias_row_tiles(row_blocks, 3, 264) for row_blocks in range(1, 5000)}
+    chosen = {gt._row_tiles_per_program(row_blocks, 3, 264) for row_blocks in range(1, 5000)}
     assert chosen == set(gt.BIAS_ROW_TILE_CHOICES) == {1, 2, 4, 8, 16}
 
 
