@@ -24,6 +24,10 @@ views (separate tensors, halves or interleaved columns of one packed tensor): ke
 Copied into checkpoints for ``trust_remote_code`` users: imports only torch, transformers and ``.glu``;
 triton is optional and imported inside ``try:``. With ``TRITON_INTERPRET=1`` (set before triton is
 imported) the same kernels run on CPU tensors; that is how CI tests them.
+
+The file reads top to bottom: constants, the Triton kernels, the launchers (plain tensor functions that check
+their arguments and start the kernels), the ops (custom ops and autograd.Functions around the launchers), then
+the dispatch that GluMLP asks (fused or eager, and which op).
 """
 
 from __future__ import annotations
