@@ -24,6 +24,10 @@ views (separate tensors, halves or interleaved columns of one packed tensor): ke
 Copied into checkpoints for ``trust_remote_code`` users: imports only torch, transformers and ``.glu``;
 triton is optional and imported inside ``try:``. With ``TRITON_INTERPRET=1`` (set before triton is
 imported) the same kernels run on CPU tensors; that is how CI tests them.
+
+The file reads top to bottom: constants, the Triton kernels, the launchers (plain tensor functions that check
+their arguments and start the kernels), the ops (custom ops and autograd.Functions around the launchers), then
+the dispatch that GluMLP asks (fused or eager, and which op).
 """
 
 from __future__ import annotations
@@ -80,7 +84,7 @@ _WIDE_NUM_WARPS = 8
 _MAX_BLOCK_M = 128
 # Row tiles one backward program walks when it also sums the bias gradients, at most: the more rows a program
 # sums, the fewer fp32 partial sums (one row per program) are written and reduced afterwards; 16 tiles of 4 rows
-# make them 1/64 of [tokens, intermediate]. Fewer tokens get fewer tiles a program (_bias_row_tiles), halving
+# make them 1/64 of [tokens, intermediate]. Fewer tokens get fewer tiles a program (_row_tiles_per_program), halving
 # down to 1, so the kernel compiles for these few ROW_TILES values only (the AOT compile check enumerates them).
 # Provisional: not yet timed on a GPU against other values.
 _BIAS_ROW_TILES = 16
@@ -121,6 +125,30 @@ DEFAULT_MLP_DESIGN = "separate"
 # The design fused_mlp_forward (the model's dispatch) passes at every call: set it to run a whole model on another
 # candidate (bench_train, a user's own measurement); bench_mlp passes design= to fused_mlp_from_weights instead.
 MLP_DESIGN = DEFAULT_MLP_DESIGN
+
+
+# Below this many tokens, a forward without autograd (generation, evaluation) runs eager under "auto": at
+# decode sizes the GEMMs take microseconds and the fused path's host-side work per call (checks, launch
+# configuration, the Triton launch) can cost more than the eager elementwise kernels it replaces.
+# Provisional: not yet measured on a GPU; benchmarks/bench_mlp.py's inference table reports the crossover.
+INFERENCE_EAGER_BELOW_TOKENS = 64
+# The probe's tensor: 1024 columns pick the block shape most models' widths (>= 1024) use.
+_PROBE_SHAPE = (16, 1024)
+# torch.nn.modules.module's registries of hooks for every module, which _is_plain_linear asks about. Private names:
+# each is read with a default, so a torch version that lacks one (checkpoint copies run on the user's torch) still
+# runs this file.
+_nn_module = torch.nn.modules.module
+_GLOBAL_HOOK_REGISTRIES = (
+    "_global_forward_pre_hooks",
+    "_global_forward_hooks",
+    "_global_backward_pre_hooks",
+    "_global_backward_hooks",
+)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton kernels.
+
 
 if TRITON_AVAILABLE:
     # The kernels branch on the variant at compile time, by glu.py's table position (GluVariant.kernel_id).
@@ -274,7 +302,9 @@ if TRITON_AVAILABLE:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Launchers: plain Python, called by the custom ops' implementations.
+# Launchers: plain tensor functions, no autograd. _launch_forward and _launch_backward start the kernels; the op
+# bodies after them (_act_forward, _act_grads, _mlp_act_grads, _packed_mlp_act_grads, _glu_mlp_forward) check
+# their arguments (_check_kernel_inputs), allocate the outputs and call them, around the GEMMs for the whole MLP.
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -282,7 +312,14 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _check_launchable(name: str, t: torch.Tensor) -> None:
+def _empty(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
+def _check_kernel_inputs(name: str, t: torch.Tensor, *, in_place: bool = False, **same_as_t: torch.Tensor) -> None:
+    """The argument check every op body makes before a launch: triton imports; ``t`` (``name`` in the messages)
+    has a dtype the kernels take, on a device they reach; each of ``same_as_t`` has its shape, dtype and device;
+    with ``in_place``, each of them can be written through its [rows, columns] view."""
     if not TRITON_AVAILABLE:
         raise ImportError("the fused GLU kernels need triton; install it with `pip install 'hf-glu[gpu]'`")
     if t.dtype not in SUPPORTED_DTYPES:
@@ -295,15 +332,33 @@ def _check_launchable(name: str, t: torch.Tensor) -> None:
             f"{name} is on {t.device}; the fused GLU kernels need CUDA tensors, or TRITON_INTERPRET=1 set "
             "before triton is imported to run them on CPU"
         )
-
-
-def _check_same(reference: torch.Tensor, **others: torch.Tensor) -> None:
-    for name, t in others.items():
-        if t.shape != reference.shape or t.dtype != reference.dtype or t.device != reference.device:
+    for other_name, other in same_as_t.items():
+        if other.shape != t.shape or other.dtype != t.dtype or other.device != t.device:
             raise ValueError(
-                f"{name} is {tuple(t.shape)} {t.dtype} on {t.device}; expected the gate's "
-                f"{tuple(reference.shape)} {reference.dtype} on {reference.device}"
+                f"{other_name} is {tuple(other.shape)} {other.dtype} on {other.device}; expected the {name}'s "
+                f"{tuple(t.shape)} {t.dtype} on {t.device}"
             )
+    if in_place:  # the kernel writes through the [rows, columns] view: a reshape that copied would lose it
+        for written_name, w in ((name, t), *same_as_t.items()):
+            if _as_rows(w).data_ptr() != w.data_ptr() or (w.dim() != 2 and not w.is_contiguous()):
+                raise ValueError(
+                    f"{written_name} must be 2-D or contiguous to be written in place, got strides {w.stride()}"
+                )
+
+
+def split_gate_up(packed: torch.Tensor, layout: str = "halves") -> tuple[torch.Tensor, torch.Tensor]:
+    """Views (no copy) of gate and up in a packed ``[..., 2 * intermediate]`` tensor.
+
+    ``"halves"``: gate then up (``torch.chunk`` order); ``"interleaved"``: gate in even columns, up in odd
+    ones (gpt-oss's layout).
+    """
+    if packed.shape[-1] % 2:
+        raise ValueError(f"packed gate/up has {packed.shape[-1]} columns; expected an even number")
+    if layout == "halves":
+        return packed.chunk(2, dim=-1)
+    if layout == "interleaved":
+        return packed[..., 0::2], packed[..., 1::2]
+    raise ValueError(f"layout={layout!r} is invalid; expected 'halves' or 'interleaved'")
 
 
 def _launch_config(rows: int, cols: int) -> tuple[tuple[int, int], int, int]:
@@ -323,7 +378,7 @@ def _sm_count(device: torch.device) -> int:
     return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _bias_row_tiles(row_blocks: int, col_blocks: int, target_programs: int) -> int:
+def _row_tiles_per_program(row_blocks: int, col_blocks: int, target_programs: int) -> int:
     """Row tiles per program for the bias-summing backward: the most (fewest partial sums) of
     ``BIAS_ROW_TILE_CHOICES`` that still give ``target_programs`` programs, else 1 (the most programs the work
     allows). Powers of two, so each token count does not compile a kernel of its own."""
@@ -377,7 +432,7 @@ def _launch_backward(
         return torch.zeros(2, cols, dtype=torch.float32, device=g.device) if bias_grads else None
     (row_blocks, col_blocks), block_m, block_n = _launch_config(rows, cols)
     target = _PROGRAMS_PER_SM * _sm_count(g.device)
-    row_tiles = _bias_row_tiles(row_blocks, col_blocks, target) if bias_grads else 1
+    row_tiles = _row_tiles_per_program(row_blocks, col_blocks, target) if bias_grads else 1
     grid = (triton.cdiv(rows, block_m * row_tiles), col_blocks)
     # One fp32 row of partial sums per row program, for gate and for up; unused (and tiny) without bias_grads.
     partial = torch.empty((2, grid[0] if bias_grads else 1, cols), dtype=torch.float32, device=g.device)
@@ -390,49 +445,10 @@ def _launch_backward(
     return partial.sum(1) if bias_grads else None
 
 
-def _check_rows_view(name: str, t: torch.Tensor) -> None:
-    # The in-place kernel writes through the [rows, columns] view: a reshape that copied would lose it.
-    if _as_rows(t).data_ptr() != t.data_ptr() or (t.dim() != 2 and not t.is_contiguous()):
-        raise ValueError(f"{name} must be 2-D or contiguous to be written in place, got strides {t.stride()}")
-
-
-# ----------------------------------------------------------------------------------------------------
-# The ops. Each is a plain function, entered through an autograd.Function in eager mode (the custom op's
-# Python dispatch costs more than the GPU work at small sizes, and the GPU waits for it) and through a
-# torch.library custom op under torch.compile, which needs one opaque graph node. Variant and parameters
-# travel as plain str/float so the schema stays simple.
-
-
-def _first_order_only(backward: Callable) -> Callable:
-    """Refuses a backward that would build a graph (``create_graph=True``): the kernels' gradients are not
-    themselves differentiable, so a second-order gradient through them would be silently wrong.
-
-    Raised at once rather than deferred as ``torch.autograd.function.once_differentiable`` does: its deferred
-    error sits off the path to the weights, so ``torch.autograd.grad(..., weights)`` would drop this MLP's
-    second-order terms without a word. The engine enables grad mode in a backward only for create_graph.
-    """
-
-    @functools.wraps(backward)
-    def checked(ctx, *grads):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "the fused GLU kernels have no second-order gradient: a backward with create_graph=True (double "
-                "backward) through this MLP needs glu_kernel='eager'"
-            )
-        return backward(ctx, *grads)
-
-    return checked
-
-
-def _empty(t: torch.Tensor) -> torch.Tensor:
-    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
-
-
 def _act_forward(
     gate: torch.Tensor, up: torch.Tensor, variant: str, beta: float, alpha: float, limit: float
 ) -> torch.Tensor:
-    _check_launchable("gate", gate)
-    _check_same(gate, up=up)
+    _check_kernel_inputs("gate", gate, up=up)
     out = _empty(gate)
     _launch_forward(gate, up, out, variant, GluParams(beta, alpha, limit))
     return out
@@ -442,53 +458,10 @@ def _act_grads(
     grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, variant: str, beta: float, alpha: float, limit: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(d(gate), d(up)) of the elementwise op in new tensors: the caller's projections may still hold gate and up."""
-    _check_launchable("gate", gate)
-    _check_same(gate, up=up, grad=grad)
+    _check_kernel_inputs("gate", gate, up=up, grad=grad)
     dgate, dup = _empty(gate), _empty(up)
     _launch_backward(grad, gate, up, dgate, dup, None, variant, GluParams(beta, alpha, limit))
     return dgate, dup
-
-
-def _glu_act_setup(ctx, inputs, output) -> None:
-    gate, up, *act_args = inputs
-    ctx.save_for_backward(gate, up)
-    ctx.act_args = act_args
-
-
-class _GluActFunction(torch.autograd.Function):
-    """The eager entry of the elementwise op; ``<ns>::glu_act`` is the same under ``torch.compile``."""
-
-    forward = staticmethod(_act_forward)
-    setup_context = staticmethod(_glu_act_setup)
-
-    @staticmethod
-    @_first_order_only
-    def backward(ctx, grad):
-        return (*_act_grads(grad, *ctx.saved_tensors, *ctx.act_args), None, None, None, None)
-
-
-_glu_act_op = torch.library.custom_op(f"{NAMESPACE}::glu_act", mutates_args=())(_act_forward)
-
-
-@_glu_act_op.register_fake
-def _(gate, up, variant, beta, alpha, limit):
-    return _empty(gate)
-
-
-_glu_act_backward_op = torch.library.custom_op(f"{NAMESPACE}::glu_act_backward", mutates_args=())(_act_grads)
-
-
-@_glu_act_backward_op.register_fake
-def _(grad, gate, up, variant, beta, alpha, limit):
-    return _empty(gate), _empty(up)
-
-
-@_first_order_only
-def _glu_act_op_backward(ctx, grad):
-    return (*_glu_act_backward_op(grad, *ctx.saved_tensors, *ctx.act_args), None, None, None, None)
-
-
-_glu_act_op.register_autograd(_glu_act_op_backward, setup_context=_glu_act_setup)
 
 
 def _mlp_act_grads(
@@ -513,11 +486,8 @@ def _mlp_act_grads(
     becomes a clone of each [tokens, intermediate] input first, two extra passes over memory; fresh outputs cost
     the same allocations and no copies, and the saved tensors die after it.
     """
-    _check_launchable("gate", gate)
-    _check_same(gate, up=up, grad=grad)
+    _check_kernel_inputs("gate", gate, in_place=in_place, up=up, grad=grad)
     if in_place:
-        for name, t in (("grad", grad), ("gate", gate), ("up", up)):
-            _check_rows_view(name, t)
         dgate, dup, act = gate, up, grad
     else:
         dgate, dup, act = _empty(gate), _empty(up), _empty(grad)
@@ -526,20 +496,6 @@ def _mlp_act_grads(
         for t in (grad, gate, up):
             torch.autograd.graph.increment_version(t)
     return dgate, dup, act, gate.new_empty((0, gate.shape[-1])) if sums is None else sums.to(gate.dtype)
-
-
-# The schema leaves in_place out: the op is the functional form only.
-_glu_mlp_act_backward_op = torch.library.custom_op(
-    f"{NAMESPACE}::glu_mlp_act_backward",
-    mutates_args=(),
-    schema="(Tensor grad, Tensor gate, Tensor up, str variant, float beta, float alpha, float limit, "
-    "bool bias_grads) -> (Tensor, Tensor, Tensor, Tensor)",
-)(_mlp_act_grads)
-
-
-@_glu_mlp_act_backward_op.register_fake
-def _(grad, gate, up, variant, beta, alpha, limit, bias_grads):
-    return _empty(gate), _empty(up), _empty(grad), gate.new_empty((2 if bias_grads else 0, gate.shape[-1]))
 
 
 def _packed_mlp_act_grads(
@@ -555,27 +511,16 @@ def _packed_mlp_act_grads(
     """The traced (torch.compile) backward node of the packed designs: (d(gate|up) in a new packed tensor laid
     out as ``packed``, the activation, the bias sums or an empty ``[0, columns]`` tensor). Functional for the
     reason ``_mlp_act_grads`` is without ``in_place``."""
-    _check_launchable("packed", packed)
-    dpacked = _empty(packed)
     gate, up = split_gate_up(packed, packing)
+    _check_kernel_inputs("gate", gate, grad=grad)
+    dpacked = _empty(packed)
     dgate, dup = split_gate_up(dpacked, packing)
-    _check_same(gate, grad=grad)
     act = _empty(grad)
     sums = _launch_backward(grad, gate, up, dgate, dup, act, variant, GluParams(beta, alpha, limit), bias_grads)
     return dpacked, act, gate.new_empty((0, gate.shape[-1])) if sums is None else sums.to(gate.dtype)
 
 
-_glu_mlp_packed_act_backward_op = torch.library.custom_op(f"{NAMESPACE}::glu_mlp_packed_act_backward", mutates_args=())(
-    _packed_mlp_act_grads
-)
-
-
-@_glu_mlp_packed_act_backward_op.register_fake
-def _(grad, packed, packing, variant, beta, alpha, limit, bias_grads):
-    return _empty(packed), _empty(grad), packed.new_empty((2 if bias_grads else 0, packed.shape[-1] // 2))
-
-
-def _mlp_design(name: str) -> MlpDesign:
+def _design_named(name: str) -> MlpDesign:
     design = MLP_DESIGNS.get(name)
     if design is None:
         raise ValueError(f"design={name!r} is not a fused MLP design; expected one of {sorted(MLP_DESIGNS)}")
@@ -618,8 +563,8 @@ def _glu_mlp_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(MLP output, then what backward keeps: the gate and up pre-activations, or for a packed design their
     packed ``[tokens, 2 * intermediate]`` tensor and an empty one)."""
-    _check_launchable("x", x)
-    packing = _mlp_design(design).packing
+    _check_kernel_inputs("x", x)
+    packing = _design_named(design).packing
     rows = _as_rows(x)
     if packing == "separate":
         gate = kept = F.linear(rows, gate_weight, gate_bias)
@@ -632,6 +577,102 @@ def _glu_mlp_forward(
     _launch_forward(gate, up, act, variant, GluParams(beta, alpha, limit))
     out = F.linear(act, down_weight, down_bias)
     return out.view(*x.shape[:-1], out.shape[-1]), kept, other
+
+
+# ----------------------------------------------------------------------------------------------------
+# The ops: the op bodies above as autograd and torch.compile see them. Each is entered through an
+# autograd.Function in eager mode (the custom op's Python dispatch costs more than the GPU work at small sizes,
+# and the GPU waits for it) and through a torch.library custom op under torch.compile, which needs one opaque
+# graph node; the _traced_* functions are the custom ops' autograd registrations. Variant and parameters travel
+# as plain str/float so the schema stays simple. glu_activation_fused and fused_mlp_from_weights, at the end,
+# pick the entry.
+
+
+def _first_order_only(backward: Callable) -> Callable:
+    """Refuses a backward that would build a graph (``create_graph=True``): the kernels' gradients are not
+    themselves differentiable, so a second-order gradient through them would be silently wrong.
+
+    Raised at once rather than deferred as ``torch.autograd.function.once_differentiable`` does: its deferred
+    error sits off the path to the weights, so ``torch.autograd.grad(..., weights)`` would drop this MLP's
+    second-order terms without a word. The engine enables grad mode in a backward only for create_graph.
+    """
+
+    @functools.wraps(backward)
+    def checked(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "the fused GLU kernels have no second-order gradient: a backward with create_graph=True (double "
+                "backward) through this MLP needs glu_kernel='eager'"
+            )
+        return backward(ctx, *grads)
+
+    return checked
+
+
+def _glu_act_setup(ctx, inputs, output) -> None:
+    gate, up, *act_args = inputs
+    ctx.save_for_backward(gate, up)
+    ctx.act_args = act_args
+
+
+class _GluActFunction(torch.autograd.Function):
+    """The eager entry of the elementwise op; ``<ns>::glu_act`` is the same under ``torch.compile``."""
+
+    forward = staticmethod(_act_forward)
+    setup_context = staticmethod(_glu_act_setup)
+
+    @staticmethod
+    @_first_order_only
+    def backward(ctx, grad):
+        return (*_act_grads(grad, *ctx.saved_tensors, *ctx.act_args), None, None, None, None)
+
+
+_glu_act_op = torch.library.custom_op(f"{NAMESPACE}::glu_act", mutates_args=())(_act_forward)
+
+
+@_glu_act_op.register_fake
+def _(gate, up, variant, beta, alpha, limit):
+    return _empty(gate)
+
+
+_glu_act_backward_op = torch.library.custom_op(f"{NAMESPACE}::glu_act_backward", mutates_args=())(_act_grads)
+
+
+@_glu_act_backward_op.register_fake
+def _(grad, gate, up, variant, beta, alpha, limit):
+    return _empty(gate), _empty(up)
+
+
+@_first_order_only
+def _traced_glu_act_backward(ctx, grad):
+    return (*_glu_act_backward_op(grad, *ctx.saved_tensors, *ctx.act_args), None, None, None, None)
+
+
+_glu_act_op.register_autograd(_traced_glu_act_backward, setup_context=_glu_act_setup)
+
+
+# The schema leaves in_place out: the op is the functional form only.
+_glu_mlp_act_backward_op = torch.library.custom_op(
+    f"{NAMESPACE}::glu_mlp_act_backward",
+    mutates_args=(),
+    schema="(Tensor grad, Tensor gate, Tensor up, str variant, float beta, float alpha, float limit, "
+    "bool bias_grads) -> (Tensor, Tensor, Tensor, Tensor)",
+)(_mlp_act_grads)
+
+
+@_glu_mlp_act_backward_op.register_fake
+def _(grad, gate, up, variant, beta, alpha, limit, bias_grads):
+    return _empty(gate), _empty(up), _empty(grad), gate.new_empty((2 if bias_grads else 0, gate.shape[-1]))
+
+
+_glu_mlp_packed_act_backward_op = torch.library.custom_op(f"{NAMESPACE}::glu_mlp_packed_act_backward", mutates_args=())(
+    _packed_mlp_act_grads
+)
+
+
+@_glu_mlp_packed_act_backward_op.register_fake
+def _(grad, packed, packing, variant, beta, alpha, limit, bias_grads):
+    return _empty(packed), _empty(grad), packed.new_empty((2 if bias_grads else 0, packed.shape[-1] // 2))
 
 
 def _save_for_mlp_backward(ctx, inputs: tuple, kept: torch.Tensor, other: torch.Tensor) -> None:
@@ -649,28 +690,29 @@ def _pre_activation_grads(
     packing: str,
     act_args: list,
     bias_grads: bool,
-    functional: bool,
+    in_place: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """(d gate, d up, d(gate|up) packed or None, the activation, the kernel's bias sums) from the backward
-    kernel: in place over the saved tensors in eager mode, into new ones when traced (``functional``)."""
+    kernel: ``in_place`` over the saved tensors in eager mode, into new ones through the ops when traced."""
     if packing == "separate":
-        if functional:
-            dgate, dup, act, sums = _glu_mlp_act_backward_op(act, kept, other, *act_args, bias_grads)
-        else:
+        if in_place:
             dgate, dup, act, sums = _mlp_act_grads(act, kept, other, *act_args, bias_grads, in_place=True)
+        else:
+            dgate, dup, act, sums = _glu_mlp_act_backward_op(act, kept, other, *act_args, bias_grads)
         return dgate, dup, None, act, sums
-    if functional:
-        dpacked, act, sums = _glu_mlp_packed_act_backward_op(act, kept, packing, *act_args, bias_grads)
-    else:
+    if in_place:
         gate, up = split_gate_up(kept, packing)
         _, _, act, sums = _mlp_act_grads(act, gate, up, *act_args, bias_grads, in_place=True)
         dpacked = kept
+    else:
+        dpacked, act, sums = _glu_mlp_packed_act_backward_op(act, kept, packing, *act_args, bias_grads)
     return *split_gate_up(dpacked, packing), dpacked, act, sums
 
 
-def _glu_mlp_grads(ctx, grad_out: torch.Tensor, functional: bool) -> tuple:
+def _glu_mlp_backward(ctx, grad_out: torch.Tensor, in_place: bool) -> tuple:
     """Gradients of ``_glu_mlp_forward``'s inputs (None for the scalars and the design) from what
-    ``_save_for_mlp_backward`` kept; ``functional`` for traced graphs (see ``_pre_activation_grads``).
+    ``_save_for_mlp_backward`` kept; ``in_place`` in eager mode, not in traced graphs (see
+    ``_pre_activation_grads``).
 
     Ordered for the smallest peak: the activation (re-emitted over its own gradient) is consumed by the
     down projection's weight gradient and freed before the other weight gradients are allocated. With the
@@ -678,12 +720,12 @@ def _glu_mlp_grads(ctx, grad_out: torch.Tensor, functional: bool) -> tuple:
     [tokens, intermediate].
     """
     x, gate_weight, up_weight, down_weight, kept, other = ctx.saved_tensors
-    needs, act_args, design = ctx.needs_input_grad, ctx.act_args, _mlp_design(ctx.design)
+    needs, act_args, design = ctx.needs_input_grad, ctx.act_args, _design_named(ctx.design)
     rows, grad_rows = _as_rows(x), _as_rows(grad_out)
     act = grad_rows @ down_weight
     kernel_sums = (needs[2] or needs[4]) and design.bias_sums == "kernel"
     dgate, dup, dpacked, act, bias_sums = _pre_activation_grads(
-        act, kept, other, design.packing, act_args, kernel_sums, functional
+        act, kept, other, design.packing, act_args, kernel_sums, in_place
     )
     grad_down_weight = grad_rows.t() @ act if needs[5] else None
     del act
@@ -724,7 +766,7 @@ class _GluMlpFunction(torch.autograd.Function):
     @staticmethod
     @_first_order_only
     def backward(ctx, grad_out):
-        return _glu_mlp_grads(ctx, grad_out, functional=False)
+        return _glu_mlp_backward(ctx, grad_out, in_place=True)
 
 
 _glu_mlp_op = torch.library.custom_op(f"{NAMESPACE}::glu_mlp", mutates_args=())(_glu_mlp_forward)
@@ -735,12 +777,12 @@ def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias, var
       design=DEFAULT_MLP_DESIGN):  # fmt: skip
     rows = math.prod(x.shape[:-1])
     out = x.new_empty((*x.shape[:-1], down_weight.shape[0]))
-    if _mlp_design(design).packing == "separate":
+    if _design_named(design).packing == "separate":
         return out, x.new_empty((rows, gate_weight.shape[0])), x.new_empty((rows, up_weight.shape[0]))
     return out, x.new_empty((rows, 2 * gate_weight.shape[0])), x.new_empty(0)
 
 
-def _glu_mlp_setup(ctx, inputs, output) -> None:
+def _traced_glu_mlp_setup(ctx, inputs, output) -> None:
     _, kept, other = output
     _save_for_mlp_backward(ctx, inputs, kept, other)
     ctx.mark_non_differentiable(kept, other)
@@ -749,15 +791,11 @@ def _glu_mlp_setup(ctx, inputs, output) -> None:
 
 
 @_first_order_only
-def _glu_mlp_op_backward(ctx, grad_out, _grad_kept, _grad_other):
-    return _glu_mlp_grads(ctx, grad_out, functional=True)
+def _traced_glu_mlp_backward(ctx, grad_out, _grad_kept, _grad_other):
+    return _glu_mlp_backward(ctx, grad_out, in_place=False)
 
 
-_glu_mlp_op.register_autograd(_glu_mlp_op_backward, setup_context=_glu_mlp_setup)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Public entry points and the dispatch.
+_glu_mlp_op.register_autograd(_traced_glu_mlp_backward, setup_context=_traced_glu_mlp_setup)
 
 
 def _act_args(variant: str | GluVariant, params: GluParams) -> tuple[str, float, float, float]:
@@ -777,21 +815,6 @@ def glu_activation_fused(
     if torch.compiler.is_compiling():
         return _glu_act_op(gate, up, *act_args)
     return _GluActFunction.apply(gate, up, *act_args)
-
-
-def split_gate_up(packed: torch.Tensor, layout: str = "halves") -> tuple[torch.Tensor, torch.Tensor]:
-    """Views (no copy) of gate and up in a packed ``[..., 2 * intermediate]`` tensor.
-
-    ``"halves"``: gate then up (``torch.chunk`` order); ``"interleaved"``: gate in even columns, up in odd
-    ones (gpt-oss's layout).
-    """
-    if packed.shape[-1] % 2:
-        raise ValueError(f"packed gate/up has {packed.shape[-1]} columns; expected an even number")
-    if layout == "halves":
-        return packed.chunk(2, dim=-1)
-    if layout == "interleaved":
-        return packed[..., 0::2], packed[..., 1::2]
-    raise ValueError(f"layout={layout!r} is invalid; expected 'halves' or 'interleaved'")
 
 
 def _autocast(tensors: list[torch.Tensor | None], device_type: str) -> list[torch.Tensor | None]:
@@ -818,7 +841,7 @@ def fused_mlp_from_weights(
 
     ``design`` names one of ``MLP_DESIGNS``: how the GEMMs are arranged around the kernels (the result is the
     same maths; benchmarks/bench_mlp.py times them against each other)."""
-    _mlp_design(design)  # refused here, before any work, rather than inside the op
+    _design_named(design)  # refused here, before any work, rather than inside the op
     tensors = _autocast([x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias], x.device.type)
     act_args = _act_args(variant, params)
     if torch.compiler.is_compiling():
@@ -827,45 +850,9 @@ def fused_mlp_from_weights(
     return _GluMlpFunction.apply(*tensors, *act_args, design)
 
 
-# torch.nn.modules.module's registries of hooks for every module. Private names: each is read with a default,
-# so a torch version that lacks one (checkpoint copies run on the user's torch) still runs this file.
-_nn_module = torch.nn.modules.module
-_GLOBAL_HOOK_REGISTRIES = (
-    "_global_forward_pre_hooks",
-    "_global_forward_hooks",
-    "_global_backward_pre_hooks",
-    "_global_backward_hooks",
-)
-
-
-def _is_plain_linear(module: nn.Module) -> bool:
-    # Subclasses (quantised layers), wrappers (PEFT LoRA) and hooked layers must run their own forward, and so
-    # must layers that tensor parallelism sharded: Transformers replaces their `forward` on the instance (no
-    # hook) and turns their weights into DTensors, which only that forward knows how to combine. Hooks of any
-    # kind count, backward ones and those registered for every module (torch.nn.modules.module's global
-    # hooks) included: the one-op path never calls the module, so none of them would fire.
-    return (
-        type(module) is nn.Linear
-        and not module._forward_hooks
-        and not module._forward_pre_hooks
-        and not module._backward_hooks
-        and not module._backward_pre_hooks
-        and not any(getattr(_nn_module, name, None) for name in _GLOBAL_HOOK_REGISTRIES)
-        and "forward" not in vars(module)
-        and all(type(p) is nn.Parameter for p in module.parameters(recurse=False))  # a DTensor's type is DTensor
-    )
-
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    # A DTensor's is_cuda is its local shard's, but its data pointer is not one the kernels can read.
-    return _DTensor is not None and isinstance(t, _DTensor)
-
-
-# Below this many tokens, a forward without autograd (generation, evaluation) runs eager under "auto": at
-# decode sizes the GEMMs take microseconds and the fused path's host-side work per call (checks, launch
-# configuration, the Triton launch) can cost more than the eager elementwise kernels it replaces.
-# Provisional: not yet measured on a GPU; benchmarks/bench_mlp.py's inference table reports the crossover.
-INFERENCE_EAGER_BELOW_TOKENS = 64
+# ----------------------------------------------------------------------------------------------------
+# Dispatch: whether a GLU MLP runs fused (fused_path_wanted, GluMLP's one decision point) and how its
+# projections enter the ops (fused_mlp_forward).
 
 
 def fused_path_wanted(glu_kernel: str, x: torch.Tensor, variant: str | GluVariant | None = None) -> bool:
@@ -900,8 +887,6 @@ def on_cuda(x: torch.Tensor) -> bool:
 # What auto's fail-safe learnt at the first use of each (variant, dtype, device): whether the kernels compiled
 # and launched there. A key that failed runs eager for the rest of the process.
 _KERNELS_WORK: dict[tuple[str, torch.dtype, torch.device], bool] = {}
-# The probe's tensor: 1024 columns pick the block shape most models' widths (>= 1024) use.
-_PROBE_SHAPE = (16, 1024)
 
 
 def _probe_kernels(variant: str, dtype: torch.dtype, device: torch.device) -> None:
@@ -945,6 +930,29 @@ def _kernel_dtype(x: torch.Tensor) -> torch.dtype:
     # The dtype the kernels would see: the autocast dtype where autocast casts the op's inputs.
     device_type = x.device.type
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+
+
+def _is_plain_linear(module: nn.Module) -> bool:
+    # Subclasses (quantised layers), wrappers (PEFT LoRA) and hooked layers must run their own forward, and so
+    # must layers that tensor parallelism sharded: Transformers replaces their `forward` on the instance (no
+    # hook) and turns their weights into DTensors, which only that forward knows how to combine. Hooks of any
+    # kind count, backward ones and those registered for every module (torch.nn.modules.module's global
+    # hooks) included: the one-op path never calls the module, so none of them would fire.
+    return (
+        type(module) is nn.Linear
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+        and not module._backward_hooks
+        and not module._backward_pre_hooks
+        and not any(getattr(_nn_module, name, None) for name in _GLOBAL_HOOK_REGISTRIES)
+        and "forward" not in vars(module)
+        and all(type(p) is nn.Parameter for p in module.parameters(recurse=False))  # a DTensor's type is DTensor
+    )
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    # A DTensor's is_cuda is its local shard's, but its data pointer is not one the kernels can read.
+    return _DTensor is not None and isinstance(t, _DTensor)
 
 
 def fused_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -316,7 +316,7 @@ def test_bias_summing_backward_fills_the_gpu_and_compiles_few_variants(tokens, m
 
 def test_bias_row_tiles_take_few_values_over_all_token_counts():
     # Each ROW_TILES value is one more compile of the backward kernel: token counts must share them.
-    chosen = {gt._bias_row_tiles(row_blocks, 3, 264) for row_blocks in range(1, 5000)}
+    chosen = {gt._row_tiles_per_program(row_blocks, 3, 264) for row_blocks in range(1, 5000)}
     assert chosen == set(gt.BIAS_ROW_TILE_CHOICES) == {1, 2, 4, 8, 16}
 
 
@@ -921,6 +921,16 @@ def test_bad_inputs_raise_errors_naming_them():
         gt.split_gate_up(torch.randn(2, 5))
     with pytest.raises(ValueError, match="'halves' or 'interleaved'"):
         gt.split_gate_up(gate, "stacked")
+
+
+def test_in_place_backward_refuses_a_tensor_it_cannot_write_through_a_rows_view():
+    # A transposed 3-D tensor reshapes to [rows, columns] by copying: results written there would be lost.
+    gate = torch.randn(2, 3, 4, device=DEVICE).transpose(0, 1)
+    up, grad = gate.clone(), gate.clone()
+    with pytest.raises(ValueError, match=r"gate must be 2-D or contiguous to be written in place"):
+        gt._mlp_act_grads(grad, gate, up, "swiglu", *_params(), False, in_place=True)
+    dgate, *_ = gt._mlp_act_grads(grad, gate, up, "swiglu", *_params(), False)  # new tensors: nothing to lose
+    assert dgate.shape == gate.shape
 
 
 class CountingLinear(nn.Linear):
