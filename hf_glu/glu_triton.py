@@ -12,7 +12,7 @@ Inductor would clone saved tensors before letting an op write over them.
 How the GEMMs sit around the kernels is a design (``MLP_DESIGNS``; ``fused_mlp_from_weights(..., design=)``, or
 ``MLP_DESIGN`` for the model's dispatch): the default runs separate gate and up GEMMs; the packed candidates
 run one GEMM for gate|up and keep the packed pre-activation instead (same bytes), for the GPT-2 widths where
-launches and passes over memory weigh against GEMMs of under a millisecond (issue 27; a GPU run decides).
+launches and passes over memory weigh against GEMMs of under a millisecond (a GPU run decides).
 
 Projections that are not plain ``nn.Linear`` (PEFT LoRA, quantised layers, hooked modules) are called
 as modules, and only the elementwise part runs fused (``<ns>::glu_act``), so adapters are never skipped.

@@ -3,8 +3,10 @@ only once complete, so a failure or a kill at any point leaves the destination e
 
 - The work happens in ``.DST.tmp-<pid>-<token>/checkpoint/``; the outer folder also holds a marker file with the
   same random token. Only a folder holding that marker is ever removed as debris (by a later run, once its
-  process is gone): a user's folder that merely matches the name pattern is never touched. Names are cut to fit
-  the filesystem's limit on one name (NAME_MAX), whatever DST's length.
+  process is gone): a user's folder that merely matches the name pattern is never touched. The one exception is
+  a process killed between making the folder and finishing its marker: a folder of exactly our name left holding
+  nothing, or only a marker cut short, is removed too (nothing is in it to lose). Names are cut to fit the
+  filesystem's limit on one name (NAME_MAX), whatever DST's length.
 - The swap takes place only if DST is still what was checked. Without ``force`` it was absent or an empty
   folder: an empty one is removed with ``rmdir`` (which fails if anything was put in it meanwhile) and the new
   folder renamed onto the absent name with ``renameat2(RENAME_NOREPLACE)`` (which fails if anything took that
@@ -174,18 +176,28 @@ def stale_siblings(dst: Path) -> list[Path]:
     stale = []
     for path in sorted(dst.parent.iterdir()) if dst.parent.is_dir() else []:
         match = pattern.match(path.name)
-        if match and _is_ours(path, match.group(2)) and not _alive(int(match.group(1))):
+        if match and _is_ours(path, match.group(2), unfinished=True) and not _alive(int(match.group(1))):
             stale.append(path)
     return stale
 
 
-def _is_ours(folder: Path, token: str) -> bool:
-    """Whether ``folder`` is a real folder holding our marker with ``token`` (links are not followed)."""
+def _is_ours(folder: Path, token: str, unfinished: bool = False) -> bool:
+    """Whether ``folder`` is a real folder holding our marker with ``token`` (links are not followed). With
+    ``unfinished``, also a folder a kill left between its mkdir and its marker: empty, or holding only a marker
+    cut short (a prefix of ours)."""
     marker = folder / _MARKER
+    expected = f"hf-glu {token}\n".encode()
     try:
-        if folder.is_symlink() or not folder.is_dir() or marker.is_symlink() or not marker.is_file():
+        if folder.is_symlink() or not folder.is_dir():
             return False
-        return marker.read_bytes() == f"hf-glu {token}\n".encode()
+        if unfinished and not any(folder.iterdir()):
+            return True
+        if marker.is_symlink() or not marker.is_file():
+            return False
+        content = marker.read_bytes()
+        if unfinished and [p.name for p in folder.iterdir()] == [_MARKER]:
+            return expected.startswith(content)
+        return content == expected
     except OSError:
         return False
 
@@ -214,7 +226,8 @@ def _remove_ours(folder: Path) -> None:
                     path.unlink()
     with contextlib.suppress(OSError):
         (folder / _MARKER).unlink()
-        folder.rmdir()
+    with contextlib.suppress(OSError):
+        folder.rmdir()  # fails, keeping everything, if anything but our own files was in it
 
 
 def _make_temporary(dst: Path) -> Path:

@@ -116,8 +116,45 @@ def test_sigkill_debris_is_swept_by_the_next_run(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
 
 
+@pytest.mark.parametrize("marker_bytes", [None, 0, 5], ids=["before-the-marker", "empty-marker", "marker-cut-short"])
+def test_a_kill_between_the_folder_and_its_marker_leaves_debris_the_next_run_removes(marker_bytes, tmp_path):
+    # SIGKILL cannot be deferred: a run killed after the temporary folder's mkdir and before its marker is whole
+    # leaves a folder of exactly our name holding nothing of value, which the next run must sweep.
+    script = textwrap.dedent(
+        """
+        import os, pathlib, signal, sys, types
+        import hf_glu
+        convert = types.ModuleType("hf_glu.convert")
+        convert.__path__ = [str(pathlib.Path(hf_glu.__file__).parent / "convert")]
+        sys.modules["hf_glu.convert"] = convert
+        from hf_glu.convert import save
+
+        def write_then_die(path, data):
+            if path.name == save._MARKER:
+                if MARKER_BYTES is not None:
+                    with open(path, "wb") as f:
+                        f.write(data[:MARKER_BYTES])
+                os.kill(os.getpid(), signal.SIGKILL)
+            return path.write_text(data.decode())
+
+        pathlib.Path.write_bytes = write_then_die
+        with save.atomic_folder(sys.argv[1], force=False):
+            pass
+        """
+    ).replace("MARKER_BYTES", repr(marker_bytes))
+    killed = subprocess.run([sys.executable, "-c", script, str(tmp_path / "dst")], env=ENV, timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    (debris,) = tmp_path.iterdir()
+    assert [p.name for p in debris.iterdir()] == ([] if marker_bytes is None else [".hf-glu-temporary"])
+    assert stale_siblings(tmp_path / "dst") == [debris]
+    with atomic_folder(tmp_path / "dst", force=False) as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
+
+
 def test_user_folders_that_merely_look_like_debris_are_kept(tmp_path):
-    """Issue 23, 8: a name pattern and a dead "pid" prove nothing; only a folder this tool marked is debris."""
+    """A name pattern and a dead "pid" prove nothing; only a folder this tool marked is debris (or one of our
+    exact name holding nothing, or only a prefix of our marker: a kill between mkdir and marker leaves those)."""
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     lookalikes = [".m.old-20240501-good", f".m.tmp-{dead.pid}-abcd1234", f".m.old-{dead.pid}-0123456789abcdef",
@@ -125,6 +162,13 @@ def test_user_folders_that_merely_look_like_debris_are_kept(tmp_path):
     for name in lookalikes:
         (tmp_path / name).mkdir()
         (tmp_path / name / "backup.safetensors").write_bytes(b"the user's backup")
+    # Our exact name with a marker file that is not a prefix of ours, or a marker prefix beside a user's file.
+    for name, extra in ((f".m.tmp-{dead.pid}-fedcba9876543210", False), (f".m.tmp-{dead.pid}-aaaaaaaaaaaaaaaa", True)):
+        (tmp_path / name).mkdir()
+        marker = b"not hf-glu's" if not extra else b"hf-glu aaaa"
+        (tmp_path / name / ".hf-glu-temporary").write_bytes(marker)
+        if extra:
+            (tmp_path / name / "notes.txt").write_text("the user's notes")
     before = _tree(tmp_path)
     assert stale_siblings(tmp_path / "m") == []
     with atomic_folder(tmp_path / "m", force=False) as tmp:
@@ -201,7 +245,7 @@ def test_a_signal_during_the_swap_does_not_report_a_stop_after_the_commit(tmp_pa
 @pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "plain rename"])
 @pytest.mark.parametrize("state", ["absent", "empty folder", "force"])
 def test_the_swap_takes_place_only_onto_what_was_checked(state, renameat2, tmp_path, monkeypatch):
-    """Issue 23, 7, at the level of atomic_folder and with both kinds of rename: a folder someone filled during
+    """At the level of atomic_folder and with both kinds of rename: a folder someone filled during
     the write is left as they made it (without force), and the error names DST."""
     import hf_glu.convert.save as save
     from hf_glu.convert import ConversionError
