@@ -34,6 +34,7 @@ import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from hf_glu.convert.safetensors_io import Planned, write_streamed
+from hf_glu.jsonio import strict_json, write_json
 
 SHARD_BYTES = 1 << 30
 
@@ -67,7 +68,7 @@ def write_random_checkpoint(folder: Path) -> int:
         write_streamed(folder / name, shard, metadata={"format": "pt"})
         weight_map.update({t.name: name for t in shard})
     index = {"metadata": {"total_size": size}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    write_json(folder / "model.safetensors.index.json", index)
     config.architectures = ["GPTNeoXForCausalLM"]
     config.save_pretrained(folder)
     return size
@@ -132,9 +133,9 @@ def main() -> None:
         result["fidelity"] = {key: report[key] for key in keys}
     else:
         result["fidelity"] = report["evaluation"]
-    print(json.dumps(result, indent=2))
+    print(strict_json(result))
     default = "bench_stream.json" if args.max_memory is None else "bench_stream_max_memory.json"
-    Path(args.out or Path(__file__).with_name(default)).write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    write_json(args.out or Path(__file__).with_name(default), result)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ held-out text, before any fine-tuning.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from hf_glu import VARIANTS, convert_gpt2
 from hf_glu.data import builtin_corpus, split_train_eval, train_bpe_tokenizer
-from hf_glu.jsonio import write_json
+from hf_glu.jsonio import strict_json, write_json
 
 
 def pretrain(steps: int, train_text: str, tokenizer) -> GPT2LMHeadModel:
@@ -62,7 +61,7 @@ def main() -> None:
             "perplexity_ratio": report["perplexity"]["ratio"],
             "max_unit_bound": max(layer["unit_map"]["bound"] for layer in report["layers"]),
         }
-        print(variant, json.dumps(results["variants"][variant]), flush=True)
+        print(variant, strict_json(results["variants"][variant], indent=None), flush=True)
     write_json(args.out, results)
 
 

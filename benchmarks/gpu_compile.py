@@ -479,6 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
     from hf_glu import glu_triton
+    from hf_glu.jsonio import write_json
 
     if not glu_triton.TRITON_AVAILABLE:
         print("triton is not importable; install it with `pip install 'hf-glu[gpu]'`", file=sys.stderr)
@@ -498,7 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           planned=len(specs) * len(targets), seconds=round(time.perf_counter() - start, 1),
                           problems=[p for r in results if (p := r.problem())], summary=summary(results),
                           results=[asdict(r) for r in results])  # fmt: skip
-            args.out.write_text(json.dumps(report, indent=1) + "\n")
+            write_json(args.out, report, indent=1)  # indent 1: thousands of results, a smaller file
 
     def progress(line: str, results: list[Result]) -> None:
         if not args.quiet:

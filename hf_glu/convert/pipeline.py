@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 from collections.abc import Callable
 from dataclasses import KW_ONLY, dataclass
 from functools import partial
@@ -16,6 +15,7 @@ from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from ..cards import render_conversion_card
 from ..data import builtin_corpus, split_train_eval
+from ..jsonio import write_json
 from .errors import ConversionError
 from .init_schemes import CALIBRATED_VARIANTS, UnitMap, fit_unit_map
 from .report import LayerStats, SourceRecord, compare, mlp_weights, record_source
@@ -550,11 +550,15 @@ def write_checkpoint(
     model.save_pretrained(folder, max_shard_size=max_shard_size)
     if conversion.source.tokenizer is not None:
         conversion.source.tokenizer.save_pretrained(folder)
-    # Strict JSON: a NaN or inf here is a bug (the report replaces them), so it must fail, not be written.
-    report = json.dumps(conversion.report, indent=2, allow_nan=False)
-    (folder / "conversion_report.json").write_text(report + "\n", encoding="utf-8")
-    card = render_conversion_card(conversion.report, model_name=model_name or folder.name)
-    card.save(folder / "README.md")
+    write_report_and_card(conversion.report, folder, model_name or folder.name)
+
+
+def write_report_and_card(report: dict, folder: Path, model_name: str) -> None:
+    """``report`` as ``conversion_report.json`` and the model card rendered from it as ``README.md`` in ``folder``:
+    the last two files of every route's checkpoint (in memory, streamed, layer by layer)."""
+    # A NaN or inf here is a bug (the report replaces them with null and says why), so it fails, not hides.
+    write_json(folder / "conversion_report.json", report, null_non_finite=False)
+    render_conversion_card(report, model_name=model_name).save(folder / "README.md")
 
 
 @_takes_options
