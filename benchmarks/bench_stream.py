@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
+from hf_glu.bad_input import OneLineParser
 from hf_glu.convert.safetensors_io import Planned, write_streamed
 from hf_glu.jsonio import strict_json, write_json
 
@@ -75,7 +76,7 @@ def write_random_checkpoint(folder: Path) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", default="geglu")
     parser.add_argument("--out", default=None, help="(default: bench_stream.json, with --max-memory "
                         "bench_stream_max_memory.json, beside this script)")  # fmt: skip

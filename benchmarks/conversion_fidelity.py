@@ -15,6 +15,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from hf_glu import VARIANTS, convert_gpt2
+from hf_glu.bad_input import OneLineParser
 from hf_glu.data import builtin_corpus, split_train_eval, train_bpe_tokenizer
 from hf_glu.jsonio import strict_json, write_json
 
@@ -41,7 +42,7 @@ def pretrain(steps: int, train_text: str, tokenizer) -> GPT2LMHeadModel:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--out", default=str(Path(__file__).with_name("conversion_fidelity.json")))
     args = parser.parse_args()

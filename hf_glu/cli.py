@@ -32,9 +32,10 @@ from .jsonio import strict_json  # noqa: E402
 def add_convert(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "convert",
-        help="turn a GPT-2-style checkpoint's MLPs into GLU MLPs and write a Hub-ready checkpoint",
-        description="Convert a GPT-2-style checkpoint (folder or Hub id) into a GLU checkpoint folder, with a "
-        "fidelity report (conversion_report.json) and a model card (README.md). GPT-2 becomes GluFor*; every "
+        help="turn a checkpoint's MLPs (GPT-2 or another supported family) into GLU MLPs and write a Hub-ready "
+        "checkpoint",
+        description="Convert a checkpoint of a supported model type (folder or Hub id) into a GLU checkpoint folder, "
+        "with a fidelity report (conversion_report.json) and a model card (README.md). GPT-2 becomes GluFor*; every "
         f"other family keeps its own architecture with GLU MLPs. Model types: {', '.join(SUPPORTED_MODEL_TYPES)}.",
     )
     p.add_argument("src", help="checkpoint folder or Hub model id of a supported model type")
