@@ -138,41 +138,39 @@ def _print_fidelity(report: dict, how: str = "") -> None:
         print(f"perplexity: source {ppl['source']:.4f}, converted {ppl['converted']:.4f} (ratio {ppl['ratio']:.5f})")
 
 
+def _flag(option: str, *value: object) -> str:
+    """How this command line names a conversion option in the library's messages: ``--eval-tokens 0``."""
+    flag = "--" + option.replace("_", "-")
+    return flag if not value or value[0] is True else f"{flag} {value[0]}"
+
+
 def _check_convert_options(args: argparse.Namespace) -> None:
-    """The options' values, checked before anything is loaded; each error names the option and what it takes."""
+    """The options' values, checked before anything is loaded or read; each error names the option and what it
+    takes. The conversion's own checks answer for its options; here are only those of the command line itself
+    (its files, its routes)."""
+    from .convert.pipeline import ConvertOptions, calibrates, check_options, width_only
     from .convert.stream import parse_size
 
     if not args.src.strip():
         raise ValueError("SRC is empty; expected a checkpoint folder or a Hub model id")
-    if args.intermediate_size is not None and args.intermediate_size < 1:
-        raise ValueError(f"--intermediate-size {args.intermediate_size} is invalid; expected an integer >= 1")
-    if args.eval_tokens is not None and args.eval_tokens < 2:
-        raise ValueError(f"--eval-tokens {args.eval_tokens} is invalid; expected an integer >= 2")
+    check_options(
+        ConvertOptions(
+            args.variant, args.init, args.intermediate_size, args.dtype, match_params=args.match_params,
+            calibration_text=args.calibration_text,  # the file's name stands for its text: only given or not counts
+            **{k: v for k in ("eval_tokens", "calibration_tokens") if (v := getattr(args, k)) is not None},
+        ),
+        name=_flag,
+    )  # fmt: skip
+    # The library cannot tell a --calibration-tokens given from its default: a flag left without effect is ours.
+    calibrating = calibrates(args.init, args.intermediate_size, args.match_params)
+    if args.calibration_tokens is not None and not calibrating and not args.no_eval:
+        raise ValueError(width_only(_flag, "calibration_tokens"))
     parse_size(args.max_shard_size, f"--max-shard-size {args.max_shard_size!r}", "500MB or 5GB")
     if args.max_memory is not None:
         _check_max_memory(args)
-    if args.eval_text is not None and not Path(args.eval_text).is_file():
-        raise ValueError(f"--eval-text {args.eval_text!r} is not a file; expected a UTF-8 text file")
-    _check_width_options(args)
-
-
-def _check_width_options(args: argparse.Namespace) -> None:
-    """--match-params, --calibration-text and --calibration-tokens, before anything is loaded."""
-    from .convert.pipeline import calibrates
-
-    if args.match_params and args.intermediate_size is not None:
-        raise ValueError("--match-params picks --intermediate-size itself; pass one of them, not both")
-    if args.calibration_tokens is not None and args.calibration_tokens < 2:
-        raise ValueError(f"--calibration-tokens {args.calibration_tokens} is invalid; expected an integer >= 2")
-    calibrating = calibrates(args.init, args.intermediate_size, args.match_params)
-    for option in ("calibration_text", "calibration_tokens"):
-        if getattr(args, option) is not None and not calibrating and not args.no_eval:
-            raise ValueError(
-                f"--{option.replace('_', '-')} is used by a width-reduced conversion only; expected it with "
-                "--match-params or --intermediate-size N (and --init preserve)"
-            )
-    if args.calibration_text is not None and not Path(args.calibration_text).is_file():
-        raise ValueError(f"--calibration-text {args.calibration_text!r} is not a file; expected a UTF-8 text file")
+    for option in ("eval_text", "calibration_text"):
+        if getattr(args, option) is not None and not Path(getattr(args, option)).is_file():
+            raise ValueError(f"{_flag(option, repr(getattr(args, option)))} is not a file; expected a UTF-8 text file")
 
 
 def _check_max_memory(args: argparse.Namespace) -> None:
