@@ -765,10 +765,11 @@ def run(settings: Settings, args: argparse.Namespace, device: torch.device, comm
     return results
 
 
-def default_out(quick: bool) -> Path:
-    """Where results go without ``--out``: the committed results folder only for a full run."""
+def default_out(quick: bool, benchmark: str = "quality") -> Path:
+    """Where ``benchmark``'s results go without ``--out``: the committed results folder only for a full run, the
+    git-ignored bench_results/ for a smoke run (recovery.py's too)."""
     if quick:
-        return Path(__file__).resolve().parents[1] / "bench_results" / "quality-quick"
+        return Path(__file__).resolve().parents[1] / "bench_results" / f"{benchmark}-quick"
     return Path(__file__).resolve().parent / "results"
 
 

@@ -30,6 +30,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -252,11 +253,7 @@ def plot(results: dict, path: Path) -> None:
     plt.close(figure)
 
 
-def default_out(quick: bool) -> Path:
-    """The committed results folder for a full run; the git-ignored bench_results/ for a smoke run."""
-    if quick:
-        return Path(__file__).resolve().parents[1] / "bench_results" / "recovery-quick"
-    return Path(__file__).resolve().parent / "results"
+default_out = partial(quality.default_out, benchmark="recovery")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
