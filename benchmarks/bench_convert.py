@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
 
+from hf_glu.bad_input import OneLineParser
 from hf_glu.data import builtin_corpus, train_bpe_tokenizer
 from hf_glu.jsonio import strict_json, write_json
 
@@ -46,7 +47,7 @@ SHAPES = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", default="geglu_tanh")
     parser.add_argument("--runs", type=int, default=1, help="conversions to time (default: 1)")
     parser.add_argument("--shape", default="gpt2-small", choices=sorted(SHAPES))

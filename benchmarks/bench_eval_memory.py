@@ -13,7 +13,6 @@ goes to ``benchmarks/results/bench_eval_memory.json`` unless ``--json`` says els
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -29,6 +28,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_streaming_data.py, the same tiny model
 from bench_streaming_data import tiny_model  # noqa: E402
 
+from hf_glu.bad_input import OneLineParser  # noqa: E402
 from hf_glu.data import builtin_corpus  # noqa: E402
 from hf_glu.jsonio import write_json  # noqa: E402
 
@@ -66,7 +66,7 @@ def run_eval(model: Path, text: Path, max_tokens: int, threads: int) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes-kb", type=int, nargs="+", default=[100, 10_240])
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3, help="runs per size; the median peak is reported")

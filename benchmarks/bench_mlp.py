@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -44,7 +43,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from hf_glu import GluConfig, GluMLP, glu_triton  # noqa: E402
-from hf_glu.convert.report import without_non_finite  # noqa: E402
+from hf_glu.jsonio import strict_json, write_json  # noqa: E402
 
 T = TypeVar("T")
 
@@ -119,7 +118,7 @@ class RowLog:
 
     def write(self, table: str, row: object) -> None:
         record = {"table": table, **(asdict(row) if hasattr(row, "__dataclass_fields__") else dict(row))}
-        line = json.dumps(without_non_finite(record), allow_nan=False)
+        line = strict_json(record, indent=None)
         print(f"row {line}", flush=True)  # also in the step's captured log
         if self.path is not None:
             with self.path.open("a") as f:
@@ -995,7 +994,7 @@ def main(argv: list[str] | None = None) -> None:
             s.name: [dict(zip(("goal", "measured", "met"), g, strict=True)) for g in all_goals(s, rows, inference)]
             for s in shapes
         }
-        args.json.write_text(json.dumps(without_non_finite(payload), indent=2, allow_nan=False))
+        write_json(args.json, payload)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,9 @@ from pathlib import Path
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
+from hf_glu.bad_input import OneLineParser
 from hf_glu.convert.safetensors_io import Planned, write_streamed
+from hf_glu.jsonio import strict_json, write_json
 
 SHARD_BYTES = 1 << 30
 
@@ -67,14 +69,14 @@ def write_random_checkpoint(folder: Path) -> int:
         write_streamed(folder / name, shard, metadata={"format": "pt"})
         weight_map.update({t.name: name for t in shard})
     index = {"metadata": {"total_size": size}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    write_json(folder / "model.safetensors.index.json", index)
     config.architectures = ["GPTNeoXForCausalLM"]
     config.save_pretrained(folder)
     return size
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", default="geglu")
     parser.add_argument("--out", default=None, help="(default: bench_stream.json, with --max-memory "
                         "bench_stream_max_memory.json, beside this script)")  # fmt: skip
@@ -132,9 +134,9 @@ def main() -> None:
         result["fidelity"] = {key: report[key] for key in keys}
     else:
         result["fidelity"] = report["evaluation"]
-    print(json.dumps(result, indent=2))
+    print(strict_json(result))
     default = "bench_stream.json" if args.max_memory is None else "bench_stream_max_memory.json"
-    Path(args.out or Path(__file__).with_name(default)).write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    write_json(args.out or Path(__file__).with_name(default), result)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ short paragraphs. Both hold out the same first paragraphs (a stream holds out wh
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -27,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from hf_glu import GluConfig, GluForCausalLM  # noqa: E402
+from hf_glu.bad_input import OneLineParser  # noqa: E402
 from hf_glu.data import builtin_corpus, train_bpe_tokenizer  # noqa: E402
 from hf_glu.jsonio import write_json  # noqa: E402
 
@@ -105,7 +105,7 @@ def run_recipe(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes-mb", type=int, nargs="+", default=[50, 500])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--map-style", action="store_true", help="also run the non-streaming path on the smallest")

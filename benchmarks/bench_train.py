@@ -20,7 +20,6 @@ interpreter. Its timings mean nothing: it checks that every path still runs.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import statistics
@@ -40,6 +39,7 @@ from bench_mlp import RowLog, attempt, environment  # noqa: E402  (benchmarks/ i
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from hf_glu import GluConfig, GluForCausalLM, glu_triton  # noqa: E402
+from hf_glu.bad_input import OneLineParser  # noqa: E402
 from hf_glu.jsonio import write_json  # noqa: E402
 
 
@@ -282,7 +282,7 @@ GENERATE_COLUMNS = [
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument(
         "--rows", type=Path, help="JSON lines, one per row as measured (default: next to --json, .rows.jsonl)"

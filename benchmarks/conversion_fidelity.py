@@ -8,7 +8,6 @@ held-out text, before any fine-tuning.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -16,8 +15,9 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from hf_glu import VARIANTS, convert_gpt2
+from hf_glu.bad_input import OneLineParser
 from hf_glu.data import builtin_corpus, split_train_eval, train_bpe_tokenizer
-from hf_glu.jsonio import write_json
+from hf_glu.jsonio import strict_json, write_json
 
 
 def pretrain(steps: int, train_text: str, tokenizer) -> GPT2LMHeadModel:
@@ -42,7 +42,7 @@ def pretrain(steps: int, train_text: str, tokenizer) -> GPT2LMHeadModel:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--out", default=str(Path(__file__).with_name("conversion_fidelity.json")))
     args = parser.parse_args()
@@ -62,7 +62,7 @@ def main() -> None:
             "perplexity_ratio": report["perplexity"]["ratio"],
             "max_unit_bound": max(layer["unit_map"]["bound"] for layer in report["layers"]),
         }
-        print(variant, json.dumps(results["variants"][variant]), flush=True)
+        print(variant, strict_json(results["variants"][variant], indent=None), flush=True)
     write_json(args.out, results)
 
 

@@ -25,7 +25,6 @@ re-runs itself in a subprocess without it.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -452,14 +451,17 @@ def _parse_targets(text: str) -> list[int]:
     try:
         targets = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise SystemExit(f"--targets {text!r} is invalid; expected compute capabilities like 80,90,100") from None
+        raise ValueError(f"--targets {text!r} is invalid; expected compute capabilities like 80,90,100") from None
     if not targets or any(t < 70 for t in targets):
-        raise SystemExit(f"--targets {text!r} is invalid; expected compute capabilities >= 70 like 80,90,100")
+        raise ValueError(f"--targets {text!r} is invalid; expected compute capabilities >= 70 like 80,90,100")
     return targets
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+    from hf_glu.bad_input import OneLineParser  # hf_glu is imported only once the path holds it
+
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", default=",".join(map(str, DEFAULT_TARGETS)), help="e.g. 80,90,100")
     scope = parser.add_mutually_exclusive_group()
     for name in SCOPES:
@@ -471,14 +473,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="JSON results file (per kernel and target, and a summary)")
     parser.add_argument("--quiet", action="store_true", help="print only problems and the summary")
     args = parser.parse_args(argv)
-    targets = _parse_targets(args.targets)
+    try:
+        targets = _parse_targets(args.targets)
+    except ValueError as e:
+        parser.error(str(e))
 
     if os.environ.get("TRITON_INTERPRET") == "1":  # @triton.jit would give interpreter objects: re-run without it
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         return subprocess.run([sys.executable, __file__, *(sys.argv[1:] if argv is None else argv)], env=env).returncode
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
     from hf_glu import glu_triton
+    from hf_glu.jsonio import write_json
 
     if not glu_triton.TRITON_AVAILABLE:
         print("triton is not importable; install it with `pip install 'hf-glu[gpu]'`", file=sys.stderr)
@@ -498,7 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           planned=len(specs) * len(targets), seconds=round(time.perf_counter() - start, 1),
                           problems=[p for r in results if (p := r.problem())], summary=summary(results),
                           results=[asdict(r) for r in results])  # fmt: skip
-            args.out.write_text(json.dumps(report, indent=1) + "\n")
+            write_json(args.out, report, indent=1)  # indent 1: thousands of results, a smaller file
 
     def progress(line: str, results: list[Result]) -> None:
         if not args.quiet:

@@ -44,8 +44,10 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase
 
 from hf_glu import VARIANTS, GluConfig, GluForCausalLM, convert_gpt2
+from hf_glu.bad_input import OneLineParser
 from hf_glu.convert.perplexity import perplexity
 from hf_glu.data import builtin_corpus, pack_token_blocks, read_text, split_train_eval, train_bpe_tokenizer
+from hf_glu.demo import RunSettings
 from hf_glu.finetune import distillation_loss
 from hf_glu.jsonio import write_json
 
@@ -74,30 +76,15 @@ SHAZEER_65K = {
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Sizes and budgets; a step is ``batch_size`` blocks of ``block_size`` tokens."""
+class Settings(RunSettings):
+    """The demo's sizes and budgets (:class:`hf_glu.demo.RunSettings`), with the seeds, the from-scratch arm's
+    budget and the distillation loss's weights this benchmark adds."""
 
-    corpus_chars: int | None  # the built-in corpus is cut to this many characters (None: all of it)
-    vocab_size: int
-    block_size: int
-    n_embd: int
-    n_layer: int
-    n_head: int
-    batch_size: int
     seeds: tuple[int, ...]
-    pretrain_steps: int
-    pretrain_lr: float
-    finetune_steps: int
-    finetune_lr: float
     scratch_steps: int
     scratch_lr: float
-    eval_tokens: int  # held-out tokens scored for every perplexity
     kd_alpha: float = 0.5
     kd_temperature: float = 1.0
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batch_size * self.block_size
 
     @property
     def glu_inner(self) -> int:
@@ -778,15 +765,16 @@ def run(settings: Settings, args: argparse.Namespace, device: torch.device, comm
     return results
 
 
-def default_out(quick: bool) -> Path:
-    """Where results go without ``--out``: the committed results folder only for a full run."""
+def default_out(quick: bool, benchmark: str = "quality") -> Path:
+    """Where ``benchmark``'s results go without ``--out``: the committed results folder only for a full run, the
+    git-ignored bench_results/ for a smoke run (recovery.py's too)."""
     if quick:
-        return Path(__file__).resolve().parents[1] / "bench_results" / "quality-quick"
+        return Path(__file__).resolve().parents[1] / "bench_results" / f"{benchmark}-quick"
     return Path(__file__).resolve().parent / "results"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model, 1 seed, a few steps (CI)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda, which also scales the model up")
     parser.add_argument("--text-file", default=None, help="UTF-8 text to use instead of the built-in corpus")

@@ -30,6 +30,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -38,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # quality.py, the fixt
 import quality  # noqa: E402
 
 from hf_glu import VARIANTS, convert_checkpoint  # noqa: E402
+from hf_glu.bad_input import OneLineParser  # noqa: E402
 from hf_glu.data import builtin_corpus, read_text, split_train_eval  # noqa: E402
 from hf_glu.jsonio import write_json  # noqa: E402
 
@@ -251,15 +253,11 @@ def plot(results: dict, path: Path) -> None:
     plt.close(figure)
 
 
-def default_out(quick: bool) -> Path:
-    """The committed results folder for a full run; the git-ignored bench_results/ for a smoke run."""
-    if quick:
-        return Path(__file__).resolve().parents[1] / "bench_results" / "recovery-quick"
-    return Path(__file__).resolve().parent / "results"
+default_out = partial(quality.default_out, benchmark="recovery")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model, a few steps (CI smoke run)")
     parser.add_argument("--text-file", default=None, help="UTF-8 text to use instead of the built-in corpus")
     parser.add_argument("--out", default=None, help="output folder (default: benchmarks/results, or "

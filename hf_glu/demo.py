@@ -54,8 +54,10 @@ SOURCE_NAME = "source GPT-2 (gelu_new)"
 
 
 @dataclass(frozen=True)
-class DemoSettings:
-    """Sizes and budgets of one demo run; the token budgets are ``steps · batch_size · block_size``."""
+class RunSettings:
+    """What the demo and the quality benchmark (``benchmarks/quality.py``) both size: the corpus, the small GPT-2
+    pretrained on it, the pretraining and fine-tuning budgets and the held-out tokens scored. A step is
+    ``batch_size`` blocks of ``block_size`` tokens."""
 
     corpus_chars: int | None  # the built-in corpus is cut to this many characters (None: all of it)
     vocab_size: int
@@ -63,19 +65,25 @@ class DemoSettings:
     n_embd: int
     n_layer: int
     n_head: int
-    dropout: float
     batch_size: int
     pretrain_steps: int
     pretrain_lr: float
     finetune_steps: int
     finetune_lr: float
-    eval_tokens: int  # held-out tokens scored for every perplexity in the table
-    eval_points: int  # held-out loss evaluations per training run, for the plot
-    sample_tokens: int
+    eval_tokens: int  # held-out tokens scored for every perplexity
 
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.block_size
+
+
+@dataclass(frozen=True)
+class DemoSettings(RunSettings):
+    """Sizes and budgets of one demo run; the token budgets are ``steps · batch_size · block_size``."""
+
+    dropout: float
+    eval_points: int  # held-out loss evaluations per training run, for the plot
+    sample_tokens: int
 
 
 FULL = DemoSettings(

@@ -1,5 +1,6 @@
-"""What the fine-tuning recipes share: their command line, their start (the model, or a GPT-2 converted on the
-spot, and the packed train/eval blocks), the distillation loss, checkpoint discovery, the final save and push.
+"""What the fine-tuning recipes share: their command line, their start (the model, or a source checkpoint of any
+supported family converted on the spot, and the packed train/eval blocks), the distillation loss, checkpoint
+discovery, the final save and push.
 
 The recipes in ``recipes/`` stay short by calling these; the training loops themselves (Trainer or a
 plain Accelerate loop) live in the recipes, where users copy and edit them.
@@ -49,8 +50,8 @@ def load_model_and_tokenizer(
     init: str = "preserve",
     distributed_config: DistributedConfig | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A causal LM and its tokenizer: from the checkpoint folder ``model``, or by converting the GPT-2-style
-    checkpoint ``convert_from`` (any supported family) to ``variant`` (its tokenizer is used). Exactly one
+    """A causal LM and its tokenizer: from the checkpoint folder ``model``, or by converting the checkpoint
+    ``convert_from`` (GPT-2 or any other supported family) to ``variant`` (its tokenizer is used). Exactly one
     must be given. ``distributed_config`` shards ``model`` at load time (tensor parallel and/or FSDP2, under
     torchrun); a conversion happens in one process's memory, so it cannot be sharded that way."""
     check_one_model(model, convert_from)
@@ -439,7 +440,7 @@ def finetune_arg_parser(description: str) -> argparse.ArgumentParser:
     source = parser.add_argument_group("model (exactly one)")
     source.add_argument("--model", help="GLU checkpoint folder or Hub id (its tokenizer is used)")
     source.add_argument(
-        "--convert-from", help="GPT-2-style checkpoint (any supported family) to convert first (its tokenizer is used)"
+        "--convert-from", help="source checkpoint of any supported family to convert first (its tokenizer is used)"
     )
     source.add_argument("--variant", default="swiglu", choices=sorted(VARIANTS), help="GLU variant for --convert-from")
     source.add_argument("--init", default="preserve", choices=["preserve", "random"], help="conversion init scheme")

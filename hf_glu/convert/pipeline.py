@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 from collections.abc import Callable
 from dataclasses import KW_ONLY, dataclass
 from functools import partial
@@ -16,6 +15,7 @@ from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from ..cards import render_conversion_card
 from ..data import builtin_corpus, split_train_eval
+from ..jsonio import write_json
 from .errors import ConversionError
 from .init_schemes import CALIBRATED_VARIANTS, UnitMap, fit_unit_map
 from .report import LayerStats, SourceRecord, compare, mlp_weights, record_source
@@ -180,7 +180,7 @@ def convert(source: str | Path | PreTrainedModel, *args, **options) -> Conversio
 
 def _convert(source: str | Path | PreTrainedModel, options: ConvertOptions) -> Conversion:
     """The conversion, step by step; each step's docstring says why it is a step of its own."""
-    dtype = _check(options)
+    dtype = check_options(options)
     loaded = _load(source, options)
     plan = _plan(loaded, options, dtype)
     calibration = _calibrate(loaded, plan, options)
@@ -191,18 +191,24 @@ def _convert(source: str | Path | PreTrainedModel, options: ConvertOptions) -> C
     return Conversion(model=model, report=report, source=loaded)
 
 
-def _check(options: ConvertOptions) -> torch.dtype | None:
+def keyword(option: str, *value: object) -> str:
+    """How a message names an option of the Python API: ``intermediate_size=0``, or ``intermediate_size``."""
+    return f"{option}={value[0]!r}" if value else option
+
+
+def check_options(options: ConvertOptions, name: Callable[..., str] = keyword) -> torch.dtype | None:
     """The options' values and combinations, before the source is loaded: a refusal then costs nothing.
-    Returns the dtype asked for (``None``: the source's)."""
+    Returns the dtype asked for (``None``: the source's). ``name(option, *value)`` spells an option in the
+    messages as the caller's user writes it (:func:`keyword`; the CLI's ``--flag value``)."""
     dtype = parse_dtype(options.torch_dtype)
-    _check_width_options(options)
+    _check_width_options(options, name)
     eval_tokens, intermediate_size = options.eval_tokens, options.intermediate_size
     if isinstance(eval_tokens, bool) or not isinstance(eval_tokens, int) or eval_tokens < 2:
-        raise ConversionError(f"eval_tokens={eval_tokens!r} is invalid; expected an integer >= 2")
+        raise ConversionError(f"{name('eval_tokens', eval_tokens)} is invalid; expected an integer >= 2")
     if intermediate_size is not None and (
         isinstance(intermediate_size, bool) or not isinstance(intermediate_size, int) or intermediate_size < 1
     ):
-        raise ConversionError(f"intermediate_size={intermediate_size!r} is invalid; expected an integer >= 1")
+        raise ConversionError(f"{name('intermediate_size', intermediate_size)} is invalid; expected an integer >= 1")
     return dtype
 
 
@@ -444,28 +450,35 @@ def _count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _check_width_options(options: ConvertOptions) -> None:
+def _check_width_options(options: ConvertOptions, name: Callable[..., str]) -> None:
     """The width options' values and combinations, checked before the source is loaded."""
     match_params, intermediate_size, calibration_tokens = (
         options.match_params, options.intermediate_size, options.calibration_tokens
     )  # fmt: skip
     if not isinstance(match_params, bool):
-        raise ConversionError(f"match_params={match_params!r} is invalid; expected True or False")
+        raise ConversionError(f"{name('match_params', match_params)} is invalid; expected True or False")
     if match_params and intermediate_size is not None:
-        raise ConversionError("match_params=True picks intermediate_size itself; pass one of them, not both")
-    if isinstance(calibration_tokens, bool) or not isinstance(calibration_tokens, int) or calibration_tokens < 2:
-        raise ConversionError(f"calibration_tokens={calibration_tokens!r} is invalid; expected an integer >= 2")
-    if options.calibration_text is not None and not calibrates(options.init, intermediate_size, match_params):
         raise ConversionError(
-            "calibration_text is used by a width-reduced preserve conversion only; expected init='preserve' with "
-            "intermediate_size=N or match_params=True"
+            f"{name('match_params', True)} picks {name('intermediate_size')} itself; pass one of them, not both"
         )
+    if isinstance(calibration_tokens, bool) or not isinstance(calibration_tokens, int) or calibration_tokens < 2:
+        raise ConversionError(f"{name('calibration_tokens', calibration_tokens)} is invalid; expected an integer >= 2")
+    if options.calibration_text is not None and not calibrates(options.init, intermediate_size, match_params):
+        raise ConversionError(width_only(name, "calibration_text"))
 
 
 def calibrates(init: str, intermediate_size: int | None, match_params: bool) -> bool:
     """Whether a conversion is asked for a width of its own under ``preserve`` (``intermediate_size`` or
     ``match_params``): the only kind that reads calibration text. The CLI's flag checks ask it too."""
     return init == "preserve" and (match_params or intermediate_size is not None)
+
+
+def width_only(name: Callable[..., str], option: str) -> str:
+    """The refusal of a calibration ``option`` given to a conversion that does not calibrate."""
+    return (
+        f"{name(option)} is used by a width-reduced conversion only; expected it with {name('match_params', True)} "
+        f"or {name('intermediate_size')} set, and {name('init', 'preserve')}"
+    )
 
 
 def _default_calibration_text() -> str:
@@ -550,11 +563,15 @@ def write_checkpoint(
     model.save_pretrained(folder, max_shard_size=max_shard_size)
     if conversion.source.tokenizer is not None:
         conversion.source.tokenizer.save_pretrained(folder)
-    # Strict JSON: a NaN or inf here is a bug (the report replaces them), so it must fail, not be written.
-    report = json.dumps(conversion.report, indent=2, allow_nan=False)
-    (folder / "conversion_report.json").write_text(report + "\n", encoding="utf-8")
-    card = render_conversion_card(conversion.report, model_name=model_name or folder.name)
-    card.save(folder / "README.md")
+    write_report_and_card(conversion.report, folder, model_name or folder.name)
+
+
+def write_report_and_card(report: dict, folder: Path, model_name: str) -> None:
+    """``report`` as ``conversion_report.json`` and the model card rendered from it as ``README.md`` in ``folder``:
+    the last two files of every route's checkpoint (in memory, streamed, layer by layer)."""
+    # A NaN or inf here is a bug (the report replaces them with null and says why), so it fails, not hides.
+    write_json(folder / "conversion_report.json", report, null_non_finite=False)
+    render_conversion_card(report, model_name=model_name).save(folder / "README.md")
 
 
 @_takes_options

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import shutil
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -21,12 +20,13 @@ from pathlib import Path
 import torch
 from transformers.dynamic_module_utils import get_relative_import_files
 
-from ..cards import render_conversion_card
 from ..configuration_glu_families import FAMILIES, mlp_attribute
+from ..jsonio import write_json
 from ..modeling_glu_families import __file__ as MODELING_FILE
 from .checkpoint_names import CheckpointNames
 from .errors import ConversionError
 from .init_schemes import CALIBRATED_VARIANTS, UnitMap, fit_unit_map, preserved_projections
+from .pipeline import write_report_and_card
 from .safetensors_io import Entry, Planned, read_tensor, write_streamed
 from .save import atomic_folder, check_destination, writing_to
 from .source import (
@@ -120,7 +120,7 @@ def stream_convert(
         if len(groups) > 1:
             index_json = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
             with writing_to(dst):
-                (tmp / _INDEX).write_text(json.dumps(index_json, indent=2) + "\n")
+                write_json(tmp / _INDEX, index_json)  # as Transformers writes it: indent 2, keys in order
         target = surgery.target_class(skeleton)
         glu_config.dtype = dtype
         glu_config.architectures = [target.__name__]
@@ -150,8 +150,7 @@ def stream_convert(
                 tokenizer.save_pretrained(tmp)
             if generation is not None:
                 generation.save_pretrained(tmp)
-            (tmp / "conversion_report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-            render_conversion_card(report, model_name=dst.name).save(tmp / "README.md")
+            write_report_and_card(report, tmp, dst.name)
     return report
 
 

@@ -132,14 +132,12 @@ def _one_line(err: str) -> str:
 @pytest.mark.parametrize("state", ["absent", "empty folder"])
 def test_a_file_made_in_dst_during_the_write_is_kept_and_the_conversion_fails(state, route, tmp_path, capsys,
                                                                               monkeypatch):  # fmt: skip
-    import hf_glu.convert.pipeline as pipeline
-    import hf_glu.convert.stream as stream
+    import hf_glu.convert.pipeline as module  # both routes render the card through it, after the weights
 
     src = saved_family(tmp_path / "src")
     dst = tmp_path / "out"
     if state == "empty folder":
         dst.mkdir()
-    module = stream if route == "streamed" else pipeline
     render = module.render_conversion_card
 
     def user_writes_meanwhile(*args, **kwargs):  # the weights are written, the swap is yet to come
@@ -162,8 +160,8 @@ def test_a_file_made_in_dst_during_the_write_is_kept_and_the_conversion_fails(st
 BARRIER = """
 import os, time
 from pathlib import Path
-import hf_glu.convert.stream as stream
-render = stream.render_conversion_card
+import hf_glu.convert.pipeline as pipeline  # the streamed route renders its card through it too
+render = pipeline.render_conversion_card
 def render_when_both_are_writing(*args, **kwargs):
     sync = Path(os.environ["HF_GLU_TEST_SYNC"])
     (sync / str(os.getpid())).touch()
@@ -171,7 +169,7 @@ def render_when_both_are_writing(*args, **kwargs):
     while len(list(sync.iterdir())) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
     return render(*args, **kwargs)
-stream.render_conversion_card = render_when_both_are_writing
+pipeline.render_conversion_card = render_when_both_are_writing
 from hf_glu.cli import main
 raise SystemExit(main())
 """

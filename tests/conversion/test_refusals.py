@@ -18,10 +18,6 @@ from hf_glu.convert import ConversionError
 from helpers import ROUTES, damaged_copy, file_bytes, refused, run_cli, saved_family, tiny_gpt2, tiny_source
 
 
-def _files(folder):
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def _edit_json(path, edit):
     data = json.loads(path.read_text())
     edit(data)
@@ -111,7 +107,7 @@ def test_hostile_sources_fail_in_one_line_and_touch_nothing(name, family, damage
     dst = tmp_path / "dst"
     dst.mkdir()
     (dst / "keep.txt").write_text("an earlier conversion")
-    before_src, before_dst = _files(src), _files(dst)
+    before_src, before_dst = file_bytes(src), file_bytes(dst)
     capsys.readouterr()
     args = ["convert", str(src), str(dst), "--variant", "geglu_tanh" if family == "gpt2" else "geglu", "--force"]
     code = main([*args, "--no-eval"] if no_eval else [*args, "--eval-tokens", "16"])
@@ -119,7 +115,7 @@ def test_hostile_sources_fail_in_one_line_and_touch_nothing(name, family, damage
     assert code == 2, err
     ours = [line for line in err.splitlines() if line.startswith("hf-glu")]  # beside Transformers' progress bars
     assert len(ours) == 1 and re.search(message, ours[0]) and "Traceback" not in err, err
-    assert _files(src) == before_src and _files(dst) == before_dst
+    assert file_bytes(src) == before_src and file_bytes(dst) == before_dst
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"], "debris left beside DST"
 
 

@@ -65,6 +65,16 @@ def test_report_maxima_do_not_drop_nan():
     assert math.isnan(_worst(0.0, math.nan)) and math.isnan(_worst(math.nan, 1.0)) and _worst(1.0, 2.0) == 2.0
 
 
+def test_a_report_still_holding_a_nan_stops_the_write_instead_of_hiding_it(tmp_path):
+    # The report replaces what it could not measure with null and says why; a NaN left over is a bug, and a
+    # checkpoint whose report says null where the card says nan would hide it.
+    from hf_glu.convert.pipeline import write_report_and_card
+
+    with pytest.raises(ValueError, match="Out of range float"):
+        write_report_and_card({"max_abs_output_diff": math.nan}, tmp_path, "m")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("head", ["lm", "base"])
 def test_the_fidelity_pass_memory_is_bounded_and_the_figures_unchanged(monkeypatch, head):
     from transformers import GPT2Model
