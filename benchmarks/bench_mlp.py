@@ -22,7 +22,6 @@ writes the rows.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import platform
@@ -43,6 +42,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from hf_glu import GluConfig, GluMLP, glu_triton  # noqa: E402
+from hf_glu.bad_input import OneLineParser  # noqa: E402
 from hf_glu.jsonio import strict_json, write_json  # noqa: E402
 
 T = TypeVar("T")
@@ -887,7 +887,7 @@ def environment(device: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument(
         "--rows", type=Path, help="JSON lines, one per row as measured (default: next to --json, .rows.jsonl)"
