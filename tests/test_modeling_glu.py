@@ -226,6 +226,19 @@ def test_hidden_states_and_attentions_are_returned_on_request():
     torch.testing.assert_close(out.hidden_states[-1], out.last_hidden_state)
 
 
+def test_an_explicit_none_output_flag_means_the_configs_value():
+    """PEFT passes ``output_attentions``, ``output_hidden_states`` and ``return_dict`` as ``None``: each is the
+    config's value then, for the bare model and for a head."""
+    config = tiny_config(output_hidden_states=True, output_attentions=True, return_dict=False)
+    ids = torch.randint(1, 101, (1, 5))
+    for model_class in (GluModel, GluForCausalLM):
+        model = model_class._from_config(config, attn_implementation="eager").eval()
+        out = model(ids, output_attentions=None, output_hidden_states=None, return_dict=None)
+        assert isinstance(out, tuple), model_class
+        hidden_states, attentions = out[-2:]
+        assert len(hidden_states) == 3 and len(attentions) == 2, model_class
+
+
 def test_sequence_classification_pools_the_last_non_padding_token():
     model = GluForSequenceClassification(tiny_config(num_labels=3)).eval()
     ids = torch.tensor([[5, 6, 7, 0, 0], [5, 6, 7, 8, 9]])
