@@ -463,8 +463,9 @@ class GluModel(GluPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=self.ln_f(hidden_states), **_with_cache(cache))
 
 
-# The heads: each passes what it does not read to GluModel untouched (attention flags, Trainer's loss kwargs, the
-# cache under either name) and returns a tuple on `return_dict=False` through Transformers' `can_return_tuple`.
+# The heads: each passes what it does not read to GluModel untouched (attention flags, Trainer's loss kwargs) and
+# returns a tuple on `return_dict=False` through Transformers' `can_return_tuple`. Heads that keep a cache name
+# `past_key_values` too: PEFT's prefix tuning looks for it in the head's signature to choose its route.
 
 
 class GluForCausalLM(GluPreTrainedModel, GenerationMixin):
@@ -491,6 +492,7 @@ class GluForCausalLM(GluPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         *,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Labels are the input ids themselves: the loss shifts them (through ``self.loss_function``)."""
@@ -501,6 +503,7 @@ class GluForCausalLM(GluPreTrainedModel, GenerationMixin):
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             cache=cache,
+            past_key_values=past_key_values,
             use_cache=use_cache,
             return_dict=True,
             **kwargs,
@@ -541,6 +544,8 @@ class GluForSequenceClassification(GluPreTrainedModel):
         cache: Cache | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        *,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> SequenceClassifierOutputWithPast:
         outputs = self.transformer(
@@ -550,6 +555,7 @@ class GluForSequenceClassification(GluPreTrainedModel):
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             cache=cache,
+            past_key_values=past_key_values,
             use_cache=use_cache,
             return_dict=True,
             **kwargs,
