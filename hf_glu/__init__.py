@@ -45,14 +45,6 @@ _PUBLIC = {
     "convert_checkpoint": "convert",
 }
 
-# Auto class -> head of the GPT-2-style GLU model
-_GLU_HEADS = {
-    "AutoModel": "GluModel",
-    "AutoModelForCausalLM": "GluForCausalLM",
-    "AutoModelForSequenceClassification": "GluForSequenceClassification",
-    "AutoModelForTokenClassification": "GluForTokenClassification",
-}
-
 if TYPE_CHECKING:
     from .configuration_glu import GluConfig
     from .configuration_glu_families import FAMILIES, GLU_FAMILY_CONFIGS
@@ -212,10 +204,10 @@ def _import_the_model_mapping() -> None:
 
 def glu_model_classes() -> dict[str, Any]:
     """Every GLU model class by the name saved configs give it (``architectures``), each built on first use."""
-    from .configuration_glu import GluConfig
+    from .configuration_glu import GLU_HEADS, GluConfig
     from .configuration_glu_families import FAMILIES, GLU_FAMILY_CONFIGS
 
-    classes = {head: _ModelClassByName(GluConfig, "modeling_glu", head, auto) for auto, head in _GLU_HEADS.items()}
+    classes = {head: _ModelClassByName(GluConfig, "modeling_glu", head, auto) for auto, head in GLU_HEADS.items()}
     for family in FAMILIES.values():
         config_class = GLU_FAMILY_CONFIGS[family.model_type]
         for auto_name, base_name in family.heads.items():

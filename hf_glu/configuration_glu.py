@@ -19,14 +19,20 @@ from .glu import (
 
 GLU_KERNELS = ("auto", "eager", "triton")
 
+# The one table of the GPT-2-style model's heads: Auto class -> the class in modeling_glu answering to it.
+# hf_glu registers these with the Auto classes, modeling_glu registers them for saving, AUTO_MAP names them.
+GLU_HEADS = {
+    "AutoModel": "GluModel",
+    "AutoModelForCausalLM": "GluForCausalLM",
+    "AutoModelForSequenceClassification": "GluForSequenceClassification",
+    "AutoModelForTokenClassification": "GluForTokenClassification",
+}
+
 # Every Auto class a saved checkpoint answers to. Transformers records only the class being saved, so
 # the models write this whole map, letting `trust_remote_code` users load any head from one folder.
 AUTO_MAP = {
     "AutoConfig": "configuration_glu.GluConfig",
-    "AutoModel": "modeling_glu.GluModel",
-    "AutoModelForCausalLM": "modeling_glu.GluForCausalLM",
-    "AutoModelForSequenceClassification": "modeling_glu.GluForSequenceClassification",
-    "AutoModelForTokenClassification": "modeling_glu.GluForTokenClassification",
+    **{auto: f"modeling_glu.{head}" for auto, head in GLU_HEADS.items()},
 }
 
 
@@ -206,4 +212,4 @@ class GluConfig(GluParamsMixin, PretrainedConfig):
 
 
 
-__all__ = ["GluConfig", "GluParamsMixin", "GLU_KERNELS", "AUTO_MAP", "check_glu_fields"]
+__all__ = ["GluConfig", "GluParamsMixin", "GLU_KERNELS", "GLU_HEADS", "AUTO_MAP", "check_glu_fields"]

@@ -10,6 +10,7 @@ other flat files of this package (``from .x import Y``).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import warnings
@@ -31,8 +32,10 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import capture_outputs
 
-from .configuration_glu import AUTO_MAP, GluConfig
+from .configuration_glu import AUTO_MAP, GLU_HEADS, GluConfig
 from .glu import activation_module, get_variant
 from .glu_triton import fused_mlp_forward, fused_path_wanted
 
@@ -58,6 +61,21 @@ def _pick_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | N
 
 def _with_cache(cache: Cache | None) -> dict:
     return {_OUTPUT_CACHE_FIELD: cache}
+
+
+def _none_means_config(forward: Callable) -> Callable:
+    """Outside ``capture_outputs``: an explicit ``None`` for ``output_attentions``, ``output_hidden_states`` or
+    ``return_dict`` means the config's value, as it always has here; ``capture_outputs`` alone reads it as "no" (PEFT
+    passes ``None`` for each)."""
+
+    @functools.wraps(forward)
+    def with_config_defaults(self, *args, **kwargs):
+        for flag in ("output_attentions", "output_hidden_states", "return_dict"):
+            if flag in kwargs and kwargs[flag] is None:
+                del kwargs[flag]
+        return forward(self, *args, **kwargs)
+
+    return with_config_defaults
 
 
 # The kernels-hub name of the GLU MLP: `KernelConfig(kernel_mapping={"GluMLP": "org/repo:Layer"})` with
@@ -307,11 +325,10 @@ class GluBlock(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attn_output, attn_weights = self.attn(self.ln_1(hidden_states), attention_mask, cache, **kwargs)
+    ) -> torch.Tensor:
+        attn_output, _ = self.attn(self.ln_1(hidden_states), attention_mask, cache, **kwargs)
         hidden_states = hidden_states + attn_output
-        hidden_states = hidden_states + self.mlp(self.ln_2(hidden_states))
-        return hidden_states, attn_weights
+        return hidden_states + self.mlp(self.ln_2(hidden_states))
 
 
 class ShardedModelMixin:
@@ -356,6 +373,9 @@ class GluPreTrainedModel(ShardedModelMixin, PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = True
+    # What `capture_outputs` records on request: each block's output (after the embeddings, the first block's
+    # input; the last one replaced by the final norm's output) and each attention's weights.
+    _can_record_outputs = {"hidden_states": GluBlock, "attentions": GluAttention}
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -391,6 +411,8 @@ class GluModel(GluPreTrainedModel):
     def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
         self.wte = new_embeddings
 
+    @_none_means_config
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -400,19 +422,13 @@ class GluModel(GluPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         cache: Cache | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
+        *,
         past_key_values: Cache | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast | tuple:
+    ) -> BaseModelOutputWithPast:
+        """``output_attentions``, ``output_hidden_states`` and ``return_dict`` are handled by ``capture_outputs``."""
         cache = _pick_cache(cache, past_key_values)
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
         use_cache = use_cache if use_cache is not None else self.config.use_cache
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if self.gradient_checkpointing and self.training:
@@ -440,28 +456,16 @@ class GluModel(GluPreTrainedModel):
             position_ids=position_ids,
             **{_MASK_CACHE_ARG: cache},
         )
-
-        all_hidden_states = () if output_hidden_states else None
-        all_attentions = () if output_attentions else None
         for block in self.h:
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            hidden_states, attn_weights = block(
+            hidden_states = block(
                 hidden_states, attention_mask=causal_mask, cache=cache, position_ids=position_ids, **kwargs
             )
-            if output_attentions:
-                all_attentions += (attn_weights,)
-        hidden_states = self.ln_f(hidden_states)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
+        return BaseModelOutputWithPast(last_hidden_state=self.ln_f(hidden_states), **_with_cache(cache))
 
-        output = BaseModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
-            **_with_cache(cache),
-        )
-        return output if return_dict else output.to_tuple()
+
+# The heads: each passes what it does not read to GluModel untouched (attention flags, Trainer's loss kwargs) and
+# returns a tuple on `return_dict=False` through Transformers' `can_return_tuple`. Heads that keep a cache name
+# `past_key_values` too: PEFT's prefix tuning looks for it in the head's signature to choose its route.
 
 
 class GluForCausalLM(GluPreTrainedModel, GenerationMixin):
@@ -475,6 +479,7 @@ class GluForCausalLM(GluPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -485,43 +490,37 @@ class GluForCausalLM(GluPreTrainedModel, GenerationMixin):
         cache: Cache | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
+        *,
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values: Cache | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast | tuple:
+    ) -> CausalLMOutputWithPast:
         """Labels are the input ids themselves: the loss shifts them (through ``self.loss_function``)."""
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.transformer(
-            input_ids=input_ids,
+            input_ids,
             attention_mask=attention_mask,
             token_type_ids=token_type_ids,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
-            cache=_pick_cache(cache, past_key_values),
+            cache=cache,
+            past_key_values=past_key_values,
             use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
             return_dict=True,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
+        logits = self.lm_head(outputs.last_hidden_state[:, keep, :])
         loss = None
         if labels is not None:
             # kwargs carry Trainer's `num_items_in_batch`, which makes gradient accumulation exact.
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        output = CausalLMOutputWithPast(
+        return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             **_with_cache(getattr(outputs, _OUTPUT_CACHE_FIELD)),
         )
-        return output if return_dict else output.to_tuple()
 
 
 class GluForSequenceClassification(GluPreTrainedModel):
@@ -534,6 +533,7 @@ class GluForSequenceClassification(GluPreTrainedModel):
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -544,23 +544,19 @@ class GluForSequenceClassification(GluPreTrainedModel):
         cache: Cache | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
+        *,
         past_key_values: Cache | None = None,
         **kwargs,
-    ) -> SequenceClassifierOutputWithPast | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+    ) -> SequenceClassifierOutputWithPast:
         outputs = self.transformer(
-            input_ids=input_ids,
+            input_ids,
             attention_mask=attention_mask,
             token_type_ids=token_type_ids,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
-            cache=_pick_cache(cache, past_key_values),
+            cache=cache,
+            past_key_values=past_key_values,
             use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
             return_dict=True,
             **kwargs,
         )
@@ -580,14 +576,13 @@ class GluForSequenceClassification(GluPreTrainedModel):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
-        output = SequenceClassifierOutputWithPast(
+        return SequenceClassifierOutputWithPast(
             loss=loss,
             logits=pooled_logits,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             **_with_cache(getattr(outputs, _OUTPUT_CACHE_FIELD)),
         )
-        return output if return_dict else output.to_tuple()
 
 
 class GluForTokenClassification(GluPreTrainedModel):
@@ -600,6 +595,7 @@ class GluForTokenClassification(GluPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -608,20 +604,14 @@ class GluForTokenClassification(GluPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> TokenClassifierOutput | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+    ) -> TokenClassifierOutput:
         outputs = self.transformer(
-            input_ids=input_ids,
+            input_ids,
             attention_mask=attention_mask,
             token_type_ids=token_type_ids,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
             return_dict=True,
             **{**kwargs, "use_cache": False},  # per-token labels: never a KV cache, whatever the caller says
         )
@@ -629,21 +619,15 @@ class GluForTokenClassification(GluPreTrainedModel):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, config=self.config, **kwargs)
-        output = TokenClassifierOutput(
+        return TokenClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
-        return output if return_dict else output.to_tuple()
 
 
 # Saved checkpoints carry this file and name these heads in `auto_map` (trust_remote_code users need no hf_glu).
 # Here rather than in hf_glu/__init__.py, which builds no model class until one is used.
-for _auto_name, _head in (
-    ("AutoModel", GluModel),
-    ("AutoModelForCausalLM", GluForCausalLM),
-    ("AutoModelForSequenceClassification", GluForSequenceClassification),
-    ("AutoModelForTokenClassification", GluForTokenClassification),
-):
-    _head.register_for_auto_class(_auto_name)
+for _auto_name, _head in GLU_HEADS.items():
+    globals()[_head].register_for_auto_class(_auto_name)
 del _auto_name, _head
 
 __all__ = [

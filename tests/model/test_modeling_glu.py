@@ -226,6 +226,31 @@ def test_hidden_states_and_attentions_are_returned_on_request():
     torch.testing.assert_close(out.hidden_states[-1], out.last_hidden_state)
 
 
+def test_an_explicit_none_output_flag_means_the_configs_value():
+    """PEFT passes ``output_attentions``, ``output_hidden_states`` and ``return_dict`` as ``None``: each is the
+    config's value then, for the bare model and for a head."""
+    config = tiny_config(output_hidden_states=True, output_attentions=True, return_dict=False)
+    ids = torch.randint(1, 101, (1, 5))
+    for model_class in (GluModel, GluForCausalLM):
+        model = model_class._from_config(config, attn_implementation="eager").eval()
+        out = model(ids, output_attentions=None, output_hidden_states=None, return_dict=None)
+        assert isinstance(out, tuple), model_class
+        hidden_states, attentions = out[-2:]
+        assert len(hidden_states) == 3 and len(attentions) == 2, model_class
+
+
+def test_head_signatures_name_what_peft_and_generate_look_up():
+    """Both read a head's ``forward`` signature: PEFT's prefix tuning calls a head itself only where it names
+    ``past_key_values`` (else it calls the base model and pools on its own); ``generate`` passes ``position_ids``,
+    ``attention_mask`` and ``logits_to_keep`` only where they are named."""
+    def named(cls):
+        return set(inspect.signature(cls.forward).parameters)
+
+    assert {"past_key_values", "cache", "attention_mask", "position_ids", "logits_to_keep"} <= named(GluForCausalLM)
+    assert {"past_key_values", "cache", "attention_mask", "position_ids"} <= named(GluForSequenceClassification)
+    assert "past_key_values" not in named(GluForTokenClassification)  # never a cache: PEFT's base-model route
+
+
 def test_sequence_classification_pools_the_last_non_padding_token():
     model = GluForSequenceClassification(tiny_config(num_labels=3)).eval()
     ids = torch.tensor([[5, 6, 7, 0, 0], [5, 6, 7, 8, 9]])
