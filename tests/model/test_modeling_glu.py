@@ -13,7 +13,7 @@ from hf_glu import GluForCausalLM, GluForSequenceClassification, GluForTokenClas
 from hf_glu.glu import VARIANTS, GluParams
 from hf_glu.modeling_glu import GluClampedMLP
 
-from helpers import PARAMS, closed_form, tiny_config
+from helpers import PARAMS, closed_form, tiny_config, tiny_gpt2
 
 ALL_VARIANTS = sorted(VARIANTS)
 
@@ -237,6 +237,20 @@ def test_an_explicit_none_output_flag_means_the_configs_value():
         assert isinstance(out, tuple), model_class
         hidden_states, attentions = out[-2:]
         assert len(hidden_states) == 3 and len(attentions) == 2, model_class
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_output_flags_answer_as_stock_gpt2_does(attn_implementation):
+    """Hidden states and attentions come back as GPT-2's own classes return them: one per layer (and the
+    embeddings), or no attentions at all where the attention kernel cannot give them (sdpa)."""
+    ids = torch.randint(1, 101, (1, 5))
+    glu = GluForCausalLM._from_config(tiny_config(), attn_implementation=attn_implementation).eval()
+    stock = tiny_gpt2()
+    stock.set_attn_implementation(attn_implementation)
+    ours, theirs = (m(ids, output_attentions=True, output_hidden_states=True) for m in (glu, stock))
+    assert len(ours.hidden_states) == len(theirs.hidden_states) == 3
+    assert [a.shape for a in ours.attentions] == [a.shape for a in theirs.attentions]
+    assert len(ours.attentions) == (2 if attn_implementation == "eager" else 0)
 
 
 def test_head_signatures_name_what_peft_and_generate_look_up():
