@@ -932,19 +932,26 @@ def _kernel_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
 
 
+def has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run a hook: its own (forward, pre-forward, backward, pre-backward) or
+    one registered for every module (torch.nn.modules.module's global hooks). A fused path that does not call
+    the module would skip them, so such a module runs its own forward."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or any(getattr(_nn_module, name, None) for name in _GLOBAL_HOOK_REGISTRIES)
+    )
+
+
 def _is_plain_linear(module: nn.Module) -> bool:
     # Subclasses (quantised layers), wrappers (PEFT LoRA) and hooked layers must run their own forward, and so
     # must layers that tensor parallelism sharded: Transformers replaces their `forward` on the instance (no
-    # hook) and turns their weights into DTensors, which only that forward knows how to combine. Hooks of any
-    # kind count, backward ones and those registered for every module (torch.nn.modules.module's global
-    # hooks) included: the one-op path never calls the module, so none of them would fire.
+    # hook) and turns their weights into DTensors, which only that forward knows how to combine.
     return (
         type(module) is nn.Linear
-        and not module._forward_hooks
-        and not module._forward_pre_hooks
-        and not module._backward_hooks
-        and not module._backward_pre_hooks
-        and not any(getattr(_nn_module, name, None) for name in _GLOBAL_HOOK_REGISTRIES)
+        and not has_hooks(module)
         and "forward" not in vars(module)
         and all(type(p) is nn.Parameter for p in module.parameters(recurse=False))  # a DTensor's type is DTensor
     )

@@ -37,7 +37,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_glu import AUTO_MAP, GLU_HEADS, GluConfig
 from .glu import activation_module, get_variant
-from .glu_triton import fused_mlp_forward, fused_path_wanted
+from .glu_triton import fused_mlp_forward, fused_path_wanted, has_hooks
 
 # Transformers renamed the KV cache from `past_key_values` to `cache` during 5.x (argument of
 # `create_causal_mask`, field of the model outputs, keyword passed by `generate`). We support both
@@ -214,8 +214,12 @@ class GluMLP(nn.Module):
         Symbolic tracing (``torch.fx``) always records ``forward``: a traced input has no device or dtype to
         decide on. A forward swapped in on this instance (a kernels-hub layer, vLLM's fused rewrite, which also
         removes ``gate_proj`` and ``up_proj``) is what the user asked for, so it runs instead of the kernels.
+        Hooks on this module or its ``act_fn`` (activation capture, a pre-hook that edits the input) would not
+        run on the fused path, which calls neither: such an MLP runs ``forward``.
         """
         if isinstance(hidden_states, torch.fx.Proxy) or "forward" in self.__dict__:
+            return False
+        if has_hooks(self) or has_hooks(self.act_fn):
             return False
         return fused_path_wanted(self.config.glu_kernel, hidden_states, self.variant)
 

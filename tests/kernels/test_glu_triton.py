@@ -1014,6 +1014,44 @@ def test_backward_and_global_hooks_on_projections_fire_and_gradients_match_eager
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
 
 
+def _forward_hook(module, seen):
+    return module.register_forward_hook(lambda m, args, out: seen.append(m))
+
+
+def _pre_hook_doubling_the_input(module, seen):
+    return module.register_forward_pre_hook(lambda m, args: seen.append(m) or (2 * args[0],))
+
+
+@pytest.mark.parametrize(
+    "where, register",
+    [
+        ("mlp", _forward_hook),
+        ("mlp", _pre_hook_doubling_the_input),
+        ("mlp", _register_backward_hook),
+        ("act_fn", _forward_hook),
+        ("mlp", _register_global_forward_hook),
+    ],
+    ids=["forward", "pre-forward-editing-the-input", "backward", "act_fn-forward", "global-forward"],
+)
+def test_hooks_on_the_mlp_or_its_activation_fire_and_the_result_is_eagers(where, register):
+    # The fused path calls neither the MLP module nor act_fn: a hooked one runs its forward instead.
+    mlp = make_mlp()
+    x, grad = torch.randn(3, 24, device=DEVICE), torch.randn(3, 24, device=DEVICE)
+    target = mlp if where == "mlp" else mlp.act_fn
+    seen = []
+    handle = register(target, seen)
+    try:
+        expected = run_mlp(mlp, x, grad, "eager")
+        assert target in seen
+        seen.clear()
+        actual = run_mlp(mlp, x, grad, "triton")
+    finally:
+        handle.remove()
+    assert target in seen
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
 @pytest.fixture(scope="module")
 def one_process_mesh(tmp_path_factory):
     """A one-rank gloo process group and CPU device mesh, torn down after this module's tests."""
