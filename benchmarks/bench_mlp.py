@@ -23,6 +23,7 @@ writes the rows.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import platform
 import statistics
@@ -238,8 +239,9 @@ def with_kernel(mlp: GluMLP, kernel: str) -> GluMLP:
 
 
 class DesignMLP(torch.nn.Module):
-    """A fused MLP in one of ``glu_triton.MLP_DESIGNS`` (the candidates of issue 27), with ``mlp``'s weights:
-    calls ``fused_mlp_from_weights`` with ``design=`` as the model's dispatch would call it with the default."""
+    """A fused MLP in one of ``glu_triton.MLP_DESIGNS`` (the GEMM arrangements the fused op can take) with
+    ``mlp``'s weights: calls ``fused_mlp_from_weights`` with ``design=`` as the model's dispatch calls it with
+    ``MODEL_MLP_DESIGN``."""
 
     def __init__(self, mlp: GluMLP, design: str) -> None:
         super().__init__()
@@ -704,38 +706,43 @@ def kernel_rows(shape: Shape, iters: int, sweep: bool) -> list[dict]:
     params = GluConfig(glu_variant=shape.variant).glu_params
     bytes_per_pass = gate.nbytes
     ceiling = copy_gbps(t * i, shape.dtype, iters)
-    # Warps: the forward's (contiguous inputs) and the backward's (glu_triton._WIDE_NUM_WARPS); the sweep sets both.
-    default = (glu_triton._BLOCK_ELEMENTS, glu_triton._NUM_WARPS, glu_triton._WIDE_NUM_WARPS)
-    configs = [(b, w, w) for b in (1024, 2048, 4096, 8192, 16384) for w in (2, 4, 8)] if sweep else [default]
+    # Warps: the forward's on contiguous inputs (num_warps) and the backward's (wide_num_warps); the sweep sets both.
+    default = glu_triton.DEFAULT_KERNEL_TUNING
+    tunings = (
+        [glu_triton.KernelTuning(b, w, w) for b in (1024, 2048, 4096, 8192, 16384) for w in (2, 4, 8)]
+        if sweep
+        else [default]
+    )
     rows = []
 
-    def timed() -> tuple[float, float]:
-        fwd = time_ms(lambda: glu_triton._launch_forward(gate, up, out, shape.variant, params), "cuda", iters, 3)
+    def timed(tuning: glu_triton.KernelTuning) -> tuple[float, float]:
+        fwd = time_ms(
+            lambda: glu_triton.launch_forward(gate, up, out, shape.variant, params, tuning=tuning), "cuda", iters, 3
+        )
         bwd = time_ms(
-            lambda: glu_triton._launch_backward(grad, gate, up, dgate, dup, out, shape.variant, params, shape.bias),
+            lambda: glu_triton.launch_backward(
+                grad, gate, up, dgate, dup, out, shape.variant, params, shape.bias, tuning=tuning
+            ),
             "cuda",
             iters,
             3,
         )
         return fwd, bwd
 
-    try:
-        for block, warps, bwd_warps in configs:
-            glu_triton._BLOCK_ELEMENTS, glu_triton._NUM_WARPS, glu_triton._WIDE_NUM_WARPS = block, warps, bwd_warps
-            config = dict(block_elements=block, num_warps=warps, bwd_num_warps=bwd_warps,
-                          default=(block, warps, bwd_warps) == default)  # fmt: skip
-            both, error = attempt(f"kernels of {shape.name} at {block} elements, {warps}/{bwd_warps} warps", timed)
-            if both is None:
-                rows.append(dict(shape=shape.name, **config, error=error))
-                continue
-            fwd, bwd = both
-            fwd_gbps, bwd_gbps = 3 * bytes_per_pass / fwd / 1e6, 6 * bytes_per_pass / bwd / 1e6
-            rows.append(
-                dict(shape=shape.name, **config,
-                     fwd_ms=fwd, bwd_ms=bwd, fwd_gbps=fwd_gbps, bwd_gbps=bwd_gbps, copy_gbps=ceiling)
-            )  # fmt: skip
-    finally:
-        glu_triton._BLOCK_ELEMENTS, glu_triton._NUM_WARPS, glu_triton._WIDE_NUM_WARPS = default
+    for tuning in tunings:
+        block, warps, bwd_warps = tuning.block_elements, tuning.num_warps, tuning.wide_num_warps
+        config = dict(block_elements=block, num_warps=warps, bwd_num_warps=bwd_warps, default=tuning == default)
+        label = f"kernels of {shape.name} at {block} elements, {warps}/{bwd_warps} warps"
+        both, error = attempt(label, functools.partial(timed, tuning))
+        if both is None:
+            rows.append(dict(shape=shape.name, **config, error=error))
+            continue
+        fwd, bwd = both
+        fwd_gbps, bwd_gbps = 3 * bytes_per_pass / fwd / 1e6, 6 * bytes_per_pass / bwd / 1e6
+        rows.append(
+            dict(shape=shape.name, **config,
+                 fwd_ms=fwd, bwd_ms=bwd, fwd_gbps=fwd_gbps, bwd_gbps=bwd_gbps, copy_gbps=ceiling)
+        )  # fmt: skip
     return rows
 
 

@@ -43,7 +43,6 @@ from typing import Any
 DEFAULT_TARGETS = (80, 90, 100)
 SUMMARY_COLUMNS = ("kernel", "mode", "layout", "sm", "specs", "failed", "max regs", "spilling", "max spill B",
                    "max stack B", "max smem B")  # fmt: skip
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 @dataclass(frozen=True)
@@ -272,13 +271,13 @@ def _launch_modes(gate: Any, up: Any, out: Any, variant: str, p: Any) -> list[tu
     from hf_glu import glu_triton
 
     def backward() -> None:
-        glu_triton._launch_backward(out, gate, up, torch.empty_like(out), torch.empty_like(out), None, variant, p)
+        glu_triton.launch_backward(out, gate, up, torch.empty_like(out), torch.empty_like(out), None, variant, p)
 
     return [
-        ("forward", lambda: glu_triton._launch_forward(gate, up, out, variant, p)),
+        ("forward", lambda: glu_triton.launch_forward(gate, up, out, variant, p)),
         ("backward", backward),
-        ("backward_inplace", lambda: glu_triton._launch_backward(out, gate, up, gate, up, out, variant, p)),
-        ("backward_inplace_bias", lambda: glu_triton._launch_backward(out, gate, up, gate, up, out, variant, p, True)),
+        ("backward_inplace", lambda: glu_triton.launch_backward(out, gate, up, gate, up, out, variant, p)),
+        ("backward_inplace_bias", lambda: glu_triton.launch_backward(out, gate, up, gate, up, out, variant, p, True)),
     ]
 
 

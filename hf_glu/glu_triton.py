@@ -10,7 +10,7 @@ gradient. Under ``torch.compile`` that kernel writes new tensors instead (``<ns>
 Inductor would clone saved tensors before letting an op write over them.
 
 How the GEMMs sit around the kernels is a design (``MLP_DESIGNS``; ``fused_mlp_from_weights(..., design=)``, or
-``MLP_DESIGN`` for the model's dispatch): the default runs separate gate and up GEMMs; the packed candidates
+``MODEL_MLP_DESIGN`` for the model's dispatch): the default runs separate gate and up GEMMs; the packed candidates
 run one GEMM for gate|up and keep the packed pre-activation instead (same bytes), for the GPT-2 widths where
 launches and passes over memory weigh against GEMMs of under a millisecond (a GPU run decides).
 
@@ -68,19 +68,29 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 NAMESPACE = "hf_glu" if __name__ == "hf_glu.glu_triton" else "hf_glu_" + re.sub(r"\W", "_", __name__)
 
 DEFAULT_PARAMS = GluParams()
-# Elements per program and warps per program of the elementwise kernels: large enough to hide memory
-# latency, small enough for registers. benchmarks/bench_mlp.py --sweep times the alternatives on a GPU.
-_BLOCK_ELEMENTS = 4096
-_NUM_WARPS = 4
-# Warps of the backward kernel, and of the forward when gate or up has a column stride other than 1
-# (interleaved views: nothing to vectorize, one address per element). Those kernels hold more live values per
-# element, and at 4 warps the registers a thread needs for its share of a block run out (spills); 8 warps halve
-# each thread's share. The contiguous forward keeps 4, where 8 ran slower. Spill counts and timings:
-# benchmarks/results/gpu_compile.md (`make gpu-compile`, bench_mlp --sweep).
-_WIDE_NUM_WARPS = 8
+
+
+@dataclass(frozen=True)
+class KernelTuning:
+    """How the launchers size the elementwise kernels' programs: the knobs ``benchmarks/bench_mlp.py --sweep``
+    turns on a GPU (``launch_forward(..., tuning=)``); the ops always launch with ``DEFAULT_KERNEL_TUNING``."""
+
+    # Elements per program: large enough to hide memory latency, small enough for registers.
+    block_elements: int = 4096
+    # Warps per program of the forward on gate and up with column stride 1 (separate tensors, halves).
+    num_warps: int = 4
+    # Warps of the backward kernel, and of the forward when gate or up has a column stride other than 1
+    # (interleaved views: nothing to vectorize, one address per element). Those kernels hold more live values per
+    # element, and at 4 warps the registers a thread needs for its share of a block run out (spills); 8 warps halve
+    # each thread's share. The contiguous forward keeps 4, where 8 ran slower. Spill counts and timings:
+    # benchmarks/results/gpu_compile.md (`make gpu-compile`, bench_mlp --sweep).
+    wide_num_warps: int = 8
+
+
+DEFAULT_KERNEL_TUNING = KernelTuning()
 # Rows a tile holds, at most. Binding only for tiles of 16 columns or fewer (intermediate widths under 16), where
 # a row is too narrow for vector loads and each element takes its own 64-bit address: taller tiles of
-# _BLOCK_ELEMENTS spill registers in the backward; at this cap no narrow compile does (same record).
+# KernelTuning.block_elements spill registers in the backward; at this cap no narrow compile does (same record).
 _MAX_BLOCK_M = 128
 # Row tiles one backward program walks when it also sums the bias gradients, at most: the more rows a program
 # sums, the fewer fp32 partial sums (one row per program) are written and reduced afterwards; 16 tiles of 4 rows
@@ -122,9 +132,9 @@ MLP_DESIGNS = {
     "packed_interleaved": MlpDesign("interleaved", "kernel"),
 }
 DEFAULT_MLP_DESIGN = "separate"
-# The design fused_mlp_forward (the model's dispatch) passes at every call: set it to run a whole model on another
-# candidate (bench_train, a user's own measurement); bench_mlp passes design= to fused_mlp_from_weights instead.
-MLP_DESIGN = DEFAULT_MLP_DESIGN
+# The design fused_mlp_forward (the model's dispatch) passes at every call: set it to time a whole model on another
+# candidate; bench_mlp passes design= to fused_mlp_from_weights instead.
+MODEL_MLP_DESIGN = DEFAULT_MLP_DESIGN
 
 
 # Below this many tokens, a forward without autograd (generation, evaluation) runs eager under "auto": at
@@ -302,7 +312,7 @@ if TRITON_AVAILABLE:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Launchers: plain tensor functions, no autograd. _launch_forward and _launch_backward start the kernels; the op
+# Launchers: plain tensor functions, no autograd. launch_forward and launch_backward start the kernels; the op
 # bodies after them (_act_forward, _act_grads, _mlp_act_grads, _packed_mlp_act_grads, _glu_mlp_forward) check
 # their arguments (_check_kernel_inputs), allocate the outputs and call them, around the GEMMs for the whole MLP.
 
@@ -361,9 +371,11 @@ def split_gate_up(packed: torch.Tensor, layout: str = "halves") -> tuple[torch.T
     raise ValueError(f"layout={layout!r} is invalid; expected 'halves' or 'interleaved'")
 
 
-def _launch_config(rows: int, cols: int) -> tuple[tuple[int, int], int, int]:
+def _launch_config(
+    rows: int, cols: int, tuning: KernelTuning = DEFAULT_KERNEL_TUNING
+) -> tuple[tuple[int, int], int, int]:
     block_n = min(triton.next_power_of_2(cols), 1024)
-    block_m = max(1, min(_BLOCK_ELEMENTS // block_n, _MAX_BLOCK_M))
+    block_m = max(1, min(tuning.block_elements // block_n, _MAX_BLOCK_M))
     return (triton.cdiv(rows, block_m), triton.cdiv(cols, block_n)), block_m, block_n
 
 
@@ -399,20 +411,32 @@ def _strides(*tensors: torch.Tensor) -> list[int]:
     return [s for t in tensors for s in t.stride()]
 
 
-def _launch_forward(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor, variant: str, p: GluParams) -> None:
+def launch_forward(
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    out: torch.Tensor,
+    variant: str,
+    params: GluParams,
+    tuning: KernelTuning = DEFAULT_KERNEL_TUNING,
+) -> None:
+    """Runs the forward kernel: ``out = act(gate) * up`` for ``variant``, all three [..., columns] of one shape.
+
+    The bare launch the op bodies make after checking their arguments; it checks nothing itself, so the
+    kernel sweep (``benchmarks/bench_mlp.py``) times the kernel alone and the compile check
+    (``benchmarks/gpu_compile.py``) records its launches on meta tensors."""
     g, u, o = _as_rows(gate), _as_rows(up), _as_rows(out)
     if g.numel() == 0:  # an empty grid is not a valid CUDA launch
         return
-    grid, block_m, block_n = _launch_config(*g.shape)
-    warps = _NUM_WARPS if g.stride(1) == u.stride(1) == 1 else _WIDE_NUM_WARPS
+    grid, block_m, block_n = _launch_config(*g.shape, tuning)
+    warps = tuning.num_warps if g.stride(1) == u.stride(1) == 1 else tuning.wide_num_warps
     with _device_guard(g.device):
         _glu_fwd_kernel[grid](
-            g, u, o, *g.shape, *_strides(g, u, o), p.beta, p.alpha, p.limit,
+            g, u, o, *g.shape, *_strides(g, u, o), params.beta, params.alpha, params.limit,
             VARIANT=get_variant(variant).kernel_id, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
         )  # fmt: skip
 
 
-def _launch_backward(
+def launch_backward(
     grad: torch.Tensor,
     gate: torch.Tensor,
     up: torch.Tensor,
@@ -420,17 +444,20 @@ def _launch_backward(
     dup: torch.Tensor,
     out: torch.Tensor | None,
     variant: str,
-    p: GluParams,
+    params: GluParams,
     bias_grads: bool = False,
+    tuning: KernelTuning = DEFAULT_KERNEL_TUNING,
 ) -> torch.Tensor | None:
-    """Runs the backward kernel; with ``bias_grads``, returns the column sums of d(gate) and d(up) as one
-    fp32 ``[2, columns]`` tensor (the bias gradients), else None."""
+    """Runs the backward kernel: d(gate) and d(up) from ``grad``, the gradient of ``act(gate) * up``, and into
+    ``out`` (unless None) that product again; ``dgate``, ``dup`` and ``out`` may be ``gate``, ``up`` and ``grad``
+    (in place). With ``bias_grads``, returns the column sums of d(gate) and d(up) as one fp32 ``[2, columns]``
+    tensor (the bias gradients), else None. Checks nothing, as ``launch_forward``."""
     do, g, u, dg, du = (_as_rows(t) for t in (grad, gate, up, dgate, dup))
     o = do if out is None else _as_rows(out)  # unused when STORE_OUT is off
     rows, cols = g.shape
     if g.numel() == 0:
         return torch.zeros(2, cols, dtype=torch.float32, device=g.device) if bias_grads else None
-    (row_blocks, col_blocks), block_m, block_n = _launch_config(rows, cols)
+    (row_blocks, col_blocks), block_m, block_n = _launch_config(rows, cols, tuning)
     target = _PROGRAMS_PER_SM * _sm_count(g.device)
     row_tiles = _row_tiles_per_program(row_blocks, col_blocks, target) if bias_grads else 1
     grid = (triton.cdiv(rows, block_m * row_tiles), col_blocks)
@@ -438,9 +465,10 @@ def _launch_backward(
     partial = torch.empty((2, grid[0] if bias_grads else 1, cols), dtype=torch.float32, device=g.device)
     with _device_guard(g.device):
         _glu_bwd_kernel[grid](
-            do, g, u, dg, du, o, partial, rows, cols, *_strides(do, g, u, dg, du, o), p.beta, p.alpha, p.limit,
+            do, g, u, dg, du, o, partial, rows, cols, *_strides(do, g, u, dg, du, o),
+            params.beta, params.alpha, params.limit,
             VARIANT=get_variant(variant).kernel_id, STORE_OUT=out is not None, BIAS_GRADS=bias_grads,
-            ROW_TILES=row_tiles, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_WIDE_NUM_WARPS,
+            ROW_TILES=row_tiles, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=tuning.wide_num_warps,
         )  # fmt: skip
     return partial.sum(1) if bias_grads else None
 
@@ -450,7 +478,7 @@ def _act_forward(
 ) -> torch.Tensor:
     _check_kernel_inputs("gate", gate, up=up)
     out = _empty(gate)
-    _launch_forward(gate, up, out, variant, GluParams(beta, alpha, limit))
+    launch_forward(gate, up, out, variant, GluParams(beta, alpha, limit))
     return out
 
 
@@ -460,7 +488,7 @@ def _act_grads(
     """(d(gate), d(up)) of the elementwise op in new tensors: the caller's projections may still hold gate and up."""
     _check_kernel_inputs("gate", gate, up=up, grad=grad)
     dgate, dup = _empty(gate), _empty(up)
-    _launch_backward(grad, gate, up, dgate, dup, None, variant, GluParams(beta, alpha, limit))
+    launch_backward(grad, gate, up, dgate, dup, None, variant, GluParams(beta, alpha, limit))
     return dgate, dup
 
 
@@ -491,7 +519,7 @@ def _mlp_act_grads(
         dgate, dup, act = gate, up, grad
     else:
         dgate, dup, act = _empty(gate), _empty(up), _empty(grad)
-    sums = _launch_backward(grad, gate, up, dgate, dup, act, variant, GluParams(beta, alpha, limit), bias_grads)
+    sums = launch_backward(grad, gate, up, dgate, dup, act, variant, GluParams(beta, alpha, limit), bias_grads)
     if in_place:
         for t in (grad, gate, up):
             torch.autograd.graph.increment_version(t)
@@ -516,7 +544,7 @@ def _packed_mlp_act_grads(
     dpacked = _empty(packed)
     dgate, dup = split_gate_up(dpacked, packing)
     act = _empty(grad)
-    sums = _launch_backward(grad, gate, up, dgate, dup, act, variant, GluParams(beta, alpha, limit), bias_grads)
+    sums = launch_backward(grad, gate, up, dgate, dup, act, variant, GluParams(beta, alpha, limit), bias_grads)
     return dpacked, act, gate.new_empty((0, gate.shape[-1])) if sums is None else sums.to(gate.dtype)
 
 
@@ -574,7 +602,7 @@ def _glu_mlp_forward(
         gate, up = split_gate_up(kept, packing)
         other = kept.new_empty(0)
     act = _empty(gate)
-    _launch_forward(gate, up, act, variant, GluParams(beta, alpha, limit))
+    launch_forward(gate, up, act, variant, GluParams(beta, alpha, limit))
     out = F.linear(act, down_weight, down_bias)
     return out.view(*x.shape[:-1], out.shape[-1]), kept, other
 
@@ -893,9 +921,9 @@ def _probe_kernels(variant: str, dtype: torch.dtype, device: torch.device) -> No
     """Compiles and launches every kernel form the fused paths use, on a small tensor; raises what they raise."""
     gate, up, grad = (torch.ones(_PROBE_SHAPE, dtype=dtype, device=device) for _ in range(3))
     out, dgate, dup = _empty(gate), _empty(gate), _empty(gate)
-    _launch_forward(gate, up, out, variant, DEFAULT_PARAMS)
-    _launch_backward(grad, gate, up, dgate, dup, None, variant, DEFAULT_PARAMS)  # the activation op's form
-    _launch_backward(grad, gate, up, dgate, dup, out, variant, DEFAULT_PARAMS, bias_grads=True)  # the MLP's
+    launch_forward(gate, up, out, variant, DEFAULT_PARAMS)
+    launch_backward(grad, gate, up, dgate, dup, None, variant, DEFAULT_PARAMS)  # the activation op's form
+    launch_backward(grad, gate, up, dgate, dup, out, variant, DEFAULT_PARAMS, bias_grads=True)  # the MLP's
     if device.type == "cuda":  # a launch that faults reports it asynchronously
         torch.cuda.synchronize(device)
 
@@ -971,7 +999,7 @@ def fused_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     projections = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     if not _is_dtensor(x) and all(_is_plain_linear(p) for p in projections):
         weights = [t for p in projections for t in (p.weight, p.bias)]
-        return fused_mlp_from_weights(x, *weights, mlp.variant, mlp.params, MLP_DESIGN)
+        return fused_mlp_from_weights(x, *weights, mlp.variant, mlp.params, MODEL_MLP_DESIGN)
     gate, up = mlp.gate_proj(x), mlp.up_proj(x)
     # Projections that keep their outputs distributed (tensor parallelism with use_local_output=False) hand
     # over DTensors: only the eager maths, dispatched by DTensor, combines them correctly.

@@ -6,6 +6,7 @@ must be set before triton is imported). On a CUDA machine without it, the same t
 """
 
 import dataclasses
+import functools
 import importlib
 import json
 import math
@@ -253,10 +254,11 @@ def test_fused_mlp_matches_float64_eager(variant, bias):
 def test_bias_gradients_summed_in_the_kernel_match_float64(variant, dtype, monkeypatch):
     # Tiles of 2 x 1024 and two of them a program: 37 rows make 10 row programs, the last one partly outside
     # the tensor, and 1030 columns two column blocks, so the partial sums and their reduction are all exercised.
-    monkeypatch.setattr(gt, "_BLOCK_ELEMENTS", 2048)
+    tuning = gt.KernelTuning(block_elements=2048)
+    monkeypatch.setattr(gt, "launch_backward", functools.partial(gt.launch_backward, tuning=tuning))
     monkeypatch.setattr(gt, "_BIAS_ROW_TILES", 2)
     monkeypatch.setattr(gt, "_PROGRAMS_PER_SM", 0)  # no program count to reach: the most tiles a program
-    assert gt._launch_config(37, 1030) == ((19, 2), 2, 1024)
+    assert gt._launch_config(37, 1030, tuning) == ((19, 2), 2, 1024)
     gate, up, grad = random_inputs(37, 1030, dtype)
     _, ref_dgate, ref_dup = reference(gate, up, grad, variant)
     *_, sums = gt._mlp_act_grads(grad.clone(), gate.clone(), up.clone(), variant, *_params(), True, in_place=True)
@@ -302,7 +304,7 @@ def test_bias_summing_backward_fills_the_gpu_and_compiles_few_variants(tokens, m
     monkeypatch.setattr(gt, "_glu_bwd_kernel", kernel)
     monkeypatch.setattr(gt, "_sm_count", lambda device: 132, raising=False)
     gate = torch.empty(tokens, 3072, device=DEVICE)
-    gt._launch_backward(gate, gate, gate, gate, gate, gate, "swiglu", PARAMS, bias_grads=True)
+    gt.launch_backward(gate, gate, gate, gate, gate, gate, "swiglu", PARAMS, bias_grads=True)
     ((grid, row_tiles),) = kernel.launches
     (row_blocks, col_blocks), block_m, _ = gt._launch_config(tokens, 3072)
     assert row_tiles in gt.BIAS_ROW_TILE_CHOICES and grid == (math.ceil(row_blocks / row_tiles), col_blocks)
@@ -318,6 +320,46 @@ def test_bias_row_tiles_take_few_values_over_all_token_counts():
     # Each ROW_TILES value is one more compile of the backward kernel: token counts must share them.
     chosen = {gt._row_tiles_per_program(row_blocks, 3, 264) for row_blocks in range(1, 5000)}
     assert chosen == set(gt.BIAS_ROW_TILE_CHOICES) == {1, 2, 4, 8, 16}
+
+
+class _ConfigRecordingKernel:
+    """Wraps a kernel: records each launch's (kernel, BLOCK_M, num_warps), then launches it."""
+
+    def __init__(self, name, kernel, launches):
+        self.name, self.kernel, self.launches = name, kernel, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((self.name, kwargs["BLOCK_M"], kwargs["num_warps"]))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def test_a_kernel_tuning_sets_the_launch_and_keeps_the_maths(monkeypatch):
+    # The knobs bench_mlp --sweep turns: rows a tile holds follow block_elements (16 columns: block_elements / 16,
+    # capped at _MAX_BLOCK_M), the forward on contiguous inputs takes num_warps, the backward and the forward on
+    # interleaved views take wide_num_warps; any tuning computes the reference's results.
+    launches = []
+    for name in ("_glu_fwd_kernel", "_glu_bwd_kernel"):
+        monkeypatch.setattr(gt, name, _ConfigRecordingKernel(name, getattr(gt, name), launches))
+    gate, up, grad = random_inputs(37, 16, torch.float32)
+    gate_view, up_view = gt.split_gate_up(torch.stack([gate, up], -1).flatten(-2), "interleaved")
+    ref_out, ref_dgate, ref_dup = reference(gate, up, grad, "geglu")
+    for tuning, expected_launches in (
+        (gt.KernelTuning(block_elements=64, num_warps=2, wide_num_warps=1), [(4, 2), (4, 1), (4, 1)]),
+        (gt.DEFAULT_KERNEL_TUNING, [(gt._MAX_BLOCK_M, 4), (gt._MAX_BLOCK_M, 8), (gt._MAX_BLOCK_M, 8)]),
+    ):
+        launches.clear()
+        out, strided_out, act, dgate, dup = (torch.empty_like(gate) for _ in range(5))
+        gt.launch_forward(gate, up, out, "geglu", PARAMS, tuning=tuning)
+        gt.launch_forward(gate_view, up_view, strided_out, "geglu", PARAMS, tuning=tuning)
+        sums = gt.launch_backward(grad, gate, up, dgate, dup, act, "geglu", PARAMS, bias_grads=True, tuning=tuning)
+        assert launches == [(kernel, *launch) for kernel, launch in zip(
+            ("_glu_fwd_kernel", "_glu_fwd_kernel", "_glu_bwd_kernel"), expected_launches, strict=True
+        )]  # fmt: skip
+        assert_all_match((out, strided_out, act, dgate, dup), (ref_out, ref_out, ref_out, ref_dgate, ref_dup))
+        assert_all_match(sums, torch.stack([ref_dgate.sum(0), ref_dup.sum(0)]))
 
 
 def test_an_up_bias_alone_gets_its_gradient():
@@ -458,7 +500,7 @@ def test_the_model_dispatch_reads_the_module_level_design(monkeypatch):
     real = gt.fused_mlp_from_weights
     monkeypatch.setattr(gt, "fused_mlp_from_weights", lambda *args: seen.append(args[-1]) or real(*args))
     default = run_mlp(mlp, x, grad, "triton")
-    monkeypatch.setattr(gt, "MLP_DESIGN", "packed_interleaved")
+    monkeypatch.setattr(gt, "MODEL_MLP_DESIGN", "packed_interleaved")
     packed = run_mlp(mlp, x, grad, "triton")
     assert seen == [gt.DEFAULT_MLP_DESIGN, "packed_interleaved"] and gt.DEFAULT_MLP_DESIGN == "separate"
     for a, e in zip(packed, default, strict=True):
@@ -1086,7 +1128,7 @@ def test_dtensor_projection_outputs_never_reach_the_kernels(one_process_mesh, mo
     x = torch.randn(3, 24, device=DEVICE)
     expected = mlp(x)  # "triton" on plain tensors: the kernels run
     launches = []
-    for name in ("_launch_forward", "_launch_backward"):
+    for name in ("launch_forward", "launch_backward"):
         real = getattr(gt, name)
         monkeypatch.setattr(gt, name, lambda *a, real=real, **k: launches.append(a) or real(*a, **k))
     DTensorOutputLinear.mesh = one_process_mesh
