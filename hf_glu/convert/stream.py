@@ -35,8 +35,8 @@ from .source import (
     checked_header,
     checkpoint_weights,
     load_dtype,
-    read_config,
     read_generation_config,
+    read_streamable_config,
     read_tokenizer,
     source_folder,
 )
@@ -69,12 +69,7 @@ def stream_convert(
     max_bytes = parse_size(max_shard_size, f"max_shard_size={max_shard_size!r}", "500MB or 5GB")
     dst = check_destination(dst, force, source)  # before the work, so a refusal costs nothing
     folder = source_folder(source)
-    config, model_cls = read_config(folder)
-    if config.model_type not in FAMILIES:
-        raise ConversionError(
-            f"model_type={config.model_type!r}: --no-eval streams the families that keep their architecture "
-            f"({', '.join(FAMILIES)}); convert GPT-2 without --no-eval (it is rebuilt in memory)"
-        )
+    config, model_cls = read_streamable_config(folder, "--no-eval streams", "--no-eval")
     if variant in CALIBRATED_VARIANTS:
         raise ConversionError(
             f"glu_variant={variant!r} is fitted on pre-activations recorded by running the model, which --no-eval "
