@@ -40,11 +40,8 @@ from .source import (
     read_tokenizer,
     source_folder,
 )
+from .source_files import SAFETENSORS_FILE, SAFETENSORS_INDEX
 from .surgery import FamilySurgery
-
-_INDEX = "model.safetensors.index.json"
-_SINGLE = "model.safetensors"
-
 
 # --max-memory's fidelity pass: (the folder the weights were written to, the converted config, its class, the
 # unit map) -> the report's measured part, which replaces the "not measured" note.
@@ -106,7 +103,9 @@ def stream_convert(
                 groups += _split(_plan_shard(f, entries, names, unit_map, glu_config, family.conv1d, dtype), max_bytes)
             names.check_complete()
             for index, planned in enumerate(groups):
-                out_name = _SINGLE if len(groups) == 1 else f"model-{index + 1:05d}-of-{len(groups):05d}.safetensors"
+                out_name = (
+                    SAFETENSORS_FILE if len(groups) == 1 else f"model-{index + 1:05d}-of-{len(groups):05d}.safetensors"
+                )
                 with writing_to(dst):
                     write_streamed(tmp / out_name, planned, metadata={"format": "pt"})
                 for t in planned:
@@ -115,7 +114,7 @@ def stream_convert(
         if len(groups) > 1:
             index_json = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
             with writing_to(dst):
-                write_json(tmp / _INDEX, index_json)  # as Transformers writes it: indent 2, keys in order
+                write_json(tmp / SAFETENSORS_INDEX, index_json)  # as Transformers writes it: indent 2, keys in order
         target = surgery.target_class(skeleton)
         glu_config.dtype = dtype
         glu_config.architectures = [target.__name__]
