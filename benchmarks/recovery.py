@@ -57,7 +57,6 @@ QUICK = quality.Settings(
 CALIBRATION_TOKENS = 8192
 EVAL_POINTS = 4  # held-out evaluations per distillation run, besides step 0
 RANDOM_VARIANTS = ("geglu_tanh", "swiglu")  # the random-init comparison arms (each costs a full run)
-EXACT_VARIANT = "geglu_tanh"  # GPT-2's gelu_new
 GOALS = {"geglu_tanh": 1.02, "swiglu": 1.03}  # step-0 held-out perplexity ÷ the source's, at most
 
 

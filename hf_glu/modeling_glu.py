@@ -84,15 +84,6 @@ def _none_means_config(forward: Callable) -> Callable:
 HUB_KERNEL_NAME = "GluMLP"
 
 
-def hub_layer_names(variant: str) -> frozenset[str]:
-    """The hub layer names trusted to compute ``variant``: ``GluMLP``, a build of this package's kernels that
-    reads ``self.variant`` and ``self.params`` as ``fused_mlp_forward`` does, and ``GluMLP_<variant>``, a build of
-    that one variant with its default parameters (e.g. ``GluMLP_swiglu``: beta = 1). A layer named for a fixed
-    activation (``SwiGLUMLP``…) is never trusted: it would silently compute another function for the other
-    variants."""
-    return frozenset({HUB_KERNEL_NAME, f"{HUB_KERNEL_NAME}_{variant}"})
-
-
 def _mapped_hub_layers() -> list[object] | None:
     """Every repository the current kernels mapping names for ``GluMLP``, on any device and mode; ``None`` when
     the mapping cannot be read."""
