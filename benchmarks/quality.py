@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase
 
-from hf_glu import VARIANTS, GluConfig, GluForCausalLM, convert_gpt2
+from hf_glu import VARIANTS, GluConfig, GluForCausalLM, convert_checkpoint
 from hf_glu.bad_input import OneLineParser
 from hf_glu.convert.perplexity import perplexity
 from hf_glu.data import builtin_corpus, pack_token_blocks, read_text, split_train_eval, train_bpe_tokenizer
@@ -335,7 +335,7 @@ def step0_summary(report: dict) -> dict:
 
 def convert(base: PreTrainedModel, variant: str, init: str, data: Data, settings: Settings, seed: int):
     """The converted model (on the CPU, where the fidelity report runs) and its step-0 summary."""
-    model = convert_gpt2(
+    model = convert_checkpoint(
         base, variant, init, tokenizer=data.tokenizer, eval_text=data.eval_text, eval_tokens=settings.eval_tokens,
         seed=seed,
     )  # fmt: skip

@@ -38,7 +38,9 @@ from .width import (
 )
 
 DEFAULT_EVAL_TOKENS = 256  # 256 × a 50257-word vocabulary: 12.9M logits compared; a 124M model scores it in seconds
-CALIBRATION_TOKENS = 512
+# Tokens of the built-in corpus a calibrated variant's per-layer unit map is fitted on (not --calibration-tokens,
+# which sizes a width change's fit: width.DEFAULT_CALIBRATION_TOKENS).
+UNIT_MAP_FIT_TOKENS = 512
 # The default texts: the head of the built-in corpus calibrates, the rest evaluates, so the
 # calibrated fits are never scored on the text they were fitted to.
 _DEFAULT_TEXT_CHARS = 40_000
@@ -299,7 +301,7 @@ def _calibrate(loaded: Source, plan: _Plan, options: ConvertOptions) -> _Calibra
     vocab = config.vocab_size
     if variant in CALIBRATED_VARIANTS:
         map_fit_text, _ = split_train_eval(builtin_corpus(_DEFAULT_TEXT_CHARS), 0.5)
-        calibration_ids = _token_ids(map_fit_text, loaded.tokenizer, vocab, CALIBRATION_TOKENS)
+        calibration_ids = _token_ids(map_fit_text, loaded.tokenizer, vocab, UNIT_MAP_FIT_TOKENS)
         recorded = _record_preactivations(src, surgery, calibration_ids, plan.max_length)
         unit_maps = [fit_unit_map(variant, plan.activation, config.glu_params, z) for z in recorded]
     else:  # a fixed map, the same for every layer
