@@ -1,6 +1,6 @@
 """Peak memory of ``hf-glu eval --max-tokens N`` as the text file grows: scoring the first N tokens of a 10 MB
 file should need the memory of scoring them in a 100 KB one, because eval reads and tokenizes only the prefix
-those tokens need (it used to read and tokenize the whole file: 2.9 GB peak for 10 MB, 0.46 GB for a small file).
+those tokens need, never the whole file.
 
     nice python benchmarks/bench_eval_memory.py [--sizes-kb 100 10240] [--max-tokens 256] [--repeats 3]
 

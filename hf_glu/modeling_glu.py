@@ -65,8 +65,8 @@ def _with_cache(cache: Cache | None) -> dict:
 
 def _none_means_config(forward: Callable) -> Callable:
     """Outside ``capture_outputs``: an explicit ``None`` for ``output_attentions``, ``output_hidden_states`` or
-    ``return_dict`` means the config's value, as it always has here; ``capture_outputs`` alone reads it as "no" (PEFT
-    passes ``None`` for each)."""
+    ``return_dict`` means the config's value, as Transformers' ``can_return_tuple`` reads ``return_dict=None``;
+    ``capture_outputs`` alone reads it as "no" (PEFT passes ``None`` for each)."""
 
     @functools.wraps(forward)
     def with_config_defaults(self, *args, **kwargs):

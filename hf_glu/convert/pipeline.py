@@ -85,7 +85,7 @@ T = TypeVar("T")
 def _takes_options(wrapper: Callable[..., T]) -> Callable[..., T]:
     """Give an entry point that forwards ``*args, **options`` to :class:`ConvertOptions` the signature it
     accepts (its own parameters with the options in their place), so ``help()`` and editors list every
-    option by name, as when each entry point spelled them out."""
+    option by name."""
     signature = inspect.signature(wrapper)
     own = list(signature.parameters.values())
     fields = list(inspect.signature(ConvertOptions).parameters.values())
@@ -550,7 +550,7 @@ def convert_checkpoint(source: str | Path | PreTrainedModel, *args, **options) -
     return conversion.model
 
 
-# The GPT-2 era name of :func:`convert_checkpoint`, kept for existing callers: it converts any family too.
+# Another name of :func:`convert_checkpoint`, for callers that convert GPT-2: it converts any family too.
 convert_gpt2 = convert_checkpoint
 
 
