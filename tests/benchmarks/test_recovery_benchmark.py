@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -54,4 +55,7 @@ def test_quick_runs_never_write_over_the_recorded_results(recovery):
     assert recovery.default_out(quick=False) == recorded
     quick = recovery.default_out(quick=True)
     assert recorded not in quick.parents and quick.parent.name == "bench_results"  # git-ignored
-    assert "quality" in sys.modules  # the fixture's recipe is quality.py's, imported, not copied
+    # The fixture's recipe is quality.py's, imported, not copied: its settings are quality's own class.
+    quality = sys.modules["quality"]
+    assert Path(quality.__file__).resolve() == (REPO / "benchmarks" / "quality.py").resolve()
+    assert isinstance(recovery.FULL, quality.Settings) and isinstance(recovery.QUICK, quality.Settings)
