@@ -131,7 +131,7 @@ def evaluation_ids(
 ) -> torch.Tensor:
     """The token ids the fidelity report scores, whichever route measures it: ``eval_text``, else the default
     evaluation text (random ids without a tokenizer)."""
-    _, default_eval = split_train_eval(builtin_corpus(_DEFAULT_TEXT_CHARS), 0.5)
+    _, default_eval, _ = _default_texts()
     return _token_ids(eval_text if eval_text is not None else default_eval, tokenizer, vocab_size, eval_tokens)
 
 
@@ -300,7 +300,7 @@ def _calibrate(loaded: Source, plan: _Plan, options: ConvertOptions) -> _Calibra
     src, surgery, config, variant = loaded.model, plan.surgery, plan.config, options.variant
     vocab = config.vocab_size
     if variant in CALIBRATED_VARIANTS:
-        map_fit_text, _ = split_train_eval(builtin_corpus(_DEFAULT_TEXT_CHARS), 0.5)
+        map_fit_text, _, _ = _default_texts()
         calibration_ids = _token_ids(map_fit_text, loaded.tokenizer, vocab, UNIT_MAP_FIT_TOKENS)
         recorded = _record_preactivations(src, surgery, calibration_ids, plan.max_length)
         unit_maps = [fit_unit_map(variant, plan.activation, config.glu_params, z) for z in recorded]
@@ -483,10 +483,17 @@ def width_only(name: Callable[..., str], option: str) -> str:
     )
 
 
+def _default_texts() -> tuple[str, str, str]:
+    """The head of the built-in corpus (``_DEFAULT_TEXT_CHARS``) halved at a paragraph, and the head itself:
+    ``(calibration, evaluation, head)``."""
+    head = builtin_corpus(_DEFAULT_TEXT_CHARS)
+    calibration, evaluation = split_train_eval(head, 0.5)
+    return calibration, evaluation, head
+
+
 def _default_calibration_text() -> str:
     """The built-in corpus without the default evaluation text, so the default report scores held-out text."""
-    head = builtin_corpus(_DEFAULT_TEXT_CHARS)
-    calibration, _ = split_train_eval(head, 0.5)
+    calibration, _, head = _default_texts()
     return calibration + "\n\n" + builtin_corpus()[len(head) :].lstrip("\n")
 
 
