@@ -1,6 +1,6 @@
 """Peak memory of ``hf-glu eval --max-tokens N`` as the text file grows: scoring the first N tokens of a 10 MB
 file should need the memory of scoring them in a 100 KB one, because eval reads and tokenizes only the prefix
-those tokens need (it used to read and tokenize the whole file: 2.9 GB peak for 10 MB, 0.46 GB for a small file).
+those tokens need, never the whole file.
 
     nice python benchmarks/bench_eval_memory.py [--sizes-kb 100 10240] [--max-tokens 256] [--repeats 3]
 
@@ -25,28 +25,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_streaming_data.py, the same tiny model
-from bench_streaming_data import tiny_model  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_streaming_data.py: the same tiny model and text
+from bench_streaming_data import tiny_model, write_corpus  # noqa: E402
 
 from hf_glu.bad_input import OneLineParser  # noqa: E402
-from hf_glu.data import builtin_corpus  # noqa: E402
 from hf_glu.jsonio import write_json  # noqa: E402
 
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "bench_eval_memory.json"
-
-
-def write_corpus(path: Path, kilobytes: int) -> None:
-    """The built-in corpus repeated until the file holds ``kilobytes`` KiB, every paragraph numbered."""
-    paragraphs = [p for p in builtin_corpus().split("\n\n") if p.strip()]
-    target = kilobytes << 10
-    written = copy = 0
-    with path.open("w", encoding="utf-8") as out:
-        while written < target:
-            for paragraph in paragraphs:
-                written += out.write(f"[{copy}] {paragraph}\n\n"[: target - written])
-                if written >= target:
-                    break
-            copy += 1
 
 
 def run_eval(model: Path, text: Path, max_tokens: int, threads: int) -> dict:
@@ -81,7 +66,7 @@ def main() -> int:
         tiny_model(tmp / "model")
         for kilobytes in sorted(args.sizes_kb):
             text = tmp / f"text-{kilobytes}kb.txt"
-            write_corpus(text, kilobytes)
+            write_corpus(text, kilobytes << 10)
             runs = [run_eval(tmp / "model", text, args.max_tokens, args.threads) for _ in range(args.repeats)]
             rows.append({
                 "text_kb": round(text.stat().st_size / 1024, 1),

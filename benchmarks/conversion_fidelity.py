@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from hf_glu import VARIANTS, convert_gpt2
+from hf_glu import VARIANTS, convert_checkpoint
 from hf_glu.bad_input import OneLineParser
 from hf_glu.data import builtin_corpus, split_train_eval, train_bpe_tokenizer
 from hf_glu.jsonio import strict_json, write_json
@@ -53,7 +53,7 @@ def main() -> None:
     model = pretrain(args.steps, train_text, tokenizer)
     results = {"steps": args.steps, "pretrain_seconds": round(time.perf_counter() - start, 1), "variants": {}}
     for variant in sorted(VARIANTS):
-        report = convert_gpt2(model, variant, tokenizer=tokenizer, eval_text=eval_text, eval_tokens=4096)
+        report = convert_checkpoint(model, variant, tokenizer=tokenizer, eval_text=eval_text, eval_tokens=4096)
         report = report.conversion_report
         results["variants"][variant] = {
             "max_abs_logit_diff": report["max_abs_logit_diff"],

@@ -43,8 +43,8 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase
 
-from hf_glu import VARIANTS, GluConfig, GluForCausalLM, convert_gpt2
-from hf_glu.bad_input import OneLineParser
+from hf_glu import VARIANTS, GluConfig, GluForCausalLM, convert_checkpoint
+from hf_glu.bad_input import OneLineParser, PositiveInt
 from hf_glu.convert.perplexity import perplexity
 from hf_glu.data import builtin_corpus, pack_token_blocks, read_text, split_train_eval, train_bpe_tokenizer
 from hf_glu.demo import RunSettings
@@ -335,7 +335,7 @@ def step0_summary(report: dict) -> dict:
 
 def convert(base: PreTrainedModel, variant: str, init: str, data: Data, settings: Settings, seed: int):
     """The converted model (on the CPU, where the fidelity report runs) and its step-0 summary."""
-    model = convert_gpt2(
+    model = convert_checkpoint(
         base, variant, init, tokenizer=data.tokenizer, eval_text=data.eval_text, eval_tokens=settings.eval_tokens,
         seed=seed,
     )  # fmt: skip
@@ -784,10 +784,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # One thread by default: on two cores shared with other processes, two contended threads measured
     # 5-8x slower per step than one.
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (default: 1)")
+    parser.add_argument("--threads", action=PositiveInt, default=1, help="torch CPU threads per process (default: 1)")
     parser.add_argument(
         "--workers",
-        type=int,
+        action=PositiveInt,
         default=None,
         help="processes running jobs at once (default: 2 on CPU, 1 for --quick/CUDA)",
     )
@@ -797,8 +797,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--device cuda was given but torch sees no CUDA device")
     if args.workers is None:
         args.workers = 1 if device.type == "cuda" or args.quick else 2  # quick: starting workers costs more
-    if args.workers < 1 or args.threads < 1:
-        parser.error(f"--workers {args.workers} / --threads {args.threads}: expected integers >= 1")
     torch.set_num_threads(args.threads)
     args.out = args.out or str(default_out(args.quick))
     settings = QUICK if args.quick else GPU_FULL if device.type == "cuda" else FULL

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # quality.py, the fixt
 import quality  # noqa: E402
 
 from hf_glu import VARIANTS, convert_checkpoint  # noqa: E402
-from hf_glu.bad_input import OneLineParser  # noqa: E402
+from hf_glu.bad_input import OneLineParser, PositiveInt  # noqa: E402
 from hf_glu.data import builtin_corpus, read_text, split_train_eval  # noqa: E402
 from hf_glu.jsonio import write_json  # noqa: E402
 
@@ -57,7 +57,6 @@ QUICK = quality.Settings(
 CALIBRATION_TOKENS = 8192
 EVAL_POINTS = 4  # held-out evaluations per distillation run, besides step 0
 RANDOM_VARIANTS = ("geglu_tanh", "swiglu")  # the random-init comparison arms (each costs a full run)
-EXACT_VARIANT = "geglu_tanh"  # GPT-2's gelu_new
 GOALS = {"geglu_tanh": 1.02, "swiglu": 1.03}  # step-0 held-out perplexity ÷ the source's, at most
 
 
@@ -265,10 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=sorted(VARIANTS))
     parser.add_argument("--calibration-tokens", type=int, default=None,
                         help=f"calibration tokens (default: {CALIBRATION_TOKENS}; --quick: 1024)")  # fmt: skip
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    parser.add_argument("--threads", action=PositiveInt, default=1, help="torch CPU threads (default: 1)")
     args = parser.parse_args(argv)
-    if args.threads < 1:
-        parser.error(f"--threads {args.threads}: expected an integer >= 1")
     torch.set_num_threads(args.threads)
     args.out = args.out or str(default_out(args.quick))
     args.calibration_tokens = args.calibration_tokens or (1024 if args.quick else CALIBRATION_TOKENS)

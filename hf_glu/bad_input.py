@@ -22,6 +22,20 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {' '.join(message.split())}\n")
 
 
+class PositiveInt(argparse.Action):
+    """``add_argument(FLAG, action=PositiveInt)``: an integer option (``type`` defaults to ``int``) refused below 1
+    when parsed, as ``FLAG=VALUE is invalid; expected an integer >= 1``. An action, not a ``type``: argparse
+    tells a type the value alone, and the message names the flag."""
+
+    def __init__(self, *args, type: Callable[[str], int] = int, **kwargs) -> None:  # `type`: add_argument's keyword
+        super().__init__(*args, type=type, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value, option_string=None):
+        if value < 1:
+            parser.error(f"{option_string}={value} is invalid; expected an integer >= 1")
+        setattr(namespace, self.dest, value)
+
+
 def refuse(prog: str, error: BaseException) -> int:
     """Print ``error`` as ``PROG: error: MESSAGE`` on one line of stderr; returns the exit status for bad input."""
     message = " ".join(str(error).split())  # one line, whatever the library's formatting

@@ -233,11 +233,10 @@ def _release_freed_memory() -> None:
     """Make glibc hand large freed blocks straight back to the system, in this process.
 
     Its adaptive mmap threshold otherwise climbs to 32 MB after the first large free, and freed weights and
-    activations up to that size stay in the heap. Measured on the 2-core CPU box (peak RSS, 2026-12): a random
-    162M-parameter GPT-NeoX (650 MB fp32) converted with ``--max-memory 200MB``, which reads and frees one module
-    at a time, peaked at 685–697 MB with this and 833–1075 MB without; the in-memory route of a 124M GPT-2,
-    1148–1173 MB with and 1161–1182 MB without. It is here, not in the library, because it sets the allocator of
-    the whole process: the CLI owns its process, while a library call must not retune its caller's.
+    activations up to that size stay in the heap, raising the peak of ``--max-memory``, which reads and frees
+    one module at a time (figures: benchmarks/README.md, "malloc"). It is here, not in the library, because it
+    sets the allocator of the whole process: the CLI owns its process, while a library call must not retune its
+    caller's.
     """
     if not sys.platform.startswith("linux"):
         return

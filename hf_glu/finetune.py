@@ -34,7 +34,7 @@ from transformers import (
     Trainer,
 )
 
-from .bad_input import OneLineParser
+from .bad_input import OneLineParser, PositiveInt
 from .glu import VARIANTS
 from .positions import max_positions
 from .training_data import STREAM_EVAL_DOCUMENTS, build_block_datasets
@@ -456,28 +456,30 @@ def finetune_arg_parser(description: str) -> argparse.ArgumentParser:
     )
     data.add_argument(
         "--eval-documents",
-        type=int,
+        action=PositiveInt,
         help=f"with --streaming: the first N documents are held out (default {STREAM_EVAL_DOCUMENTS})",
     )
     data.add_argument(
-        "--shuffle-buffer", type=int, help="with --streaming: draw blocks at random from N (default: in order)"
+        "--shuffle-buffer",
+        action=PositiveInt,
+        help="with --streaming: draw blocks at random from N (default: in order)",
     )
-    data.add_argument("--preprocessing-workers", type=int, help="processes that tokenize (map-style data)")
+    data.add_argument("--preprocessing-workers", action=PositiveInt, help="processes that tokenize (map-style data)")
     data.add_argument("--data-cache-dir", help="where `datasets` caches tokenized blocks (default: its own cache)")
     data.add_argument("--block-size", type=int, default=512, help="tokens per packed training example")
 
     train = parser.add_argument_group("training")
     train.add_argument("--output-dir", required=True, help="checkpoints, final/ (and adapter/ with --lora) go here")
-    train.add_argument("--max-steps", type=int, default=1000, help="optimizer steps")
-    train.add_argument("--batch-size", type=int, default=8, help="examples per device per micro-batch")
-    train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    train.add_argument("--max-steps", action=PositiveInt, default=1000, help="optimizer steps")
+    train.add_argument("--batch-size", action=PositiveInt, default=8, help="examples per device per micro-batch")
+    train.add_argument("--grad-accum", action=PositiveInt, default=1, help="micro-batches per optimizer step")
     train.add_argument("--lr", type=float, default=1e-4)
     train.add_argument("--weight-decay", type=float, default=0.0)
     train.add_argument("--warmup-steps", type=int, default=0)
     train.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
-    train.add_argument("--logging-steps", type=int, default=10)
+    train.add_argument("--logging-steps", action=PositiveInt, default=10)
     train.add_argument("--eval-steps", type=int, default=0, help="evaluate every N steps (0: only at the end)")
-    train.add_argument("--save-steps", type=int, default=500, help="write checkpoint-N every N steps")
+    train.add_argument("--save-steps", action=PositiveInt, default=500, help="write checkpoint-N every N steps")
     train.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept (oldest deleted)")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
     train.add_argument("--seed", type=int, default=0)
@@ -498,8 +500,12 @@ def finetune_arg_parser(description: str) -> argparse.ArgumentParser:
     sharding = parser.add_argument_group(
         "sharding (under torchrun, one process per device; tp-size x fsdp-size must equal the process count)"
     )
-    sharding.add_argument("--tp-size", type=int, default=1, help="tensor-parallel degree (Transformers' TP plan)")
-    sharding.add_argument("--fsdp-size", type=int, default=1, help="FSDP2 degree: parameters sharded over N processes")
+    sharding.add_argument(
+        "--tp-size", action=PositiveInt, default=1, help="tensor-parallel degree (Transformers' TP plan)"
+    )
+    sharding.add_argument(
+        "--fsdp-size", action=PositiveInt, default=1, help="FSDP2 degree: parameters sharded over N processes"
+    )
 
     hub = parser.add_argument_group("Hub")
     hub.add_argument("--push-to-hub", metavar="REPO", help="push the final folder to this Hub repo id")
@@ -512,17 +518,10 @@ def check_finetune_args(parser: argparse.ArgumentParser, args: argparse.Namespac
     _refuse_with(parser, check_one_model, args.model, args.convert_from)
     if args.train_file and args.dataset:
         parser.error("pass either --train-file or --dataset, not both")
-    for name in ("max_steps", "batch_size", "grad_accum", "save_steps", "logging_steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid; expected an integer >= 1")
     for name in ("eval_documents", "shuffle_buffer"):  # stream options: a map-style run would ignore them
         value, flag = getattr(args, name), f"--{name.replace('_', '-')}"
         if value is not None and not args.streaming:
             parser.error(f"{flag} applies to --streaming only (map-style data: --eval-fraction, shuffled each epoch)")
-        if value is not None and value < 1:
-            parser.error(f"{flag}={value} is invalid; expected an integer >= 1")
-    if args.preprocessing_workers is not None and args.preprocessing_workers < 1:
-        parser.error(f"--preprocessing-workers={args.preprocessing_workers} is invalid; expected an integer >= 1")
     _refuse_with(parser, check_distillation, args.kd_alpha, args.kd_temperature)
     _check_sharding_args(parser, args)
 
@@ -537,9 +536,6 @@ def _refuse_with(parser: argparse.ArgumentParser, check: Callable[..., None], *v
 
 
 def _check_sharding_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    for name in ("tp_size", "fsdp_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid; expected an integer >= 1")
     if not is_sharded(args):
         return
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

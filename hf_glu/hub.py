@@ -17,12 +17,6 @@ from pathlib import Path
 from huggingface_hub import HfApi
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
-WEIGHTS_FILE = "model.safetensors"
-WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
-BIN_FILE = "pytorch_model.bin"
-BIN_INDEX_FILE = "pytorch_model.bin.index.json"
-
-
 # Run in a fresh interpreter that cannot import hf_glu, as a user without it would load the folder: the config
 # and every model class its auto_map names come from the folder's own code, each model class is built on the
 # meta device (no memory), and the parameter shapes of the architecture's class are printed as JSON.
@@ -97,14 +91,14 @@ def _weight_problems(folder: Path) -> list[str]:
     The files checked are those Transformers loads (a single ``model.safetensors`` before an index)."""
     from .convert.errors import ConversionError
     from .convert.safetensors_io import read_header
-    from .convert.source_files import weight_files
+    from .convert.source_files import WEIGHT_FILES, weight_files
 
     try:
         weights = weight_files(folder)
     except ConversionError as e:
         return [str(e)]
     if weights is None:
-        return [f"no weights: expected {WEIGHTS_FILE} (or {WEIGHTS_INDEX_FILE} with its shards, or {BIN_FILE})"]
+        return [f"no weights: expected one of {', '.join(WEIGHT_FILES)} (an index with the shards it names)"]
     problems = []
     for path in weights.files:
         if path.suffix == ".safetensors":

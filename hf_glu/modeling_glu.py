@@ -65,8 +65,8 @@ def _with_cache(cache: Cache | None) -> dict:
 
 def _none_means_config(forward: Callable) -> Callable:
     """Outside ``capture_outputs``: an explicit ``None`` for ``output_attentions``, ``output_hidden_states`` or
-    ``return_dict`` means the config's value, as it always has here; ``capture_outputs`` alone reads it as "no" (PEFT
-    passes ``None`` for each)."""
+    ``return_dict`` means the config's value, as Transformers' ``can_return_tuple`` reads ``return_dict=None``;
+    ``capture_outputs`` alone reads it as "no" (PEFT passes ``None`` for each)."""
 
     @functools.wraps(forward)
     def with_config_defaults(self, *args, **kwargs):
@@ -82,15 +82,6 @@ def _none_means_config(forward: Callable) -> Callable:
 # `use_kernels=True` (or the kernels library's own `kernelize`) swaps its forward for the hub layer's. The forward
 # is the GLU maths alone, `down(act(gate(x)) * up(x))`; the MLP's dropout and residual stay the module's.
 HUB_KERNEL_NAME = "GluMLP"
-
-
-def hub_layer_names(variant: str) -> frozenset[str]:
-    """The hub layer names trusted to compute ``variant``: ``GluMLP``, a build of this package's kernels that
-    reads ``self.variant`` and ``self.params`` as ``fused_mlp_forward`` does, and ``GluMLP_<variant>``, a build of
-    that one variant with its default parameters (e.g. ``GluMLP_swiglu``: beta = 1). A layer named for a fixed
-    activation (``SwiGLUMLP``…) is never trusted: it would silently compute another function for the other
-    variants."""
-    return frozenset({HUB_KERNEL_NAME, f"{HUB_KERNEL_NAME}_{variant}"})
 
 
 def _mapped_hub_layers() -> list[object] | None:

@@ -27,7 +27,15 @@ from .errors import ConversionError
 from .init_schemes import UnitMap
 from .report import LayerStats, compare, record_source
 from .safetensors_io import Entry, read_tensor
-from .source import build_skeleton, checked_header, checkpoint_weights, load_dtype, read_config, source_folder
+from .source import (
+    build_skeleton,
+    checked_header,
+    checkpoint_weights,
+    load_dtype,
+    read_config,
+    read_streamable_config,
+    source_folder,
+)
 from .surgery import FamilySurgery
 
 
@@ -86,12 +94,7 @@ def check_budget(source: str | Path, max_memory: int) -> None:
     """Refuse, before any work, a source this pass cannot measure: a family without a streamed route, or one
     whose largest module alone needs more than ``max_memory``."""
     folder = source_folder(source)
-    config, model_cls = read_config(folder)
-    if config.model_type not in FAMILIES:
-        raise ConversionError(
-            f"model_type={config.model_type!r}: --max-memory measures the streamed conversion of the families that "
-            f"keep their architecture ({', '.join(FAMILIES)}); convert GPT-2 without it (it is rebuilt in memory)"
-        )
+    config, model_cls = read_streamable_config(folder, "--max-memory measures the streamed conversion of", "it")
     skeleton = build_skeleton(model_cls, config)
     dtype = load_dtype(config, checkpoint_weights(folder))
     name, needed = largest_module_bytes(skeleton, dtype)

@@ -38,7 +38,9 @@ from .width import (
 )
 
 DEFAULT_EVAL_TOKENS = 256  # 256 × a 50257-word vocabulary: 12.9M logits compared; a 124M model scores it in seconds
-CALIBRATION_TOKENS = 512
+# Tokens of the built-in corpus a calibrated variant's per-layer unit map is fitted on (not --calibration-tokens,
+# which sizes a width change's fit: width.DEFAULT_CALIBRATION_TOKENS).
+UNIT_MAP_FIT_TOKENS = 512
 # The default texts: the head of the built-in corpus calibrates, the rest evaluates, so the
 # calibrated fits are never scored on the text they were fitted to.
 _DEFAULT_TEXT_CHARS = 40_000
@@ -83,7 +85,7 @@ T = TypeVar("T")
 def _takes_options(wrapper: Callable[..., T]) -> Callable[..., T]:
     """Give an entry point that forwards ``*args, **options`` to :class:`ConvertOptions` the signature it
     accepts (its own parameters with the options in their place), so ``help()`` and editors list every
-    option by name, as when each entry point spelled them out."""
+    option by name."""
     signature = inspect.signature(wrapper)
     own = list(signature.parameters.values())
     fields = list(inspect.signature(ConvertOptions).parameters.values())
@@ -129,7 +131,7 @@ def evaluation_ids(
 ) -> torch.Tensor:
     """The token ids the fidelity report scores, whichever route measures it: ``eval_text``, else the default
     evaluation text (random ids without a tokenizer)."""
-    _, default_eval = split_train_eval(builtin_corpus(_DEFAULT_TEXT_CHARS), 0.5)
+    _, default_eval, _ = _default_texts()
     return _token_ids(eval_text if eval_text is not None else default_eval, tokenizer, vocab_size, eval_tokens)
 
 
@@ -298,8 +300,8 @@ def _calibrate(loaded: Source, plan: _Plan, options: ConvertOptions) -> _Calibra
     src, surgery, config, variant = loaded.model, plan.surgery, plan.config, options.variant
     vocab = config.vocab_size
     if variant in CALIBRATED_VARIANTS:
-        map_fit_text, _ = split_train_eval(builtin_corpus(_DEFAULT_TEXT_CHARS), 0.5)
-        calibration_ids = _token_ids(map_fit_text, loaded.tokenizer, vocab, CALIBRATION_TOKENS)
+        map_fit_text, _, _ = _default_texts()
+        calibration_ids = _token_ids(map_fit_text, loaded.tokenizer, vocab, UNIT_MAP_FIT_TOKENS)
         recorded = _record_preactivations(src, surgery, calibration_ids, plan.max_length)
         unit_maps = [fit_unit_map(variant, plan.activation, config.glu_params, z) for z in recorded]
     else:  # a fixed map, the same for every layer
@@ -481,10 +483,17 @@ def width_only(name: Callable[..., str], option: str) -> str:
     )
 
 
+def _default_texts() -> tuple[str, str, str]:
+    """The head of the built-in corpus (``_DEFAULT_TEXT_CHARS``) halved at a paragraph, and the head itself:
+    ``(calibration, evaluation, head)``."""
+    head = builtin_corpus(_DEFAULT_TEXT_CHARS)
+    calibration, evaluation = split_train_eval(head, 0.5)
+    return calibration, evaluation, head
+
+
 def _default_calibration_text() -> str:
     """The built-in corpus without the default evaluation text, so the default report scores held-out text."""
-    head = builtin_corpus(_DEFAULT_TEXT_CHARS)
-    calibration, _ = split_train_eval(head, 0.5)
+    calibration, _, head = _default_texts()
     return calibration + "\n\n" + builtin_corpus()[len(head) :].lstrip("\n")
 
 
@@ -548,7 +557,7 @@ def convert_checkpoint(source: str | Path | PreTrainedModel, *args, **options) -
     return conversion.model
 
 
-# The GPT-2 era name of :func:`convert_checkpoint`, kept for existing callers: it converts any family too.
+# Another name of :func:`convert_checkpoint`, for callers that convert GPT-2: it converts any family too.
 convert_gpt2 = convert_checkpoint
 
 

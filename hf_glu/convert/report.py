@@ -18,7 +18,7 @@ import math
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial, reduce
+from functools import reduce
 from pathlib import Path
 
 import torch
@@ -31,7 +31,7 @@ from .errors import ConversionError
 from .init_schemes import UnitMap
 from .perplexity import windows
 from .source import all_finite
-from .surgery import Surgery, surgery_for
+from .surgery import Surgery
 
 # Tokens per slice of logits: 128 × a 50257-word vocabulary is 26 MB per float32 copy.
 _LOGIT_ROWS = 128
@@ -277,27 +277,6 @@ def compare(
 def _worst(a: float, b: float) -> float:
     """The larger of two errors, where NaN is worse than anything (Python's max would drop it)."""
     return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
-
-
-def fidelity_report(
-    source: PreTrainedModel,
-    converted: PreTrainedModel,
-    input_ids: torch.Tensor,
-    max_length: int,
-    stride: int,
-    unit_maps: list[UnitMap] | None,
-) -> dict:
-    """Per-layer MLP relative error, max |Δ output| and (for LMs) both perplexities on ``input_ids``,
-    for two models both in memory (:func:`hf_glu.convert.convert` runs the steps apart instead)."""
-    surgery = surgery_for(source.config.model_type)
-    record = record_source(source, surgery, input_ids, max_length, stride)
-    stats = []
-    for i, (src_layer, mlp) in enumerate(zip(surgery.source_layers(source), surgery.glu_mlps(converted), strict=True)):
-        s = LayerStats(unit_maps is not None)
-        reference = partial(surgery.preactivation, src_layer)
-        s.measure(record.mlp_io[i], mlp_weights(mlp), mlp.variant.name, mlp.params, reference)
-        stats.append(s)
-    return compare(record, converted, stats, unit_maps)
 
 
 def _output(model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:

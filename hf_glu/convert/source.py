@@ -182,6 +182,19 @@ def read_config(folder: Path) -> tuple[PretrainedConfig, type[PreTrainedModel]]:
     return config, SOURCE_CLASSES[architecture]
 
 
+def read_streamable_config(folder: Path, route: str, without: str) -> tuple[PretrainedConfig, type[PreTrainedModel]]:
+    """:func:`read_config`, refusing a source the streamed routes cannot take: GPT-2 changes architecture (it
+    is rebuilt in memory), so only ``FAMILIES`` stream. ``route`` says what the refused option does and
+    ``without`` how to name it in the advice."""
+    config, model_cls = read_config(folder)
+    if config.model_type not in FAMILIES:
+        raise ConversionError(
+            f"model_type={config.model_type!r}: {route} the families that keep their architecture "
+            f"({', '.join(FAMILIES)}); convert GPT-2 without {without} (it is rebuilt in memory)"
+        )
+    return config, model_cls
+
+
 # Sizes every decoder config states (through its attribute_map), which must be positive integers.
 _SIZE_FIELDS = ("vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers")
 

@@ -28,13 +28,10 @@ LINK_RULE = (
     "a link in a checkpoint folder may lead only inside that folder or, in a Hub-cache snapshot, into its "
     "repository's blobs/"
 )
+SAFETENSORS_FILE = "model.safetensors"  # what the converters write: one file, or shards and this index
+SAFETENSORS_INDEX = "model.safetensors.index.json"
 # Transformers' order of preference among a folder's weight files: the first present is what it loads.
-WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
+WEIGHT_FILES = (SAFETENSORS_FILE, SAFETENSORS_INDEX, "pytorch_model.bin", "pytorch_model.bin.index.json")
 # Files whose ``auto_map`` names code that a ``trust_remote_code`` load imports from the folder.
 AUTO_MAP_FILES = ("config.json", "tokenizer_config.json")
 # What ``get_class_from_dynamic_module`` resolves inside the folder itself: one module file, one class.
@@ -145,7 +142,7 @@ def _indexed_names(index: Path) -> list[str]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise ConversionError(f"weight index {str(index)!r} is corrupt: {e}") from None
     names = [check_name(name, index) for name in values]
-    suffix = ".safetensors" if index.name.startswith("model.safetensors") else ""
+    suffix = ".safetensors" if index.name == SAFETENSORS_INDEX else ""
     wrong = next((name for name in names if suffix and not name.endswith(suffix)), None)
     if wrong is not None:  # a pickle read as safetensors fails with "header length 8e18 exceeds the file size"
         raise ConversionError(

@@ -35,16 +35,13 @@ from .source import (
     checked_header,
     checkpoint_weights,
     load_dtype,
-    read_config,
     read_generation_config,
+    read_streamable_config,
     read_tokenizer,
     source_folder,
 )
+from .source_files import SAFETENSORS_FILE, SAFETENSORS_INDEX
 from .surgery import FamilySurgery
-
-_INDEX = "model.safetensors.index.json"
-_SINGLE = "model.safetensors"
-
 
 # --max-memory's fidelity pass: (the folder the weights were written to, the converted config, its class, the
 # unit map) -> the report's measured part, which replaces the "not measured" note.
@@ -69,12 +66,7 @@ def stream_convert(
     max_bytes = parse_size(max_shard_size, f"max_shard_size={max_shard_size!r}", "500MB or 5GB")
     dst = check_destination(dst, force, source)  # before the work, so a refusal costs nothing
     folder = source_folder(source)
-    config, model_cls = read_config(folder)
-    if config.model_type not in FAMILIES:
-        raise ConversionError(
-            f"model_type={config.model_type!r}: --no-eval streams the families that keep their architecture "
-            f"({', '.join(FAMILIES)}); convert GPT-2 without --no-eval (it is rebuilt in memory)"
-        )
+    config, model_cls = read_streamable_config(folder, "--no-eval streams", "--no-eval")
     if variant in CALIBRATED_VARIANTS:
         raise ConversionError(
             f"glu_variant={variant!r} is fitted on pre-activations recorded by running the model, which --no-eval "
@@ -111,7 +103,9 @@ def stream_convert(
                 groups += _split(_plan_shard(f, entries, names, unit_map, glu_config, family.conv1d, dtype), max_bytes)
             names.check_complete()
             for index, planned in enumerate(groups):
-                out_name = _SINGLE if len(groups) == 1 else f"model-{index + 1:05d}-of-{len(groups):05d}.safetensors"
+                out_name = (
+                    SAFETENSORS_FILE if len(groups) == 1 else f"model-{index + 1:05d}-of-{len(groups):05d}.safetensors"
+                )
                 with writing_to(dst):
                     write_streamed(tmp / out_name, planned, metadata={"format": "pt"})
                 for t in planned:
@@ -120,7 +114,7 @@ def stream_convert(
         if len(groups) > 1:
             index_json = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
             with writing_to(dst):
-                write_json(tmp / _INDEX, index_json)  # as Transformers writes it: indent 2, keys in order
+                write_json(tmp / SAFETENSORS_INDEX, index_json)  # as Transformers writes it: indent 2, keys in order
         target = surgery.target_class(skeleton)
         glu_config.dtype = dtype
         glu_config.architectures = [target.__name__]

@@ -1,5 +1,6 @@
 """``benchmarks/recovery.py --quick``: every arm appears with finite figures, the step-0 perplexity the conversion
-report gives equals the benchmark's own re-measurement, and a smoke run never writes over recorded results."""
+report gives equals the benchmark's own re-measurement, a smoke run never writes over recorded results, and a
+count below one is refused in one line."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import importlib.util
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -54,4 +56,18 @@ def test_quick_runs_never_write_over_the_recorded_results(recovery):
     assert recovery.default_out(quick=False) == recorded
     quick = recovery.default_out(quick=True)
     assert recorded not in quick.parents and quick.parent.name == "bench_results"  # git-ignored
-    assert "quality" in sys.modules  # the fixture's recipe is quality.py's, imported, not copied
+    # The fixture's recipe is quality.py's, imported, not copied: its settings are quality's own class.
+    quality = sys.modules["quality"]
+    assert Path(quality.__file__).resolve() == (REPO / "benchmarks" / "quality.py").resolve()
+    assert isinstance(recovery.FULL, quality.Settings) and isinstance(recovery.QUICK, quality.Settings)
+
+
+def test_thread_and_worker_counts_below_one_are_refused_in_one_line(recovery, capsys):
+    quality = sys.modules["quality"]
+    for main, flags, message in ((recovery.main, ["--threads", "0"], "--threads=0 is invalid"),
+                                 (quality.main, ["--workers=-1"], "--workers=-1 is invalid")):  # fmt: skip
+        with pytest.raises(SystemExit) as exited:  # by the parser, before any work
+            main(flags)
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and err.count("\n") == 1, err
+        assert err.strip().endswith(f"{message}; expected an integer >= 1"), err

@@ -8,7 +8,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from hf_glu import convert_gpt2
+from hf_glu import convert_checkpoint
 from hf_glu.cli import main
 from hf_glu.data import builtin_corpus
 
@@ -21,7 +21,7 @@ def test_round_trip_in_fresh_processes(saved_gpt2, tmp_path):
     dst = tmp_path / "glu-model"
     result = run_cli(["convert", str(saved_gpt2), str(dst), "--variant", "geglu_tanh"], tmp_path)
     assert result.returncode == 0, result.stderr
-    expected = convert_gpt2(str(saved_gpt2), "geglu_tanh")(torch.tensor(IDS)).logits
+    expected = convert_checkpoint(str(saved_gpt2), "geglu_tanh")(torch.tensor(IDS)).logits
 
     # Installed: the Auto classes know the GLU model because hf_glu is imported.
     loaded = AutoModelForCausalLM.from_pretrained(dst)

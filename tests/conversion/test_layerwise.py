@@ -108,5 +108,6 @@ def test_max_memory_refusals_are_one_line_and_touch_nothing(tmp_path, capsys):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=32)).save_pretrained(
         tmp_path / "gpt2"
     )
-    refused(["convert", str(tmp_path / "gpt2"), dst, "--variant", "geglu", "--max-memory", "1MB"], tmp_path, capsys,
-            "model_type='gpt2'", "convert GPT-2 without it")  # fmt: skip
+    gpt2 = ["convert", str(tmp_path / "gpt2"), dst, "--variant", "geglu"]
+    refused([*gpt2, "--max-memory", "1MB"], tmp_path, capsys, "model_type='gpt2'", "convert GPT-2 without it")
+    refused([*gpt2, "--no-eval"], tmp_path, capsys, "model_type='gpt2'", "convert GPT-2 without --no-eval")

@@ -100,8 +100,8 @@ def test_fsdp2_shards_every_block_and_trains_as_one_process(results):
 @pytest.mark.parametrize("name", ["glu_tied", "gpt_neo_tied"])
 def test_fsdp2_trains_a_tied_head_as_one_process(results, name):
     """Transformers shards untied and ties after loading; where the vocabulary splits unevenly, FSDP2 then
-    gathered a stale padded copy of the head on one rank and the losses drifted from the second step (by
-    0.1-0.3 before the fix). Tying before sharding keeps one parameter."""
+    gathers a stale padded copy of the head on one rank and the losses drift from the second step (by 0.1-0.3).
+    Tying before sharding keeps one parameter: the losses are one process's."""
     ranks, *_, tied_losses = results
     for rank in ranks:
         assert rank["fsdp_tied"][name]["tied"]

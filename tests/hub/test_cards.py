@@ -10,7 +10,7 @@ import textwrap
 import zipfile
 from pathlib import Path
 
-from hf_glu.cards import CONVERSION_TEMPLATE, template_text
+from hf_glu.cards import CONVERSION_TEMPLATE, PLACEHOLDER_PATH, template_text
 
 from helpers import REPO, tiny_source
 
@@ -164,8 +164,9 @@ def test_hostile_src_and_dst_names_are_shown_as_text_and_never_pasted_into_code(
             assert "os.system" not in token.content and "Injected" not in token.content, token.content
     assert (plain_card.data.model_name, card.data.model_name) == ("plain-dst", HOSTILE_DST.replace("\n", "\\n"))
 
-    # The load snippets: a plain name is pasted as one properly quoted string; a name that is not a repo id is not.
-    for parsed, expected in ((plain, "plain-dst"), (tokens, None)):
+    # The load snippets: a plain name is pasted as one properly quoted string; a name that is not a repo id is
+    # replaced by the placeholder path.
+    for parsed, expected in ((plain, "plain-dst"), (tokens, PLACEHOLDER_PATH)):
         snippets = [t.content for t in parsed if t.type == "fence" and t.info == "python"]
         snippets += [t.content for t in parsed if t.type == "code_inline" and "from_pretrained" in t.content]
         assert len(snippets) == 2
@@ -173,7 +174,7 @@ def test_hostile_src_and_dst_names_are_shown_as_text_and_never_pasted_into_code(
             (call,) = [c for c in _calls(code) if getattr(c.func, "attr", None) == "from_pretrained"]
             assert len(_calls(code)) == 1 and len(call.args) == 1, code
             constant = call.args[0].value
-            assert isinstance(constant, str) and constant == (expected or constant), code
+            assert constant == expected, code
 
 
 def _scheme_section(card: str) -> str:

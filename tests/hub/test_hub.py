@@ -73,7 +73,8 @@ def test_missing_config_is_refused(broken):
 
 def test_missing_weights_are_refused(broken):
     (broken / "model.safetensors").unlink()
-    _refused(broken, "no weights", "model.safetensors", "model.safetensors.index.json")
+    _refused(broken, "no weights", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+             "pytorch_model.bin.index.json")  # fmt: skip
 
 
 def test_missing_shard_is_refused(tmp_path):

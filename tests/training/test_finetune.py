@@ -181,9 +181,8 @@ def test_load_model_and_tokenizer_needs_exactly_one_source(sources):
 )
 def test_data_flags_are_checked(flags, message, capsys):
     parser = finetune_arg_parser("test")
-    args = parser.parse_args(["--model", "m", "--output-dir", "o", *flags])
-    with pytest.raises(SystemExit):
-        check_finetune_args(parser, args)
+    with pytest.raises(SystemExit):  # a value below 1 is refused by the parser, a combination after it
+        check_finetune_args(parser, parser.parse_args(["--model", "m", "--output-dir", "o", *flags]))
     assert message in capsys.readouterr().err
 
 
