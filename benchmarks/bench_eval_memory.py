@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_streaming_data.py: the same tiny model and text
 from bench_streaming_data import tiny_model, write_corpus  # noqa: E402
 
-from hf_glu.bad_input import OneLineParser  # noqa: E402
+from hf_glu.bad_input import OneLineParser, PositiveInt  # noqa: E402
 from hf_glu.jsonio import write_json  # noqa: E402
 
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "bench_eval_memory.json"
@@ -55,7 +55,7 @@ def main() -> int:
     parser.add_argument("--sizes-kb", type=int, nargs="+", default=[100, 10_240])
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3, help="runs per size; the median peak is reported")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of eval (OMP_NUM_THREADS)")
+    parser.add_argument("--threads", action=PositiveInt, default=1, help="torch threads of eval (OMP_NUM_THREADS)")
     parser.add_argument("--bound", type=float, default=1.10, help="largest / smallest peak RSS allowed")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
     args = parser.parse_args()

@@ -706,13 +706,13 @@ def kernel_rows(shape: Shape, iters: int, sweep: bool) -> list[dict]:
     params = GluConfig(glu_variant=shape.variant).glu_params
     bytes_per_pass = gate.nbytes
     ceiling = copy_gbps(t * i, shape.dtype, iters)
-    # Warps: the forward's on contiguous inputs (num_warps) and the backward's (wide_num_warps); the sweep sets both.
+    # Warps: the forward's on contiguous inputs (num_warps) and the backward's (wide_num_warps). The sweep sets both
+    # alike, and measures the default beside them, so its rows compare every setting with what the ops launch.
     default = glu_triton.DEFAULT_KERNEL_TUNING
-    tunings = (
-        [glu_triton.KernelTuning(b, w, w) for b in (1024, 2048, 4096, 8192, 16384) for w in (2, 4, 8)]
-        if sweep
-        else [default]
-    )
+    tunings = [default]
+    if sweep:
+        grid = [glu_triton.KernelTuning(b, w, w) for b in (1024, 2048, 4096, 8192, 16384) for w in (2, 4, 8)]
+        tunings += [tuning for tuning in grid if tuning != default]
     rows = []
 
     def timed(tuning: glu_triton.KernelTuning) -> tuple[float, float]:

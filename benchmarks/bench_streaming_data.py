@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from hf_glu import GluConfig, GluForCausalLM  # noqa: E402
-from hf_glu.bad_input import OneLineParser  # noqa: E402
+from hf_glu.bad_input import OneLineParser, PositiveInt  # noqa: E402
 from hf_glu.data import builtin_corpus, train_bpe_tokenizer  # noqa: E402
 from hf_glu.jsonio import write_json  # noqa: E402
 
@@ -110,7 +110,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--map-style", action="store_true", help="also run the non-streaming path on the smallest")
     parser.add_argument("--one-line", action="store_true", help="also stream the smallest size as one line")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of the recipe (OMP_NUM_THREADS)")
+    parser.add_argument("--threads", action=PositiveInt, default=1, help="the recipe's torch threads (OMP_NUM_THREADS)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 

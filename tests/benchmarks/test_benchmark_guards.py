@@ -194,3 +194,17 @@ def test_gpu_check_budget_fits_one_device_call() -> None:
     assert "--designs" not in commands["geglu"] + commands["swiglu"]
     profiled = [f"gpt2-{size}-{variant}" for size in ("small", "medium") for variant in ("geglu_tanh", "swiglu")]
     assert "--profile" in commands["profile"] and all(shape in commands["profile"] for shape in profiled)
+
+
+@pytest.mark.parametrize("script", ["bench_eval_memory", "bench_streaming_data"])
+def test_the_data_benchmarks_refuse_a_thread_count_below_one_in_one_line(script, monkeypatch, capsys) -> None:
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # bench_eval_memory imports bench_streaming_data
+    spec = importlib.util.spec_from_file_location(f"{script}_under_test", REPO / "benchmarks" / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", "--threads", "0"])
+    with pytest.raises(SystemExit) as exited:  # by the parser, before any work
+        module.main()
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1, err
+    assert err.strip().endswith("--threads=0 is invalid; expected an integer >= 1"), err
