@@ -181,23 +181,27 @@ def stale_siblings(dst: Path) -> list[Path]:
     return stale
 
 
+def _marker_content(token: str) -> bytes:
+    return f"hf-glu {token}\n".encode()
+
+
 def _is_ours(folder: Path, token: str, unfinished: bool = False) -> bool:
     """Whether ``folder`` is a real folder holding our marker with ``token`` (links are not followed). With
     ``unfinished``, also a folder a kill left between its mkdir and its marker: empty, or holding only a marker
     cut short (a prefix of ours)."""
     marker = folder / _MARKER
-    expected = f"hf-glu {token}\n".encode()
     try:
         if folder.is_symlink() or not folder.is_dir():
             return False
-        if unfinished and not any(folder.iterdir()):
+        names = os.listdir(folder) if unfinished else None
+        if names == []:
             return True
         if marker.is_symlink() or not marker.is_file():
             return False
         content = marker.read_bytes()
-        if unfinished and [p.name for p in folder.iterdir()] == [_MARKER]:
-            return expected.startswith(content)
-        return content == expected
+        if names == [_MARKER]:
+            return _marker_content(token).startswith(content)
+        return content == _marker_content(token)
     except OSError:
         return False
 
@@ -240,7 +244,7 @@ def _make_temporary(dst: Path) -> Path:
         except FileExistsError:  # a 64-bit token met an existing name: draw again
             continue
         try:
-            (folder / _MARKER).write_bytes(f"hf-glu {token}\n".encode())
+            (folder / _MARKER).write_bytes(_marker_content(token))
         except BaseException:
             folder.rmdir()
             raise

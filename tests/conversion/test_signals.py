@@ -2,6 +2,7 @@
 leaves a temporary folder that the next run removes."""
 
 import errno
+import hashlib
 import os
 import signal
 import subprocess
@@ -16,6 +17,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from hf_glu import cli
 from hf_glu.convert.save import atomic_folder, stale_siblings
+
+from helpers import tree
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
@@ -169,16 +172,12 @@ def test_user_folders_that_merely_look_like_debris_are_kept(tmp_path):
         (tmp_path / name / ".hf-glu-temporary").write_bytes(marker)
         if extra:
             (tmp_path / name / "notes.txt").write_text("the user's notes")
-    before = _tree(tmp_path)
+    before = tree(tmp_path)
     assert stale_siblings(tmp_path / "m") == []
     with atomic_folder(tmp_path / "m", force=False) as tmp:
         (tmp / "config.json").write_text("{}")
-    after = _tree(tmp_path)
+    after = tree(tmp_path)
     assert after == {**before, "m": "dir", "m/config.json": after["m/config.json"]}
-
-
-def _tree(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): p.read_bytes().hex() if p.is_file() else "dir" for p in sorted(root.rglob("*"))}
 
 
 def test_replacing_dst_is_one_atomic_exchange(tmp_path, monkeypatch):
@@ -271,7 +270,7 @@ def test_the_swap_takes_place_only_onto_what_was_checked(state, renameat2, tmp_p
             dst.mkdir(exist_ok=True)
             (dst / "notes.txt").write_text("mine")
     assert str(dst) in str(raised.value)
-    assert _tree(tmp_path) == {"dst{0}": "dir", "dst{0}/notes.txt": b"mine".hex()}
+    assert tree(tmp_path) == {"dst{0}": "dir", "dst{0}/notes.txt": hashlib.sha256(b"mine").hexdigest()}
 
 
 def test_a_signal_while_the_temporary_folder_is_made_still_removes_it(tmp_path, monkeypatch):
