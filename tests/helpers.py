@@ -5,6 +5,7 @@ the variants written independently of hf_glu.glu, and the recipes' command line.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import ModuleType
 
 import torch
 import transformers as tf
@@ -409,11 +411,11 @@ def closed_form(name, g, u, p=PARAMS):
 
 RECIPES = REPO / "recipes"
 # Small and quick: 32-token blocks of a 20k-character text, a 2-layer model of width 32.
-COMMON = ["--block-size", "32", "--batch-size", "4", "--eval-fraction", "0.2", "--lr", "3e-3"]
+_RECIPE_SIZE_ARGS = ["--block-size", "32", "--batch-size", "4", "--eval-fraction", "0.2", "--lr", "3e-3"]
 
 
 def recipe_command(script: str, assets: Path, output_dir: Path, *args: str, launcher=(sys.executable,)) -> list[str]:
-    data = ["--train-file", str(assets / "train.txt"), *COMMON]
+    data = ["--train-file", str(assets / "train.txt"), *_RECIPE_SIZE_ARGS]
     return [*launcher, str(RECIPES / script), *data, "--output-dir", str(output_dir), *args]
 
 
@@ -473,3 +475,21 @@ def damaged_copy(tmp_path: Path, folder: Path, damage: str) -> Path:
         config["model_type"] = "llama"
         (copy / "config.json").write_text(json.dumps(config))
     return copy
+
+
+# --- The benchmark scripts, imported as modules ------------------------------------------------------------------
+
+
+def load_benchmark(script: str) -> ModuleType:
+    """``benchmarks/<script>.py`` imported as the module ``<script>_under_test``: registered in ``sys.modules``
+    (dataclasses look their module up by name), with benchmarks/ on ``sys.path`` while it imports its siblings."""
+    folder = str(REPO / "benchmarks")
+    spec = importlib.util.spec_from_file_location(f"{script}_under_test", REPO / "benchmarks" / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    sys.path.insert(0, folder)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(folder)
+    return module

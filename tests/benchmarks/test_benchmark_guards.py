@@ -3,7 +3,6 @@ costs its row only, a failing shape leaves an error row and the run goes on, and
 file as soon as it is measured (a GPU step cut short by its time limit keeps them). CPU, stand-ins, tiny
 shapes: seconds."""
 
-import importlib.util
 import json
 import re
 import sys
@@ -11,17 +10,14 @@ import sys
 import pytest
 import torch
 
-from helpers import REPO
+from helpers import REPO, load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_mlp_under_test", REPO / "benchmarks" / "bench_mlp.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
+    module = load_benchmark("bench_mlp")
     yield module
-    sys.modules.pop(spec.name, None)
+    sys.modules.pop(module.__name__, None)
 
 
 class FailsAfter(torch.nn.Module):
@@ -98,14 +94,7 @@ def test_rows_reach_the_file_as_measured_and_a_failing_shape_does_not_stop_the_r
 
 
 def test_a_failing_kernel_costs_its_training_row_only(bench, monkeypatch) -> None:
-    sys.path.insert(0, str(REPO / "benchmarks"))  # bench_train imports bench_mlp from its own folder
-    try:
-        spec = importlib.util.spec_from_file_location("bench_train_under_test", REPO / "benchmarks" / "bench_train.py")
-        train = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = train
-        spec.loader.exec_module(train)
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    train = load_benchmark("bench_train")  # it imports bench_mlp from its own folder
     real_step_fn = train.train_step_fn
 
     def step_fn(model, setup, device):
@@ -124,7 +113,7 @@ def test_a_failing_kernel_costs_its_training_row_only(bench, monkeypatch) -> Non
     try:
         rows = {r.kernel: r for r in train.measure_training(model, "glu", ["triton", "eager"], setup, "cpu", 2)}
     finally:
-        sys.modules.pop(spec.name, None)
+        sys.modules.pop(train.__name__, None)
     assert rows["triton"].note == "failed: RuntimeError: stand-in compile failure"
     assert rows["triton"].tokens_per_s is None
     assert rows["eager"].tokens_per_s > 0 and rows["eager"].note == ""
@@ -198,10 +187,7 @@ def test_gpu_check_budget_fits_one_device_call() -> None:
 
 @pytest.mark.parametrize("script", ["bench_eval_memory", "bench_streaming_data"])
 def test_the_data_benchmarks_refuse_a_thread_count_below_one_in_one_line(script, monkeypatch, capsys) -> None:
-    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # bench_eval_memory imports bench_streaming_data
-    spec = importlib.util.spec_from_file_location(f"{script}_under_test", REPO / "benchmarks" / f"{script}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark(script)  # bench_eval_memory imports bench_streaming_data
     monkeypatch.setattr(sys, "argv", [f"{script}.py", "--threads", "0"])
     with pytest.raises(SystemExit) as exited:  # by the parser, before any work
         module.main()
