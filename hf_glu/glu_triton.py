@@ -912,34 +912,45 @@ def on_cuda(x: torch.Tensor) -> bool:
     return x.is_cuda
 
 
-# What auto's fail-safe learnt at the first use of each (variant, dtype, device): whether the kernels compiled
-# and launched there. A key that failed runs eager for the rest of the process.
-_KERNELS_WORK: dict[tuple[str, torch.dtype, torch.device], bool] = {}
+# What auto's fail-safe learnt at the first use of each (variant, dtype, device, model design): whether the
+# kernels compiled and launched there. A key that failed runs eager for the rest of the process.
+_KERNELS_WORK: dict[tuple[str, torch.dtype, torch.device, str], bool] = {}
 
 
-def _probe_kernels(variant: str, dtype: torch.dtype, device: torch.device) -> None:
-    """Compiles and launches every kernel form the fused paths use, on a small tensor; raises what they raise."""
+def _probe_kernels(variant: str, dtype: torch.dtype, device: torch.device, design: str) -> None:
+    """Compiles and launches every kernel form the fused paths use with the model's ``design``, on small
+    tensors; raises what they raise. A packed design's kernels read gate and up as column views of one
+    tensor, which Triton compiles separately from contiguous ones (other strides, and for interleaved columns
+    other warps), so its forms are launched too."""
     gate, up, grad = (torch.ones(_PROBE_SHAPE, dtype=dtype, device=device) for _ in range(3))
     out, dgate, dup = _empty(gate), _empty(gate), _empty(gate)
     launch_forward(gate, up, out, variant, DEFAULT_PARAMS)
     launch_backward(grad, gate, up, dgate, dup, None, variant, DEFAULT_PARAMS)  # the activation op's form
-    launch_backward(grad, gate, up, dgate, dup, out, variant, DEFAULT_PARAMS, bias_grads=True)  # the MLP's
+    chosen = _design_named(design)
+    bias_grads = chosen.bias_sums == "kernel"
+    if chosen.packing != "separate":  # the MLP's forms: the kept gate|up tensor's views, written over in place
+        gate, up = split_gate_up(torch.ones((_PROBE_SHAPE[0], 2 * _PROBE_SHAPE[1]), dtype=dtype, device=device),
+                                 chosen.packing)  # fmt: skip
+        launch_forward(gate, up, out, variant, DEFAULT_PARAMS)
+        dgate, dup = gate, up
+    launch_backward(grad, gate, up, dgate, dup, out, variant, DEFAULT_PARAMS, bias_grads=bias_grads)  # the MLP's
     if device.type == "cuda":  # a launch that faults reports it asynchronously
         torch.cuda.synchronize(device)
 
 
 def kernels_work(variant: str | GluVariant, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether the fused kernels compile and launch for ``variant`` in ``dtype`` on ``device``: probed at the
-    first call for that key, remembered after. A failure warns once and makes ``glu_kernel="auto"`` run eager
-    for that key from then on, so a kernel a GPU or a Triton version cannot build never stops a model."""
+    """Whether the fused kernels compile and launch for ``variant`` in ``dtype`` on ``device`` in the forms
+    ``MODEL_MLP_DESIGN`` uses: probed at the first call for that key, remembered after. A failure warns once and
+    makes ``glu_kernel="auto"`` run eager for that key from then on, so a kernel a GPU or a Triton version cannot
+    build never stops a model."""
     name = variant.name if isinstance(variant, GluVariant) else get_variant(variant).name
-    key = (name, dtype, device)
+    key = (name, dtype, device, MODEL_MLP_DESIGN)
     works = _KERNELS_WORK.get(key)
     if works is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return True  # a graph capture follows warm-up calls, which probed already; it cannot sync
         try:
-            _probe_kernels(name, dtype, device)
+            _probe_kernels(name, dtype, device, MODEL_MLP_DESIGN)
             works = True
         except Exception as error:  # a compile error, an unsupported device, a launch failure: all mean eager
             warnings.warn(

@@ -921,9 +921,49 @@ def test_auto_probes_working_kernels_once_and_then_fuses(monkeypatch):
         warnings.simplefilter("error")
         mlp(x).sum().backward()
         probe = 3  # forward, the activation op's backward, the MLP's backward with bias sums
-        assert len(launches) == probe + 2 and gt._KERNELS_WORK == {("reglu", torch.float32, x.device): True}
+        assert len(launches) == probe + 2
+        assert gt._KERNELS_WORK == {("reglu", torch.float32, x.device, "separate"): True}
         mlp(x).sum().backward()
     assert len(launches) == probe + 4  # no second probe: the fused path's own two launches
+
+
+class _GateStrideRecorder:
+    """Runs the kernel and records the strides of the gate it reads (positional argument ``gate_at``)."""
+
+    def __init__(self, kernel, gate_at, strides):
+        self.kernel, self.gate_at, self.strides = kernel, gate_at, strides
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.strides.append(args[self.gate_at].stride())
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.parametrize(("design", "column_stride"), [("packed", 1), ("packed_interleaved", 2)])
+def test_auto_probes_the_views_a_packed_model_design_launches_on(monkeypatch, design, column_stride):
+    # A packed design's kernels read gate and up as column views of one [tokens, 2 * intermediate] tensor, a
+    # form Triton compiles on its own: auto's probe must launch it, or a default switched to a packed design
+    # could fail at its first real step instead of falling back to eager.
+    monkeypatch.setattr(gt, "on_cuda", lambda x: True)
+    monkeypatch.setattr(gt, "_KERNELS_WORK", {})
+    monkeypatch.setattr(gt, "_PROBE_SHAPE", (4, 80))
+    forward, backward = [], []
+    monkeypatch.setattr(gt, "_glu_fwd_kernel", _GateStrideRecorder(gt._glu_fwd_kernel, 0, forward))
+    monkeypatch.setattr(gt, "_glu_bwd_kernel", _GateStrideRecorder(gt._glu_bwd_kernel, 1, backward))
+    mlp = make_mlp("geglu_tanh", hidden=24, inner=40, kernel="auto")
+    x = torch.randn(3, 24, device=DEVICE, requires_grad=True)
+    mlp(x).sum().backward()
+    # The separate design: the probe's contiguous forms (forward; the activation op's and the MLP's backward),
+    # then the MLP's own forward and backward.
+    assert (forward, backward) == ([(80, 1), (40, 1)], [(80, 1), (80, 1), (40, 1)])
+    forward.clear(), backward.clear()
+    monkeypatch.setattr(gt, "MODEL_MLP_DESIGN", design)
+    mlp(x).sum().backward()  # another design is another key: probed again, now with the packed views
+    probe_view, model_view = (160, column_stride), (80, column_stride)
+    assert forward == [(80, 1), probe_view, model_view] and backward == [(80, 1), probe_view, model_view]
+    assert gt._KERNELS_WORK == {("geglu_tanh", torch.float32, x.device, key): True for key in ("separate", design)}
 
 
 def test_a_model_on_the_fused_op_compiles_to_one_graph():
