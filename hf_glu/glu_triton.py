@@ -929,8 +929,8 @@ def _probe_kernels(variant: str, dtype: torch.dtype, device: torch.device, desig
     chosen = _design_named(design)
     bias_grads = chosen.bias_sums == "kernel"
     if chosen.packing != "separate":  # the MLP's forms: the kept gate|up tensor's views, written over in place
-        gate, up = split_gate_up(torch.ones((_PROBE_SHAPE[0], 2 * _PROBE_SHAPE[1]), dtype=dtype, device=device),
-                                 chosen.packing)  # fmt: skip
+        packed = torch.ones((_PROBE_SHAPE[0], 2 * _PROBE_SHAPE[1]), dtype=dtype, device=device)
+        gate, up = split_gate_up(packed, chosen.packing)
         launch_forward(gate, up, out, variant, DEFAULT_PARAMS)
         dgate, dup = gate, up
     launch_backward(grad, gate, up, dgate, dup, out, variant, DEFAULT_PARAMS, bias_grads=bias_grads)  # the MLP's

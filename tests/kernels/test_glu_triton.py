@@ -655,13 +655,19 @@ class _StandInCudaDevice:
         _StandInCudaDevice.current = self.previous
 
 
+def _device_of_launch(args):
+    return _StandInCudaDevice.current, args[0].device
+
+
 class _RecordingKernel:
-    def __init__(self, kernel, launches):
-        self.kernel, self.launches = kernel, launches
+    """Runs the kernel and appends ``record(its positional arguments)`` to ``launches`` at each launch."""
+
+    def __init__(self, kernel, launches, record=_device_of_launch):
+        self.kernel, self.launches, self.record = kernel, launches, record
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.launches.append((_StandInCudaDevice.current, args[0].device))
+            self.launches.append(self.record(args))
             return self.kernel[grid](*args, **kwargs)
 
         return launch
@@ -927,20 +933,6 @@ def test_auto_probes_working_kernels_once_and_then_fuses(monkeypatch):
     assert len(launches) == probe + 4  # no second probe: the fused path's own two launches
 
 
-class _GateStrideRecorder:
-    """Runs the kernel and records the strides of the gate it reads (positional argument ``gate_at``)."""
-
-    def __init__(self, kernel, gate_at, strides):
-        self.kernel, self.gate_at, self.strides = kernel, gate_at, strides
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.strides.append(args[self.gate_at].stride())
-            return self.kernel[grid](*args, **kwargs)
-
-        return launch
-
-
 @pytest.mark.parametrize(("design", "column_stride"), [("packed", 1), ("packed_interleaved", 2)])
 def test_auto_probes_the_views_a_packed_model_design_launches_on(monkeypatch, design, column_stride):
     # A packed design's kernels read gate and up as column views of one [tokens, 2 * intermediate] tensor, a
@@ -950,8 +942,9 @@ def test_auto_probes_the_views_a_packed_model_design_launches_on(monkeypatch, de
     monkeypatch.setattr(gt, "_KERNELS_WORK", {})
     monkeypatch.setattr(gt, "_PROBE_SHAPE", (4, 80))
     forward, backward = [], []
-    monkeypatch.setattr(gt, "_glu_fwd_kernel", _GateStrideRecorder(gt._glu_fwd_kernel, 0, forward))
-    monkeypatch.setattr(gt, "_glu_bwd_kernel", _GateStrideRecorder(gt._glu_bwd_kernel, 1, backward))
+    # The strides of the gate each launch reads: the forward kernel's first argument, the backward's second.
+    monkeypatch.setattr(gt, "_glu_fwd_kernel", _RecordingKernel(gt._glu_fwd_kernel, forward, lambda a: a[0].stride()))
+    monkeypatch.setattr(gt, "_glu_bwd_kernel", _RecordingKernel(gt._glu_bwd_kernel, backward, lambda a: a[1].stride()))
     mlp = make_mlp("geglu_tanh", hidden=24, inner=40, kernel="auto")
     x = torch.randn(3, 24, device=DEVICE, requires_grad=True)
     mlp(x).sum().backward()
