@@ -17,11 +17,10 @@ from pathlib import Path
 from huggingface_hub import HfApi
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
-# Run in a fresh interpreter that cannot import hf_glu, as a user without it would load the folder: the config
-# and every model class its auto_map names come from the folder's own code, each model class is built on the
-# meta device (no memory), and the parameter shapes of the architecture's class are printed as JSON.
-_LOAD_CHECK = r"""
-import json, sys
+# Prepended to a child process's script: any import of hf_glu there then fails as it would where hf-glu is not
+# installed (the tests' remote-code checks use it too).
+BLOCK_HF_GLU = """
+import sys
 
 class BlockHfGlu:
     def find_spec(self, name, path=None, target=None):
@@ -30,6 +29,16 @@ class BlockHfGlu:
         return None
 
 sys.meta_path.insert(0, BlockHfGlu())
+"""
+
+# Run in a fresh interpreter that cannot import hf_glu, as a user without it would load the folder: the config
+# and every model class its auto_map names come from the folder's own code, each model class is built on the
+# meta device (no memory), and the parameter shapes of the architecture's class are printed as JSON.
+_LOAD_CHECK = (
+    BLOCK_HF_GLU
+    + r"""
+import json
+
 try:
     import torch
     import transformers
@@ -68,6 +77,7 @@ for folder in sys.argv[1:]:  # several folders share one interpreter's imports (
         results.append({"error": f"{type(e).__name__}: {e}"})
 print(json.dumps(results))
 """
+)
 _LOAD_CHECK_TIMEOUT = 600  # seconds: importing torch and transformers on a busy machine
 
 

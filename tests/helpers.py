@@ -26,6 +26,7 @@ from hf_glu import FAMILIES
 from hf_glu.cli import main
 from hf_glu.convert.init_schemes import EXACT_SOURCES
 from hf_glu.glu import GluParams
+from hf_glu.hub import BLOCK_HF_GLU
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,21 +43,6 @@ TINY_FIELDS = dict(
     bos_token_id=0,
     eos_token_id=0,
     pad_token_id=0,
-)
-
-# Prepended to a child process's script: any import of hf_glu then fails as if it were not installed.
-BLOCK_HF_GLU = textwrap.dedent(
-    """
-    import sys
-
-    class _BlockHfGlu:
-        def find_spec(self, name, path=None, target=None):
-            if name == "hf_glu" or name.startswith("hf_glu."):
-                raise ImportError(f"hf_glu is blocked in this process ({name})")
-            return None
-
-    sys.meta_path.insert(0, _BlockHfGlu())
-    """
 )
 
 
